@@ -1,0 +1,1 @@
+"""corella's command line: a thin typer app over the library packages."""

@@ -1,0 +1,252 @@
+"""`corella`: data, training, export, serving and benchmarks from one command.
+
+Commands parse options, call library functions and print with rich. Heavy imports (torch,
+pandas) happen inside the commands that need them, so `corella --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from runtime.errors import CorellaError
+
+__all__ = ["app"]
+
+app = typer.Typer(
+    name="corella",
+    help="CoReLLa: a fast DCNv2 CTR model for every request, an LLM for the uncertain few.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+data_app = typer.Typer(help="Fetch and inspect data sets.", no_args_is_help=True)
+train_app = typer.Typer(
+    help="Train the CRM (stage 1) or the whole CoReLLa procedure.", no_args_is_help=True
+)
+app.add_typer(data_app, name="data")
+app.add_typer(train_app, name="train")
+
+console = Console()
+
+DatasetOption = Annotated[
+    str,
+    typer.Option(
+        "--dataset",
+        "-d",
+        help="movielens-100k, movielens-1m, movielens-latest, movielens-25m or amazon-books",
+    ),
+]
+FromOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--from",
+        help="read the raw files from this folder (or zip, for fetch) instead of the cache",
+    ),
+]
+
+
+@app.callback()
+def _main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False,
+) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False, show_time=False)],
+    )
+
+
+def _fail(exc: CorellaError) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {exc}")
+    return typer.Exit(code=2)
+
+
+def _table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column, justify="right" if column != columns[0] else "left")
+    for row in rows:
+        table.add_row(*(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row))
+    return table
+
+
+# ---------------------------------------------------------------------------- data
+@data_app.command("fetch")
+def data_fetch(
+    name: Annotated[str, typer.Argument(help="data set name, e.g. movielens-100k")],
+    source: FromOption = None,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for GroupLens")] = 10.0,
+) -> None:
+    """Put a data set's raw files into the cache ($CORELLA_HOME/data/NAME).
+
+    Tries, in order: --from PATH (a folder or zip), the official GroupLens URL (md5-checked),
+    and for movielens-100k the RecBole wheel on PyPI (sha256-checked).
+    """
+    from training.data.registry import fetch_dataset, load_dataset
+
+    try:
+        with console.status(f"fetching {name}"):
+            folder, origin = fetch_dataset(name, source, timeout=timeout)
+            raw = load_dataset(name)
+    except CorellaError as exc:
+        raise _fail(exc) from exc
+    inter = raw.interactions
+    console.print(
+        f"[green]ok[/] {name}: {len(inter):,} interactions, {inter['user'].nunique():,} users, "
+        f"{inter['item'].nunique():,} items from {origin}\n   cached in {folder}"
+    )
+
+
+@data_app.command("info")
+def data_info(
+    name: Annotated[str, typer.Argument(help="data set name")],
+    source: FromOption = None,
+    history_length: Annotated[int, typer.Option(help="history window K")] = 10,
+    skip_malformed: Annotated[
+        bool, typer.Option(help="skip and count malformed lines instead of failing")
+    ] = False,
+) -> None:
+    """Counts, label balance, split sizes and the share of test users unseen in training."""
+    from training.data.registry import load_dataset
+    from training.data.samples import SPLITS, build_samples
+
+    try:
+        raw = load_dataset(name, source, skip_malformed=skip_malformed)
+    except CorellaError as exc:
+        raise _fail(exc) from exc
+    samples = build_samples(raw, history_length=history_length)
+    inter = raw.interactions
+    console.print(
+        f"[bold]{name}[/]: {len(inter):,} interactions, {inter['user'].nunique():,} users, "
+        f"{inter['item'].nunique():,} items; label = rating >= {raw.like_threshold:g}; "
+        f"user attributes: {', '.join(raw.user_attribute_names()) or 'none'}"
+    )
+    if raw.errors.total:
+        console.print(
+            f"[yellow]skipped {raw.errors.total} malformed lines[/]: {raw.errors.skipped}"
+        )
+    train_users = set(samples.user[samples.indices("train")])
+    rows = []
+    for split in SPLITS:
+        idx = samples.indices(split)
+        unseen = sum(u not in train_users for u in samples.user[idx]) / max(len(idx), 1)
+        rows.append([split, f"{len(idx):,}", float(samples.label[idx].mean()), float(unseen)])
+    console.print(
+        _table("temporal split", ["split", "samples", "positive rate", "unseen users"], rows)
+    )
+
+
+# ---------------------------------------------------------------------------- train
+@train_app.command("crm")
+def train_crm_command(
+    out: Annotated[Path, typer.Option("--out", "-o", help="run folder")] = Path("runs/crm"),
+    dataset: DatasetOption = "movielens-100k",
+    source: FromOption = None,
+    history_length: Annotated[int, typer.Option(help="history window K")] = 10,
+    embedding_dim: Annotated[int, typer.Option(help="embedding size")] = 16,
+    cross_layers: Annotated[int, typer.Option(help="cross network depth")] = 3,
+    cross_rank: Annotated[
+        int | None, typer.Option(help="low-rank mixture rank (default: full rank)")
+    ] = None,
+    epochs: Annotated[int, typer.Option(help="maximum epochs")] = 20,
+    batch_size: Annotated[int, typer.Option(help="mini-batch size")] = 1024,
+    learning_rate: Annotated[float, typer.Option(help="Adam learning rate")] = 2e-3,
+    patience: Annotated[int, typer.Option(help="early-stopping patience in epochs")] = 2,
+    seed: Annotated[int, typer.Option(help="random seed")] = 42,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
+    resume: Annotated[bool, typer.Option(help="continue an interrupted run in --out")] = False,
+    skip_malformed: Annotated[bool, typer.Option(help="skip and count malformed lines")] = False,
+) -> None:
+    """Stage 1: train the DCNv2 CRM, early-stopped on validation AUC, and evaluate it on test."""
+    from pydantic import ValidationError
+
+    from training.crm_trainer import CRMTrainConfig
+    from training.dcnv2 import DCNv2Config
+    from training.runs import DataConfig, run_crm_stage
+
+    try:
+        model_config = DCNv2Config(
+            embedding_dim=embedding_dim, num_cross_layers=cross_layers, cross_rank=cross_rank
+        )
+        train_config = CRMTrainConfig(
+            epochs=epochs,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+            patience=patience,
+            seed=seed,
+        )
+    except ValidationError as exc:
+        raise _fail(CorellaError(str(exc))) from exc
+    data_config = DataConfig(
+        dataset, str(source) if source else None, history_length, skip_malformed
+    )
+    try:
+        _, _, metrics = run_crm_stage(
+            out, data_config, model_config, train_config, resume=resume, threads=threads
+        )
+    except CorellaError as exc:
+        raise _fail(exc) from exc
+    print_crm_metrics(metrics)
+    console.print(f"run folder: {out}  (metrics: {out / 'crm' / 'metrics.json'})")
+
+
+def print_crm_metrics(metrics: dict[str, Any]) -> None:
+    overall = metrics["test"]["overall"]
+    console.print(
+        _table(
+            f"CRM on the test split ({metrics['dataset']}, {overall['count']:,} samples, "
+            f"{metrics['test_share_unseen_users']:.0%} from users unseen in training)",
+            ["metric", "value"],
+            [["AUC", overall["auc"]], ["LogLoss", overall["logloss"]], ["ACC", overall["acc"]]],
+        )
+    )
+    rows = [
+        [
+            r["decile"],
+            r["count"],
+            f"{r['entropy_min']:.3f}-{r['entropy_max']:.3f}",
+            r["crm_auc"],
+            r["crm_acc"],
+        ]
+        for r in metrics["test"]["entropy_deciles"]
+    ]
+    console.print(
+        _table(
+            "by CRM entropy decile (1 = most certain)",
+            ["decile", "count", "entropy", "AUC", "ACC"],
+            rows,
+        )
+    )
+
+
+# ---------------------------------------------------------------------------- quickstart
+@app.command()
+def quickstart(
+    workdir: Annotated[Path, typer.Option(help="where runs go")] = Path("."),
+) -> None:
+    """Everything on the embedded defaults: fetch MovieLens-100K, train and evaluate the CRM."""
+    from runtime.paths import data_cache
+    from training.data.registry import fetch_dataset
+    from training.runs import DataConfig, run_crm_stage
+
+    try:
+        if (data_cache("movielens-100k")).exists():
+            console.print(
+                f"[green]ok[/] movielens-100k already cached in {data_cache('movielens-100k')}"
+            )
+        else:
+            with console.status("fetching movielens-100k"):
+                folder, origin = fetch_dataset("movielens-100k")
+            console.print(f"[green]ok[/] movielens-100k from {origin} -> {folder}")
+        run = workdir / "runs" / "ml100k"
+        _, _, metrics = run_crm_stage(run, DataConfig("movielens-100k"))
+    except CorellaError as exc:
+        raise _fail(exc) from exc
+    print_crm_metrics(metrics)
+    console.print(f"run folder: {run}")

@@ -1,0 +1,36 @@
+"""Errors by type: one base class, domain subclasses whose messages say what to do."""
+
+from __future__ import annotations
+
+__all__ = [
+    "CorellaError",
+    "DataError",
+    "DataSourceError",
+    "FeatureSpecError",
+    "PromptError",
+    "ConfigError",
+]
+
+
+class CorellaError(Exception):
+    """Base of every error corella raises on purpose (a user mistake or an environment problem)."""
+
+
+class DataError(CorellaError):
+    """A data file is malformed; the message names the file and the line."""
+
+
+class DataSourceError(CorellaError):
+    """No source could supply a data set; the message lists what was tried."""
+
+
+class FeatureSpecError(CorellaError):
+    """A feature spec (features.json) is missing, malformed or of an unknown version."""
+
+
+class PromptError(CorellaError):
+    """The prompt cannot be rendered or read out (e.g. ' Yes' is not a single token)."""
+
+
+class ConfigError(CorellaError):
+    """An option or configuration value is invalid; the message lists the valid options."""

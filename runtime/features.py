@@ -1,0 +1,274 @@
+"""The feature contract shared by training and serving (numpy only).
+
+A sample is one (user, candidate item) pair with the user's attributes, the item's attributes and
+the user's last K interactions strictly before the moment of the request. `FeatureSpec.encode`
+turns a batch of raw samples into the four named arrays the CRM reads; training calls the same
+function, so serving encodes exactly as training did.
+
+Index 0 is padding and index 1 is the out-of-vocabulary bucket in every vocabulary: an unknown id
+at serve time maps to 1 and never crashes anything.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.errors import FeatureSpecError
+
+__all__ = [
+    "FEATURE_SPEC_VERSION",
+    "PAD",
+    "OOV",
+    "INPUT_NAMES",
+    "USER_ATTRIBUTES",
+    "Vocabulary",
+    "FeatureSpec",
+    "age_bucket",
+    "normalize_user_attributes",
+    "history_windows",
+]
+
+FEATURE_SPEC_VERSION = 1
+PAD = 0
+OOV = 1
+_FIRST = 2
+
+#: Names (and order) of the CRM's inputs: the ONNX graph and the runtime both use these.
+INPUT_NAMES = ("categorical", "tags", "history_items", "history_ratings")
+
+#: User attributes a data set may have, in the order they appear among the categorical fields.
+USER_ATTRIBUTES = ("age", "gender", "occupation", "zip")
+
+# MovieLens-1M's age groups; MovieLens-100K's exact ages are bucketed into them.
+_AGE_BOUNDS = (18, 25, 35, 45, 50, 56)
+_AGE_LABELS = ("1", "18", "25", "35", "45", "50", "56")
+
+
+def age_bucket(age: str | int | float) -> str:
+    """MovieLens-1M style age group of an age in years ("1" = under 18, ..., "56" = 56+)."""
+    try:
+        years = float(age)
+    except (TypeError, ValueError):
+        return str(age)
+    return _AGE_LABELS[int(np.searchsorted(_AGE_BOUNDS, years, side="right"))]
+
+
+def normalize_user_attributes(attributes: Mapping[str, Any]) -> dict[str, str]:
+    """Raw user attributes -> the tokens the vocabularies hold (age group, 2-character zip prefix).
+
+    Idempotent: normalizing an already normalized profile changes nothing.
+    """
+    out: dict[str, str] = {}
+    for name in USER_ATTRIBUTES:
+        value = attributes.get(name)
+        if value is None or value == "":
+            continue
+        if name == "age":
+            out[name] = age_bucket(value)
+        elif name == "zip":
+            out[name] = str(value).strip()[:2].upper()
+        elif name == "gender":
+            out[name] = str(value).strip().upper()[:1]
+        else:
+            out[name] = str(value).strip().lower()
+    return out
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Known values of one field; value i of `values` has index i + 2 (0 = pad, 1 = OOV)."""
+
+    values: tuple[str, ...]
+    _index: dict[str, int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_index", {v: i + _FIRST for i, v in enumerate(self.values)})
+
+    @classmethod
+    def build(cls, values: Sequence[Any], min_count: int = 1) -> Vocabulary:
+        """Vocabulary of the values seen at least `min_count` times, most frequent first."""
+        counts: dict[str, int] = {}
+        for value in values:
+            key = str(value)
+            counts[key] = counts.get(key, 0) + 1
+        kept = sorted(
+            (k for k, c in counts.items() if c >= min_count), key=lambda k: (-counts[k], k)
+        )
+        return cls(tuple(kept))
+
+    @property
+    def size(self) -> int:
+        """Rows an embedding table for this field needs (pad and OOV included)."""
+        return len(self.values) + _FIRST
+
+    def index(self, value: Any) -> int:
+        if value is None:
+            return PAD
+        return self._index.get(str(value), OOV)
+
+    def encode(self, values: Sequence[Any]) -> np.ndarray:
+        lookup = self._index.get
+        return np.fromiter(
+            (PAD if v is None else lookup(str(v), OOV) for v in values),
+            dtype=np.int64,
+            count=len(values),
+        )
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Versioned feature contract, saved as features.json beside every model."""
+
+    categorical_fields: tuple[str, ...]
+    vocabularies: Mapping[str, Vocabulary]
+    history_length: int
+    max_tags: int
+    rating_max: float
+    like_threshold: float
+    version: int = FEATURE_SPEC_VERSION
+
+    def __post_init__(self) -> None:
+        missing = [f for f in (*self.categorical_fields, "tag") if f not in self.vocabularies]
+        if missing:
+            raise FeatureSpecError(f"feature spec has no vocabulary for {missing}")
+        if self.categorical_fields[:2] != ("user_id", "item_id"):
+            raise FeatureSpecError("the first two categorical fields must be user_id and item_id")
+
+    # ------------------------------------------------------------------ encoding
+    def encode(
+        self,
+        *,
+        user_ids: Sequence[Any],
+        item_ids: Sequence[Any],
+        user_attributes: Sequence[Mapping[str, Any]],
+        item_years: Sequence[Any],
+        item_tags: Sequence[Sequence[str]],
+        history_items: Sequence[Sequence[Any]],
+        history_ratings: Sequence[Sequence[float]],
+    ) -> dict[str, np.ndarray]:
+        """Raw samples -> the CRM's inputs, keyed by `INPUT_NAMES`.
+
+        History sequences are oldest first; only the last `history_length` entries are kept and
+        they are left-padded, so position K-1 is always the most recent interaction.
+        """
+        batch = len(item_ids)
+        columns = {"user_id": user_ids, "item_id": item_ids, "year": item_years}
+        for name in USER_ATTRIBUTES:
+            if name in self.categorical_fields:
+                columns[name] = [attrs.get(name) for attrs in user_attributes]
+        categorical = np.empty((batch, len(self.categorical_fields)), dtype=np.int64)
+        for j, name in enumerate(self.categorical_fields):
+            values = columns[name]
+            if len(values) != batch:
+                raise FeatureSpecError(
+                    f"field {name!r} has {len(values)} values for {batch} samples"
+                )
+            categorical[:, j] = self.vocabularies[name].encode(values)
+
+        tag_vocab = self.vocabularies["tag"]
+        tags = np.zeros((batch, self.max_tags), dtype=np.int64)
+        for i, row in enumerate(item_tags):
+            for j, tag in enumerate(row[: self.max_tags]):
+                tags[i, j] = tag_vocab.index(tag)
+
+        k = self.history_length
+        item_vocab = self.vocabularies["item_id"]
+        hist_items = np.zeros((batch, k), dtype=np.int64)
+        hist_ratings = np.zeros((batch, k), dtype=np.float32)
+        for i, (items, ratings) in enumerate(zip(history_items, history_ratings, strict=True)):
+            items, ratings = list(items)[-k:], list(ratings)[-k:]
+            if len(items) != len(ratings):
+                raise FeatureSpecError("history items and ratings differ in length")
+            offset = k - len(items)
+            for j, (item, rating) in enumerate(zip(items, ratings, strict=True)):
+                hist_items[i, offset + j] = item_vocab.index(item)
+                hist_ratings[i, offset + j] = float(rating)
+        return {
+            "categorical": categorical,
+            "tags": tags,
+            "history_items": hist_items,
+            "history_ratings": hist_ratings,
+        }
+
+    def input_shapes(self) -> dict[str, tuple[str | int, ...]]:
+        """Shapes of the CRM inputs with a symbolic batch axis, for the manifest and ONNX."""
+        return {
+            "categorical": ("batch", len(self.categorical_fields)),
+            "tags": ("batch", self.max_tags),
+            "history_items": ("batch", self.history_length),
+            "history_ratings": ("batch", self.history_length),
+        }
+
+    # ------------------------------------------------------------------ persistence
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "categorical_fields": list(self.categorical_fields),
+            "history_length": self.history_length,
+            "max_tags": self.max_tags,
+            "rating_max": self.rating_max,
+            "like_threshold": self.like_threshold,
+            "inputs": {k: list(v) for k, v in self.input_shapes().items()},
+            "vocabularies": {name: list(v.values) for name, v in self.vocabularies.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "features.json") -> FeatureSpec:
+        try:
+            version = int(data["version"])
+            if version > FEATURE_SPEC_VERSION:
+                raise FeatureSpecError(
+                    f"{source}: feature spec version {version} is newer than this corella "
+                    f"understands ({FEATURE_SPEC_VERSION}); upgrade corella"
+                )
+            return cls(
+                categorical_fields=tuple(data["categorical_fields"]),
+                vocabularies={k: Vocabulary(tuple(v)) for k, v in data["vocabularies"].items()},
+                history_length=int(data["history_length"]),
+                max_tags=int(data["max_tags"]),
+                rating_max=float(data["rating_max"]),
+                like_threshold=float(data["like_threshold"]),
+                version=version,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FeatureSpecError(f"{source}: malformed feature spec ({exc!r})") from exc
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> FeatureSpec:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise FeatureSpecError(f"{path}: not found") from exc
+        except json.JSONDecodeError as exc:
+            raise FeatureSpecError(f"{path}: not valid JSON ({exc})") from exc
+        return cls.from_dict(data, source=str(path))
+
+
+def history_windows(user: np.ndarray, timestamp: np.ndarray, length: int) -> np.ndarray:
+    """Row positions of each interaction's history: the same user's last `length` interactions
+    with a strictly earlier timestamp.
+
+    `user` and `timestamp` describe interactions already sorted by (user, timestamp, tie-break).
+    Returns int64 [N, length], oldest first, -1 where there is no such interaction. Interactions
+    that share a timestamp never see each other: nothing looks ahead.
+    """
+    n = len(user)
+    if n == 0:
+        return np.empty((0, length), dtype=np.int64)
+    new_user = np.r_[True, user[1:] != user[:-1]]
+    new_moment = new_user | np.r_[True, timestamp[1:] != timestamp[:-1]]
+    positions = np.arange(n)
+    user_start = np.maximum.accumulate(np.where(new_user, positions, 0))
+    moment_start = np.maximum.accumulate(np.where(new_moment, positions, 0))
+    window = moment_start[:, None] - length + np.arange(length)[None, :]
+    return np.where(window >= user_start[:, None], window, -1).astype(np.int64)

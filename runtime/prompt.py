@@ -1,0 +1,151 @@
+"""The LLM's prompt (the paper's Template A) and its Yes/No readout, shared by training and serving.
+
+The prompt is split into a prefix that is the same for every candidate of one user (instruction,
+then the user's history, oldest first) and a short suffix that names the target item and asks the
+question. Token ids are always `tokenize(prefix) + tokenize(suffix)`: the serving runtime caches
+the prefix's KV state and decodes many suffixes against it, and training tokenizes the same way,
+so both see identical token sequences.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from runtime.errors import PromptError
+
+__all__ = [
+    "PROMPT_VERSION",
+    "YES_TEXT",
+    "NO_TEXT",
+    "ItemText",
+    "HistoryEntry",
+    "PromptTemplate",
+    "resolve_answer_tokens",
+    "yes_probability",
+]
+
+PROMPT_VERSION = 1
+YES_TEXT = " Yes"
+NO_TEXT = " No"
+
+
+@dataclass(frozen=True)
+class ItemText:
+    """What the prompt says about an item."""
+
+    title: str
+    year: str | None = None
+    tags: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        details = [d for d in (self.year, ", ".join(self.tags)) if d]
+        return f"{self.title} ({'; '.join(details)})" if details else self.title
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    item: ItemText
+    rating: float
+
+
+def _stars(rating: float) -> str:
+    return f"{rating:g} star" + ("" if rating == 1 else "s")
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """Template A: history as text, then the target, then "You should ONLY answer no or yes."."""
+
+    item_noun: str = "movie"
+    rating_max: float = 5.0
+    max_prompt_tokens: int = 320
+    version: int = PROMPT_VERSION
+
+    def prefix(self, history: Sequence[HistoryEntry]) -> str:
+        lines = [
+            f"A user rated {self.item_noun}s from 1 to {self.rating_max:g} stars. "
+            f"Predict whether the user will like the target {self.item_noun}.",
+            "The user's rating history, oldest first:",
+        ]
+        lines += [f"- {h.item.describe()}: {_stars(h.rating)}" for h in history]
+        if not history:
+            lines.append("- (no history)")
+        return "\n".join(lines) + "\n"
+
+    def suffix(self, target: ItemText) -> str:
+        return (
+            f"Target {self.item_noun}: {target.describe()}\n"
+            f"Please predict whether the user will like the target {self.item_noun}. "
+            "You should ONLY answer no or yes.\nAnswer:"
+        )
+
+    def fit_history(
+        self,
+        history: Sequence[HistoryEntry],
+        count_tokens: Callable[[str], int] | None,
+        suffix_budget: int = 48,
+    ) -> list[HistoryEntry]:
+        """Drop the oldest history entries until the prefix fits the token budget."""
+        kept = list(history)
+        if count_tokens is None:
+            return kept
+        budget = self.max_prompt_tokens - suffix_budget
+        while kept and count_tokens(self.prefix(kept)) > budget:
+            kept.pop(0)
+        return kept
+
+    def render(self, history: Sequence[HistoryEntry], target: ItemText) -> str:
+        return self.prefix(history) + self.suffix(target)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "prompt.json") -> PromptTemplate:
+        try:
+            template = cls(**data)
+        except TypeError as exc:
+            raise PromptError(f"{source}: malformed prompt template ({exc})") from exc
+        if template.version > PROMPT_VERSION:
+            raise PromptError(
+                f"{source}: prompt version {template.version} is newer than supported"
+            )
+        return template
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> PromptTemplate:
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")), str(path))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise PromptError(f"{path}: cannot read prompt template ({exc})") from exc
+
+
+def resolve_answer_tokens(tokenize: Callable[[str], Sequence[int]]) -> tuple[int, int]:
+    """Token ids of " Yes" and " No"; `tokenize` must not add BOS/special tokens."""
+    ids = []
+    for text in (YES_TEXT, NO_TEXT):
+        tokens = list(tokenize(text))
+        if len(tokens) != 1:
+            raise PromptError(
+                f"{text!r} is {len(tokens)} tokens ({tokens}) in this tokenizer; "
+                "the Yes/No readout needs each answer to be a single token"
+            )
+        ids.append(int(tokens[0]))
+    return ids[0], ids[1]
+
+
+def yes_probability(yes_logit: float, no_logit: float) -> float:
+    """P(click) = softmax over the two answer logits, taken for " Yes"."""
+    diff = float(yes_logit) - float(no_logit)
+    if diff >= 0:
+        return 1.0 / (1.0 + math.exp(-diff))
+    e = math.exp(diff)
+    return e / (1.0 + e)

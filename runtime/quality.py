@@ -1,0 +1,84 @@
+"""Quality metrics in numpy (AUC, LogLoss, accuracy, per-entropy-decile breakdown).
+
+Shared by training's evaluation and the benchmarks, so both report the same numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from runtime.router import binary_entropy
+
+__all__ = ["auc", "log_loss", "accuracy", "summarize", "entropy_deciles"]
+
+_EPS = 1e-7
+
+
+def auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """ROC AUC by the rank statistic, ties given their average rank; NaN for one class only."""
+    labels = np.asarray(labels).astype(bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    positives = int(labels.sum())
+    negatives = len(labels) - positives
+    if positives == 0 or negatives == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    sorted_scores = scores[order]
+    ranks = np.empty(len(scores), dtype=np.float64)
+    # average rank (1-based) over runs of tied scores
+    boundaries = np.r_[0, np.flatnonzero(np.diff(sorted_scores)) + 1, len(scores)]
+    for start, stop in zip(boundaries[:-1], boundaries[1:], strict=True):
+        ranks[order[start:stop]] = (start + stop + 1) / 2.0
+    return float(
+        (ranks[labels].sum() - positives * (positives + 1) / 2.0) / (positives * negatives)
+    )
+
+
+def log_loss(labels: np.ndarray, probabilities: np.ndarray) -> float:
+    p = np.clip(np.asarray(probabilities, dtype=np.float64), _EPS, 1.0 - _EPS)
+    y = np.asarray(labels, dtype=np.float64)
+    return float(-np.mean(y * np.log(p) + (1.0 - y) * np.log1p(-p)))
+
+
+def accuracy(labels: np.ndarray, probabilities: np.ndarray) -> float:
+    return float(np.mean((np.asarray(probabilities) >= 0.5) == np.asarray(labels).astype(bool)))
+
+
+def summarize(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
+    return {
+        "count": int(len(labels)),
+        "auc": auc(labels, probabilities),
+        "logloss": log_loss(labels, probabilities),
+        "acc": accuracy(labels, probabilities),
+    }
+
+
+def entropy_deciles(
+    labels: np.ndarray, crm_probabilities: np.ndarray, others: dict[str, np.ndarray] | None = None
+) -> list[dict[str, Any]]:
+    """Split samples into ten groups by the CRM's entropy, most certain first, and score each.
+
+    `others` maps a model name to its probabilities on the same samples; each group then also
+    reports that model's AUC and ACC (the paper's "who wins where" view).
+    """
+    labels = np.asarray(labels)
+    entropy = binary_entropy(crm_probabilities)
+    order = np.argsort(entropy, kind="stable")
+    rows = []
+    for decile, part in enumerate(np.array_split(order, 10)):
+        row: dict[str, Any] = {
+            "decile": decile + 1,
+            "count": int(len(part)),
+            "entropy_min": float(entropy[part].min()) if len(part) else float("nan"),
+            "entropy_max": float(entropy[part].max()) if len(part) else float("nan"),
+            "positive_rate": float(labels[part].mean()) if len(part) else float("nan"),
+            "crm_auc": auc(labels[part], crm_probabilities[part]),
+            "crm_acc": accuracy(labels[part], crm_probabilities[part]),
+        }
+        for name, probabilities in (others or {}).items():
+            row[f"{name}_auc"] = auc(labels[part], probabilities[part])
+            row[f"{name}_acc"] = accuracy(labels[part], probabilities[part])
+        rows.append(row)
+    return rows

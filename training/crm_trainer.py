@@ -1,0 +1,202 @@
+"""Stage 1: train the DCNv2 CRM on the training split, early-stopped on validation AUC."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from runtime.features import INPUT_NAMES, FeatureSpec
+from runtime.quality import auc, entropy_deciles, summarize
+from training.checkpoint import (
+    load_state,
+    load_weights,
+    read_json,
+    save_state,
+    save_weights,
+    write_json,
+)
+from training.dcnv2 import DCNv2, DCNv2Config
+
+__all__ = ["CRMTrainConfig", "set_seed", "to_tensors", "predict", "train_crm", "load_crm"]
+
+log = logging.getLogger(__name__)
+
+
+class CRMTrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(20, ge=1, le=1000, description="upper bound on epochs")
+    batch_size: int = Field(1024, ge=1, le=1 << 16, description="mini-batch size")
+    learning_rate: float = Field(2e-3, gt=0, le=1.0, description="Adam learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="Adam weight decay")
+    patience: int = Field(
+        2, ge=0, le=100, description="epochs without validation AUC gain before stopping"
+    )
+    seed: int = Field(42, description="seed of every random number generator")
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def to_tensors(
+    inputs: Mapping[str, np.ndarray], rows: np.ndarray | slice | None = None
+) -> dict[str, torch.Tensor]:
+    sel = slice(None) if rows is None else rows
+    return {name: torch.from_numpy(np.ascontiguousarray(inputs[name][sel])) for name in INPUT_NAMES}
+
+
+@torch.no_grad()
+def predict(model: DCNv2, inputs: Mapping[str, np.ndarray], batch_size: int = 8192) -> np.ndarray:
+    """P(click) for every row of `inputs`."""
+    model.eval()
+    n = len(inputs["categorical"])
+    out = np.empty(n, dtype=np.float64)
+    for start in range(0, n, batch_size):
+        batch = to_tensors(inputs, slice(start, start + batch_size))
+        out[start : start + batch_size] = torch.sigmoid(model(**batch)).double().numpy()
+    return out
+
+
+def _progress(disable: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"),
+        disable=disable,
+    )
+
+
+def train_crm(
+    out_dir: Path,
+    spec: FeatureSpec,
+    train_inputs: Mapping[str, np.ndarray],
+    train_labels: np.ndarray,
+    valid_inputs: Mapping[str, np.ndarray],
+    valid_labels: np.ndarray,
+    model_config: DCNv2Config | None = None,
+    train_config: CRMTrainConfig | None = None,
+    resume: bool = False,
+    show_progress: bool = True,
+) -> tuple[DCNv2, dict[str, Any]]:
+    """Train, checkpoint after every epoch, keep the best weights by validation AUC.
+
+    `out_dir` receives config.json, features.json, model.safetensors (the best epoch),
+    last.safetensors + state.pt (to resume) and history.json.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_config = model_config or DCNv2Config()
+    train_config = train_config or CRMTrainConfig()
+    state_path = out_dir / "state.pt"
+    if (out_dir / "config.json").exists() and resume:
+        saved = read_json(out_dir / "config.json")
+        model_config = DCNv2Config(**saved["model"])
+        train_config = CRMTrainConfig(**saved["train"])
+    set_seed(train_config.seed)
+    model = DCNv2(spec, model_config)
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=train_config.learning_rate, weight_decay=train_config.weight_decay
+    )
+    history: list[dict[str, float]] = []
+    start_epoch, best_auc, stale = 0, -1.0, 0
+    if resume and state_path.exists():
+        state = load_state(state_path)
+        load_weights(out_dir / "last.safetensors", model)
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        np.random.set_state(state["numpy_rng"])
+        start_epoch, best_auc, stale = state["epoch"], state["best_auc"], state["stale"]
+        history = state["history"]
+        log.info(
+            "resuming CRM training at epoch %d (best validation AUC %.4f)",
+            start_epoch + 1,
+            best_auc,
+        )
+    write_json(
+        out_dir / "config.json",
+        {"model": model_config.model_dump(), "train": train_config.model_dump()},
+    )
+    spec.save(out_dir / "features.json")
+
+    n = len(train_labels)
+    labels = torch.from_numpy(train_labels.astype(np.float32))
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    steps = (n + train_config.batch_size - 1) // train_config.batch_size
+    done = stale > train_config.patience or start_epoch >= train_config.epochs
+    with _progress(not show_progress) as progress:
+        for epoch in range(start_epoch, train_config.epochs if not done else start_epoch):
+            task = progress.add_task(f"CRM epoch {epoch + 1}", total=steps, status="")
+            model.train()
+            permutation = torch.from_numpy(np.random.permutation(n))
+            started, running = time.perf_counter(), 0.0
+            for step in range(steps):
+                rows = permutation[
+                    step * train_config.batch_size : (step + 1) * train_config.batch_size
+                ]
+                batch = to_tensors(train_inputs, rows.numpy())
+                loss = loss_fn(model(**batch), labels[rows])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                running = 0.9 * running + 0.1 * loss.item() if step else loss.item()
+                progress.update(task, advance=1, status=f"loss {running:.4f}")
+            valid_auc = auc(valid_labels, predict(model, valid_inputs))
+            record = {"epoch": epoch + 1, "train_loss": running, "valid_auc": valid_auc,
+                      "seconds": time.perf_counter() - started}  # fmt: skip
+            history.append(record)
+            improved = valid_auc > best_auc
+            if improved:
+                best_auc, stale = valid_auc, 0
+                save_weights(out_dir / "model.safetensors", model)
+            else:
+                stale += 1
+            progress.update(
+                task,
+                status=f"loss {running:.4f} valid AUC {valid_auc:.4f}" + (" *" if improved else ""),
+            )
+            save_weights(out_dir / "last.safetensors", model)
+            save_state(state_path, {
+                "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "best_auc": best_auc,
+                "stale": stale, "history": history, "torch_rng": torch.get_rng_state(),
+                "numpy_rng": np.random.get_state(),
+            })  # fmt: skip
+            write_json(out_dir / "history.json", history)
+            if stale > train_config.patience:
+                break
+    load_weights(out_dir / "model.safetensors", model)
+    model.eval()
+    return model, {"best_valid_auc": best_auc, "epochs_run": len(history), "history": history}
+
+
+def load_crm(folder: Path) -> tuple[DCNv2, FeatureSpec]:
+    """The best CRM of a training folder (config.json, features.json, model.safetensors)."""
+    folder = Path(folder)
+    spec = FeatureSpec.load(folder / "features.json")
+    config = DCNv2Config(**read_json(folder / "config.json")["model"])
+    model = DCNv2(spec, config)
+    load_weights(folder / "model.safetensors", model)
+    model.eval()
+    return model, spec
+
+
+def evaluate_crm(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, Any]:
+    """Test-split metrics and the per-entropy-decile breakdown the router rests on."""
+    return {
+        "overall": summarize(labels, probabilities),
+        "entropy_deciles": entropy_deciles(labels, probabilities),
+    }

@@ -100,13 +100,14 @@ def train_crm(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model_config = model_config or DCNv2Config()
-    train_config = train_config or CRMTrainConfig()
     state_path = out_dir / "state.pt"
-    if (out_dir / "config.json").exists() and resume:
+    if resume and (out_dir / "config.json").exists():
+        # the saved architecture must match the saved weights; the caller may extend training
         saved = read_json(out_dir / "config.json")
         model_config = DCNv2Config(**saved["model"])
-        train_config = CRMTrainConfig(**saved["train"])
+        train_config = train_config or CRMTrainConfig(**saved["train"])
+    model_config = model_config or DCNv2Config()
+    train_config = train_config or CRMTrainConfig()
     set_seed(train_config.seed)
     model = DCNv2(spec, model_config)
     optimizer = torch.optim.Adam(

@@ -1,0 +1,47 @@
+"""The CLI end to end through typer's runner: real commands, real files."""
+
+import json
+
+from typer.testing import CliRunner
+
+from corella_cli.main import app
+
+runner = CliRunner(env={"COLUMNS": "200"})
+
+
+def test_help_lists_the_commands():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("data", "train", "quickstart"):
+        assert command in result.output
+
+
+def test_data_fetch_and_info_from_shared_copy(ml100k_dir, corella_home):
+    result = runner.invoke(app, ["data", "fetch", "movielens-100k", "--from", str(ml100k_dir)])
+    assert result.exit_code == 0, result.output
+    assert "100,000 interactions" in result.output
+    assert (corella_home / "data" / "movielens-100k" / "ml-100k.inter").exists()
+    info = runner.invoke(app, ["data", "info", "movielens-100k"])
+    assert info.exit_code == 0, info.output
+    assert "80,000" in info.output and "0.8582" in info.output
+
+
+def test_user_mistakes_are_clear_errors_not_tracebacks(tmp_path):
+    result = runner.invoke(app, ["data", "fetch", "no-such-set"])
+    assert result.exit_code == 2
+    assert "unknown data set 'no-such-set'" in result.output and "Traceback" not in result.output
+    result = runner.invoke(app, ["train", "crm", "--dataset", "movielens-1m", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "corella data fetch movielens-1m" in result.output
+    result = runner.invoke(app, ["train", "crm", "--embedding-dim", "1", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "embedding_dim" in result.output
+
+
+def test_train_crm_command_writes_metrics(synthetic_dir, tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "crm", "--from", str(synthetic_dir), "--out", str(out), "--epochs", "2",
+            "--batch-size", "64", "--history-length", "5"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "crm" / "metrics.json").read_text())
+    assert metrics["fit"]["epochs_run"] == 2
+    assert "by CRM entropy decile" in result.output

@@ -1,0 +1,85 @@
+import numpy as np
+import pytest
+
+from runtime.errors import FeatureSpecError
+from runtime.features import (
+    OOV,
+    PAD,
+    FeatureSpec,
+    Vocabulary,
+    age_bucket,
+    history_windows,
+    normalize_user_attributes,
+)
+
+
+def _spec(k: int = 3) -> FeatureSpec:
+    return FeatureSpec(
+        categorical_fields=("user_id", "item_id", "age", "year"),
+        vocabularies={
+            "user_id": Vocabulary(("u1", "u2")),
+            "item_id": Vocabulary(("a", "b", "c")),
+            "age": Vocabulary(("18", "25")),
+            "year": Vocabulary(("1995",)),
+            "tag": Vocabulary(("Drama", "Comedy")),
+        },
+        history_length=k,
+        max_tags=2,
+        rating_max=5.0,
+        like_threshold=4.0,
+    )
+
+
+def test_vocabulary_reserves_pad_and_oov():
+    vocab = Vocabulary.build(["x", "y", "x", "z"])
+    assert vocab.values[0] == "x"  # most frequent first
+    assert vocab.index("x") == 2 and vocab.index("never seen") == OOV and vocab.index(None) == PAD
+    assert vocab.size == 5
+    assert Vocabulary.build(["x", "y", "x"], min_count=2).values == ("x",)
+
+
+def test_encode_left_pads_history_and_maps_unknowns_to_oov():
+    spec = _spec(k=3)
+    out = spec.encode(
+        user_ids=["u2", "stranger"],
+        item_ids=["c", "new-item"],
+        user_attributes=[{"age": "25"}, {}],
+        item_years=["1995", None],
+        item_tags=[("Comedy", "Drama", "Horror"), ()],
+        history_items=[["a"], ["a", "b", "c", "zzz"]],
+        history_ratings=[[5.0], [1.0, 2.0, 3.0, 4.0]],
+    )
+    assert out["categorical"].tolist() == [[3, 4, 3, 2], [OOV, OOV, PAD, PAD]]
+    assert out["tags"].tolist() == [[3, 2], [0, 0]]  # cut to max_tags
+    assert out["history_items"].tolist() == [[0, 0, 2], [3, 4, OOV]]  # the last 3, oldest first
+    assert out["history_ratings"].tolist() == [[0, 0, 5.0], [2.0, 3.0, 4.0]]
+    assert out["history_ratings"].dtype == np.float32
+
+
+def test_spec_round_trips_and_refuses_newer_versions(tmp_path):
+    spec = _spec()
+    spec.save(tmp_path / "features.json")
+    loaded = FeatureSpec.load(tmp_path / "features.json")
+    assert loaded.to_dict() == spec.to_dict()
+    data = spec.to_dict() | {"version": 99}
+    with pytest.raises(FeatureSpecError, match="newer"):
+        FeatureSpec.from_dict(data)
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(FeatureSpecError, match="bad.json"):
+        FeatureSpec.load(tmp_path / "bad.json")
+
+
+def test_history_windows_never_look_ahead():
+    # user 0 has interactions at t = 1, 2, 2, 3; user 1 at t = 5
+    user = np.array([0, 0, 0, 0, 1])
+    ts = np.array([1, 2, 2, 3, 5])
+    windows = history_windows(user, ts, length=2)
+    assert windows.tolist() == [[-1, -1], [-1, 0], [-1, 0], [1, 2], [-1, -1]]
+
+
+def test_user_attribute_normalization_is_idempotent():
+    raw = {"age": 24, "gender": "m", "occupation": "Writer ", "zip": "85711"}
+    once = normalize_user_attributes(raw)
+    assert once == {"age": "18", "gender": "M", "occupation": "writer", "zip": "85"}
+    assert normalize_user_attributes(once) == once
+    assert age_bucket(17) == "1" and age_bucket(56) == "56" and age_bucket(1) == "1"

@@ -1,0 +1,22 @@
+"""runtime/ is the ground floor: importing it must not pull torch, transformers or peft."""
+
+import pkgutil
+import subprocess
+import sys
+
+import runtime
+
+from .conftest import REPO
+
+
+def test_runtime_imports_without_torch():
+    modules = [f"runtime.{m.name}" for m in pkgutil.iter_modules(runtime.__path__)]
+    code = (
+        f"import importlib, sys\nfor m in {modules!r}: importlib.import_module(m)\n"
+        "bad = [m for m in ('torch', 'transformers', 'peft', 'pandas') if m in sys.modules]\n"
+        "print(','.join(bad))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ""
+    assert len(modules) >= 5

@@ -1,0 +1,54 @@
+import numpy as np
+import pytest
+from sklearn.metrics import log_loss as sk_log_loss
+from sklearn.metrics import roc_auc_score
+
+from runtime.errors import ConfigError
+from runtime.quality import auc, entropy_deciles, log_loss
+from runtime.router import binary_entropy, calibrate_threshold, route_by_budget, route_by_threshold
+
+
+def test_auc_and_logloss_match_sklearn_with_ties():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 500)
+    scores = np.round(rng.random(500) * 0.5 + labels * 0.2, 2)  # many ties
+    assert auc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    probs = np.clip(scores, 0.01, 0.99)
+    assert log_loss(labels, probs) == pytest.approx(sk_log_loss(labels, probs), abs=1e-9)
+    assert np.isnan(auc(np.ones(4), np.arange(4)))
+
+
+def test_entropy_is_symmetric_and_maximal_at_half():
+    p = np.array([0.5, 0.1, 0.9, 1.0])
+    h = binary_entropy(p)
+    assert h[0] == pytest.approx(np.log(2))
+    assert h[1] == pytest.approx(h[2])
+    assert h[3] < 1e-5
+
+
+@pytest.mark.parametrize("fraction", [0.01, 0.1, 0.25, 0.5])
+def test_threshold_routes_the_requested_fraction(fraction):
+    rng = np.random.default_rng(1)
+    valid = binary_entropy(rng.random(100_000))
+    test = binary_entropy(rng.random(100_000))
+    threshold = calibrate_threshold(valid, fraction)
+    assert route_by_threshold(test, threshold).mean() == pytest.approx(fraction, abs=0.01)
+    assert route_by_budget(test, fraction).sum() == round(fraction * len(test))
+
+
+def test_router_edges_and_bad_fraction():
+    h = np.array([0.1, 0.2])
+    assert not route_by_threshold(h, calibrate_threshold(h, 0.0)).any()
+    assert route_by_threshold(h, calibrate_threshold(h, 1.0)).all()
+    with pytest.raises(ConfigError, match="fraction"):
+        calibrate_threshold(h, 1.5)
+
+
+def test_entropy_deciles_cover_all_samples():
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 2, 1000)
+    p = rng.random(1000)
+    rows = entropy_deciles(labels, p, {"llm": p})
+    assert sum(r["count"] for r in rows) == 1000
+    assert all(rows[i]["entropy_max"] <= rows[i + 1]["entropy_min"] for i in range(9))
+    assert "llm_auc" in rows[0]

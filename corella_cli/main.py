@@ -26,9 +26,7 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 data_app = typer.Typer(help="Fetch and inspect data sets.", no_args_is_help=True)
-train_app = typer.Typer(
-    help="Train the CRM (stage 1) or the whole CoReLLa procedure.", no_args_is_help=True
-)
+train_app = typer.Typer(help="Train the CRM (stage 1) or the whole CoReLLa procedure.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(train_app, name="train")
 
@@ -108,9 +106,7 @@ def data_info(
     name: Annotated[str, typer.Argument(help="data set name")],
     source: FromOption = None,
     history_length: Annotated[int, typer.Option(help="history window K")] = 10,
-    skip_malformed: Annotated[
-        bool, typer.Option(help="skip and count malformed lines instead of failing")
-    ] = False,
+    skip_malformed: Annotated[bool, typer.Option(help="skip and count malformed lines instead of failing")] = False,
 ) -> None:
     """Counts, label balance, split sizes and the share of test users unseen in training."""
     from training.data.registry import load_dataset
@@ -128,21 +124,102 @@ def data_info(
         f"user attributes: {', '.join(raw.user_attribute_names()) or 'none'}"
     )
     if raw.errors.total:
-        console.print(
-            f"[yellow]skipped {raw.errors.total} malformed lines[/]: {raw.errors.skipped}"
-        )
+        console.print(f"[yellow]skipped {raw.errors.total} malformed lines[/]: {raw.errors.skipped}")
     train_users = set(samples.user[samples.indices("train")])
     rows = []
     for split in SPLITS:
         idx = samples.indices(split)
         unseen = sum(u not in train_users for u in samples.user[idx]) / max(len(idx), 1)
         rows.append([split, f"{len(idx):,}", float(samples.label[idx].mean()), float(unseen)])
-    console.print(
-        _table("temporal split", ["split", "samples", "positive rate", "unseen users"], rows)
-    )
+    console.print(_table("temporal split", ["split", "samples", "positive rate", "unseen users"], rows))
 
 
 # ---------------------------------------------------------------------------- train
+@train_app.callback()
+def train_corella_command(
+    ctx: typer.Context,
+    out: Annotated[Path, typer.Option("--out", "-o", help="run folder")] = Path("runs/ml100k"),
+    dataset: DatasetOption = "movielens-100k",
+    source: FromOption = None,
+    llm: Annotated[
+        str, typer.Option(help="base LLM: gemma3-270m, a .gguf file or a Hugging Face directory")
+    ] = "gemma3-270m",
+    preset: Annotated[str, typer.Option(help="default (~25 min on 2 cores) or quick (~10 min)")] = "default",
+    crm: Annotated[Path | None, typer.Option("--crm", help="reuse the stage-1 CRM of this run folder")] = None,
+    resume: Annotated[bool, typer.Option(help="continue an interrupted run in --out")] = False,
+    stage2_samples: Annotated[int | None, typer.Option(help="samples for joint training (stage 2)")] = None,
+    stage3_samples: Annotated[int | None, typer.Option(help="samples for LLM-only training (stage 3)")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="prompts per step in stages 2 and 3")] = None,
+    llm_learning_rate: Annotated[float | None, typer.Option(help="LoRA learning rate")] = None,
+    alignment_weight: Annotated[
+        float | None, typer.Option(help="g, weight of the alignment loss; 0 = no alignment")
+    ] = None,
+    lora_rank: Annotated[int | None, typer.Option(help="LoRA rank")] = None,
+    max_prompt_tokens: Annotated[int | None, typer.Option(help="prompt token budget")] = None,
+    eval_samples: Annotated[int | None, typer.Option(help="test samples the LLM is scored on")] = None,
+    router_fraction: Annotated[float | None, typer.Option(help="share routed to the LLM")] = None,
+    no_stage3: Annotated[bool, typer.Option("--no-stage3", help="ablation: skip the LLM-only stage")] = False,
+    llm_alone: Annotated[bool, typer.Option("--llm-alone", help="ablation: the LLM trained alone (TALLRec)")] = False,
+    seed: Annotated[int | None, typer.Option(help="seed of subsets and initialisation")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
+) -> None:
+    """Stage 1 (CRM), stage 2 (joint with alignment), stage 3 (LLM alone), then the report.
+
+    Writes metrics.json, report.md and plots into --out; every stage checkpoints and --resume
+    picks up where a run stopped.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from pydantic import ValidationError
+
+    from training.pipeline import preset_config, train_corella
+
+    joint = {k: v for k, v in {
+        "stage2_samples": stage2_samples, "stage3_samples": stage3_samples, "batch_size": batch_size,
+        "llm_learning_rate": llm_learning_rate, "alignment_weight": alignment_weight, "seed": seed,
+    }.items() if v is not None}  # fmt: skip
+    if no_stage3:
+        joint["skip_stage3"] = True
+    if llm_alone:
+        joint["llm_alone"] = True
+    overrides: dict[str, Any] = {
+        "dataset": dataset,
+        "source": str(source) if source else None,
+        "llm": llm,
+    }
+    for key, value in (("max_prompt_tokens", max_prompt_tokens), ("eval_samples", eval_samples),
+                       ("router_fraction", router_fraction), ("threads", threads)):  # fmt: skip
+        if value is not None:
+            overrides[key] = value
+    if joint:
+        overrides["joint"] = joint
+    if lora_rank is not None:
+        overrides["lora"] = {"rank": lora_rank, "alpha": 2.0 * lora_rank}
+    try:
+        config = preset_config(preset, overrides)
+        train_corella(out, config, resume=resume, crm_run=crm)
+    except ValidationError as exc:
+        raise _fail(CorellaError(str(exc))) from exc
+    except CorellaError as exc:
+        raise _fail(exc) from exc
+    console.print((out / "report.md").read_text(encoding="utf-8"))
+    console.print(f"run folder: {out}")
+
+
+@train_app.command("compare")
+def train_compare(
+    runs: Annotated[list[Path], typer.Argument(help="run folders (full run and ablations)")],
+) -> None:
+    """Ablations side by side; refuses runs whose LLMs were scored on different test samples."""
+    from training.report import compare_runs
+
+    try:
+        columns, rows = compare_runs(runs)
+    except (CorellaError, FileNotFoundError) as exc:
+        raise _fail(exc if isinstance(exc, CorellaError) else CorellaError(str(exc))) from exc
+    console.print(_table("CoReLLa ablations (same evaluation subset)", columns, rows))
+
+
 @train_app.command("crm")
 def train_crm_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="run folder")] = Path("runs/crm"),
@@ -151,9 +228,7 @@ def train_crm_command(
     history_length: Annotated[int, typer.Option(help="history window K")] = 10,
     embedding_dim: Annotated[int, typer.Option(help="embedding size")] = 16,
     cross_layers: Annotated[int, typer.Option(help="cross network depth")] = 3,
-    cross_rank: Annotated[
-        int | None, typer.Option(help="low-rank mixture rank (default: full rank)")
-    ] = None,
+    cross_rank: Annotated[int | None, typer.Option(help="low-rank mixture rank (default: full rank)")] = None,
     epochs: Annotated[int, typer.Option(help="maximum epochs")] = 20,
     batch_size: Annotated[int, typer.Option(help="mini-batch size")] = 1024,
     learning_rate: Annotated[float, typer.Option(help="Adam learning rate")] = 2e-3,
@@ -171,9 +246,7 @@ def train_crm_command(
     from training.runs import DataConfig, run_crm_stage
 
     try:
-        model_config = DCNv2Config(
-            embedding_dim=embedding_dim, num_cross_layers=cross_layers, cross_rank=cross_rank
-        )
+        model_config = DCNv2Config(embedding_dim=embedding_dim, num_cross_layers=cross_layers, cross_rank=cross_rank)
         train_config = CRMTrainConfig(
             epochs=epochs,
             batch_size=batch_size,
@@ -183,13 +256,9 @@ def train_crm_command(
         )
     except ValidationError as exc:
         raise _fail(CorellaError(str(exc))) from exc
-    data_config = DataConfig(
-        dataset, str(source) if source else None, history_length, skip_malformed
-    )
+    data_config = DataConfig(dataset, str(source) if source else None, history_length, skip_malformed)
     try:
-        _, _, metrics = run_crm_stage(
-            out, data_config, model_config, train_config, resume=resume, threads=threads
-        )
+        _, _, metrics = run_crm_stage(out, data_config, model_config, train_config, resume=resume, threads=threads)
     except CorellaError as exc:
         raise _fail(exc) from exc
     print_crm_metrics(metrics)
@@ -237,9 +306,7 @@ def quickstart(
 
     try:
         if (data_cache("movielens-100k")).exists():
-            console.print(
-                f"[green]ok[/] movielens-100k already cached in {data_cache('movielens-100k')}"
-            )
+            console.print(f"[green]ok[/] movielens-100k already cached in {data_cache('movielens-100k')}")
         else:
             with console.status("fetching movielens-100k"):
                 folder, origin = fetch_dataset("movielens-100k")

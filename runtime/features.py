@@ -97,9 +97,7 @@ class Vocabulary:
         for value in values:
             key = str(value)
             counts[key] = counts.get(key, 0) + 1
-        kept = sorted(
-            (k for k, c in counts.items() if c >= min_count), key=lambda k: (-counts[k], k)
-        )
+        kept = sorted((k for k, c in counts.items() if c >= min_count), key=lambda k: (-counts[k], k))
         return cls(tuple(kept))
 
     @property
@@ -166,9 +164,7 @@ class FeatureSpec:
         for j, name in enumerate(self.categorical_fields):
             values = columns[name]
             if len(values) != batch:
-                raise FeatureSpecError(
-                    f"field {name!r} has {len(values)} values for {batch} samples"
-                )
+                raise FeatureSpecError(f"field {name!r} has {len(values)} values for {batch} samples")
             categorical[:, j] = self.vocabularies[name].encode(values)
 
         tag_vocab = self.vocabularies["tag"]

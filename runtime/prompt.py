@@ -112,9 +112,7 @@ class PromptTemplate:
         except TypeError as exc:
             raise PromptError(f"{source}: malformed prompt template ({exc})") from exc
         if template.version > PROMPT_VERSION:
-            raise PromptError(
-                f"{source}: prompt version {template.version} is newer than supported"
-            )
+            raise PromptError(f"{source}: prompt version {template.version} is newer than supported")
         return template
 
     def save(self, path: str | Path) -> None:

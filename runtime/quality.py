@@ -31,9 +31,7 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
     boundaries = np.r_[0, np.flatnonzero(np.diff(sorted_scores)) + 1, len(scores)]
     for start, stop in zip(boundaries[:-1], boundaries[1:], strict=True):
         ranks[order[start:stop]] = (start + stop + 1) / 2.0
-    return float(
-        (ranks[labels].sum() - positives * (positives + 1) / 2.0) / (positives * negatives)
-    )
+    return float((ranks[labels].sum() - positives * (positives + 1) / 2.0) / (positives * negatives))
 
 
 def log_loss(labels: np.ndarray, probabilities: np.ndarray) -> float:

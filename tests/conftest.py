@@ -23,17 +23,14 @@ def ml100k_dir() -> Path:
     """The real data set, read in place (never copied into the repository)."""
     path = Path(os.environ.get("CORELLA_ML100K", REPO.parent / "shared" / "data" / "ml-100k"))
     if not (path / "ml-100k.inter").exists():
-        raise RuntimeError(
-            f"MovieLens-100K not found at {path}; set CORELLA_ML100K to its folder"
-        )
+        raise RuntimeError(f"MovieLens-100K not found at {path}; set CORELLA_ML100K to its folder")
     return path
 
 
 GENRES = ("Action", "Comedy", "Drama", "Horror", "Romance", "Sci-Fi")
 
 
-def write_synthetic_recbole(folder: Path, users: int = 60, items: int = 40, per_user: int = 12,
-                            seed: int = 0) -> Path:
+def write_synthetic_recbole(folder: Path, users: int = 60, items: int = 40, per_user: int = 12, seed: int = 0) -> Path:
     """A small RecBole-format data set with a learnable signal.
 
     Everyone likes Drama and each user loves one more genre: those get 5 stars, the rest 1-3

@@ -38,8 +38,20 @@ def test_user_mistakes_are_clear_errors_not_tracebacks(tmp_path):
 
 def test_train_crm_command_writes_metrics(synthetic_dir, tmp_path):
     out = tmp_path / "run"
-    args = ["train", "crm", "--from", str(synthetic_dir), "--out", str(out), "--epochs", "2",
-            "--batch-size", "64", "--history-length", "5"]
+    args = [
+        "train",
+        "crm",
+        "--from",
+        str(synthetic_dir),
+        "--out",
+        str(out),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "64",
+        "--history-length",
+        "5",
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "crm" / "metrics.json").read_text())

@@ -36,7 +36,13 @@ def test_crm_learns_the_signal_and_resumes(synthetic_dir, tmp_path):
     out = tmp_path / "run"
     _, prepared, first = run_crm_stage(out, data, DCNv2Config(embedding_dim=8), train, show_progress=False)
     assert first["fit"]["epochs_run"] == 2
-    for name in ("model.safetensors", "last.safetensors", "state.pt", "config.json", "features.json"):
+    for name in (
+        "model.safetensors",
+        "last.safetensors",
+        "state.pt",
+        "config.json",
+        "features.json",
+    ):
         assert (out / "crm" / name).exists()
     # resume to 8 epochs: the history continues from epoch 3 instead of starting over
     longer = train.model_copy(update={"epochs": 8})
@@ -55,7 +61,9 @@ def test_crm_learns_the_signal_and_resumes(synthetic_dir, tmp_path):
 def test_crm_on_movielens_100k_reaches_the_paper_level(ml100k_dir, tmp_path: Path):
     """The Foundation's bar: test AUC >= 0.65 on the global temporal split."""
     _, _, metrics = run_crm_stage(
-        tmp_path / "ml", DataConfig(source=str(ml100k_dir)), show_progress=False,
+        tmp_path / "ml",
+        DataConfig(source=str(ml100k_dir)),
+        show_progress=False,
         train_config=CRMTrainConfig(epochs=3, patience=1),
     )
     assert metrics["test"]["overall"]["auc"] >= 0.65

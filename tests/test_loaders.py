@@ -24,7 +24,10 @@ def _write(path: Path, text: str, encoding: str = "utf-8") -> None:
 
 
 def _grouplens_100k(folder: Path, extra_data: str = "") -> Path:
-    _write(folder / "u.data", "1\t10\t5\t881250949\n2\t10\t2\t881250950\n1\t11\t3\t881250951\n" + extra_data)
+    _write(
+        folder / "u.data",
+        "1\t10\t5\t881250949\n2\t10\t2\t881250950\n1\t11\t3\t881250951\n" + extra_data,
+    )
     _write(folder / "u.user", "1|24|M|technician|85711\n2|53|F|other|94043\n")
     flags = ["0"] * 19
     comedy = flags.copy()
@@ -42,7 +45,12 @@ def test_movielens_100k_grouplens_format(tmp_path):
     raw = load_movielens_100k(_grouplens_100k(tmp_path / "ml"))
     assert len(raw.interactions) == 3
     assert raw.interactions["timestamp"].dtype == "int64"
-    assert raw.users.loc["1"].to_dict() == {"age": "18", "gender": "M", "occupation": "technician", "zip": "85"}
+    assert raw.users.loc["1"].to_dict() == {
+        "age": "18",
+        "gender": "M",
+        "occupation": "technician",
+        "zip": "85",
+    }
     assert raw.items.loc["10"].title == "Toy Story" and raw.items.loc["10"].year == "1995"
     assert raw.items.loc["10"].tags == ("Comedy",)
     assert raw.items.loc["11"].title == "Café Society"  # latin-1 decoded
@@ -68,10 +76,19 @@ def test_movielens_1m_format(tmp_path):
     folder = tmp_path / "ml-1m"
     _write(folder / "ratings.dat", "1::1193::5::978300760\n1::661::3::978302109\n", "latin-1")
     _write(folder / "users.dat", "1::F::1::10::48067\n", "latin-1")
-    _write(folder / "movies.dat", "1193::One Flew Over the Cuckoo's Nest (1975)::Drama\n"
-           "661::James and the Giant Peach (1996)::Animation|Children's|Musical\n", "latin-1")
+    _write(
+        folder / "movies.dat",
+        "1193::One Flew Over the Cuckoo's Nest (1975)::Drama\n"
+        "661::James and the Giant Peach (1996)::Animation|Children's|Musical\n",
+        "latin-1",
+    )
     raw = load_movielens_1m(folder)
-    assert raw.users.loc["1"].to_dict() == {"age": "1", "gender": "F", "occupation": "k-12 student", "zip": "48"}
+    assert raw.users.loc["1"].to_dict() == {
+        "age": "1",
+        "gender": "F",
+        "occupation": "k-12 student",
+        "zip": "48",
+    }
     assert raw.items.loc["661"].tags == ("Animation", "Children's", "Musical")
     assert raw.items.loc["1193"].year == "1975"
     _write(folder / "ratings.dat", "1::1193::5::978300760\n1::661\n", "latin-1")
@@ -81,9 +98,15 @@ def test_movielens_1m_format(tmp_path):
 
 def test_movielens_csv_format_half_stars_and_quoted_titles(tmp_path):
     folder = tmp_path / "ml-latest"
-    _write(folder / "ratings.csv", "userId,movieId,rating,timestamp\n1,1,4.5,964982703\n1,2,3.5,964981247\n")
-    _write(folder / "movies.csv", 'movieId,title,genres\n1,"American President, The (1995)",Comedy|Drama|Romance\n'
-           "2,Jumanji (1995),(no genres listed)\n")
+    _write(
+        folder / "ratings.csv",
+        "userId,movieId,rating,timestamp\n1,1,4.5,964982703\n1,2,3.5,964981247\n",
+    )
+    _write(
+        folder / "movies.csv",
+        'movieId,title,genres\n1,"American President, The (1995)",Comedy|Drama|Romance\n'
+        "2,Jumanji (1995),(no genres listed)\n",
+    )
     raw = load_movielens_csv(folder)
     assert raw.interactions["rating"].tolist() == [4.5, 3.5]
     assert raw.items.loc["1"].title == "American President, The" and raw.items.loc["2"].tags == ()
@@ -96,14 +119,25 @@ def test_movielens_csv_format_half_stars_and_quoted_titles(tmp_path):
 def test_amazon_books_json_lines_gzip_and_kcore(tmp_path):
     folder = tmp_path / "amazon"
     reviews = [
-        {"reviewerID": f"r{u}", "asin": f"b{i}", "overall": 5.0 if (u + i) % 2 else 3.0, "unixReviewTime": 1000 + u * 10 + i}
-        for u in range(4) for i in range(3)
+        {
+            "reviewerID": f"r{u}",
+            "asin": f"b{i}",
+            "overall": 5.0 if (u + i) % 2 else 3.0,
+            "unixReviewTime": 1000 + u * 10 + i,
+        }
+        for u in range(4)
+        for i in range(3)
     ] + [{"reviewerID": "lonely", "asin": "b0", "overall": 5.0, "unixReviewTime": 5}]
     folder.mkdir()
     with gzip.open(folder / "Books.json.gz", "wt") as handle:
         handle.write("\n".join(json.dumps(r) for r in reviews) + "\n")
-    _write(folder / "meta_Books.json", "\n".join(
-        json.dumps({"asin": f"b{i}", "title": f"Book {i}", "category": ["Books", "Fiction"]}) for i in range(3)) + "\n")
+    _write(
+        folder / "meta_Books.json",
+        "\n".join(
+            json.dumps({"asin": f"b{i}", "title": f"Book {i}", "category": ["Books", "Fiction"]}) for i in range(3)
+        )
+        + "\n",
+    )
     raw = load_amazon_books(folder, kcore=2)
     assert "lonely" not in set(raw.interactions["user"])
     assert raw.like_threshold == 5.0 and raw.item_noun == "book"
@@ -116,8 +150,14 @@ def test_amazon_books_json_lines_gzip_and_kcore(tmp_path):
 def test_kcore_filter_is_iterative():
     import pandas as pd
 
-    frame = pd.DataFrame({"user": ["a", "a", "b", "b", "c"], "item": ["x", "y", "x", "y", "z"],
-                          "rating": 5.0, "timestamp": range(5)})
+    frame = pd.DataFrame(
+        {
+            "user": ["a", "a", "b", "b", "c"],
+            "item": ["x", "y", "x", "y", "z"],
+            "rating": 5.0,
+            "timestamp": range(5),
+        }
+    )
     assert set(kcore_filter(frame, 2)["user"]) == {"a", "b"}
 
 

@@ -41,8 +41,7 @@ def save_weights(path: Path, module: torch.nn.Module, only_trainable: bool = Fal
     tensors = {
         name: p.detach().contiguous().cpu()
         for name, p in module.state_dict().items()
-        if not only_trainable
-        or name in {n for n, q in module.named_parameters() if q.requires_grad}
+        if not only_trainable or name in {n for n, q in module.named_parameters() if q.requires_grad}
     }
     _atomic(Path(path), lambda p: save_file(tensors, str(p)))
 

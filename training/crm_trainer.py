@@ -38,9 +38,7 @@ class CRMTrainConfig(BaseModel):
     batch_size: int = Field(1024, ge=1, le=1 << 16, description="mini-batch size")
     learning_rate: float = Field(2e-3, gt=0, le=1.0, description="Adam learning rate")
     weight_decay: float = Field(0.0, ge=0, description="Adam weight decay")
-    patience: int = Field(
-        2, ge=0, le=100, description="epochs without validation AUC gain before stopping"
-    )
+    patience: int = Field(2, ge=0, le=100, description="epochs without validation AUC gain before stopping")
     seed: int = Field(42, description="seed of every random number generator")
 
 
@@ -50,9 +48,7 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def to_tensors(
-    inputs: Mapping[str, np.ndarray], rows: np.ndarray | slice | None = None
-) -> dict[str, torch.Tensor]:
+def to_tensors(inputs: Mapping[str, np.ndarray], rows: np.ndarray | slice | None = None) -> dict[str, torch.Tensor]:
     sel = slice(None) if rows is None else rows
     return {name: torch.from_numpy(np.ascontiguousarray(inputs[name][sel])) for name in INPUT_NAMES}
 
@@ -146,9 +142,7 @@ def train_crm(
             permutation = torch.from_numpy(np.random.permutation(n))
             started, running = time.perf_counter(), 0.0
             for step in range(steps):
-                rows = permutation[
-                    step * train_config.batch_size : (step + 1) * train_config.batch_size
-                ]
+                rows = permutation[step * train_config.batch_size : (step + 1) * train_config.batch_size]
                 batch = to_tensors(train_inputs, rows.numpy())
                 loss = loss_fn(model(**batch), labels[rows])
                 optimizer.zero_grad(set_to_none=True)

@@ -78,15 +78,11 @@ class DCNv2(nn.Module):
         )
         self.tag_embedding = nn.Embedding(spec.vocabularies["tag"].size, d, padding_idx=0)
         self.register_buffer("rating_max", torch.tensor(float(spec.rating_max)), persistent=False)
-        self.register_buffer(
-            "like_threshold", torch.tensor(float(spec.like_threshold)), persistent=False
-        )
+        self.register_buffer("like_threshold", torch.tensor(float(spec.like_threshold)), persistent=False)
         num_dense = 3  # mean history rating, history fill, share liked
         self.input_dim = (len(self.fields) + 3) * d + num_dense
         if config.cross_rank is None:
-            self.cross = nn.ModuleList(
-                CrossLayer(self.input_dim) for _ in range(config.num_cross_layers)
-            )
+            self.cross = nn.ModuleList(CrossLayer(self.input_dim) for _ in range(config.num_cross_layers))
         else:
             self.cross = nn.ModuleList(
                 LowRankMixtureCrossLayer(self.input_dim, config.cross_rank, config.num_experts)
@@ -120,9 +116,7 @@ class DCNv2(nn.Module):
         filled = history_mask.sum(dim=1, keepdim=True)
         dense = torch.cat(
             [
-                (history_ratings * history_mask).sum(dim=1, keepdim=True)
-                / filled.clamp(min=1.0)
-                / self.rating_max,
+                (history_ratings * history_mask).sum(dim=1, keepdim=True) / filled.clamp(min=1.0) / self.rating_max,
                 filled / history_items.shape[1],
                 liked_mask.sum(dim=1, keepdim=True) / filled.clamp(min=1.0),
             ],

@@ -1,0 +1,224 @@
+"""Stages 2 and 3 of CoReLLa: joint training with layer-wise alignment, then the LLM alone.
+
+Stage 2 minimises  a * L_llm + b * L_crm + g * L_align  on a random subset of the training split.
+L_align pairs each CRM cross layer T_j with an LLM block S_j; both hidden states (the LLM's at the
+last prompt token) are projected by small heads into one space and their L2 distance is summed
+over the pairs, which keeps the two models' decision boundaries from drifting apart.
+Stage 3 continues the LLM alone on another subset (the paper's answer to the seesaw where the CRM
+degrades while the LLM improves).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import nn
+
+from training.checkpoint import load_state, save_state, write_json
+from training.dcnv2 import DCNv2
+from training.llm import LLMScorer
+
+__all__ = ["JointConfig", "AlignmentHeads", "default_alignment_pairs", "StageResult", "run_stage"]
+
+log = logging.getLogger(__name__)
+
+
+class JointConfig(BaseModel):
+    """Stages 2 and 3; defaults sized for a 2-core CPU and Gemma 3 270M."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stage2_samples: int = Field(384, ge=0, description="training samples for joint training")
+    stage3_samples: int = Field(384, ge=0, description="training samples for LLM-only training")
+    batch_size: int = Field(4, ge=1, le=256, description="prompts per optimizer step")
+    llm_learning_rate: float = Field(3e-4, gt=0, description="AdamW rate of the LoRA adapters")
+    crm_learning_rate: float = Field(1e-4, ge=0, description="Adam rate of the CRM in stage 2")
+    align_learning_rate: float = Field(1e-3, gt=0, description="Adam rate of the alignment heads")
+    llm_weight: float = Field(1.0, ge=0, description="a: weight of the LLM loss")
+    crm_weight: float = Field(1.0, ge=0, description="b: weight of the CRM loss")
+    alignment_weight: float = Field(0.1, ge=0, description="g: weight of the alignment loss (0 = off)")
+    alignment_dim: int = Field(64, ge=2, le=4096, description="shared space of the alignment heads")
+    alignment_blocks: list[int] | None = Field(
+        None, description="LLM block paired with each cross layer (default: evenly spaced)"
+    )
+    skip_stage3: bool = Field(False, description="ablation: no LLM-only stage")
+    llm_alone: bool = Field(False, description="ablation (TALLRec): train the LLM alone on the same samples, no CRM")
+    checkpoint_every: int = Field(25, ge=1, description="optimizer steps between checkpoints")
+    seed: int = Field(42, description="seed of subsets, dropout and initialisation")
+
+
+def default_alignment_pairs(num_cross_layers: int, num_llm_blocks: int) -> list[int]:
+    """Cross layer j is paired with block round((j + 1) * N / (C + 1)), evenly spaced in depth."""
+    return [
+        max(1, min(num_llm_blocks, round((j + 1) * num_llm_blocks / (num_cross_layers + 1))))
+        for j in range(num_cross_layers)
+    ]
+
+
+class AlignmentHeads(nn.Module):
+    """g_crm, g_llm per pair: LayerNorm (no affine) then Linear into the shared space.
+
+    The normalisation puts a CRM cross layer (values near 1) and an LLM residual stream (values in
+    the hundreds for Gemma) on one scale before projection."""
+
+    def __init__(self, crm_dim: int, llm_dim: int, pairs: int, dim: int) -> None:
+        super().__init__()
+        self.crm = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(crm_dim, elementwise_affine=False), nn.Linear(crm_dim, dim))
+            for _ in range(pairs)
+        )
+        self.llm = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(llm_dim, elementwise_affine=False), nn.Linear(llm_dim, dim))
+            for _ in range(pairs)
+        )
+
+    def forward(self, crm_layers: Sequence[torch.Tensor], llm_layers: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Sum over pairs of the batch-mean L2 distance between the projected states."""
+        total = torch.zeros(())
+        for g_crm, g_llm, t, s in zip(self.crm, self.llm, crm_layers, llm_layers, strict=True):
+            total = total + torch.linalg.vector_norm(g_crm(t) - g_llm(s.float()), dim=-1).mean()
+        return total
+
+
+class StageResult(BaseModel):
+    stage: str
+    steps: int
+    samples: int
+    seconds: float
+    losses: list[dict[str, float]]
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} steps"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"),
+    )
+
+
+def run_stage(
+    stage: str,
+    folder: Path,
+    rows: np.ndarray,
+    labels: np.ndarray,
+    crm_inputs: Callable[[np.ndarray], dict[str, torch.Tensor]],
+    prompt_ids: Callable[[int], list[int]],
+    scorer: LLMScorer,
+    crm: DCNv2 | None,
+    heads: AlignmentHeads | None,
+    blocks: Sequence[int],
+    config: JointConfig,
+    show_progress: bool = True,
+) -> StageResult:
+    """Train one stage over `rows`, checkpointing into `folder` and resuming from it.
+
+    stage "joint": LoRA + CRM + heads (CRM and heads None for the LLM-alone ablation).
+    stage "llm": LoRA only.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    joint = stage == "joint" and crm is not None
+    use_alignment = joint and heads is not None and config.alignment_weight > 0
+    lora_params = [p for p in scorer.parameters() if p.requires_grad]
+    groups = [{"params": lora_params, "lr": config.llm_learning_rate, "weight_decay": 0.0}]
+    if joint:
+        groups.append({"params": list(crm.parameters()), "lr": config.crm_learning_rate, "weight_decay": 0.0})
+    if use_alignment:
+        groups.append(
+            {
+                "params": list(heads.parameters()),
+                "lr": config.align_learning_rate,
+                "weight_decay": 0.0,
+            }
+        )
+    optimizer = torch.optim.AdamW(groups)
+    bce = nn.BCEWithLogitsLoss()
+    steps = (len(rows) + config.batch_size - 1) // config.batch_size
+    state_path = folder / "state.pt"
+    start, losses, elapsed = 0, [], 0.0
+    if state_path.exists():
+        state = load_state(state_path)
+        scorer.load_trainable_state(state["lora"])
+        if joint:
+            crm.load_state_dict(state["crm"])
+        if use_alignment:
+            heads.load_state_dict(state["heads"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        start, losses, elapsed = state["step"], state["losses"], state["seconds"]
+        if start < steps:
+            log.info("resuming stage %s at step %d of %d", stage, start + 1, steps)
+
+    def checkpoint(step: int) -> None:
+        save_state(state_path, {
+            "lora": scorer.trainable_state(), "crm": crm.state_dict() if joint else None,
+            "heads": heads.state_dict() if use_alignment else None,
+            "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(), "step": step,
+            "losses": losses, "seconds": elapsed + time.perf_counter() - started,
+        })  # fmt: skip
+
+    started = time.perf_counter()
+    scorer.train()
+    if joint:
+        crm.train()
+    title = {"joint": "stage 2 joint", "llm": "stage 3 LLM"}[stage]
+    with _progress() as progress:
+        task = progress.add_task(title, total=steps, completed=start, status="", visible=show_progress)
+        for step in range(start, steps):
+            batch_rows = rows[step * config.batch_size : (step + 1) * config.batch_size]
+            target = torch.from_numpy(labels[batch_rows].astype(np.float32))
+            batch = scorer.collate([prompt_ids(int(r)) for r in batch_rows])
+            llm_logit, llm_hidden = scorer(**batch, layers=blocks if use_alignment else ())
+            loss_llm = bce(llm_logit, target)
+            record = {"step": step + 1, "llm": loss_llm.item()}
+            loss = config.llm_weight * loss_llm
+            if joint:
+                crm_logit, crm_layers = crm.forward_with_layers(**crm_inputs(batch_rows))
+                loss_crm = bce(crm_logit, target)
+                loss = loss + config.crm_weight * loss_crm
+                record["crm"] = loss_crm.item()
+                if use_alignment:
+                    loss_align = heads(crm_layers, llm_hidden)
+                    loss = loss + config.alignment_weight * loss_align
+                    record["align"] = loss_align.item()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(record)
+            recent = losses[-20:]
+            status = " ".join(
+                f"{k} {np.mean([r[k] for r in recent]):.3f}" for k in ("llm", "crm", "align") if k in record
+            )
+            progress.update(task, advance=1, status=status)
+            if (step + 1) % config.checkpoint_every == 0 or step + 1 == steps:
+                checkpoint(step + 1)
+    scorer.eval()
+    if crm is not None:
+        crm.eval()
+    seconds = elapsed + time.perf_counter() - started
+    result = StageResult(stage=stage, steps=steps, samples=len(rows), seconds=seconds, losses=losses)
+    write_json(folder / "losses.json", result.model_dump())
+    return result
+
+
+def summarize_losses(losses: list[dict[str, Any]], window: int = 20) -> dict[str, dict[str, float]]:
+    """Mean of each loss over the first and the last `window` steps."""
+    out: dict[str, dict[str, float]] = {}
+    for key in ("llm", "crm", "align"):
+        values = [r[key] for r in losses if key in r]
+        if values:
+            out[key] = {
+                "first": float(np.mean(values[:window])),
+                "last": float(np.mean(values[-window:])),
+            }
+    return out

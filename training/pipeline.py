@@ -1,0 +1,354 @@
+"""`corella train`: the paper's whole procedure on one run folder, then the evaluation report.
+
+run folder layout
+  run.json            corella version, the full config, seeds, stage timings
+  crm/                stage 1 (see training.runs)
+  stage2/ stage3/     checkpoints (state.pt) and losses.json of the LLM stages
+  final/crm/          the CRM the hybrid uses (config.json, features.json, model.safetensors)
+  final/llm/          adapter.safetensors (LoRA), llm.json (base model, LoRA config, answer ids)
+  final/prompt.json   the prompt template
+  final/router.json   entropy threshold and the fraction it was calibrated for
+  metrics.json, report.md, *.png, eval_predictions.npz
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from rich.progress import Progress
+from safetensors.torch import save_file
+
+from runtime import __version__
+from runtime.errors import ConfigError
+from runtime.quality import auc, entropy_deciles, summarize
+from runtime.router import binary_entropy, calibrate_threshold, route_by_threshold
+from training.checkpoint import read_json, save_weights, write_json
+from training.crm_trainer import CRMTrainConfig, load_crm, predict, to_tensors
+from training.data import SampleTable
+from training.dcnv2 import DCNv2, DCNv2Config
+from training.joint import (
+    AlignmentHeads,
+    JointConfig,
+    default_alignment_pairs,
+    run_stage,
+    summarize_losses,
+)
+from training.llm import LLMScorer, LoRAConfig, resolve_base_llm
+from training.runs import DataConfig, PreparedData, prepare_data, run_crm_stage
+
+__all__ = ["CoReLLaConfig", "PRESETS", "train_corella", "PromptCache", "score_llm"]
+
+log = logging.getLogger(__name__)
+
+FRACTIONS = [0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]
+
+
+class CoReLLaConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = "movielens-100k"
+    source: str | None = Field(None, description="raw data folder instead of the cache")
+    history_length: int = Field(10, ge=1, le=200)
+    llm: str = Field("gemma3-270m", description="base LLM: a name, a .gguf path or an HF directory")
+    max_prompt_tokens: int = Field(320, ge=64, le=8192, description="prompt budget; history is cut oldest first")
+    crm: DCNv2Config = DCNv2Config()
+    crm_train: CRMTrainConfig = CRMTrainConfig()
+    lora: LoRAConfig = LoRAConfig()
+    joint: JointConfig = JointConfig()
+    eval_samples: int = Field(1000, ge=10, description="test samples the LLM is scored on (seeded)")
+    router_fraction: float = Field(0.1, gt=0, le=1, description="share of requests the router sends to the LLM")
+    fractions: list[float] = Field(FRACTIONS, description="hybrid fractions in the report")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads")
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # ~25 min on 2 cores with Gemma 3 270M
+    "default": {},
+    # ~10 min on 2 cores
+    "quick": {"joint": {"stage2_samples": 128, "stage3_samples": 128}, "eval_samples": 400},
+}
+
+
+class PromptCache:
+    """Token ids of each sample's prompt, computed once (history fitted to the token budget)."""
+
+    def __init__(self, samples: SampleTable, scorer: LLMScorer) -> None:
+        self.samples, self.scorer, self.cache = samples, scorer, {}
+
+    def __call__(self, row: int) -> list[int]:
+        if row not in self.cache:
+            template = self.scorer.template
+            history, target = self.samples.prompt_parts(row)
+            history = template.fit_history(history, self.scorer.count_tokens)
+            self.cache[row] = self.scorer.prompt_ids(template.prefix(history), template.suffix(target))
+        return self.cache[row]
+
+
+@torch.no_grad()
+def score_llm(
+    scorer: LLMScorer,
+    prompts: PromptCache,
+    rows: np.ndarray,
+    batch_size: int = 8,
+    description: str = "scoring LLM",
+) -> np.ndarray:
+    """P(yes) for each row; prompts of similar length are batched together."""
+    scorer.eval()
+    order = sorted(range(len(rows)), key=lambda i: len(prompts(int(rows[i]))))
+    out = np.empty(len(rows), dtype=np.float64)
+    with Progress() as progress:
+        task = progress.add_task(description, total=len(rows))
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            batch = scorer.collate([prompts(int(rows[i])) for i in chunk])
+            logit, _ = scorer(**batch)
+            out[chunk] = torch.sigmoid(logit.double()).numpy()
+            progress.update(task, advance=len(chunk))
+    return out
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merge(out.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
+def preset_config(preset: str, overrides: dict[str, Any] | None = None) -> CoReLLaConfig:
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    return CoReLLaConfig(**_merge(PRESETS[preset], overrides or {}))
+
+
+@dataclass
+class _Models:
+    crm_stage1: DCNv2
+    crm: DCNv2
+    scorer: LLMScorer
+    heads: AlignmentHeads | None
+    blocks: list[int]
+
+
+def train_corella(
+    out: Path,
+    config: CoReLLaConfig,
+    resume: bool = False,
+    crm_run: Path | None = None,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Stages 1-3 and the report. With resume, completed stages are reloaded, not re-run."""
+    out = Path(out)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    run_file = out / "run.json"
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if resume and run_file.exists() and "config" in read_json(run_file):
+        config = CoReLLaConfig(**read_json(run_file)["config"])
+    torch.manual_seed(config.joint.seed)
+    timings: dict[str, float] = {}
+    data_config = DataConfig(config.dataset, config.source, config.history_length)
+
+    # ------------------------------------------------------------------ stage 1
+    started = time.perf_counter()
+    if crm_run is not None:
+        crm_stage1, spec = load_crm(Path(crm_run) / "crm")
+        prepared = prepare_data(data_config, spec)
+        if not (out / "crm").exists():
+            shutil.copytree(Path(crm_run) / "crm", out / "crm")
+    else:
+        crm_done = (out / "crm" / "metrics.json").exists()
+        if crm_done:
+            crm_stage1, spec = load_crm(out / "crm")
+            prepared = prepare_data(data_config, spec)
+        else:
+            crm_stage1, prepared, _ = run_crm_stage(
+                out,
+                data_config,
+                config.crm,
+                config.crm_train,
+                resume=resume,
+                show_progress=show_progress,
+            )
+    timings["stage1"] = time.perf_counter() - started
+    write_json(
+        run_file,
+        {
+            "corella_version": __version__,
+            "config": config.model_dump(),
+            "data": data_config.to_dict(),
+        },
+    )
+    samples = prepared.samples
+
+    # ------------------------------------------------------------------ LLM
+    started = time.perf_counter()
+    base = resolve_base_llm(config.llm)
+    template = samples.prompt_template(config.max_prompt_tokens)
+    scorer = LLMScorer.load(base, template, config.lora)
+    timings["llm_load"] = time.perf_counter() - started
+    prompts = PromptCache(samples, scorer)
+    crm = DCNv2(prepared.spec, crm_stage1.config)
+    crm.load_state_dict(crm_stage1.state_dict())
+    joint = config.joint
+    blocks = joint.alignment_blocks or default_alignment_pairs(len(crm.cross), scorer.num_layers)
+    if len(blocks) != len(crm.cross) or not all(1 <= b <= scorer.num_layers for b in blocks):
+        raise ConfigError(
+            f"alignment blocks {blocks} must name one LLM block in 1..{scorer.num_layers} per cross layer "
+            f"({len(crm.cross)})"
+        )
+    heads = None
+    if not joint.llm_alone and joint.alignment_weight > 0:
+        heads = AlignmentHeads(crm.input_dim, scorer.hidden_size, len(blocks), joint.alignment_dim)
+
+    rng = np.random.default_rng(joint.seed)
+    train_rows = rng.permutation(prepared.rows("train"))
+    stage2_rows = train_rows[: joint.stage2_samples]
+    stage3_rows = train_rows[joint.stage2_samples : joint.stage2_samples + joint.stage3_samples]
+
+    def crm_inputs(rows: np.ndarray) -> dict[str, torch.Tensor]:
+        return to_tensors(prepared.inputs, rows)
+
+    stages: dict[str, Any] = {}
+    started = time.perf_counter()
+    result = run_stage(
+        "joint", out / "stage2", stage2_rows, samples.label, crm_inputs, prompts, scorer,
+        None if joint.llm_alone else crm, heads, blocks, joint, show_progress,
+    )  # fmt: skip
+    stages["stage2"] = result.model_dump(exclude={"losses"}) | {"loss": summarize_losses(result.losses)}
+    timings["stage2"] = time.perf_counter() - started
+    if not joint.skip_stage3 and len(stage3_rows):
+        started = time.perf_counter()
+        result = run_stage(
+            "llm", out / "stage3", stage3_rows, samples.label, crm_inputs, prompts, scorer,
+            None, None, blocks, joint, show_progress,
+        )  # fmt: skip
+        stages["stage3"] = result.model_dump(exclude={"losses"}) | {"loss": summarize_losses(result.losses)}
+        timings["stage3"] = time.perf_counter() - started
+
+    # ------------------------------------------------------------------ the CRM the hybrid uses
+    valid_rows = prepared.rows("valid")
+    valid_stage1 = predict(crm_stage1, prepared.take(valid_rows))
+    valid_joint = predict(crm, prepared.take(valid_rows))
+    crm_choice = {
+        "stage1_valid_auc": auc(samples.label[valid_rows], valid_stage1),
+        "stage2_valid_auc": auc(samples.label[valid_rows], valid_joint),
+    }
+    use_joint = not joint.llm_alone and crm_choice["stage2_valid_auc"] >= crm_choice["stage1_valid_auc"]
+    final_crm = crm if use_joint else crm_stage1
+    crm_choice["used"] = "stage2" if use_joint else "stage1"
+    valid_probabilities = valid_joint if use_joint else valid_stage1
+
+    # ------------------------------------------------------------------ artifacts
+    final = out / "final"
+    (final / "crm").mkdir(parents=True, exist_ok=True)
+    (final / "llm").mkdir(parents=True, exist_ok=True)
+    save_weights(final / "crm" / "model.safetensors", final_crm)
+    shutil.copy2(out / "crm" / "config.json", final / "crm" / "config.json")
+    prepared.spec.save(final / "crm" / "features.json")
+    save_file(
+        {k: v.contiguous() for k, v in scorer.trainable_state().items()},
+        str(final / "llm" / "adapter.safetensors"),
+    )
+    write_json(final / "llm" / "llm.json", {
+        "base": config.llm, "base_path": str(base.path), "base_is_gguf": base.is_gguf,
+        "lora": config.lora.model_dump(), "yes_token_id": scorer.yes_id, "no_token_id": scorer.no_id,
+        "bos_token_id": scorer.bos_id, "num_layers": scorer.num_layers,
+    })  # fmt: skip
+    template.save(final / "prompt.json")
+    threshold = calibrate_threshold(binary_entropy(valid_probabilities), config.router_fraction)
+    write_json(final / "router.json", {"fraction": config.router_fraction, "threshold": threshold,
+                                       "calibrated_on": "validation split, full"})  # fmt: skip
+
+    # ------------------------------------------------------------------ evaluation
+    started = time.perf_counter()
+    metrics, predictions = evaluate_run(prepared, final_crm, crm_stage1, scorer, prompts, valid_probabilities, config)
+    np.savez(out / "eval_predictions.npz", **predictions)
+    timings["evaluation"] = time.perf_counter() - started
+    metrics.update({"stages": stages, "crm_choice": crm_choice, "timings_seconds": timings,
+                    "alignment_blocks": blocks, "ablation": ablation_name(joint)})  # fmt: skip
+    write_json(out / "metrics.json", metrics)
+    from training.report import write_report
+
+    write_report(out, metrics)
+    return metrics
+
+
+def ablation_name(joint: JointConfig) -> str:
+    if joint.llm_alone:
+        return "llm-alone (TALLRec)"
+    parts = []
+    if joint.alignment_weight == 0:
+        parts.append("no alignment")
+    if joint.skip_stage3:
+        parts.append("no stage 3")
+    return ", ".join(parts) or "full CoReLLa"
+
+
+def evaluation_rows(prepared: PreparedData, count: int, seed: int) -> np.ndarray:
+    """The test samples the LLM is scored on: a seeded uniform sample, sorted (or all of them)."""
+    test = prepared.rows("test")
+    if count >= len(test):
+        return test
+    return np.sort(np.random.default_rng(seed + 7).choice(test, size=count, replace=False))
+
+
+def evaluate_run(
+    prepared: PreparedData,
+    crm: DCNv2,
+    crm_stage1: DCNv2,
+    scorer: LLMScorer,
+    prompts: PromptCache,
+    valid_probabilities: np.ndarray,
+    config: CoReLLaConfig,
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Every model on the same seeded test subset; the router calibrated on validation."""
+    samples = prepared.samples
+    test_rows = prepared.rows("test")
+    rows = evaluation_rows(prepared, config.eval_samples, config.joint.seed)
+    labels = samples.label[rows]
+    crm_test = predict(crm, prepared.take(test_rows))
+    crm_p = predict(crm, prepared.take(rows))
+    llm_p = score_llm(scorer, prompts, rows, description=f"scoring LLM on {len(rows)} test samples")
+    entropy = binary_entropy(crm_p)
+    valid_entropy = binary_entropy(valid_probabilities)
+    hybrid = []
+    for fraction in config.fractions:
+        threshold = calibrate_threshold(valid_entropy, fraction)
+        routed = route_by_threshold(entropy, threshold)
+        mixed = np.where(routed, llm_p, crm_p)
+        hybrid.append({"fraction": fraction, "threshold": threshold, "routed": int(routed.sum()),
+                       **summarize(labels, mixed)})  # fmt: skip
+    top = np.argsort(-entropy, kind="stable")[: max(1, int(round(0.1 * len(rows))))]
+    metrics = {
+        "dataset": config.dataset,
+        "llm": config.llm,
+        "eval_subset": {
+            "description": f"{len(rows)} of {len(test_rows)} test samples, drawn uniformly with seed "
+            f"{config.joint.seed + 7}; every model is scored on exactly these",
+            "count": int(len(rows)),
+            "sha256": hashlib.sha256(np.asarray(rows, dtype=np.int64).tobytes()).hexdigest(),
+        },
+        "crm_full_test": summarize(samples.label[test_rows], crm_test),
+        "crm_stage1_full_test": summarize(samples.label[test_rows], predict(crm_stage1, prepared.take(test_rows))),
+        "crm_only": summarize(labels, crm_p),
+        "llm_only": summarize(labels, llm_p),
+        "hybrid": hybrid,
+        "uncertain_10pct": {
+            "count": int(len(top)),
+            "crm_auc": auc(labels[top], crm_p[top]),
+            "llm_auc": auc(labels[top], llm_p[top]),
+        },
+        "entropy_deciles": entropy_deciles(labels, crm_p, {"llm": llm_p}),
+    }
+    predictions = {"rows": rows, "labels": labels, "crm": crm_p, "llm": llm_p, "entropy": entropy}
+    return metrics, predictions

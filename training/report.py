@@ -1,0 +1,134 @@
+"""The training report: a Markdown table and PNG plots beside metrics.json; ablations side by side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from runtime.errors import ConfigError
+from training.checkpoint import read_json
+
+__all__ = ["write_report", "compare_runs"]
+
+
+def _f(value: float) -> str:
+    return "n/a" if value != value else f"{value:.4f}"  # NaN check
+
+
+def markdown(metrics: dict[str, Any]) -> str:
+    subset = metrics["eval_subset"]
+    lines = [
+        f"# CoReLLa run: {metrics['dataset']}, LLM {metrics['llm']} ({metrics['ablation']})",
+        "",
+        f"Evaluation subset: {subset['description']} (sha256 {subset['sha256'][:12]}).",
+        f"CRM on the whole test split: AUC {_f(metrics['crm_full_test']['auc'])}, "
+        f"LogLoss {_f(metrics['crm_full_test']['logloss'])} (stage-1 CRM: AUC "
+        f"{_f(metrics['crm_stage1_full_test']['auc'])}); the hybrid uses the "
+        f"{metrics['crm_choice']['used']} CRM (chosen on validation AUC).",
+        "",
+        "| model | LLM share | routed | AUC | LogLoss | ACC |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        f"| CRM only | 0 | 0 | {_f(metrics['crm_only']['auc'])} | {_f(metrics['crm_only']['logloss'])} "
+        f"| {_f(metrics['crm_only']['acc'])} |",
+    ]
+    for row in metrics["hybrid"]:
+        lines.append(
+            f"| hybrid | {row['fraction']:g} | {row['routed']} | {_f(row['auc'])} | {_f(row['logloss'])} "
+            f"| {_f(row['acc'])} |"
+        )
+    lines.append(
+        f"| LLM only | 1 | {subset['count']} | {_f(metrics['llm_only']['auc'])} | "
+        f"{_f(metrics['llm_only']['logloss'])} | {_f(metrics['llm_only']['acc'])} |"
+    )
+    top = metrics["uncertain_10pct"]
+    lines += [
+        "",
+        f"On the CRM's most uncertain 10% ({top['count']} samples): CRM AUC {_f(top['crm_auc'])}, "
+        f"LLM AUC {_f(top['llm_auc'])}.",
+        "",
+        "| CRM-entropy decile | count | positive rate | CRM AUC | LLM AUC | CRM ACC | LLM ACC |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in metrics["entropy_deciles"]:
+        lines.append(
+            f"| {row['decile']} | {row['count']} | {row['positive_rate']:.3f} | {_f(row['crm_auc'])} | "
+            f"{_f(row['llm_auc'])} | {_f(row['crm_acc'])} | {_f(row['llm_acc'])} |"
+        )
+    lines += [
+        "",
+        "Stage timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in metrics["timings_seconds"].items()),
+    ]
+    for stage, info in metrics.get("stages", {}).items():
+        losses = ", ".join(f"{k} {v['first']:.3f} -> {v['last']:.3f}" for k, v in info["loss"].items())
+        lines.append(f"- {stage}: {info['samples']} samples, {info['steps']} steps; loss {losses}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(out: Path, metrics: dict[str, Any]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=100)
+    fractions = [r["fraction"] for r in metrics["hybrid"]]
+    ax.plot(fractions, [r["auc"] for r in metrics["hybrid"]], marker="o", label="hybrid")
+    ax.axhline(metrics["crm_only"]["auc"], color="gray", linestyle="--", label="CRM only")
+    ax.axhline(metrics["llm_only"]["auc"], color="tab:red", linestyle=":", label="LLM only")
+    ax.set_xscale("log")
+    ax.set_xlabel("share of samples routed to the LLM")
+    ax.set_ylabel("test AUC")
+    ax.set_title("AUC vs LLM share")
+    ax.legend()
+    fig.tight_layout()
+    written.append(out / "auc_vs_fraction.png")
+    fig.savefig(written[-1])
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=100)
+    deciles = metrics["entropy_deciles"]
+    x = [r["decile"] for r in deciles]
+    ax.bar([i - 0.2 for i in x], [r["crm_auc"] for r in deciles], width=0.4, label="CRM")
+    ax.bar([i + 0.2 for i in x], [r["llm_auc"] for r in deciles], width=0.4, label="LLM")
+    ax.set_xlabel("CRM-entropy decile (1 = most certain)")
+    ax.set_ylabel("AUC")
+    ax.set_ylim(0.4, 1.0)
+    ax.set_xticks(x)
+    ax.set_title("Who wins where")
+    ax.legend()
+    fig.tight_layout()
+    written.append(out / "auc_by_entropy_decile.png")
+    fig.savefig(written[-1])
+    plt.close(fig)
+    return written
+
+
+def write_report(out: Path, metrics: dict[str, Any]) -> Path:
+    path = Path(out) / "report.md"
+    images = plot(Path(out), metrics)
+    text = markdown(metrics) + "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in images) + "\n"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def compare_runs(runs: list[Path]) -> tuple[list[str], list[list[Any]]]:
+    """Side-by-side rows of several runs; refuses runs whose LLM evaluation subsets differ."""
+    loaded = [(Path(r), read_json(Path(r) / "metrics.json")) for r in runs]
+    hashes = {m["eval_subset"]["sha256"] for _, m in loaded}
+    if len(hashes) > 1:
+        raise ConfigError(
+            "these runs scored their LLMs on different test subsets; compare only runs with the same "
+            "data, seed and --eval-samples"
+        )
+    columns = ["run", "variant", "CRM AUC", "LLM AUC", "LLM AUC top-10% H", "CRM AUC top-10% H",
+               "hybrid@0.1 AUC", "hybrid@0.1 LogLoss", "CRM LogLoss"]  # fmt: skip
+    rows = []
+    for path, m in loaded:
+        at = min(m["hybrid"], key=lambda r: abs(r["fraction"] - 0.1))
+        rows.append([
+            path.name, m["ablation"], m["crm_only"]["auc"], m["llm_only"]["auc"],
+            m["uncertain_10pct"]["llm_auc"], m["uncertain_10pct"]["crm_auc"], at["auc"], at["logloss"],
+            m["crm_only"]["logloss"],
+        ])  # fmt: skip
+    return columns, rows

@@ -1,0 +1,120 @@
+"""The three-stage CoReLLa procedure on a tiny LLaMA GGUF and a few hundred generated interactions."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from runtime.errors import ConfigError
+from runtime.prompt import PromptTemplate
+from training.llm import LLMScorer, LoRAConfig, resolve_base_llm
+from training.pipeline import CoReLLaConfig, train_corella
+from training.report import compare_runs
+
+from .tiny_llm import write_tiny_llama_gguf
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory) -> Path:
+    return write_tiny_llama_gguf(tmp_path_factory.mktemp("tiny") / "tiny-llama.gguf")
+
+
+def _config(synthetic_dir: Path, tiny_gguf: Path, **joint) -> CoReLLaConfig:
+    return CoReLLaConfig(
+        source=str(synthetic_dir),
+        history_length=5,
+        llm=str(tiny_gguf),
+        crm={"embedding_dim": 8},
+        crm_train={"epochs": 2, "batch_size": 64},
+        joint={"stage2_samples": 48, "stage3_samples": 16, "batch_size": 4, "checkpoint_every": 2} | joint,
+        eval_samples=60,
+        max_prompt_tokens=400,
+    )
+
+
+def test_two_token_readout_equals_softmax_of_full_logits(tiny_gguf):
+    scorer = LLMScorer.load(resolve_base_llm(str(tiny_gguf)), PromptTemplate(), LoRAConfig())
+    prompts = [scorer.prompt_ids("A user rated movies.\n", "Target movie: Movie Number 3\nAnswer:"),
+               scorer.prompt_ids("- (no history)\n", "Answer:")]  # fmt: skip
+    batch = scorer.collate(prompts)
+    assert batch["attention_mask"][1, 0] == 0  # left padded
+    with torch.no_grad():
+        diff, _ = scorer(**batch)
+        full = scorer._causal_lm()(**batch).logits[:, -1]
+    expected = torch.softmax(full[:, [scorer.yes_id, scorer.no_id]], dim=-1)[:, 0]
+    assert torch.allclose(torch.sigmoid(diff), expected, atol=1e-6)
+    # each prompt alone gives the same answer as inside the padded batch
+    with torch.no_grad():
+        alone, _ = scorer(**scorer.collate(prompts[1:]))
+    assert torch.allclose(alone, diff[1:], atol=1e-4)
+
+
+def test_unknown_llm_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="gemma3-270m"):
+        resolve_base_llm(str(tmp_path / "nope.gguf"))
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_three_stages_run_end_to_end_and_resume(synthetic_dir, tiny_gguf, tmp_path, monkeypatch):
+    config = _config(synthetic_dir, tiny_gguf)
+    out = tmp_path / "run"
+    calls = {"n": 0}
+    original = LLMScorer.forward
+
+    def crashing_forward(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 7:  # in stage 2, after the checkpoint of step 6
+            raise _Interrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(LLMScorer, "forward", crashing_forward)
+    with pytest.raises(_Interrupt):
+        train_corella(out, config, show_progress=False)
+    monkeypatch.setattr(LLMScorer, "forward", original)
+    with pytest.raises(ConfigError, match="--resume"):
+        train_corella(out, config, show_progress=False)
+    metrics = train_corella(out, config, resume=True, show_progress=False)
+
+    steps = [r["step"] for r in json.loads((out / "stage2" / "losses.json").read_text())["losses"]]
+    assert steps == list(range(1, 13))  # 48 samples / 4: every step once, none repeated
+    assert metrics["stages"]["stage3"]["steps"] == 4
+    for name in ("metrics.json", "report.md", "auc_vs_fraction.png", "auc_by_entropy_decile.png",
+                 "final/llm/adapter.safetensors", "final/crm/model.safetensors", "final/prompt.json",
+                 "final/router.json", "eval_predictions.npz"):  # fmt: skip
+        assert (out / name).exists(), name
+    assert metrics["eval_subset"]["count"] == 60
+    hybrid = {row["fraction"]: row for row in metrics["hybrid"]}
+    assert hybrid[1.0]["auc"] == pytest.approx(metrics["llm_only"]["auc"])
+    assert hybrid[1.0]["routed"] == 60 and hybrid[0.5]["routed"] == pytest.approx(30, abs=12)
+    router = json.loads((out / "final" / "router.json").read_text())
+    assert router["fraction"] == 0.1 and np.isfinite(router["threshold"])
+    adapter_keys = __import__("safetensors.torch").torch.load_file(str(out / "final/llm/adapter.safetensors"))
+    assert any("lora_A" in k for k in adapter_keys)
+
+
+def test_alignment_loss_falls_during_stage_2(synthetic_dir, tiny_gguf, tmp_path):
+    config = _config(synthetic_dir, tiny_gguf, stage2_samples=96, stage3_samples=0, checkpoint_every=50)
+    train_corella(tmp_path / "run", config, show_progress=False)
+    losses = json.loads((tmp_path / "run" / "stage2" / "losses.json").read_text())["losses"]
+    align = [r["align"] for r in losses]
+    assert len(align) == 24
+    assert np.mean(align[-5:]) < 0.8 * np.mean(align[:5])
+
+
+def test_ablations_share_the_evaluation_subset(synthetic_dir, tiny_gguf, tmp_path):
+    full = _config(synthetic_dir, tiny_gguf, stage2_samples=8, stage3_samples=4)
+    alone = _config(synthetic_dir, tiny_gguf, stage2_samples=8, stage3_samples=4, llm_alone=True)
+    train_corella(tmp_path / "full", full, show_progress=False)
+    metrics = train_corella(tmp_path / "alone", alone, crm_run=tmp_path / "full", show_progress=False)
+    assert metrics["ablation"] == "llm-alone (TALLRec)" and metrics["crm_choice"]["used"] == "stage1"
+    columns, rows = compare_runs([tmp_path / "full", tmp_path / "alone"])
+    assert [r[1] for r in rows] == ["full CoReLLa", "llm-alone (TALLRec)"]
+    other = _config(synthetic_dir, tiny_gguf, stage2_samples=8, stage3_samples=4).model_copy(update={"eval_samples": 30})
+    train_corella(tmp_path / "other", other, crm_run=tmp_path / "full", show_progress=False)
+    with pytest.raises(ConfigError, match="different test subsets"):
+        compare_runs([tmp_path / "full", tmp_path / "other"])

@@ -28,7 +28,7 @@ app = typer.Typer(
 data_app = typer.Typer(help="Fetch and inspect data sets.", no_args_is_help=True)
 train_app = typer.Typer(help="Train the CRM (stage 1) or the whole CoReLLa procedure.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-app.add_typer(train_app, name="train")
+app.add_typer(train_app, name="train", invoke_without_command=True)
 
 console = Console()
 

@@ -114,7 +114,9 @@ def test_ablations_share_the_evaluation_subset(synthetic_dir, tiny_gguf, tmp_pat
     assert metrics["ablation"] == "llm-alone (TALLRec)" and metrics["crm_choice"]["used"] == "stage1"
     columns, rows = compare_runs([tmp_path / "full", tmp_path / "alone"])
     assert [r[1] for r in rows] == ["full CoReLLa", "llm-alone (TALLRec)"]
-    other = _config(synthetic_dir, tiny_gguf, stage2_samples=8, stage3_samples=4).model_copy(update={"eval_samples": 30})
+    other = _config(synthetic_dir, tiny_gguf, stage2_samples=8, stage3_samples=4).model_copy(
+        update={"eval_samples": 30}
+    )
     train_corella(tmp_path / "other", other, crm_run=tmp_path / "full", show_progress=False)
     with pytest.raises(ConfigError, match="different test subsets"):
         compare_runs([tmp_path / "full", tmp_path / "other"])

@@ -20,6 +20,7 @@ def _atomic(path: Path, write) -> None:  # noqa: ANN001 - a writer taking a path
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

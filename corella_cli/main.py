@@ -294,6 +294,44 @@ def print_crm_metrics(metrics: dict[str, Any]) -> None:
     )
 
 
+# ---------------------------------------------------------------------------- export
+@app.command("export")
+def export_command(
+    run: Annotated[Path, typer.Argument(help="training run folder")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="bundle folder to write")] = Path("bundles/ml100k"),
+    quant: Annotated[str, typer.Option(help="GGUF quantization shipped: q4_k_m, q8_0, f16 or f32")] = "q4_k_m",
+    tensorrt: Annotated[
+        bool | None,
+        typer.Option("--tensorrt/--no-tensorrt", help="build a TensorRT FP16 engine (default: where possible)"),
+    ] = None,
+    keep_intermediate: Annotated[bool, typer.Option(help="also ship the un-quantized merged GGUF")] = False,
+    converter: Annotated[Path | None, typer.Option(help="llama.cpp convert_hf_to_gguf.py (Hugging Face bases)")] = None,
+    eval_samples: Annotated[int | None, typer.Option(help="test samples for the export-time hybrid figure")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads")] = None,
+) -> None:
+    """Turn a training run into a bundle: crm.onnx (+ crm.plan), llm-QUANT.gguf, store.sqlite, manifest.
+
+    Checks ONNX Runtime against PyTorch (max |dp| <= 1e-5) and llama.cpp against the merged PyTorch LLM
+    (mean |dp| <= 0.01), measures q8_0 and q4_k_m against F16, and writes atomically.
+    """
+    from pydantic import ValidationError
+
+    from export.bundle import ExportConfig, export_bundle
+
+    try:
+        config = ExportConfig(quant=quant, tensorrt=tensorrt, keep_intermediate=keep_intermediate,
+                              converter=converter, eval_samples=eval_samples, threads=threads)  # fmt: skip
+        manifest = export_bundle(run, out, config, progress=lambda m: console.print(f"  {m}"))
+    except ValidationError as exc:
+        raise _fail(CorellaError(str(exc))) from exc
+    except CorellaError as exc:
+        raise _fail(exc) from exc
+    rows = [[name, f"{info['size'] / 1e6:.1f} MB"] for name, info in manifest["files"].items()]
+    console.print(_table(f"bundle {out}", ["file", "size"], rows))
+    timings = ", ".join(f"{k} {v:.1f}s" for k, v in manifest["timings_seconds"].items())
+    console.print(f"timings: {timings}")
+
+
 # ---------------------------------------------------------------------------- quickstart
 @app.command()
 def quickstart(

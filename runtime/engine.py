@@ -178,8 +178,9 @@ class Engine:
         for c in candidates:
             stored = catalog.get(c.item_id)
             if c.title:
-                items.append(ItemText(c.title, c.year or (stored.year if stored else None),
-                                      tuple(c.tags) if c.tags is not None else (stored.tags if stored else ())))  # fmt: skip
+                year = c.year or (stored.year if stored else None)
+                tags = tuple(c.tags) if c.tags is not None else (stored.tags if stored else ())
+                items.append(ItemText(c.title, year, tags))
             else:
                 items.append(stored)
         n = len(candidates)

@@ -38,11 +38,23 @@ class LLMError(CorellaError):
 _native_log = logging.getLogger("llama_cpp.native")
 
 
+_last_native_error: list[str] = [""]
+
+
 def _route_native_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-    # llama.cpp prints model and context details at every load; keep them at DEBUG
+    # llama.cpp prints model and context details at every load: DEBUG; its errors are kept so that
+    # an LLMError can say what llama.cpp objected to
     message = text.decode("utf-8", "replace").rstrip()
-    if message:
-        _native_log.log(logging.WARNING if level in (2, 3) and "error" in message.lower() else logging.DEBUG, message)
+    if not message:
+        return
+    if "error" in message.lower() or "failed" in message.lower():
+        _last_native_error[0] = message.split(": ", 1)[-1]
+    _native_log.debug(message)
+
+
+def _native_error() -> str:
+    message, _last_native_error[0] = _last_native_error[0], ""
+    return f" ({message})" if message else ""
 
 
 def _llama():  # noqa: ANN202 - the module, imported lazily so that `runtime` imports without it
@@ -96,7 +108,7 @@ class LlamaScorer:
         self.gpu_layers = int(model_params.n_gpu_layers)
         self._model = lib.llama_model_load_from_file(str(self.path).encode(), model_params)
         if not self._model:
-            raise LLMError(f"{self.path}: llama.cpp could not load this GGUF file")
+            raise LLMError(f"{self.path}: llama.cpp could not load this GGUF file{_native_error()}")
         self._vocab = lib.llama_model_get_vocab(self._model)
         self.n_vocab = int(lib.llama_vocab_n_tokens(self._vocab))
         for name, token in (("yes", self.yes_id), ("no", self.no_id)):
@@ -114,7 +126,9 @@ class LlamaScorer:
         self._ctx = lib.llama_init_from_model(self._model, ctx_params)
         if not self._ctx:
             self.close()
-            raise LLMError(f"{self.path}: llama.cpp could not create a context of {settings.n_ctx} tokens")
+            raise LLMError(
+                f"{self.path}: llama.cpp could not create a context of {settings.n_ctx} tokens{_native_error()}"
+            )
         self.n_ctx = int(lib.llama_n_ctx(self._ctx))
         self._memory = lib.llama_get_memory(self._ctx)
         self._batch = lib.llama_batch_init(settings.n_batch, 0, settings.max_sequences)

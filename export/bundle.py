@@ -1,0 +1,364 @@
+"""`corella export RUN --out BUNDLE`: one verified bundle from a training run.
+
+Everything is written into a temporary folder beside --out and renamed into place at the end, so an
+interrupted export never leaves a half bundle and re-running is safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from export.crm import (
+    ExportError,
+    build_tensorrt_engine,
+    export_onnx,
+    onnx_parity,
+    optimized_load_time,
+    tensorrt_parity,
+    tensorrt_unavailable_reason,
+)
+from export.llm import QUANT_TYPES, convert_hf_directory, quantize_gguf, write_merged_gguf
+from runtime.bundle import load_bundle, write_manifest
+from runtime.engine import Engine, EngineSettings
+from runtime.errors import ConfigError
+from runtime.llm import LlamaScorer, LlamaSettings
+from runtime.prompt import PromptTemplate
+from runtime.quality import auc, summarize
+from runtime.router import binary_entropy
+from runtime.store import FeatureStore, Interaction
+from training.checkpoint import read_json
+from training.crm_trainer import load_crm
+from training.data import SampleTable
+from training.llm import LLMScorer, LoRAConfig, resolve_base_llm
+from training.pipeline import PromptCache, evaluation_rows
+from training.runs import DataConfig, PreparedData, prepare_data
+
+__all__ = ["ExportConfig", "export_bundle", "sample_request"]
+
+log = logging.getLogger(__name__)
+
+
+class ExportConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    quant: str = Field("q4_k_m", description="quantization of the shipped GGUF: q4_k_m, q8_0, f16 or f32")
+    tensorrt: bool | None = Field(None, description="True: must build; None: build where possible; False: never")
+    keep_intermediate: bool = Field(False, description="also ship the un-quantized merged GGUF")
+    intermediate: str = Field("f16", description="type of the merged GGUF before quantization: f16 or f32")
+    converter: Path | None = Field(None, description="llama.cpp convert_hf_to_gguf.py, for Hugging Face bases")
+    parity_prompts: int = Field(64, ge=1, description="validation prompts for the GGUF-vs-PyTorch check")
+    routed_samples: int = Field(200, ge=1, description="routed validation samples for the quantization AUC")
+    compare_quants: list[str] = Field(["q8_0", "q4_k_m"], description="quantizations measured against F16")
+    eval_samples: int | None = Field(None, description="test samples for the export-time hybrid figure")
+    context_size: int = Field(4096, ge=256, description="llama.cpp context of the bundle")
+    threads: int | None = Field(None, ge=1)
+
+
+def _progress(message: str, callback: Callable[[str], None] | None) -> None:
+    log.info(message)
+    if callback:
+        callback(message)
+
+
+def _prompt_texts(samples: SampleTable, template: PromptTemplate, rows: np.ndarray, count: Callable[[str], int]):  # noqa: ANN202
+    for row in rows:
+        history, target = samples.prompt_parts(int(row))
+        history = template.fit_history(history, count)
+        yield template.prefix(history), template.suffix(target)
+
+
+def _llama_ids(scorer: LlamaScorer, bos: int | None, prefix: str, suffix: str) -> list[int]:
+    return ([bos] if bos is not None else []) + scorer.tokenize(prefix) + scorer.tokenize(suffix)
+
+
+def sample_request(samples: SampleTable, row: int, mode: str = "hybrid") -> dict[str, Any]:
+    """The runtime request that scores test sample `row` exactly as training saw it."""
+    history = [int(h) for h in samples.history[row] if h >= 0]
+    profile = (
+        samples.raw.users.reindex([samples.user[row]]).to_dict("records")[0] if len(samples.raw.users.columns) else {}
+    )
+    return {
+        "user_id": str(samples.user[row]),
+        "user_attributes": {k: v for k, v in profile.items() if isinstance(v, str)},
+        "history": [
+            {
+                "item_id": str(samples.item[h]),
+                "rating": float(samples.rating[h]),
+                "timestamp": int(samples.timestamp[h]),
+            }
+            for h in history
+        ],  # fmt: skip
+        "candidates": [{"item_id": str(samples.item[row])}],
+        "mode": mode,
+    }
+
+
+def _write_store(path: Path, prepared: PreparedData) -> dict[str, int]:
+    samples, raw = prepared.samples, prepared.samples.raw
+    items = ((str(i), raw.item_text(str(i))) for i in raw.items.index)
+    users = ((str(u), {k: v for k, v in rec.items() if isinstance(v, str)})
+             for u, rec in zip(raw.users.index, raw.users.to_dict("records"), strict=True))  # fmt: skip
+    interactions = (
+        Interaction(str(u), str(i), float(r), int(t))
+        for u, i, r, t in zip(samples.user, samples.item, samples.rating, samples.timestamp, strict=True)
+    )
+    store = FeatureStore.create(path, items, users, interactions)
+    counts = store.counts()
+    store.close()
+    return counts
+
+
+def export_bundle(run: Path, out: Path, config: ExportConfig | None = None,
+                  progress: Callable[[str], None] | None = None) -> dict[str, Any]:  # fmt: skip
+    config = config or ExportConfig()
+    run, out = Path(run), Path(out)
+    if config.quant not in QUANT_TYPES:
+        raise ConfigError(f"unknown quantization {config.quant!r}; choose one of {', '.join(QUANT_TYPES)}")
+    if not (run / "run.json").exists():
+        raise ConfigError(f"{run}: not a training run (no run.json)")
+    final = run / "final"
+    crm_dir = final / "crm" if (final / "crm").exists() else run / "crm"
+    if not (crm_dir / "model.safetensors").exists():
+        raise ConfigError(f"{run}: no trained CRM (run `corella train crm` or `corella train` first)")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    data = DataConfig(**read_json(run / "run.json")["data"])
+    crm, spec = load_crm(crm_dir)
+    prepared = prepare_data(data, spec)
+    samples = prepared.samples
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.work.", dir=out.parent))
+    manifest: dict[str, Any] = {"source_run": str(run.resolve())}
+    try:
+        # ---------------------------------------------------------------- CRM
+        t = time.perf_counter()
+        onnx_info = export_onnx(crm, prepared.inputs, staging / "crm.onnx")
+        valid_rows = prepared.rows("valid")
+        parity = onnx_parity(crm, staging / "crm.onnx", prepared.take(valid_rows))
+        _progress(f"crm.onnx: ONNX Runtime vs PyTorch on {parity['samples']} validation samples, "
+                  f"max |dp| {parity['max_abs_dp']:.2e}", progress)  # fmt: skip
+        if parity["max_abs_dp"] > 1e-5:
+            raise ExportError(f"ONNX parity failed: max |dp| {parity['max_abs_dp']:.2e} > 1e-5")
+        manifest["crm"] = {**onnx_info, "inputs": {k: list(v) for k, v in spec.input_shapes().items()},
+                           "parity": parity, "load_time": optimized_load_time(staging / "crm.onnx")}  # fmt: skip
+        reason = tensorrt_unavailable_reason()
+        if config.tensorrt is False:
+            manifest["crm"]["tensorrt"] = {"status": "skipped", "reason": "disabled with --no-tensorrt"}
+        elif reason is not None:
+            if config.tensorrt:
+                raise ExportError(f"--tensorrt was asked for, but {reason}")
+            manifest["crm"]["tensorrt"] = {"status": "skipped", "reason": reason}
+        else:
+            info = build_tensorrt_engine(staging / "crm.onnx", staging / "crm.plan", prepared.inputs)
+            from runtime.crm import CRMSession
+
+            reference = CRMSession(staging / "crm.onnx", ["cpu"]).predict(prepared.take(valid_rows))
+            info["parity"] = tensorrt_parity(staging / "crm.plan", prepared.take(valid_rows), reference)
+            if info["parity"]["max_abs_dp"] > 1e-3:
+                raise ExportError(f"TensorRT parity failed: max |dp| {info['parity']['max_abs_dp']:.2e} > 1e-3")
+            manifest["crm"]["tensorrt"] = {"status": "built", **info}
+        _progress(f"TensorRT: {manifest['crm']['tensorrt']['status']} "
+                  f"({manifest['crm']['tensorrt'].get('reason', '')})", progress)  # fmt: skip
+        timings["crm"] = time.perf_counter() - t
+
+        # ---------------------------------------------------------------- router, features, prompt
+        router = read_json(final / "router.json") if (final / "router.json").exists() else None
+        if router is None:
+            from runtime.crm import CRMSession
+            from runtime.router import calibrate_threshold
+
+            valid_p = CRMSession(staging / "crm.onnx", ["cpu"]).predict(prepared.take(valid_rows))
+            router = {"fraction": 0.1, "threshold": calibrate_threshold(binary_entropy(valid_p), 0.1),
+                      "calibrated_on": "validation split, full"}  # fmt: skip
+        manifest["router"] = router
+        spec.save(staging / "features.json")
+        template = (PromptTemplate.load(final / "prompt.json") if (final / "prompt.json").exists()
+                    else samples.prompt_template())  # fmt: skip
+        template.save(staging / "prompt.json")
+        manifest.update({"features": "features.json", "prompt": "prompt.json", "store": "store.sqlite"})
+        t = time.perf_counter()
+        manifest["store_counts"] = _write_store(staging / "store.sqlite", prepared)
+        timings["store"] = time.perf_counter() - t
+
+        # ---------------------------------------------------------------- LLM
+        llm_info = read_json(final / "llm" / "llm.json") if (final / "llm" / "llm.json").exists() else None
+        if llm_info is not None:
+            t = time.perf_counter()
+            manifest["llm"] = _export_llm(run, llm_info, template, prepared, staging, work, router, config, progress)
+            timings["llm"] = time.perf_counter() - t
+        else:
+            manifest["llm"] = None
+            _progress("no LLM in this run: a CRM-only bundle", progress)
+
+        # ---------------------------------------------------------------- export-time metrics
+        t = time.perf_counter()
+        write_manifest(staging, manifest)  # the engine that measures below loads a verified bundle
+        manifest["metrics"] = _measure(staging, prepared, config, run, progress)
+        manifest["timings_seconds"] = timings | {
+            "metrics": time.perf_counter() - t,
+            "total": time.perf_counter() - started,
+        }
+        full = write_manifest(staging, manifest)
+        load_bundle(staging)  # verify what was written before it takes the place of --out
+        if out.exists():
+            backup = out.with_name(f".{out.name}.old")
+            if backup.exists():
+                shutil.rmtree(backup)
+            os.replace(out, backup)
+            os.replace(staging, out)
+            shutil.rmtree(backup)
+        else:
+            os.replace(staging, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return full
+
+
+def _export_llm(run: Path, llm_info: dict[str, Any], template: PromptTemplate, prepared: PreparedData, staging: Path,
+                work: Path, router: dict[str, Any], config: ExportConfig,
+                progress: Callable[[str], None] | None) -> dict[str, Any]:  # fmt: skip
+    from safetensors.torch import load_file
+
+    samples = prepared.samples
+    base = resolve_base_llm(llm_info["base"])
+    scorer = LLMScorer.load(base, template, LoRAConfig(**llm_info["lora"]))
+    scorer.load_trainable_state(load_file(str(run / "final" / "llm" / "adapter.safetensors")))
+    merged_path = work / f"llm-{config.intermediate}.gguf"
+    if base.is_gguf:
+        merge = write_merged_gguf(base.path, scorer, merged_path, config.intermediate)
+    else:
+        merge = convert_hf_directory(scorer, work, merged_path, config.converter, config.intermediate)
+    _progress(f"merged LoRA into {merge.get('merged_tensors', 'all')} tensors -> {merged_path.name}", progress)
+
+    # parity: llama.cpp on the merged F16/F32 GGUF vs the merged PyTorch model
+    rng = np.random.default_rng(0)
+    valid_rows = prepared.rows("valid")
+    parity_rows = np.sort(rng.choice(valid_rows, size=min(config.parity_prompts, len(valid_rows)), replace=False))
+    scorer.model.merge_adapter()
+    torch_cache = PromptCache(samples, scorer)
+    from training.pipeline import score_llm
+
+    torch_p = score_llm(scorer, torch_cache, parity_rows, description="PyTorch reference")
+    settings = LlamaSettings(n_ctx=config.context_size, n_threads=config.threads)
+    bos = llm_info.get("bos_token_id")
+    yes, no = llm_info["yes_token_id"], llm_info["no_token_id"]
+    texts = list(_prompt_texts(samples, template, parity_rows, scorer.count_tokens))
+
+    def llama_scores(path: Path, rows_texts: list[tuple[str, str]]) -> np.ndarray:
+        with LlamaScorer(path, yes, no, settings) as llama:
+            return np.array([llama.score_full(_llama_ids(llama, bos, p, s)) for p, s in rows_texts])
+
+    with LlamaScorer(merged_path, yes, no, settings) as llama:
+        same_tokens = float(np.mean([_llama_ids(llama, bos, p, s) == torch_cache(int(r))
+                                     for (p, s), r in zip(texts, parity_rows, strict=True)]))  # fmt: skip
+    base_p = llama_scores(merged_path, texts)
+    diff = np.abs(base_p - torch_p)
+    parity = {"prompts": int(len(diff)), "reference": f"merged PyTorch model ({base.name})",
+              "gguf": config.intermediate, "mean_abs_dp": float(diff.mean()), "max_abs_dp": float(diff.max()),
+              "same_token_ids": same_tokens}  # fmt: skip
+    _progress(f"llama.cpp {config.intermediate} vs PyTorch on {len(diff)} prompts: mean |dp| {diff.mean():.4f}, "
+              f"max {diff.max():.4f}; identical token ids on {same_tokens:.0%}", progress)  # fmt: skip
+    if diff.mean() > 0.01:
+        raise ExportError(f"GGUF parity failed: mean |dp| {diff.mean():.4f} > 0.01")
+
+    # quantizations against F16: |dp| on the parity prompts, AUC on validation samples the router sends
+    from runtime.crm import CRMSession
+
+    valid_p = CRMSession(staging / "crm.onnx", ["cpu"]).predict(prepared.take(valid_rows))
+    routed = valid_rows[binary_entropy(valid_p) > router["threshold"]]
+    routed = np.sort(rng.choice(routed, size=min(config.routed_samples, len(routed)), replace=False))
+    routed_texts = list(_prompt_texts(samples, template, routed, scorer.count_tokens))
+    labels = samples.label[routed]
+    base_routed = llama_scores(merged_path, routed_texts)
+    quants: dict[str, Any] = {config.intermediate: {"routed_auc": auc(labels, base_routed),
+                                                    "size": merged_path.stat().st_size}}  # fmt: skip
+    shipped = f"llm-{config.quant}.gguf"
+    for quant in dict.fromkeys([*config.compare_quants, config.quant]):
+        if quant in ("f16", "f32"):
+            continue
+        path = work / f"llm-{quant}.gguf"
+        q = quantize_gguf(merged_path, path, quant, config.threads)
+        q_parity = llama_scores(path, texts)
+        q_routed = llama_scores(path, routed_texts)
+        dp = np.abs(q_parity - base_p)
+        quants[quant] = {
+            f"mean_abs_dp_vs_{config.intermediate}": float(dp.mean()),
+            f"max_abs_dp_vs_{config.intermediate}": float(dp.max()),
+            "routed_auc": auc(labels, q_routed),
+            "size": q["size"],
+            "quantize_seconds": q["seconds"],
+        }
+        _progress(f"{quant}: mean |dp| {dp.mean():.4f} (max {dp.max():.4f}) vs {config.intermediate}; AUC on "
+                  f"{len(routed)} routed validation samples {quants[quant]['routed_auc']:.4f} vs "
+                  f"{quants[config.intermediate]['routed_auc']:.4f}", progress)  # fmt: skip
+    if config.quant in ("f16", "f32"):
+        shutil.copy2(merged_path, staging / shipped)
+    else:
+        shutil.move(str(work / shipped), staging / shipped)
+    if config.keep_intermediate and config.quant != config.intermediate:
+        shutil.copy2(merged_path, staging / merged_path.name)
+    return {
+        "file": shipped, "quant": config.quant, "base": llm_info["base"], "yes_token_id": yes, "no_token_id": no,
+        "bos_token_id": bos, "context_size": config.context_size, "merge": merge, "parity": parity,
+        "quantizations": quants, "routed_validation_samples": int(len(routed)),
+    }  # fmt: skip
+
+
+def _measure(bundle_dir: Path, prepared: PreparedData, config: ExportConfig, run: Path,
+             progress: Callable[[str], None] | None) -> dict[str, Any]:  # fmt: skip
+    """Export-time quality through the runtime engine itself: CRM on the whole test split, and
+    CRM-only vs hybrid on the evaluation subset the training report used."""
+    samples = prepared.samples
+    bundle = load_bundle(bundle_dir)
+    engine = Engine(bundle, EngineSettings(providers=("cpu",), default_deadline_ms=None,
+                                           llm_threads=config.threads, llm_context=config.context_size))  # fmt: skip
+    try:
+        test_rows = prepared.rows("test")
+        crm_test = engine.crm.predict(prepared.take(test_rows))
+        metrics: dict[str, Any] = {"crm_test": summarize(samples.label[test_rows], crm_test)}
+        if bundle.llm is None:
+            return metrics
+        count = config.eval_samples or read_json(run / "run.json")["config"].get("eval_samples", 1000)
+        seed = read_json(run / "run.json")["config"]["joint"]["seed"]
+        rows = evaluation_rows(prepared, count, seed)
+        from runtime.engine import CandidateItem, HistoryItem, Request
+
+        scores, routes = [], []
+        for row in rows:
+            req = sample_request(samples, int(row))
+            answer = engine.predict(Request(
+                candidates=[CandidateItem(**c) for c in req["candidates"]], user_id=req["user_id"],
+                user_attributes=req["user_attributes"], history=[HistoryItem(**h) for h in req["history"]],
+            ))  # fmt: skip
+            scores.append(answer["predictions"][0]["score"])
+            routes.append(answer["predictions"][0]["route"])
+        labels = samples.label[rows]
+        scores = np.array(scores)
+        crm_subset = engine.crm.predict(prepared.take(rows))
+        metrics["eval_subset"] = {"count": int(len(rows)), "seed": seed + 7}
+        metrics["crm_only"] = summarize(labels, crm_subset)
+        metrics["hybrid"] = summarize(labels, scores) | {
+            "fraction": bundle.router["fraction"], "routed": int(sum(r != "crm" for r in routes)),
+            "llm_answers": int(sum(r == "llm" for r in routes)),
+        }  # fmt: skip
+        _progress(f"export-time hybrid on {len(rows)} test samples ({metrics['hybrid']['routed']} routed): AUC "
+                  f"{metrics['hybrid']['auc']:.4f} vs CRM-only {metrics['crm_only']['auc']:.4f}", progress)  # fmt: skip
+        return metrics
+    finally:
+        engine.close()

@@ -1,0 +1,137 @@
+"""train -> export on tiny models: ONNX and GGUF parity, the bundle's integrity checks."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from export.bundle import ExportConfig, export_bundle
+from export.crm import ExportError
+from runtime.bundle import BundleError, load_bundle
+from runtime.llm import LlamaScorer
+from training.pipeline import CoReLLaConfig, train_corella
+
+from .tiny_llm import write_tiny_llama_gguf
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    from .conftest import write_synthetic_recbole
+
+    root = tmp_path_factory.mktemp("export")
+    data = write_synthetic_recbole(root / "data", users=120, items=40, per_user=15)
+    gguf_path = write_tiny_llama_gguf(root / "tiny-llama.gguf")
+    config = CoReLLaConfig(
+        source=str(data), history_length=5, llm=str(gguf_path), crm={"embedding_dim": 8},
+        crm_train={"epochs": 2, "batch_size": 64},
+        joint={"stage2_samples": 24, "stage3_samples": 8, "batch_size": 4, "llm_learning_rate": 3e-3},
+        eval_samples=40, max_prompt_tokens=400,
+    )  # fmt: skip
+    train_corella(root / "run", config, show_progress=False)
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def bundle(trained_run, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    export_bundle(trained_run, out, ExportConfig(quant="q8_0", parity_prompts=16, routed_samples=20))
+    return out
+
+
+def test_bundle_holds_every_file_and_the_parity_figures(bundle):
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"crm.onnx", "features.json", "prompt.json", "store.sqlite", "llm-q8_0.gguf"}
+    assert manifest["crm"]["parity"]["samples"] >= 1000 or manifest["crm"]["parity"]["samples"] > 100
+    assert manifest["crm"]["parity"]["max_abs_dp"] <= 1e-5
+    assert manifest["crm"]["tensorrt"]["status"] == "skipped" and manifest["crm"]["tensorrt"]["reason"]
+    llm = manifest["llm"]
+    assert llm["parity"]["mean_abs_dp"] <= 0.01 and llm["parity"]["same_token_ids"] == 1.0
+    assert llm["merge"]["merged_tensors"] == 4 * 4  # q, k, v, o in 4 blocks
+    assert set(llm["quantizations"]) == {"f16", "q8_0", "q4_k_m"}
+    assert llm["quantizations"]["q8_0"]["mean_abs_dp_vs_f16"] < 0.05
+    assert manifest["router"]["fraction"] == 0.1
+    assert manifest["metrics"]["hybrid"]["count"] == 40
+    assert manifest["store_counts"]["interactions"] == 120 * 15
+    assert load_bundle(bundle).spec.history_length == 5
+
+
+def test_merged_gguf_keeps_metadata_and_changes_only_adapted_tensors(trained_run, bundle, tmp_path):
+    import gguf
+
+    from training.checkpoint import read_json
+
+    base = gguf.GGUFReader(read_json(trained_run / "final/llm/llm.json")["base_path"])
+    merged = gguf.GGUFReader(str(bundle / "llm-q8_0.gguf"))
+    base_keys = {k for k in base.fields if not k.startswith("GGUF.")}
+    assert base_keys <= set(merged.fields)
+    assert merged.fields["tokenizer.ggml.tokens"].contents() == base.fields["tokenizer.ggml.tokens"].contents()
+    assert merged.fields["tokenizer.ggml.merges"].contents() == base.fields["tokenizer.ggml.merges"].contents()
+    assert {t.name for t in merged.tensors} == {t.name for t in base.tensors}
+
+
+def test_llama_cpp_loads_the_bundle_gguf(bundle):
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    with LlamaScorer(bundle / "llm-q8_0.gguf", manifest["llm"]["yes_token_id"], manifest["llm"]["no_token_id"]) as llm:
+        p = llm.score_full([1, *llm.tokenize("Target movie: Movie Number 3\nAnswer:")])
+    assert 0.0 < p < 1.0
+
+
+def _copy(bundle: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "copy"
+    shutil.copytree(bundle, target)
+    return target
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda b: (b / "crm.onnx").unlink(), r"crm\.onnx: missing"),
+        (
+            lambda b: (b / "llm-q8_0.gguf").write_bytes((b / "llm-q8_0.gguf").read_bytes()[:1000]),
+            r"llm-q8_0\.gguf: size 1000 bytes, .* \(truncated\?\)",
+        ),
+        (
+            lambda b: (b / "features.json").write_text(
+                (b / "features.json").read_text().replace('"history_length": 5', '"history_length": 6')
+            ),
+            r"features\.json: sha256",
+        ),  # fmt: skip
+        (lambda b: (b / "manifest.json").write_text("{oops"), r"manifest\.json: not valid JSON"),
+        (lambda b: (b / "manifest.json").unlink(), r"manifest\.json: missing"),
+    ],
+)
+def test_corrupt_bundles_are_refused_naming_the_file(bundle, tmp_path, damage, message):
+    copy = _copy(bundle, tmp_path)
+    damage(copy)
+    with pytest.raises(BundleError, match=message):
+        load_bundle(copy)
+
+
+def test_newer_format_is_refused(bundle, tmp_path):
+    copy = _copy(bundle, tmp_path)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="newer"):
+        load_bundle(copy)
+
+
+def test_explicit_tensorrt_without_gpu_fails_with_the_reason(trained_run, tmp_path):
+    with pytest.raises(ExportError, match="tensorrt"):
+        export_bundle(trained_run, tmp_path / "trt", ExportConfig(tensorrt=True))
+    assert not (tmp_path / "trt").exists()
+    assert not list(tmp_path.glob(".trt*"))  # nothing half-written left behind
+
+
+def test_crm_only_run_exports_a_crm_bundle(tmp_path, synthetic_dir):
+    from training.crm_trainer import CRMTrainConfig
+    from training.runs import DataConfig, run_crm_stage
+
+    run_crm_stage(tmp_path / "crm-run", DataConfig(source=str(synthetic_dir), history_length=5),
+                  train_config=CRMTrainConfig(epochs=1), show_progress=False)  # fmt: skip
+    manifest = export_bundle(tmp_path / "crm-run", tmp_path / "b")
+    assert manifest["llm"] is None and np.isfinite(manifest["metrics"]["crm_test"]["auc"])
+    export_bundle(tmp_path / "crm-run", tmp_path / "b")  # re-running replaces it safely
+    assert load_bundle(tmp_path / "b").llm is None

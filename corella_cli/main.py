@@ -332,6 +332,89 @@ def export_command(
     console.print(f"timings: {timings}")
 
 
+# ---------------------------------------------------------------------------- serve and predict
+@app.command()
+def serve(
+    bundle: Annotated[Path, typer.Argument(help="bundle directory")],
+    host: Annotated[str, typer.Option(help="address to bind (loopback by default)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    api_key: Annotated[
+        str | None, typer.Option(help="require 'Authorization: Bearer KEY' on /v1/*", envvar="CORELLA_API_KEY")
+    ] = None,
+    deadline_ms: Annotated[float, typer.Option(help="default request deadline")] = 2000.0,
+    max_candidates: Annotated[int, typer.Option(help="candidates per request (more: 413)")] = 500,
+    providers: Annotated[str, typer.Option(help="ONNX Runtime providers: auto, or tensorrt,cuda,cpu")] = "auto",
+    llm_threads: Annotated[int | None, typer.Option(help="llama.cpp threads")] = None,
+    llm_context: Annotated[int, typer.Option(help="llama.cpp context size")] = 4096,
+    no_llm: Annotated[bool, typer.Option("--no-llm", help="serve the CRM only")] = False,
+) -> None:
+    """Serve a bundle over HTTP: POST /v1/predict, POST /v1/events, GET /v1/model, /healthz, /readyz,
+    /metrics; OpenAPI docs at /docs. Every option can also come from CORELLA_<NAME> variables."""
+    import uvicorn
+    from pydantic import ValidationError
+
+    from runtime.bundle import load_bundle
+    from runtime.server import ServerSettings, create_app
+
+    try:
+        settings = ServerSettings(
+            bundle=bundle, host=host, port=port, api_key=api_key, default_deadline_ms=deadline_ms,
+            max_candidates=max_candidates, providers=providers, llm_threads=llm_threads, llm_context=llm_context,
+            load_llm=not no_llm,
+        )  # fmt: skip
+        load_bundle(bundle)  # refuse a bad bundle here, with its file named, before uvicorn starts
+    except ValidationError as exc:
+        raise _fail(CorellaError(str(exc))) from exc
+    except CorellaError as exc:
+        raise _fail(exc) from exc
+    console.print(f"serving {bundle} on http://{host}:{port}  (docs: http://{host}:{port}/docs)")
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+
+
+@app.command()
+def predict(
+    bundle: Annotated[Path, typer.Argument(help="bundle directory")],
+    requests: Annotated[Path, typer.Argument(help="JSON lines, one /v1/predict body per line")],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="answers as JSON lines (default: stdout)")
+    ] = None,
+    no_llm: Annotated[bool, typer.Option("--no-llm", help="CRM only")] = False,
+) -> None:
+    """The serving engine offline: one answer line per request line; a bad line gets an error line."""
+    import json
+
+    from pydantic import ValidationError
+    from rich.progress import track
+
+    from runtime.bundle import load_bundle
+    from runtime.engine import Engine, EngineSettings
+    from runtime.server import PredictBody, to_engine_request
+
+    try:
+        engine = Engine(load_bundle(bundle), EngineSettings(default_deadline_ms=None, load_llm=not no_llm))
+        lines = requests.read_text(encoding="utf-8").splitlines()
+    except (CorellaError, OSError) as exc:
+        raise _fail(exc if isinstance(exc, CorellaError) else CorellaError(str(exc))) from exc
+    answers, failed = [], 0
+    try:
+        for number, line in enumerate(track(lines, description="predicting", console=Console(stderr=True)), 1):
+            if not line.strip():
+                continue
+            try:
+                answers.append(engine.predict(to_engine_request(PredictBody.model_validate_json(line))))
+            except (ValidationError, CorellaError) as exc:
+                failed += 1
+                answers.append({"line": number, "error": str(exc).splitlines()[0]})
+    finally:
+        engine.close()
+    text = "\n".join(json.dumps(a) for a in answers) + "\n"
+    if output:
+        output.write_text(text, encoding="utf-8")
+        console.print(f"{len(answers) - failed} answers, {failed} errors -> {output}")
+    else:
+        print(text, end="")
+
+
 # ---------------------------------------------------------------------------- quickstart
 @app.command()
 def quickstart(

@@ -207,7 +207,7 @@ def export_bundle(run: Path, out: Path, config: ExportConfig | None = None,
         # ---------------------------------------------------------------- export-time metrics
         t = time.perf_counter()
         write_manifest(staging, manifest)  # the engine that measures below loads a verified bundle
-        manifest["metrics"] = _measure(staging, prepared, config, run, progress)
+        manifest["metrics"] = _measure(staging, work, prepared, config, run, progress)
         manifest["timings_seconds"] = timings | {
             "metrics": time.perf_counter() - t,
             "total": time.perf_counter() - started,
@@ -320,14 +320,15 @@ def _export_llm(run: Path, llm_info: dict[str, Any], template: PromptTemplate, p
     }  # fmt: skip
 
 
-def _measure(bundle_dir: Path, prepared: PreparedData, config: ExportConfig, run: Path,
+def _measure(bundle_dir: Path, work: Path, prepared: PreparedData, config: ExportConfig, run: Path,
              progress: Callable[[str], None] | None) -> dict[str, Any]:  # fmt: skip
     """Export-time quality through the runtime engine itself: CRM on the whole test split, and
     CRM-only vs hybrid on the evaluation subset the training report used."""
     samples = prepared.samples
     bundle = load_bundle(bundle_dir)
-    engine = Engine(bundle, EngineSettings(providers=("cpu",), default_deadline_ms=None,
-                                           llm_threads=config.threads, llm_context=config.context_size))  # fmt: skip
+    settings = EngineSettings(providers=("cpu",), default_deadline_ms=None, llm_threads=config.threads,
+                              llm_context=config.context_size, store_path=work / "measure-store.sqlite")  # fmt: skip
+    engine = Engine(bundle, settings)
     try:
         test_rows = prepared.rows("test")
         crm_test = engine.crm.predict(prepared.take(test_rows))

@@ -9,12 +9,15 @@ finish before the deadline, or fails on, is answered by the CRM and marked `crm_
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import threading
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -28,7 +31,7 @@ from runtime.prompt import HistoryEntry, ItemText
 from runtime.router import binary_entropy, route_by_budget, route_by_threshold
 from runtime.store import FeatureStore, Interaction
 
-__all__ = ["EngineSettings", "HistoryItem", "CandidateItem", "Request", "Engine", "Mode"]
+__all__ = ["EngineSettings", "HistoryItem", "CandidateItem", "Request", "Engine", "Mode", "live_store"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,23 @@ class EngineSettings:
     default_deadline_ms: float | None = 5000.0
     max_candidates: int = 500
     load_llm: bool = True
+    store_path: Path | None = None  # the live feature store; default <bundle>/state/store.sqlite
+
+
+def live_store(bundle: Bundle, path: Path | None = None) -> Path:
+    """The store the server reads and appends to.
+
+    The bundle's store.sqlite is a verified snapshot and is never written; on first start it is
+    copied to the live location, which then keeps every appended event across restarts.
+    """
+    path = Path(path) if path is not None else bundle.path / "state" / "store.sqlite"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        shutil.copy2(bundle.store_file, partial)
+        os.replace(partial, path)
+        log.info("live feature store created at %s", path)
+    return path
 
 
 @dataclass(frozen=True)
@@ -97,7 +117,7 @@ class Engine:
         self.crm = CRMSession(
             bundle.crm_file, settings.providers, settings.crm_threads, engine_cache=bundle.path / "trt_cache"
         )
-        self.store = FeatureStore(bundle.store_file)
+        self.store = FeatureStore(live_store(bundle, settings.store_path))
         self.stats = Stats()
         self.llm: LlamaScorer | None = None
         self.llm_load_error: str | None = None

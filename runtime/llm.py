@@ -130,6 +130,7 @@ class LlamaScorer:
                 f"{self.path}: llama.cpp could not create a context of {settings.n_ctx} tokens{_native_error()}"
             )
         self.n_ctx = int(lib.llama_n_ctx(self._ctx))
+        self.n_batch = int(lib.llama_n_batch(self._ctx))  # llama.cpp caps it at n_ctx
         self._memory = lib.llama_get_memory(self._ctx)
         self._batch = lib.llama_batch_init(settings.n_batch, 0, settings.max_sequences)
         self._lock = threading.Lock()
@@ -193,7 +194,7 @@ class LlamaScorer:
 
     def _prefill(self, tokens: Sequence[int], seq: int, want_last: bool) -> int | None:
         """Decode tokens into `seq` in n_batch chunks; the batch index of the last token's logits."""
-        step = self.settings.n_batch
+        step = self.n_batch
         last = None
         for start in range(0, len(tokens), step):
             chunk = tokens[start : start + step]
@@ -233,7 +234,7 @@ class LlamaScorer:
                 # a chunk: as many candidates as the batch, the sequences and the context allow
                 chunk, tokens = [], 0
                 while (i + len(chunk) < len(suffixes) and len(chunk) < self.settings.max_sequences - 1
-                       and tokens + len(suffixes[i + len(chunk)]) <= min(self.settings.n_batch, capacity)):  # fmt: skip
+                       and tokens + len(suffixes[i + len(chunk)]) <= min(self.n_batch, capacity)):  # fmt: skip
                     tokens += len(suffixes[i + len(chunk)])
                     chunk.append(i + len(chunk))
                 if not chunk:

@@ -66,3 +66,33 @@ def write_synthetic_recbole(folder: Path, users: int = 60, items: int = 40, per_
 @pytest.fixture
 def synthetic_dir(tmp_path: Path) -> Path:
     return write_synthetic_recbole(tmp_path / "synthetic", users=120, items=40, per_user=15)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A whole CoReLLa run (3 stages) on generated data and a tiny LLaMA GGUF."""
+    from training.pipeline import CoReLLaConfig, train_corella
+
+    from .tiny_llm import write_tiny_llama_gguf
+
+    root = tmp_path_factory.mktemp("trained")
+    data = write_synthetic_recbole(root / "data", users=120, items=40, per_user=15)
+    gguf_path = write_tiny_llama_gguf(root / "tiny-llama.gguf")
+    config = CoReLLaConfig(
+        source=str(data), history_length=5, llm=str(gguf_path), crm={"embedding_dim": 8},
+        crm_train={"epochs": 2, "batch_size": 64},
+        joint={"stage2_samples": 24, "stage3_samples": 8, "batch_size": 4, "llm_learning_rate": 3e-3},
+        eval_samples=40, max_prompt_tokens=400,
+    )  # fmt: skip
+    train_corella(root / "run", config, show_progress=False)
+    return root / "run"
+
+
+@pytest.fixture(scope="session")
+def bundle(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """That run exported at q8_0 (the q4_k_m comparison is measured too)."""
+    from export.bundle import ExportConfig, export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    export_bundle(trained_run, out, ExportConfig(quant="q8_0", parity_prompts=16, routed_samples=20))
+    return out

@@ -1,0 +1,3 @@
+from corella_cli.main import app
+
+app(prog_name="corella")

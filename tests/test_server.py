@@ -1,0 +1,212 @@
+"""The HTTP API through the ASGI client and a real uvicorn server on loopback."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from runtime.server import ServerSettings, create_app
+
+from .conftest import REPO
+
+
+def _client(bundle: Path, **settings) -> TestClient:
+    return TestClient(create_app(ServerSettings(bundle=bundle, **settings)))
+
+
+def _body(n: int = 5, **extra) -> dict:
+    return {"user_id": "7", "candidates": [{"item_id": str(i)} for i in range(1, n + 1)], **extra}
+
+
+def test_predict_scores_and_routes(bundle):
+    with _client(bundle) as client:
+        assert client.get("/readyz").json() == {"ready": True}
+        answer = client.post("/v1/predict", json=_body(40, llm_fraction=0.25)).json()
+        routes = [p["route"] for p in answer["predictions"]]
+        assert len(routes) == 40 and routes.count("llm") == 10
+        assert all(0 <= p["score"] <= 1 and p["entropy"] >= 0 for p in answer["predictions"])
+        routed = [p for p in answer["predictions"] if p["route"] == "llm"]
+        kept = [p for p in answer["predictions"] if p["route"] == "crm"]
+        assert min(p["entropy"] for p in routed) >= max(p["entropy"] for p in kept)
+        assert answer["known_user"] and answer["history_length"] == 5
+        assert set(answer["timings_ms"]) == {"encode", "crm", "llm", "total"}
+        crm_only = client.post("/v1/predict", json=_body(3, mode="crm")).json()
+        assert {p["route"] for p in crm_only["predictions"]} == {"crm"}
+        model = client.get("/v1/model").json()
+        assert model["llm"]["loaded"] and model["router"]["fraction"] == 0.1
+        metrics = client.get("/metrics").text
+        assert 'corella_candidates_total{route="llm"} 10.0' in metrics
+
+
+def test_unknown_items_and_cold_users_are_served_by_the_crm(bundle):
+    with _client(bundle) as client:
+        body = {"user_id": "nobody", "candidates": [{"item_id": "no-such-item"}, {"item_id": "3"}], "mode": "llm"}
+        answer = client.post("/v1/predict", json=body).json()
+        unknown, known = answer["predictions"]
+        assert unknown["route"] == "crm" and "unknown item" in unknown["note"]
+        assert known["route"] == "llm" and not answer["known_user"]
+        titled = {"candidates": [{"item_id": "new", "title": "Brand New Movie", "year": "2001", "tags": ["Drama"]}],
+                  "mode": "llm"}  # fmt: skip
+        assert client.post("/v1/predict", json=titled).json()["predictions"][0]["route"] == "llm"
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"candidates": "not a list"}, "candidates"),
+        ({"candidates": [{"item_id": 3}]}, "candidates.0.item_id"),
+        ({"candidates": []}, "candidates"),
+        ({"candidates": [{"item_id": "1"}], "llm_fraction": 2}, "llm_fraction"),
+        ({"candidates": [{"item_id": "1"}], "mode": "fast"}, "mode"),
+        ({"candidates": [{"item_id": "1"}], "surprise": 1}, "surprise"),
+    ],
+)
+def test_bad_requests_are_422_naming_the_field(bundle, body, field):
+    with _client(bundle) as client:
+        response = client.post("/v1/predict", json=body)
+        assert response.status_code == 422
+        error = response.json()["error"]
+        assert error["type"] == "validation_error" and field in error["message"]
+
+
+def test_malformed_json_and_limits(bundle):
+    with _client(bundle, max_candidates=10, max_body_bytes=4096) as client:
+        response = client.post("/v1/predict", content=b"{not json", headers={"content-type": "application/json"})
+        assert response.status_code == 422
+        assert client.post("/v1/predict", json=_body(11)).status_code == 413
+        big = _body(1, history=[{"item_id": "1", "rating": 5, "title": "x" * 500}] * 20)
+        response = client.post("/v1/predict", json=big)
+        assert response.status_code == 413 and response.json()["error"]["type"] == "payload_too_large"
+        assert client.get("/v1/nothing").status_code == 404
+
+
+def test_deadline_falls_back_to_the_crm(bundle):
+    with _client(bundle) as client:
+        answer = client.post("/v1/predict", json=_body(8, mode="llm", deadline_ms=0.001)).json()
+        assert {p["route"] for p in answer["predictions"]} == {"crm_fallback"}
+        assert all(p["score"] == p["crm_score"] for p in answer["predictions"])
+        assert answer["llm_error"] == "deadline exceeded"
+        assert 'corella_llm_fallbacks_total{reason="deadline"} 8.0' in client.get("/metrics").text
+
+
+def test_llm_error_falls_back_and_is_counted(bundle):
+    # llama.cpp's smallest context (256 tokens) cannot hold a prompt with a 495-character title
+    with _client(bundle, llm_context=64) as client:
+        body = {"user_id": "7", "mode": "llm",
+                "candidates": [{"item_id": f"new-{i}", "title": "Long Title " * 45} for i in range(4)]}  # fmt: skip
+        answer = client.post("/v1/predict", json=body).json()
+        assert {p["route"] for p in answer["predictions"]} == {"crm_fallback"}
+        assert "exceeds the context" in answer["llm_error"]
+        assert "corella_llm_errors_total 1.0" in client.get("/metrics").text
+        assert client.get("/healthz").status_code == 200
+
+
+def test_unloadable_gguf_keeps_serving_with_the_crm(bundle, tmp_path):
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["llm"]["file"] = "features.json"  # hashed and present, but no GGUF
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with _client(copy) as client:
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and "could not load" in ready.json()["llm_error"]
+        answer = client.post("/v1/predict", json=_body(3, mode="llm")).json()
+        assert {p["route"] for p in answer["predictions"]} == {"crm_fallback"}
+
+
+def test_events_persist_across_a_restart(bundle, tmp_path):
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    settings = {"bundle": copy}
+    snapshot = (copy / "store.sqlite").read_bytes()
+    with _client(copy) as client:
+        before = client.post("/v1/predict", json={"user_id": "fresh-user", "candidates": [{"item_id": "1"}]}).json()
+        assert before["history_length"] == 0
+        events = [{"user_id": "fresh-user", "item_id": str(i), "rating": 5, "timestamp": 2_000_000_000 + i}
+                  for i in (2, 3, 4)]  # fmt: skip
+        assert client.post("/v1/events", json={"events": events}).json() == {"appended": 3}
+        assert client.post("/v1/events", json={"events": [{"user_id": "u"}]}).status_code == 422
+    with _client(**settings) as client:  # a new app on the same bundle: a restart
+        after = client.post("/v1/predict", json={"user_id": "fresh-user", "candidates": [{"item_id": "1"}]}).json()
+        assert after["history_length"] == 3 and after["known_user"]
+    # the verified snapshot in the bundle is never written; the live store beside it is
+    assert (copy / "store.sqlite").read_bytes() == snapshot and (copy / "state" / "store.sqlite").exists()
+
+
+def test_api_key_guards_v1_only(bundle):
+    with _client(bundle, api_key="s3cret") as client:
+        assert client.post("/v1/predict", json=_body(1)).status_code == 401
+        bad = client.post("/v1/predict", json=_body(1), headers={"Authorization": "Bearer wrong"})
+        assert bad.status_code == 401 and bad.json()["error"]["type"] == "unauthorized"
+        ok = client.post("/v1/predict", json=_body(1), headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
+        assert client.get("/healthz").status_code == 200 and client.get("/metrics").status_code == 200
+
+
+def test_server_imports_without_torch():
+    code = "import sys, runtime.server; print([m for m in ('torch', 'transformers', 'peft') if m in sys.modules])"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_real_server_under_32_concurrent_clients(bundle):
+    port = _free_port()
+    env = os.environ | {"CORELLA_API_KEY": "k"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "corella_cli", "serve", str(bundle), "--port", str(port), "--llm-threads", "1"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if server.poll() is not None:
+                pytest.fail(server.stdout.read())
+            time.sleep(0.1)
+        else:
+            pytest.fail("server did not become ready in 30 s")
+        failures, statuses = [], []
+
+        def client_loop(worker: int) -> None:
+            with httpx.Client(base_url=base, headers={"Authorization": "Bearer k"}, timeout=30) as http:
+                for i in range(4):
+                    candidates = [{"item_id": str(j)} for j in range(1, 21)]
+                    body = {"user_id": str(1 + (worker + i) % 120), "candidates": candidates, "llm_fraction": 0.1}
+                    try:
+                        response = http.post("/v1/predict", json=body)
+                        statuses.append(response.status_code)
+                        if response.status_code != 200 or len(response.json()["predictions"]) != 20:
+                            failures.append(response.text)
+                    except httpx.HTTPError as exc:
+                        failures.append(repr(exc))
+
+        threads = [threading.Thread(target=client_loop, args=(w,)) for w in range(32)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not failures, failures[:3]
+        assert statuses.count(200) == 32 * 4
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

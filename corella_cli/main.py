@@ -415,6 +415,40 @@ def predict(
         print(text, end="")
 
 
+# ---------------------------------------------------------------------------- bench
+@app.command()
+def bench(
+    bundle: Annotated[Path, typer.Argument(help="bundle directory")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="where results.json, results.md and plots go")] = Path(
+        "bench/ml100k"
+    ),
+    suites: Annotated[str, typer.Option(help="comma list of crm, llm, hybrid, http")] = "crm,llm,hybrid,http",
+    gguf: Annotated[list[Path] | None, typer.Option(help="more GGUF files to compare (e.g. llm-f16.gguf)")] = None,
+    quality_samples: Annotated[int, typer.Option(help="test samples for the quality figures")] = 500,
+    hybrid_requests: Annotated[int, typer.Option(help="100-candidate requests timed per fraction")] = 8,
+    http_requests: Annotated[int, typer.Option(help="requests per concurrency level")] = 64,
+    llm_requests: Annotated[int, typer.Option(help="requests (of 16 candidates) in the LLM suite")] = 4,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for ONNX Runtime, PyTorch and llama.cpp")] = None,
+) -> None:
+    """Latency and quality side by side: CRM backends, llama.cpp modes and quantizations, the hybrid's
+    accuracy-latency curve, and HTTP under load. Writes results.json, results.md and PNG plots."""
+    from benchmarks.report import run_bench
+    from benchmarks.suites import BenchConfig
+
+    config = BenchConfig(
+        suites=tuple(s.strip() for s in suites.split(",") if s.strip()), ggufs=list(gguf or []),
+        quality_samples=quality_samples, hybrid_requests=hybrid_requests, http_requests=http_requests,
+        llm_requests=llm_requests, threads=threads,
+    )  # fmt: skip
+    try:
+        results = run_bench(bundle, out, config, progress=lambda m: console.print(f"  {m}"))
+    except CorellaError as exc:
+        raise _fail(exc) from exc
+    for name, row in results["headline"].items():
+        console.print(f"  {name}: {row['value']:.3f} (goal {row['goal']})")
+    console.print(f"results: {out / 'results.md'}")
+
+
 # ---------------------------------------------------------------------------- quickstart
 @app.command()
 def quickstart(

@@ -96,6 +96,14 @@ class Request:
 
 
 @dataclass
+class Prepared:
+    history: list[HistoryItem]
+    items: list[ItemText | None]
+    inputs: dict[str, np.ndarray]
+    known_user: bool
+
+
+@dataclass
 class Stats:
     """Counters the server exposes as Prometheus metrics."""
 
@@ -181,18 +189,10 @@ class Engine:
         bos = self.bundle.llm.get("bos_token_id")
         return ([bos] if bos is not None else []) + llm.tokenize(self.template.prefix(fitted))
 
-    # ------------------------------------------------------------------ predict
-    def predict(self, request: Request) -> dict[str, Any]:
-        started = time.perf_counter()
-        candidates = request.candidates
-        if not candidates:
-            raise ConfigError("a request needs at least one candidate")
-        if len(candidates) > self.settings.max_candidates:
-            raise ConfigError(f"{len(candidates)} candidates exceed the limit of {self.settings.max_candidates}")
-        deadline_ms = request.deadline_ms if request.deadline_ms is not None else self.settings.default_deadline_ms
-        deadline = started + deadline_ms / 1000.0 if deadline_ms is not None else None
-
+    def prepare(self, request: Request) -> Prepared:
+        """Resolve the user and the candidates (request first, then the store) and encode them."""
         attributes, history, known_user = self._user(request)
+        candidates = request.candidates
         catalog = self.store.items([c.item_id for c in candidates])
         items: list[ItemText | None] = []
         for c in candidates:
@@ -213,6 +213,30 @@ class Engine:
             history_items=[[h.item_id for h in history]] * n,
             history_ratings=[[h.rating for h in history]] * n,
         )
+        return Prepared(history, items, inputs, known_user)
+
+    def prompt_ids(self, history: list[HistoryItem], items: list[ItemText]) -> tuple[list[int], list[list[int]]]:
+        """Token ids of the shared prefix and of each item's suffix (call on the LLM worker)."""
+        return self._prompt_prefix_ids(history), [self.llm.tokenize(self.template.suffix(it)) for it in items]
+
+    def on_llm_worker(self, function: Any, *args: Any) -> Any:
+        """Run `function` on the thread that owns the llama.cpp context and wait for it."""
+        return self._llm_worker.submit(function, *args).result()
+
+    # ------------------------------------------------------------------ predict
+    def predict(self, request: Request) -> dict[str, Any]:
+        started = time.perf_counter()
+        candidates = request.candidates
+        if not candidates:
+            raise ConfigError("a request needs at least one candidate")
+        if len(candidates) > self.settings.max_candidates:
+            raise ConfigError(f"{len(candidates)} candidates exceed the limit of {self.settings.max_candidates}")
+        deadline_ms = request.deadline_ms if request.deadline_ms is not None else self.settings.default_deadline_ms
+        deadline = started + deadline_ms / 1000.0 if deadline_ms is not None else None
+
+        prepared = self.prepare(request)
+        history, items, inputs = prepared.history, prepared.items, prepared.inputs
+        n = len(candidates)
         encoded = time.perf_counter()
         crm_p = self.crm.predict(inputs)
         crm_done = time.perf_counter()
@@ -244,7 +268,7 @@ class Engine:
         }
         return {
             "user_id": request.user_id,
-            "known_user": known_user,
+            "known_user": prepared.known_user,
             "history_length": len(history),
             "predictions": [
                 {
@@ -277,8 +301,7 @@ class Engine:
         def job() -> np.ndarray:
             if deadline is not None and time.perf_counter() >= deadline:
                 raise TimeoutError
-            prefix = self._prompt_prefix_ids(history)
-            suffixes = [self.llm.tokenize(self.template.suffix(items[i])) for i in indices]
+            prefix, suffixes = self.prompt_ids(history, [items[i] for i in indices])
             return self.llm.score_shared(prefix, suffixes, deadline=deadline)
 
         future: Future = self._llm_worker.submit(job)

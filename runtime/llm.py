@@ -207,12 +207,19 @@ class LlamaScorer:
         return last
 
     def score_shared(
-        self, prefix: Sequence[int], suffixes: Sequence[Sequence[int]], deadline: float | None = None
+        self,
+        prefix: Sequence[int],
+        suffixes: Sequence[Sequence[int]],
+        deadline: float | None = None,
+        max_chunk: int | None = None,
     ) -> np.ndarray:
         """P(yes) of prefix + suffix for every suffix; the prefix is decoded once.
 
         With a `deadline` (time.perf_counter() value), chunks not started by then are left NaN.
+        `max_chunk` caps the candidates decoded together (1: the prefix is shared but every
+        candidate is its own decode, the middle point the benchmark measures).
         """
+        per_chunk = min(self.settings.max_sequences - 1, max_chunk or self.settings.max_sequences)
         if not suffixes:
             return np.empty(0)
         longest = max(len(s) for s in suffixes)
@@ -233,7 +240,7 @@ class LlamaScorer:
                     break
                 # a chunk: as many candidates as the batch, the sequences and the context allow
                 chunk, tokens = [], 0
-                while (i + len(chunk) < len(suffixes) and len(chunk) < self.settings.max_sequences - 1
+                while (i + len(chunk) < len(suffixes) and len(chunk) < per_chunk
                        and tokens + len(suffixes[i + len(chunk)]) <= min(self.n_batch, capacity)):  # fmt: skip
                     tokens += len(suffixes[i + len(chunk)])
                     chunk.append(i + len(chunk))

@@ -98,6 +98,23 @@ class FeatureStore:
     def counts(self) -> dict[str, int]:
         return {t: self._query(f"SELECT COUNT(*) FROM {t}")[0][0] for t in ("items", "users", "interactions")}
 
+    def interactions(self, offset: int = 0, limit: int = -1) -> list[Interaction]:
+        """Interactions in insertion order (the export writes them in global time order)."""
+        rows = self._query(
+            "SELECT user_id, item_id, rating, timestamp FROM interactions ORDER BY seq LIMIT ? OFFSET ?",
+            (limit, offset),
+        )
+        return [Interaction(*row) for row in rows]
+
+    def user_ids(self) -> list[str]:
+        rows = self._query("SELECT user_id FROM users ORDER BY user_id")
+        if not rows:
+            rows = self._query("SELECT DISTINCT user_id FROM interactions ORDER BY user_id")
+        return [u for (u,) in rows]
+
+    def item_ids(self) -> list[str]:
+        return [i for (i,) in self._query("SELECT item_id FROM items ORDER BY item_id")]
+
     def items(self, item_ids: Sequence[str]) -> dict[str, ItemText]:
         """Catalog entries of the known items among `item_ids`."""
         found: dict[str, ItemText] = {}

@@ -1,0 +1,1 @@
+"""`corella bench`: latency, throughput and quality suites over a bundle; JSON, Markdown and PNG out."""

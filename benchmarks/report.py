@@ -1,0 +1,198 @@
+"""Run the suites and write results.json, results.md and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.suites import (
+    SUITES,
+    BenchConfig,
+    crm_suite,
+    http_suite,
+    hybrid_suite,
+    llm_suite,
+    machine_info,
+    quality_samples,
+)
+from runtime.bundle import load_bundle
+from runtime.engine import Engine, EngineSettings
+from runtime.errors import ConfigError
+
+__all__ = ["run_bench", "markdown", "plot"]
+
+log = logging.getLogger(__name__)
+
+_RUNNERS = {"crm": crm_suite, "llm": llm_suite, "hybrid": hybrid_suite, "http": http_suite}
+
+
+def run_bench(bundle_path: Path, out: Path, config: BenchConfig,
+              progress: Callable[[str], None] = lambda m: None) -> dict[str, Any]:  # fmt: skip
+    unknown = [s for s in config.suites if s not in SUITES]
+    if unknown:
+        raise ConfigError(f"unknown suites {unknown}; choose from {', '.join(SUITES)}")
+    bundle = load_bundle(bundle_path)
+    out.mkdir(parents=True, exist_ok=True)
+    # the bench appends nothing, but never opens the bundle's own live store either
+    config.store_path = out / "store.sqlite"
+    settings = EngineSettings(
+        crm_threads=config.threads, llm_threads=config.threads, default_deadline_ms=None, store_path=config.store_path
+    )
+    engine = Engine(bundle, settings)
+    results: dict[str, Any] = {"bundle": str(bundle.path), "machine": machine_info(),
+                               "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "suites": {}}  # fmt: skip
+    try:
+        samples = quality_samples(engine, config)
+        for name in config.suites:
+            started = time.perf_counter()
+            progress(f"suite {name} ...")
+            results["suites"][name] = _RUNNERS[name](bundle, engine, samples, config, progress)
+            results["suites"][name]["seconds"] = time.perf_counter() - started
+    finally:
+        engine.close()
+    results["headline"] = headline(results)
+    (out / "results.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
+    images = plot(out, results)
+    (out / "results.md").write_text(markdown(results, images), encoding="utf-8")
+    return results
+
+
+def headline(results: dict[str, Any]) -> dict[str, Any]:
+    """The ratios the project's goals are stated in, where the run measured them."""
+    suites = results["suites"]
+    out: dict[str, Any] = {}
+    crm = suites.get("crm", {})
+    if "eager_over_ort_cpu_p50_batch1" in crm:
+        out["ort_vs_eager_p50_batch1"] = {"value": crm["eager_over_ort_cpu_p50_batch1"], "goal": ">= 5x"}
+    llm = suites.get("llm", {})
+    models = llm.get("models", {})
+    shipped = next(iter(models), None)
+    if shipped:
+        out["cached_batched_vs_full_prompt"] = {"value": models[shipped]["cache_speedup"], "goal": ">= 4x",
+                                                "model": shipped}  # fmt: skip
+    reference = llm.get("reference")
+    if reference and "q4_k_m" in models:
+        q4 = models["q4_k_m"]
+        out["q4_k_m_speed_vs_" + reference] = {"value": q4[f"speedup_vs_{reference}"], "goal": ">= 1.8x"}
+        out["q4_k_m_routed_auc_cost"] = {"value": -q4[f"routed_auc_minus_{reference}"], "goal": "<= 0.005"}
+    hybrid = suites.get("hybrid", {})
+    if "hybrid_0.1_over_llm_only_mean_latency" in hybrid:
+        out["hybrid_0.1_over_llm_only_latency"] = {"value": hybrid["hybrid_0.1_over_llm_only_mean_latency"],
+                                                   "goal": "<= 15%"}  # fmt: skip
+    return out
+
+
+def _f(value: Any, digits: int = 2) -> str:
+    if isinstance(value, float):
+        return "n/a" if value != value else f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown(results: dict[str, Any], images: list[Path]) -> str:
+    m = results["machine"]
+    lines = [f"# corella bench: {results['bundle']}", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores, GPU: {m['gpu'] or 'none'}; {m['platform']}; "
+             + ", ".join(f"{k} {v}" for k, v in m["versions"].items()), ""]  # fmt: skip
+    if results["headline"]:
+        lines += ["## Headline", "", "| ratio | measured | goal |", "| --- | ---: | --- |"]
+        for name, row in results["headline"].items():
+            lines.append(f"| {name} | {_f(row['value'], 3)} | {row['goal']} |")
+        lines.append("")
+    suites = results["suites"]
+    if "crm" in suites:
+        lines += ["## CRM", "", "| backend | batch | p50 ms | p95 ms | p99 ms | samples/s |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+        for backend, rows in suites["crm"]["backends"].items():
+            for batch, r in rows.items():
+                lines.append(f"| {backend} | {batch} | {_f(r['p50_ms'], 3)} | {_f(r['p95_ms'], 3)} | "
+                             f"{_f(r['p99_ms'], 3)} | {r['per_second']:,.0f} |")  # fmt: skip
+        if "pytorch_eager" in suites["crm"]:
+            lines.append(f"\nPyTorch eager skipped: {suites['crm']['pytorch_eager']['skipped']}")
+        lines.append("")
+    if "llm" in suites and "models" in suites["llm"]:
+        llm = suites["llm"]
+        ref = llm.get("reference")
+        lines += [f"## LLM ({llm['requests']} requests, {llm['candidates']} routed candidates; AUC on "
+                  f"{llm['routed_test_samples']} routed test samples)", "",
+                  "| model | MB | full prompt ms/cand | cached ms/cand | cached+batched ms/cand | prompt tok/s | "
+                  f"routed AUC | mean abs dp vs {ref or 'f16'} | RSS +MB |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+        for name, r in llm["models"].items():
+            cells = [
+                name, f"{r['size_mb']:.0f}", _f(r["full_prompt_ms_per_candidate"], 1),
+                _f(r["cached_prefix_ms_per_candidate"], 1), _f(r["cached_batched_ms_per_candidate"], 1),
+                f"{r['prompt_tokens_per_second']:,.0f}", _f(r["routed_auc"], 4),
+                _f(r.get(f"mean_abs_dp_vs_{ref}", float("nan")), 4), _f(r["rss_increase_mb"], 0),
+            ]  # fmt: skip
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    elif "llm" in suites:
+        lines += [f"## LLM\n\nskipped: {suites['llm']['skipped']}", ""]
+    if "hybrid" in suites:
+        h = suites["hybrid"]
+        lines += [f"## Hybrid ({h['samples']} test samples; latency of {h['candidates_per_request']}-candidate "
+                  "requests)", "", "| LLM share | routed | AUC | LogLoss | ACC | mean ms | p99 ms |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+        for q, t in zip(h["quality"], h["latency"], strict=True):
+            lines.append(f"| {q['fraction']:g} | {q['routed']} | {_f(q['auc'], 4)} | {_f(q['logloss'], 4)} | "
+                         f"{_f(q['acc'], 4)} | {_f(t['mean_ms'], 1)} | {_f(t['p99_ms'], 1)} |")  # fmt: skip
+        lines.append("")
+    if "http" in suites and "levels" in suites["http"]:
+        lines += [f"## HTTP on loopback ({suites['http']['candidates_per_request']} candidates per request)", "",
+                  "| concurrency | requests | req/s | p50 ms | p99 ms | errors |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+        for r in suites["http"]["levels"]:
+            lines.append(f"| {r['concurrency']} | {r['requests']} | {r['requests_per_second']:.1f} | "
+                         f"{r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['errors']} |")  # fmt: skip
+        lines.append("")
+    lines += [f"![{p.stem}]({p.name})" for p in images]
+    return "\n".join(lines) + "\n"
+
+
+def plot(out: Path, results: dict[str, Any]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    hybrid = results["suites"].get("hybrid")
+    if hybrid and len(hybrid["quality"]) > 1:
+        fractions = [q["fraction"] for q in hybrid["quality"]]
+        for key, ylabel, name in (("auc", "test AUC", "auc_vs_fraction"),
+                                  ("mean_ms", "mean request latency (ms)", "latency_vs_fraction")):  # fmt: skip
+            fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=90)
+            rows = hybrid["quality"] if key == "auc" else hybrid["latency"]
+            ax.plot(fractions, [r[key] for r in rows], marker="o")
+            if key == "mean_ms":
+                ax.plot(fractions, [r["p99_ms"] for r in rows], marker="x", linestyle="--", label="p99")
+                ax.legend()
+            ax.set_xlabel("share of candidates routed to the LLM")
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+            fig.tight_layout()
+            written.append(out / f"{name}.png")
+            fig.savefig(written[-1])
+            plt.close(fig)
+    http = results["suites"].get("http")
+    if http and http.get("levels"):
+        fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=90)
+        for level in http["levels"]:
+            values = np.sort(level["latencies_ms"])
+            ax.step(values, np.arange(1, len(values) + 1) / len(values), label=f"concurrency {level['concurrency']}")
+        ax.set_xlabel("request latency (ms)")
+        ax.set_ylabel("share of requests")
+        ax.set_xscale("log")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        written.append(out / "latency_cdf.png")
+        fig.savefig(written[-1])
+        plt.close(fig)
+    return written

@@ -1,0 +1,366 @@
+"""The four suites of `corella bench`: crm, llm, hybrid, http. Every figure is measured in the run."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.data import TestSample, random_requests, test_samples
+from benchmarks.stats import latency_summary, time_calls
+from runtime.bundle import Bundle
+from runtime.crm import PROVIDERS, CRMSession
+from runtime.engine import Engine
+from runtime.llm import LlamaScorer, LlamaSettings
+from runtime.quality import auc, summarize
+from runtime.router import binary_entropy, route_by_budget
+
+__all__ = ["BenchConfig", "machine_info", "crm_suite", "llm_suite", "hybrid_suite", "http_suite", "SUITES"]
+
+log = logging.getLogger(__name__)
+SUITES = ("crm", "llm", "hybrid", "http")
+
+
+@dataclass
+class BenchConfig:
+    suites: tuple[str, ...] = SUITES
+    crm_batches: tuple[int, ...] = (1, 32, 256, 1024)
+    crm_iterations: int = 200
+    llm_requests: int = 4
+    llm_candidates: int = 16
+    ggufs: list[Path] = field(default_factory=list)
+    quality_samples: int = 500
+    fractions: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2, 1.0)
+    hybrid_requests: int = 8
+    hybrid_candidates: int = 100
+    http_concurrency: tuple[int, ...] = (1, 8, 32)
+    http_requests: int = 64
+    http_candidates: int = 20
+    threads: int | None = None
+    seed: int = 0
+    store_path: Path | None = None
+
+
+def _rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+    except OSError:
+        return float("nan")
+
+
+def machine_info() -> dict[str, Any]:
+    import importlib.metadata as md
+
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {}
+    for package in ("onnxruntime", "onnxruntime-gpu", "llama_cpp_python", "numpy", "fastapi", "uvicorn", "torch"):
+        try:
+            versions[package] = md.version(package)
+        except md.PackageNotFoundError:
+            continue
+    gpu = None
+    try:
+        import subprocess
+
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=5)  # fmt: skip
+        gpu = out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        gpu = None
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "platform": platform.platform(),
+            "python": platform.python_version(), "versions": versions}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- inputs
+def _encode_samples(engine: Engine, samples: list[TestSample]) -> dict[str, np.ndarray]:
+    parts = [engine.prepare(s.request()).inputs for s in samples]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _tile(inputs: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+    reps = -(-rows // len(inputs["categorical"]))
+    return {k: np.ascontiguousarray(np.concatenate([v] * reps)[:rows]) for k, v in inputs.items()}
+
+
+# ---------------------------------------------------------------------------- crm
+def crm_suite(bundle: Bundle, engine: Engine, samples: list[TestSample], config: BenchConfig,
+              progress: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
+    import onnxruntime as ort
+
+    base = _encode_samples(engine, samples[:256])
+    threads = config.threads or min(4, os.cpu_count() or 1)
+    results: dict[str, Any] = {"threads": threads, "backends": {}}
+    available = set(ort.get_available_providers())
+    runners: dict[str, Callable[[dict[str, np.ndarray]], object]] = {}
+    for name, make in PROVIDERS.items():
+        provider, _ = make(None)
+        if provider in available:
+            session = CRMSession(bundle.crm_file, [name], threads, engine_cache=bundle.path / "trt_cache")
+            runners[f"onnxruntime-{name}"] = lambda x, s=session: s.predict(x, batch_size=1 << 20)
+    eager = _torch_eager(bundle, threads)
+    if isinstance(eager, str):
+        results["pytorch_eager"] = {"skipped": eager}
+    else:
+        runners["pytorch-eager"] = eager
+    for name, run in runners.items():
+        rows = {}
+        for batch in config.crm_batches:
+            x = _tile(base, batch)
+            iterations = max(10, config.crm_iterations // max(1, batch // 32))
+            times = time_calls(lambda run=run, x=x: run(x), iterations, warmup=3, budget_s=20)
+            rows[str(batch)] = latency_summary(times, items_per_call=batch)
+        results["backends"][name] = rows
+        progress(f"crm {name}: batch 1 p50 {rows['1']['p50_ms']:.3f} ms")
+    if "pytorch-eager" in results["backends"] and "onnxruntime-cpu" in results["backends"]:
+        results["eager_over_ort_cpu_p50_batch1"] = (
+            results["backends"]["pytorch-eager"]["1"]["p50_ms"] / results["backends"]["onnxruntime-cpu"]["1"]["p50_ms"]
+        )
+    return results
+
+
+def _torch_eager(bundle: Bundle, threads: int) -> Callable[[dict[str, np.ndarray]], object] | str:
+    """The PyTorch-eager baseline, from the run the bundle was exported from (needs corella[train])."""
+    try:
+        import torch
+
+        from training.crm_trainer import load_crm
+    except ImportError:
+        return "PyTorch is not installed (the train extra)"
+    run = Path(bundle.manifest.get("source_run", ""))
+    folder = run / "final" / "crm" if (run / "final" / "crm").exists() else run / "crm"
+    if not (folder / "model.safetensors").exists():
+        return f"the source run {run} is not on this machine"
+    torch.set_num_threads(threads)
+    model, _ = load_crm(folder)
+
+    def call(x: dict[str, np.ndarray]) -> object:
+        with torch.inference_mode():
+            return torch.sigmoid(model(**{k: torch.from_numpy(v) for k, v in x.items()})).numpy()
+
+    return call
+
+
+# ---------------------------------------------------------------------------- llm
+def _prompts(engine: Engine, request: Any) -> tuple[list[int], list[list[int]]]:
+    prepared = engine.prepare(request)
+    return engine.on_llm_worker(engine.prompt_ids, prepared.history, prepared.items)
+
+
+def _quant_name(path: Path) -> str:
+    stem = path.stem
+    return stem.split("llm-", 1)[1] if stem.startswith("llm-") else stem
+
+
+def llm_suite(bundle: Bundle, engine: Engine, samples: list[TestSample], config: BenchConfig,
+              progress: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
+    if engine.llm is None:
+        return {"skipped": "the bundle has no LLM, or it did not load"}
+    llm_info = bundle.llm
+    requests = random_requests(engine.store, config.llm_requests, config.llm_candidates, seed=config.seed)
+    prompts = [_prompts(engine, request) for request in requests]
+    candidates = sum(len(s) for _, s in prompts)
+    # routed test samples: the most uncertain 10% of the quality samples by CRM entropy
+    inputs = _encode_samples(engine, samples)
+    entropy = binary_entropy(engine.crm.predict(inputs))
+    routed = [samples[i] for i in np.flatnonzero(route_by_budget(entropy, 0.1))]
+    routed_prompts = [_prompts(engine, s.request()) for s in routed]
+    labels = np.array([s.label for s in routed])
+    paths = [bundle.llm_file, *[Path(p) for p in config.ggufs if Path(p) != bundle.llm_file]]
+    settings = LlamaSettings(n_ctx=engine.settings.llm_context, n_threads=config.threads)
+    results: dict[str, Any] = {"requests": len(requests), "candidates": candidates,
+                               "routed_test_samples": len(routed), "models": {}}  # fmt: skip
+    for path in paths:
+        name = _quant_name(path)
+        before = _rss_mb()
+        scorer = LlamaScorer(path, llm_info["yes_token_id"], llm_info["no_token_id"], settings)
+        loaded = _rss_mb()
+        try:
+            row: dict[str, Any] = {"file": str(path), "size_mb": path.stat().st_size / 1e6,
+                                   "rss_increase_mb": loaded - before, "gpu_layers": scorer.gpu_layers}  # fmt: skip
+            started = time.perf_counter()
+            full = [scorer.score_full(p + s) for p, suffixes in prompts for s in suffixes]
+            full_s = time.perf_counter() - started
+            tokens = sum(len(p) + len(s) for p, suffixes in prompts for s in suffixes)
+            started = time.perf_counter()
+            for p, suffixes in prompts:
+                scorer.score_shared(p, suffixes, max_chunk=1)
+            cached_s = time.perf_counter() - started
+            started = time.perf_counter()
+            batched = [scorer.score_shared(p, suffixes) for p, suffixes in prompts]
+            batched_s = time.perf_counter() - started
+            row |= {
+                "full_prompt_ms_per_candidate": 1000 * full_s / candidates,
+                "cached_prefix_ms_per_candidate": 1000 * cached_s / candidates,
+                "cached_batched_ms_per_candidate": 1000 * batched_s / candidates,
+                "prompt_tokens_per_second": tokens / full_s,
+                "cache_speedup": full_s / batched_s,
+                "max_abs_dp_full_vs_batched": float(np.abs(np.array(full) - np.concatenate(batched)).max()),
+            }
+            routed_p = np.array([scorer.score_shared(p, s)[0] for p, s in routed_prompts])
+            row["routed_auc"] = auc(labels, routed_p)
+            row["_p"] = np.concatenate(batched)
+            row["_routed_p"] = routed_p
+        finally:
+            scorer.close()
+        results["models"][name] = row
+        progress(f"llm {name}: full {row['full_prompt_ms_per_candidate']:.1f} ms/candidate, cached+batched "
+                 f"{row['cached_batched_ms_per_candidate']:.1f} ms ({row['cache_speedup']:.1f}x)")  # fmt: skip
+    reference = next((n for n in ("f16", "f32") if n in results["models"]), None)
+    for name, row in results["models"].items():
+        if reference and name != reference:
+            ref = results["models"][reference]
+            row[f"mean_abs_dp_vs_{reference}"] = float(np.abs(row["_p"] - ref["_p"]).mean())
+            row[f"routed_auc_minus_{reference}"] = row["routed_auc"] - ref["routed_auc"]
+            row[f"speedup_vs_{reference}"] = (
+                ref["cached_batched_ms_per_candidate"] / row["cached_batched_ms_per_candidate"]
+            )
+    for row in results["models"].values():
+        row.pop("_p")
+        row.pop("_routed_p")
+    results["reference"] = reference
+    return results
+
+
+# ---------------------------------------------------------------------------- hybrid
+def hybrid_suite(bundle: Bundle, engine: Engine, samples: list[TestSample], config: BenchConfig,
+                 progress: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
+    labels = np.array([s.label for s in samples])
+    crm_p = engine.crm.predict(_encode_samples(engine, samples))
+    entropy = binary_entropy(crm_p)
+    llm_p = np.full(len(samples), np.nan)
+    needed = route_by_budget(entropy, max(config.fractions)) if engine.llm is not None else np.zeros(len(samples), bool)
+    for i in np.flatnonzero(needed):
+        prefix, suffixes = _prompts(engine, samples[i].request())
+        llm_p[i] = engine.on_llm_worker(engine.llm.score_shared, prefix, suffixes)[0]
+    quality, latency = [], []
+    requests = random_requests(engine.store, config.hybrid_requests, config.hybrid_candidates, seed=config.seed + 1)
+    for fraction in config.fractions:
+        if engine.llm is None and fraction > 0:
+            continue
+        routed = route_by_budget(entropy, fraction)
+        mixed = np.where(routed, llm_p, crm_p)
+        quality.append({"fraction": fraction, "routed": int(routed.sum()), **summarize(labels, mixed)})
+        times = []
+        for request in requests:
+            request.llm_fraction = fraction
+            request.deadline_ms = None
+            started = time.perf_counter()
+            engine.predict(request)
+            times.append(time.perf_counter() - started)
+        latency.append({"fraction": fraction, **latency_summary(times)})
+        progress(f"hybrid f={fraction:g}: AUC {quality[-1]['auc']:.4f}, {config.hybrid_candidates}-candidate "
+                 f"request mean {latency[-1]['mean_ms']:.0f} ms")  # fmt: skip
+    result: dict[str, Any] = {"samples": len(samples), "quality": quality, "latency": latency,
+                              "candidates_per_request": config.hybrid_candidates}  # fmt: skip
+    by_fraction = {row["fraction"]: row for row in latency}
+    if 0.1 in by_fraction and 1.0 in by_fraction:
+        result["hybrid_0.1_over_llm_only_mean_latency"] = by_fraction[0.1]["mean_ms"] / by_fraction[1.0]["mean_ms"]
+    return result
+
+
+# ---------------------------------------------------------------------------- http
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _load(base: str, bodies: list[dict[str, Any]], concurrency: int) -> tuple[list[float], int, float]:
+    """Send every body once from `concurrency` client threads; latencies, errors and wall time."""
+    import httpx
+
+    latencies: list[float] = []
+    errors = 0
+    lock = threading.Lock()
+    queue = list(bodies)
+
+    def worker() -> None:
+        nonlocal errors
+        with httpx.Client(base_url=base, timeout=120) as client:
+            while True:
+                with lock:
+                    if not queue:
+                        return
+                    body = queue.pop()
+                started = time.perf_counter()
+                try:
+                    ok = client.post("/v1/predict", json=body).status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                with lock:
+                    latencies.append(time.perf_counter() - started)
+                    errors += 0 if ok else 1
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return latencies, errors, time.perf_counter() - started
+
+
+def http_suite(bundle: Bundle, engine: Engine, samples: list[TestSample], config: BenchConfig,
+               progress: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
+    import httpx
+    import uvicorn
+
+    from runtime.server import ServerSettings, create_app
+
+    port = _free_port()
+    settings = ServerSettings(bundle=bundle.path, port=port, llm_threads=config.threads,
+                              store=config.store_path, default_deadline_ms=None)  # fmt: skip
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    else:
+        server.should_exit = True
+        return {"skipped": "the server did not become ready within 120 s"}
+    bodies = [
+        {"user_id": r.user_id, "candidates": [{"item_id": c.item_id} for c in r.candidates]}
+        for r in random_requests(engine.store, config.http_requests, config.http_candidates, seed=config.seed + 2)
+    ]
+    levels = []
+    try:
+        for concurrency in config.http_concurrency:
+            latencies, errors, wall = _load(base, bodies, concurrency)
+            summary = latency_summary(latencies)
+            levels.append({"concurrency": concurrency, "requests": len(latencies), "errors": errors,
+                           "requests_per_second": len(latencies) / wall, "p50_ms": summary["p50_ms"],
+                           "p99_ms": summary["p99_ms"], "latencies_ms": [1000 * x for x in latencies]})  # fmt: skip
+            progress(f"http c={concurrency}: {levels[-1]['requests_per_second']:.1f} req/s, p50 "
+                     f"{summary['p50_ms']:.0f} ms, p99 {summary['p99_ms']:.0f} ms, errors {errors}")  # fmt: skip
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+    return {"candidates_per_request": config.http_candidates, "levels": levels}
+
+
+def quality_samples(engine: Engine, config: BenchConfig) -> list[TestSample]:
+    return test_samples(engine.store, engine.spec.history_length, engine.spec.like_threshold,
+                        config.quality_samples, seed=config.seed)  # fmt: skip

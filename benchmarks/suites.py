@@ -182,12 +182,13 @@ def llm_suite(bundle: Bundle, engine: Engine, samples: list[TestSample], config:
     routed = [samples[i] for i in np.flatnonzero(route_by_budget(entropy, 0.1))]
     routed_prompts = [_prompts(engine, s.request()) for s in routed]
     labels = np.array([s.label for s in routed])
-    paths = [bundle.llm_file, *[Path(p) for p in config.ggufs if Path(p) != bundle.llm_file]]
+    paths = {_quant_name(bundle.llm_file): bundle.llm_file}
+    for extra in map(Path, config.ggufs):
+        paths.setdefault(_quant_name(extra), extra)  # the shipped model is measured once, from the bundle
     settings = LlamaSettings(n_ctx=engine.settings.llm_context, n_threads=config.threads)
     results: dict[str, Any] = {"requests": len(requests), "candidates": candidates,
                                "routed_test_samples": len(routed), "models": {}}  # fmt: skip
-    for path in paths:
-        name = _quant_name(path)
+    for name, path in paths.items():
         before = _rss_mb()
         scorer = LlamaScorer(path, llm_info["yes_token_id"], llm_info["no_token_id"], settings)
         loaded = _rss_mb()

@@ -307,6 +307,9 @@ def export_command(
     keep_intermediate: Annotated[bool, typer.Option(help="also ship the un-quantized merged GGUF")] = False,
     converter: Annotated[Path | None, typer.Option(help="llama.cpp convert_hf_to_gguf.py (Hugging Face bases)")] = None,
     eval_samples: Annotated[int | None, typer.Option(help="test samples for the export-time hybrid figure")] = None,
+    quants_dir: Annotated[
+        Path | None, typer.Option(help="also keep the F16 GGUF and the compared quantizations here (for bench)")
+    ] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads")] = None,
 ) -> None:
     """Turn a training run into a bundle: crm.onnx (+ crm.plan), llm-QUANT.gguf, store.sqlite, manifest.
@@ -320,7 +323,8 @@ def export_command(
 
     try:
         config = ExportConfig(quant=quant, tensorrt=tensorrt, keep_intermediate=keep_intermediate,
-                              converter=converter, eval_samples=eval_samples, threads=threads)  # fmt: skip
+                              converter=converter, eval_samples=eval_samples, threads=threads,
+                              quants_dir=quants_dir)  # fmt: skip
         manifest = export_bundle(run, out, config, progress=lambda m: console.print(f"  {m}"))
     except ValidationError as exc:
         raise _fail(CorellaError(str(exc))) from exc
@@ -452,23 +456,82 @@ def bench(
 # ---------------------------------------------------------------------------- quickstart
 @app.command()
 def quickstart(
-    workdir: Annotated[Path, typer.Option(help="where runs go")] = Path("."),
+    workdir: Annotated[Path, typer.Option(help="where runs/, bundles/ and bench/ go")] = Path("."),
+    port: Annotated[int, typer.Option(help="port of the demonstration server")] = 8765,
 ) -> None:
-    """Everything on the embedded defaults: fetch MovieLens-100K, train and evaluate the CRM."""
-    from runtime.paths import data_cache
-    from training.data.registry import fetch_dataset
-    from training.runs import DataConfig, run_crm_stage
+    """The whole pipeline on the embedded defaults (MovieLens-100K, Gemma 3 270M, CPU): fetch, train
+    (quick preset), export q4_k_m, serve and answer one real request, and a short bench. A step whose
+    output already exists is skipped."""
+    import json
+    import threading
+    import time
 
+    import httpx
+    import uvicorn
+
+    from benchmarks.report import run_bench
+    from benchmarks.suites import BenchConfig
+    from export.bundle import ExportConfig, export_bundle
+    from runtime.paths import data_cache
+    from runtime.server import ServerSettings, create_app
+    from training.data.registry import fetch_dataset
+    from training.pipeline import preset_config, train_corella
+
+    run, bundle = workdir / "runs" / "ml100k-quick", workdir / "bundles" / "ml100k"
+    quants, bench_dir = workdir / "bundles" / "ml100k-quants", workdir / "bench" / "ml100k-quick"
+    say = console.print
     try:
-        if (data_cache("movielens-100k")).exists():
-            console.print(f"[green]ok[/] movielens-100k already cached in {data_cache('movielens-100k')}")
+        say("[bold]1/5 data[/]")
+        if data_cache("movielens-100k").exists():
+            say(f"  skipped: movielens-100k already cached in {data_cache('movielens-100k')}")
         else:
-            with console.status("fetching movielens-100k"):
-                folder, origin = fetch_dataset("movielens-100k")
-            console.print(f"[green]ok[/] movielens-100k from {origin} -> {folder}")
-        run = workdir / "runs" / "ml100k"
-        _, _, metrics = run_crm_stage(run, DataConfig("movielens-100k"))
+            folder, origin = fetch_dataset("movielens-100k")
+            say(f"  movielens-100k from {origin} -> {folder}")
+        say("[bold]2/5 train[/] (quick preset: CRM, joint stage, LLM stage, report)")
+        if (run / "metrics.json").exists():
+            say(f"  skipped: {run / 'metrics.json'} exists")
+        else:
+            train_corella(run, preset_config("quick"), resume=run.exists())
+        say(f"  report: {run / 'report.md'}")
+        say("[bold]3/5 export[/] (q4_k_m)")
+        if (bundle / "manifest.json").exists():
+            say(f"  skipped: {bundle} exists")
+        else:
+            export_bundle(
+                run, bundle, ExportConfig(quant="q4_k_m", quants_dir=quants), progress=lambda m: say(f"  {m}")
+            )
+        say("[bold]4/5 serve[/] one real request over HTTP")
+        server = uvicorn.Server(uvicorn.Config(create_app(ServerSettings(bundle=bundle, port=port)),
+                                               host="127.0.0.1", port=port, log_level="warning"))  # fmt: skip
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        try:
+            for _ in range(600):
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    time.sleep(0.2)
+            body = {"user_id": "1", "candidates": [{"item_id": str(i)} for i in range(1, 101)], "llm_fraction": 0.1}
+            answer = httpx.post(f"http://127.0.0.1:{port}/v1/predict", json=body, timeout=120).json()
+        finally:
+            server.should_exit = True
+            thread.join(timeout=30)
+        top = sorted(answer["predictions"], key=lambda p: -p["score"])[:5]
+        say(f"  POST /v1/predict user 1, 100 candidates: {answer['routed']} routed to the LLM, "
+            f"{answer['timings_ms']['total']:.0f} ms; top 5: " + json.dumps(top)[:600])  # fmt: skip
+        say("[bold]5/5 bench[/] (short)")
+        config = BenchConfig(quality_samples=300, hybrid_requests=3, http_requests=32, llm_requests=2,
+                             crm_iterations=100, ggufs=sorted(quants.glob("llm-*.gguf")))  # fmt: skip
+        results = run_bench(bundle, bench_dir, config, progress=lambda m: say(f"  {m}"))
     except CorellaError as exc:
         raise _fail(exc) from exc
-    print_crm_metrics(metrics)
-    console.print(f"run folder: {run}")
+    for name, row in results["headline"].items():
+        say(f"  {name}: {row['value']:.3f} (goal {row['goal']})")
+    say(f"""
+[bold]where everything lies[/]
+  data cache     {data_cache("movielens-100k")}
+  training run   {run}   (report.md, metrics.json, plots)
+  bundle         {bundle}   (serve it: corella serve {bundle})
+  other GGUFs    {quants}
+  bench          {bench_dir / "results.md"}""")

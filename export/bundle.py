@@ -61,6 +61,7 @@ class ExportConfig(BaseModel):
     routed_samples: int = Field(200, ge=1, description="routed validation samples for the quantization AUC")
     compare_quants: list[str] = Field(["q8_0", "q4_k_m"], description="quantizations measured against F16")
     eval_samples: int | None = Field(None, description="test samples for the export-time hybrid figure")
+    quants_dir: Path | None = Field(None, description="also keep the F16 GGUF and every compared quantization here")
     context_size: int = Field(4096, ge=256, description="llama.cpp context of the bundle")
     threads: int | None = Field(None, ge=1)
 
@@ -313,6 +314,12 @@ def _export_llm(run: Path, llm_info: dict[str, Any], template: PromptTemplate, p
         shutil.move(str(work / shipped), staging / shipped)
     if config.keep_intermediate and config.quant != config.intermediate:
         shutil.copy2(merged_path, staging / merged_path.name)
+    if config.quants_dir is not None:
+        # beside the bundle, not in it: what `corella bench --gguf` compares the shipped model with
+        Path(config.quants_dir).mkdir(parents=True, exist_ok=True)
+        for path in [merged_path, *work.glob("llm-*.gguf"), staging / shipped]:
+            if path.exists():
+                shutil.copy2(path, Path(config.quants_dir) / path.name)
     return {
         "file": shipped, "quant": config.quant, "base": llm_info["base"], "yes_token_id": yes, "no_token_id": no,
         "bos_token_id": bos, "context_size": config.context_size, "merge": merge, "parity": parity,

@@ -58,6 +58,8 @@ def _main(
         format="%(message)s",
         handlers=[RichHandler(console=console, show_path=False, show_time=False)],
     )
+    for noisy in ("httpx", "httpcore", "gguf"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _fail(exc: CorellaError) -> typer.Exit:

@@ -107,7 +107,7 @@ def sample_request(samples: SampleTable, row: int, mode: str = "hybrid") -> dict
 
 def _write_store(path: Path, prepared: PreparedData) -> dict[str, int]:
     samples, raw = prepared.samples, prepared.samples.raw
-    items = ((str(i), raw.item_text(str(i))) for i in raw.items.index)
+    items = ((str(i), samples.item_text(str(i))) for i in raw.items.index)
     users = ((str(u), {k: v for k, v in rec.items() if isinstance(v, str)})
              for u, rec in zip(raw.users.index, raw.users.to_dict("records"), strict=True))  # fmt: skip
     interactions = (

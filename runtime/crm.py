@@ -85,6 +85,9 @@ class CRMSession:
         n = len(inputs["categorical"])
         if n == 0:
             return np.empty(0)
+        if n <= batch_size:  # the request path: one run, no copies of already contiguous arrays
+            feed = {k: np.ascontiguousarray(inputs[k]) for k in INPUT_NAMES}
+            return self.session.run([self.output], feed)[0].astype(np.float64)
         out = np.empty(n, dtype=np.float64)
         for start in range(0, n, batch_size):
             feed = {k: np.ascontiguousarray(inputs[k][start : start + batch_size]) for k in INPUT_NAMES}

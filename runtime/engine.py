@@ -200,7 +200,8 @@ class Engine:
             if c.title:
                 year = c.year or (stored.year if stored else None)
                 tags = tuple(c.tags) if c.tags is not None else (stored.tags if stored else ())
-                items.append(ItemText(c.title, year, tags))
+                stats = (stored.rating_mean, stored.rating_count) if stored else (None, None)
+                items.append(ItemText(c.title, year, tags, *stats))
             else:
                 items.append(stored)
         n = len(candidates)

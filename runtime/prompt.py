@@ -41,9 +41,13 @@ class ItemText:
     title: str
     year: str | None = None
     tags: tuple[str, ...] = ()
+    rating_mean: float | None = None  # over the training split (catalog statistics)
+    rating_count: int | None = None
 
-    def describe(self) -> str:
+    def describe(self, stats: bool = False) -> str:
         details = [d for d in (self.year, ", ".join(self.tags)) if d]
+        if stats and self.rating_count:
+            details.append(f"average {self.rating_mean:.1f} stars from {self.rating_count} ratings")
         return f"{self.title} ({'; '.join(details)})" if details else self.title
 
 
@@ -59,17 +63,20 @@ def _stars(rating: float) -> str:
 
 @dataclass(frozen=True)
 class PromptTemplate:
-    """Template A: history as text, then the target, then "You should ONLY answer no or yes."."""
+    """Template A, ordered for caching: the instruction (with "You should ONLY answer no or yes.") and
+    the user's history form the shared prefix; the target and a short question form the suffix."""
 
     item_noun: str = "movie"
     rating_max: float = 5.0
     max_prompt_tokens: int = 320
+    item_stats: bool = False  # say the target's average rating and rating count (from the catalog)
     version: int = PROMPT_VERSION
 
     def prefix(self, history: Sequence[HistoryEntry]) -> str:
+        noun = self.item_noun
         lines = [
-            f"A user rated {self.item_noun}s from 1 to {self.rating_max:g} stars. "
-            f"Predict whether the user will like the target {self.item_noun}.",
+            f"A user rated {noun}s from 1 to {self.rating_max:g} stars. Please predict whether the user will "
+            f"like the target {noun} based on the rating history. You should ONLY answer no or yes.",
             "The user's rating history, oldest first:",
         ]
         lines += [f"- {h.item.describe()}: {_stars(h.rating)}" for h in history]
@@ -78,11 +85,8 @@ class PromptTemplate:
         return "\n".join(lines) + "\n"
 
     def suffix(self, target: ItemText) -> str:
-        return (
-            f"Target {self.item_noun}: {target.describe()}\n"
-            f"Please predict whether the user will like the target {self.item_noun}. "
-            "You should ONLY answer no or yes.\nAnswer:"
-        )
+        # short on purpose: it is decoded once per candidate, the prefix once per user
+        return f"Target {self.item_noun}: {target.describe(self.item_stats)}\nWill the user like it?\nAnswer:"
 
     def fit_history(
         self,

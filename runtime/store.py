@@ -24,7 +24,8 @@ SCHEMA_VERSION = 1
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS items (
-    item_id TEXT PRIMARY KEY, title TEXT NOT NULL, year TEXT, tags TEXT NOT NULL DEFAULT '[]');
+    item_id TEXT PRIMARY KEY, title TEXT NOT NULL, year TEXT, tags TEXT NOT NULL DEFAULT '[]',
+    rating_mean REAL, rating_count INTEGER);
 CREATE TABLE IF NOT EXISTS users (user_id TEXT PRIMARY KEY, attributes TEXT NOT NULL DEFAULT '{}');
 CREATE TABLE IF NOT EXISTS interactions (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, user_id TEXT NOT NULL, item_id TEXT NOT NULL,
@@ -71,8 +72,8 @@ class FeatureStore:
             conn.execute("BEGIN")
             conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             conn.executemany(
-                "INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?)",
-                ((i, t.title, t.year, json.dumps(list(t.tags))) for i, t in items),
+                "INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?, ?, ?)",
+                ((i, t.title, t.year, json.dumps(list(t.tags)), t.rating_mean, t.rating_count) for i, t in items),
             )
             conn.executemany(
                 "INSERT OR REPLACE INTO users VALUES (?, ?)",
@@ -122,10 +123,11 @@ class FeatureStore:
         for start in range(0, len(unique), 500):
             chunk = unique[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            for item_id, title, year, tags in self._query(
-                f"SELECT item_id, title, year, tags FROM items WHERE item_id IN ({marks})", chunk
+            for item_id, title, year, tags, mean, count in self._query(
+                f"SELECT item_id, title, year, tags, rating_mean, rating_count FROM items WHERE item_id IN ({marks})",
+                chunk,
             ):
-                found[item_id] = ItemText(title=title, year=year, tags=tuple(json.loads(tags)))
+                found[item_id] = ItemText(title, year, tuple(json.loads(tags)), mean, count)
         return found
 
     def user_attributes(self, user_id: str) -> dict[str, str] | None:

@@ -83,3 +83,19 @@ def test_user_attribute_normalization_is_idempotent():
     assert once == {"age": "18", "gender": "M", "occupation": "writer", "zip": "85"}
     assert normalize_user_attributes(once) == once
     assert age_bucket(17) == "1" and age_bucket(56) == "56" and age_bucket(1) == "1"
+
+
+def test_store_round_trips_items_users_and_histories(tmp_path):
+    from runtime.prompt import ItemText
+    from runtime.store import FeatureStore, Interaction
+
+    items = [("1", ItemText("Toy Story", "1995", ("Comedy",), 3.9, 120)), ("2", ItemText("Heat", None, ()))]
+    events = [Interaction("u", "1", 5, 10), Interaction("u", "2", 2, 20), Interaction("u", "1", 4, 30)]
+    store = FeatureStore.create(tmp_path / "s.sqlite", items, [("u", {"age": 30, "zip": "12345"})], events)
+    assert store.items(["1", "2", "3"]) == {"1": items[0][1], "2": items[1][1]}
+    assert store.user_attributes("u") == {"age": "25", "zip": "12"}
+    assert [h.item_id for h in store.history("u", 2)] == ["2", "1"]  # the last two, oldest first
+    assert [h.timestamp for h in store.history("u", 5, before=30)] == [10, 20]  # strictly before
+    store.append([Interaction("u", "2", 5, 40)])
+    assert store.history("u", 1)[0].timestamp == 40
+    store.close()

@@ -51,3 +51,18 @@ def test_prompt_parts_follow_history(samples):
     assert len(history) == int((samples.history[row] >= 0).sum())
     prompt = samples.prompt_template().render(history, target)
     assert prompt.endswith("Answer:") and target.title in prompt.splitlines()[-3]
+
+
+def test_item_statistics_come_from_the_training_split(samples):
+    train = samples.indices("train")
+    item = samples.item[train][0]
+    ratings = samples.rating[train][samples.item[train] == item]
+    mean, count = samples.item_stats[item]
+    assert count == len(ratings) and mean == pytest.approx(ratings.mean())
+    only_later = set(samples.item[samples.indices("test")]) - set(samples.item[train])
+    assert only_later and not (only_later & set(samples.item_stats))  # nothing learnt from the future
+    row = int(samples.indices("test")[0])
+    history, target = samples.prompt_parts(row)
+    suffix = samples.prompt_template().suffix(target)
+    assert f"from {samples.item_stats[samples.item[row]][1]} ratings" in suffix
+    assert "ratings)" not in samples.prompt_template().prefix(history)  # the shared prefix stays short

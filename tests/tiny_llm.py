@@ -16,6 +16,7 @@ The user's rating history, oldest first:
 - Movie Number 3 (1985; Drama): 1 star
 Target movie: Movie Number 7 (1999; Horror, Romance, Sci-Fi)
 Please predict whether the user will like the target movie. You should ONLY answer no or yes.
+Will the user like it? average 3.9 stars from 120 ratings
 Answer: Yes No Yes No (no history) 0 1 2 3 4 5 6 7 8 9 2 stars 3 stars 4 stars
 """
 

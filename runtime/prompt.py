@@ -29,7 +29,8 @@ __all__ = [
     "yes_probability",
 ]
 
-PROMPT_VERSION = 1
+#: Bumped whenever rendering changes: a bundle is served only with the prompt it was trained on.
+PROMPT_VERSION = 2
 YES_TEXT = " Yes"
 NO_TEXT = " No"
 
@@ -115,8 +116,11 @@ class PromptTemplate:
             template = cls(**data)
         except TypeError as exc:
             raise PromptError(f"{source}: malformed prompt template ({exc})") from exc
-        if template.version > PROMPT_VERSION:
-            raise PromptError(f"{source}: prompt version {template.version} is newer than supported")
+        if template.version != PROMPT_VERSION:
+            raise PromptError(
+                f"{source}: prompt version {template.version}, but this corella renders version {PROMPT_VERSION}; "
+                "serve it with the corella that trained it, or retrain and re-export"
+            )
         return template
 
     def save(self, path: str | Path) -> None:

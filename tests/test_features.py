@@ -99,3 +99,17 @@ def test_store_round_trips_items_users_and_histories(tmp_path):
     store.append([Interaction("u", "2", 5, 40)])
     assert store.history("u", 1)[0].timestamp == 40
     store.close()
+
+
+def test_prompt_of_another_version_is_refused(tmp_path):
+    import json
+
+    from runtime.errors import PromptError
+    from runtime.prompt import PromptTemplate
+
+    template = PromptTemplate(item_stats=True)
+    template.save(tmp_path / "prompt.json")
+    assert PromptTemplate.load(tmp_path / "prompt.json") == template
+    (tmp_path / "old.json").write_text(json.dumps(template.to_dict() | {"version": 1}))
+    with pytest.raises(PromptError, match="old.json: prompt version 1"):
+        PromptTemplate.load(tmp_path / "old.json")

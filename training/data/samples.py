@@ -1,0 +1,161 @@
+"""From raw interactions to samples: the global temporal split and per-sample histories."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from runtime.features import FeatureSpec, Vocabulary, history_windows
+from runtime.prompt import HistoryEntry, ItemText, PromptTemplate
+from training.data.schema import RawDataset
+
+__all__ = ["SPLITS", "SampleTable", "build_samples"]
+
+SPLITS = ("train", "valid", "test")
+
+
+@dataclass
+class SampleTable:
+    """Every interaction as a sample, in global temporal order.
+
+    history: int64 [N, K], positions (into this table) of the user's last K interactions with a
+    strictly earlier timestamp, oldest first, -1 for padding.
+    """
+
+    raw: RawDataset
+    user: np.ndarray
+    item: np.ndarray
+    rating: np.ndarray
+    timestamp: np.ndarray
+    label: np.ndarray
+    split: np.ndarray
+    history: np.ndarray
+    item_stats: dict[str, tuple[float, int]]
+
+    def __len__(self) -> int:
+        return len(self.item)
+
+    def indices(self, split: str) -> np.ndarray:
+        return np.flatnonzero(self.split == SPLITS.index(split))
+
+    # ------------------------------------------------------------------ features
+    def feature_spec(self, max_tags: int = 6, min_count: int = 1) -> FeatureSpec:
+        """Vocabularies from the training split only; everything else maps to OOV."""
+        train = self.indices("train")
+        users, items = self.user[train], self.item[train]
+        raw = self.raw
+        attributes = raw.user_attribute_names()
+        vocabularies = {
+            "user_id": Vocabulary.build(users, min_count),
+            "item_id": Vocabulary.build(items, min_count),
+        }
+        known_users = raw.users.reindex(np.unique(users))
+        for name in attributes:
+            vocabularies[name] = Vocabulary.build(known_users[name].dropna().tolist())
+        known_items = raw.items.reindex(np.unique(items))
+        vocabularies["year"] = Vocabulary.build(known_items["year"].dropna().tolist())
+        vocabularies["tag"] = Vocabulary.build(
+            [t for tags in known_items["tags"].dropna() for t in tags]
+        )
+        return FeatureSpec(
+            categorical_fields=("user_id", "item_id", *attributes, "year"),
+            vocabularies=vocabularies,
+            history_length=self.history.shape[1],
+            max_tags=max_tags,
+            rating_max=raw.rating_max,
+            like_threshold=raw.like_threshold,
+        )
+
+    def encode(self, spec: FeatureSpec, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """The CRM inputs of `rows` (all samples by default), through the shared encoder."""
+        rows = np.arange(len(self)) if rows is None else np.asarray(rows)
+        raw = self.raw
+        users = self.user[rows]
+        profiles = raw.users.reindex(users)
+        attributes = [
+            {k: v for k, v in rec.items() if isinstance(v, str)}
+            for rec in profiles.to_dict("records")
+        ] if len(profiles.columns) else [{} for _ in rows]  # fmt: skip
+        items = raw.items.reindex(self.item[rows])
+        history = self.history[rows]
+        valid = history >= 0
+        hist_items = [self.item[h[m]] for h, m in zip(history, valid, strict=True)]
+        hist_ratings = [self.rating[h[m]] for h, m in zip(history, valid, strict=True)]
+        return spec.encode(
+            user_ids=users,
+            item_ids=self.item[rows],
+            user_attributes=attributes,
+            item_years=[y if isinstance(y, str) else None for y in items["year"]],
+            item_tags=[t if isinstance(t, tuple) else () for t in items["tags"]],
+            history_items=hist_items,
+            history_ratings=hist_ratings,
+        )
+
+    # ------------------------------------------------------------------ prompts
+    def item_text(self, item: str) -> ItemText:
+        """Catalog text of an item, with its rating statistics from the training split."""
+        text = self.raw.item_text(item)
+        mean, count = self.item_stats.get(item, (None, None))
+        return ItemText(text.title, text.year, text.tags, mean, count)
+
+    def prompt_parts(self, row: int) -> tuple[list[HistoryEntry], ItemText]:
+        history = [int(h) for h in self.history[row] if h >= 0]
+        entries = [HistoryEntry(self.item_text(self.item[h]), float(self.rating[h])) for h in history]
+        return entries, self.item_text(self.item[row])
+
+    def prompt_template(self, max_prompt_tokens: int = 320, item_stats: bool = True) -> PromptTemplate:
+        return PromptTemplate(
+            item_noun=self.raw.item_noun,
+            rating_max=self.raw.rating_max,
+            max_prompt_tokens=max_prompt_tokens,
+            item_stats=item_stats,
+        )
+
+
+def build_samples(
+    raw: RawDataset, history_length: int = 10, fractions: tuple[float, float] = (0.8, 0.1)
+) -> SampleTable:
+    """Global temporal split (80/10/10 by default) and histories with no look-ahead.
+
+    Ties in timestamp are broken by user id, then item id, so the split is deterministic.
+    """
+    inter = raw.interactions
+    user = inter["user"].to_numpy(dtype=object)
+    item = inter["item"].to_numpy(dtype=object)
+    timestamp = inter["timestamp"].to_numpy(dtype=np.int64)
+    order = np.lexsort((item.astype(str), user.astype(str), timestamp))
+    user, item, timestamp = user[order], item[order], timestamp[order]
+    rating = inter["rating"].to_numpy(dtype=np.float64)[order]
+    n = len(order)
+    train_end = int(round(fractions[0] * n))
+    valid_end = int(round((fractions[0] + fractions[1]) * n))
+    split = np.zeros(n, dtype=np.int8)
+    split[train_end:valid_end] = 1
+    split[valid_end:] = 2
+
+    # histories: group by user in time order; positions refer to the global order
+    by_user = np.lexsort((np.arange(n), timestamp, user.astype(str)))
+    windows = history_windows(user[by_user].astype(str), timestamp[by_user], history_length)
+    history = np.full((n, history_length), -1, dtype=np.int64)
+    history[by_user] = np.where(windows >= 0, by_user[np.maximum(windows, 0)], -1)
+    train = split == 0
+    item_stats = _item_stats(item[train].astype(str), rating[train])
+    return SampleTable(
+        raw=raw,
+        user=user,
+        item=item,
+        rating=rating,
+        timestamp=timestamp,
+        label=(rating >= raw.like_threshold).astype(np.float32),
+        split=split,
+        history=history,
+        item_stats=item_stats,
+    )
+
+
+def _item_stats(items: np.ndarray, ratings: np.ndarray) -> dict[str, tuple[float, int]]:
+    """Mean rating and rating count of every item in the training split."""
+    keys, inverse, counts = np.unique(items, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=ratings, minlength=len(keys))
+    return {str(k): (float(total / n), int(n)) for k, total, n in zip(keys, sums, counts, strict=True)}

@@ -353,6 +353,7 @@ def serve(
     llm_threads: Annotated[int | None, typer.Option(help="llama.cpp threads")] = None,
     llm_context: Annotated[int, typer.Option(help="llama.cpp context size")] = 4096,
     no_llm: Annotated[bool, typer.Option("--no-llm", help="serve the CRM only")] = False,
+    store: Annotated[Path | None, typer.Option(help="live feature store (default: BUNDLE/state/store.sqlite)")] = None,
 ) -> None:
     """Serve a bundle over HTTP: POST /v1/predict, POST /v1/events, GET /v1/model, /healthz, /readyz,
     /metrics; OpenAPI docs at /docs. Every option can also come from CORELLA_<NAME> variables."""
@@ -366,7 +367,7 @@ def serve(
         settings = ServerSettings(
             bundle=bundle, host=host, port=port, api_key=api_key, default_deadline_ms=deadline_ms,
             max_candidates=max_candidates, providers=providers, llm_threads=llm_threads, llm_context=llm_context,
-            load_llm=not no_llm,
+            load_llm=not no_llm, store=store,
         )  # fmt: skip
         load_bundle(bundle)  # refuse a bad bundle here, with its file named, before uvicorn starts
     except ValidationError as exc:

@@ -134,8 +134,7 @@ def load_movielens_100k(folder: Path, skip_malformed: bool = False) -> RawDatase
     if atomic:
         return _load_recbole_atomic(atomic[0].with_suffix(""), skip_malformed)
     raise DataError(
-        f"{folder}: no MovieLens-100K files (expected u.data/u.user/u.item or RecBole "
-        "ml-100k.inter/.user/.item)"
+        f"{folder}: no MovieLens-100K files (expected u.data/u.user/u.item or RecBole ml-100k.inter/.user/.item)"
     )
 
 
@@ -233,7 +232,9 @@ def load_movielens_1m(folder: Path, skip_malformed: bool = False) -> RawDataset:
     folder, errors, skip = Path(folder), LineErrors(), skip_malformed
     split = _split_fields("::", 3)
     inter = list(
-        _records(folder / "ratings.dat", lambda l: _interaction(*_split_fields("::", 4)(l)[:4]), errors, skip, "latin-1")
+        _records(
+            folder / "ratings.dat", lambda l: _interaction(*_split_fields("::", 4)(l)[:4]), errors, skip, "latin-1"
+        )
     )
 
     def user(line: str) -> dict[str, Any]:
@@ -274,9 +275,7 @@ def load_movielens_csv(folder: Path, skip_malformed: bool = False) -> RawDataset
         return parse
 
     ratings = csv_fields(4)
-    inter = list(
-        _records(folder / "ratings.csv", lambda l: _interaction(*ratings(l)), errors, skip, header=True)
-    )
+    inter = list(_records(folder / "ratings.csv", lambda l: _interaction(*ratings(l)), errors, skip, header=True))
 
     def movie(line: str) -> tuple[str, str, str | None, tuple[str, ...]]:
         f = csv_fields(3)(line)

@@ -82,16 +82,13 @@ def fetch_dataset(name: str, source: Path | None = None, timeout: float = 10.0) 
     raise DataSourceError(f"no source could supply {name}: {'; '.join(tried) or 'none tried'}; {hint}")
 
 
-def load_dataset(
-    name: str, source: Path | None = None, skip_malformed: bool = False, **options: object
-) -> RawDataset:
+def load_dataset(name: str, source: Path | None = None, skip_malformed: bool = False, **options: object) -> RawDataset:
     """Load `name` from `source`, or from the cache where `corella data fetch` put it."""
     info = dataset_info(name)
     folder = Path(source) if source is not None else data_cache(name)
     if not folder.exists():
         raise DataSourceError(
-            f"{name} is not in the cache ({folder}); run `corella data fetch {name}` "
-            "or pass --from PATH"
+            f"{name} is not in the cache ({folder}); run `corella data fetch {name}` or pass --from PATH"
         )
     raw = info.loader(folder, skip_malformed=skip_malformed, **options)
     raw.name = name

@@ -55,9 +55,7 @@ class SampleTable:
             vocabularies[name] = Vocabulary.build(known_users[name].dropna().tolist())
         known_items = raw.items.reindex(np.unique(items))
         vocabularies["year"] = Vocabulary.build(known_items["year"].dropna().tolist())
-        vocabularies["tag"] = Vocabulary.build(
-            [t for tags in known_items["tags"].dropna() for t in tags]
-        )
+        vocabularies["tag"] = Vocabulary.build([t for tags in known_items["tags"].dropna() for t in tags])
         return FeatureSpec(
             categorical_fields=("user_id", "item_id", *attributes, "year"),
             vocabularies=vocabularies,

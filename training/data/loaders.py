@@ -141,7 +141,7 @@ def load_movielens_100k(folder: Path, skip_malformed: bool = False) -> RawDatase
 def _load_ml100k_grouplens(folder: Path, skip: bool) -> RawDataset:
     errors = LineErrors()
     split_tab = _split_fields("\t", 4)
-    inter = list(_records(folder / "u.data", lambda l: _interaction(*split_tab(l)[:4]), errors, skip))
+    inter = list(_records(folder / "u.data", lambda line: _interaction(*split_tab(line)[:4]), errors, skip))
 
     def user(line: str) -> dict[str, Any]:
         f = _split_fields("|", 5)(line)
@@ -181,7 +181,7 @@ def _load_recbole_atomic(stem: Path, skip: bool) -> RawDataset:
     inter = list(
         _records(
             inter_path,
-            lambda l: _interaction(*(_split_fields("\t", len(cols))(l)[i] for i in need)),
+            lambda line: _interaction(*(_split_fields("\t", len(cols))(line)[i] for i in need)),
             errors,
             skip,
             header=True,
@@ -233,7 +233,11 @@ def load_movielens_1m(folder: Path, skip_malformed: bool = False) -> RawDataset:
     split = _split_fields("::", 3)
     inter = list(
         _records(
-            folder / "ratings.dat", lambda l: _interaction(*_split_fields("::", 4)(l)[:4]), errors, skip, "latin-1"
+            folder / "ratings.dat",
+            lambda line: _interaction(*_split_fields("::", 4)(line)[:4]),
+            errors,
+            skip,
+            "latin-1",
         )
     )
 
@@ -275,7 +279,7 @@ def load_movielens_csv(folder: Path, skip_malformed: bool = False) -> RawDataset
         return parse
 
     ratings = csv_fields(4)
-    inter = list(_records(folder / "ratings.csv", lambda l: _interaction(*ratings(l)), errors, skip, header=True))
+    inter = list(_records(folder / "ratings.csv", lambda line: _interaction(*ratings(line)), errors, skip, header=True))
 
     def movie(line: str) -> tuple[str, str, str | None, tuple[str, ...]]:
         f = csv_fields(3)(line)

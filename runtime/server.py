@@ -250,21 +250,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         """Score one user's candidates; each answer carries its score, route and CRM entropy."""
         if len(body.candidates) > settings.max_candidates:
             raise HTTPException(413, f"{len(body.candidates)} candidates exceed the limit of {settings.max_candidates}")
-        request = EngineRequest(
-            candidates=[
-                CandidateItem(c.item_id, c.title, c.year, tuple(c.tags) if c.tags is not None else None)
-                for c in body.candidates
-            ],  # fmt: skip
-            user_id=body.user_id,
-            user_attributes=body.user_attributes,
-            history=[HistoryItem(h.item_id, h.rating, h.timestamp, h.title) for h in body.history]
-            if body.history is not None
-            else None,
-            mode=body.mode,
-            llm_fraction=body.llm_fraction,
-            deadline_ms=body.deadline_ms,
-        )
-        answer = engine.predict(request)
+        answer = engine.predict(to_engine_request(body))
         metrics.observe(answer)
         return answer
 

@@ -13,6 +13,7 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+from runtime.bundle import file_digest as sha256_of
 from runtime.errors import DataSourceError
 
 __all__ = ["fetch_from_path", "fetch_from_url", "fetch_from_recbole_wheel", "sha256_of"]
@@ -27,14 +28,6 @@ RECBOLE_ML100K_SHA256 = {
     "ml-100k.item": "51d7cdf777ce5c0f5b32c1d947a4a81fe07d75e78abbe761e0cd4d0756064532",
     "ml-100k.user": "4f670007d9cfbeb9807e757209af1555b9bcc186bde25e767f67cb67c6dd5972",
 }
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _install(staging: Path, target: Path) -> Path:

@@ -160,13 +160,12 @@ class Engine:
 
     # ------------------------------------------------------------------ request pieces
     def _user(self, request: Request) -> tuple[dict[str, str], list[HistoryItem], bool]:
-        known = request.user_id is not None and self.store.user_attributes(request.user_id) is not None
+        profile = self.store.user_attributes(request.user_id) if request.user_id is not None else None
+        known = profile is not None
         if request.user_attributes is not None:
             attributes = normalize_user_attributes(request.user_attributes)
-        elif request.user_id is not None:
-            attributes = self.store.user_attributes(request.user_id) or {}
         else:
-            attributes = {}
+            attributes = profile or {}
         if request.history is not None:
             history = list(request.history)
         elif request.user_id is not None:

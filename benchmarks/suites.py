@@ -256,7 +256,7 @@ def hybrid_suite(bundle: Bundle, engine: Engine, samples: list[TestSample], conf
         if engine.llm is None and fraction > 0:
             continue
         routed = route_by_budget(entropy, fraction)
-        mixed = np.where(routed, llm_p, crm_p)
+        mixed = np.where(routed, engine.calibration.apply(llm_p), crm_p)
         quality.append({"fraction": fraction, "routed": int(routed.sum()), **summarize(labels, mixed)})
         times = []
         for request in requests:

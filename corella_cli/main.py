@@ -151,6 +151,8 @@ def train_corella_command(
     resume: Annotated[bool, typer.Option(help="continue an interrupted run in --out")] = False,
     stage2_samples: Annotated[int | None, typer.Option(help="samples for joint training (stage 2)")] = None,
     stage3_samples: Annotated[int | None, typer.Option(help="samples for LLM-only training (stage 3)")] = None,
+    stage2_epochs: Annotated[int | None, typer.Option(help="passes over the stage-2 subset")] = None,
+    stage3_epochs: Annotated[int | None, typer.Option(help="passes over the stage-3 subset")] = None,
     batch_size: Annotated[int | None, typer.Option(help="prompts per step in stages 2 and 3")] = None,
     llm_learning_rate: Annotated[float | None, typer.Option(help="LoRA learning rate")] = None,
     alignment_weight: Annotated[
@@ -178,6 +180,7 @@ def train_corella_command(
 
     joint = {k: v for k, v in {
         "stage2_samples": stage2_samples, "stage3_samples": stage3_samples, "batch_size": batch_size,
+        "stage2_epochs": stage2_epochs, "stage3_epochs": stage3_epochs,
         "llm_learning_rate": llm_learning_rate, "alignment_weight": alignment_weight, "seed": seed,
     }.items() if v is not None}  # fmt: skip
     if no_stage3:

@@ -34,8 +34,8 @@ from runtime.engine import Engine, EngineSettings
 from runtime.errors import ConfigError
 from runtime.llm import LlamaScorer, LlamaSettings
 from runtime.prompt import PromptTemplate
-from runtime.quality import auc, summarize
-from runtime.router import binary_entropy
+from runtime.quality import auc, log_loss, summarize
+from runtime.router import LLMCalibration, binary_entropy
 from runtime.store import FeatureStore, Interaction
 from training.checkpoint import read_json
 from training.crm_trainer import load_crm
@@ -297,6 +297,8 @@ def _export_llm(run: Path, llm_info: dict[str, Any], template: PromptTemplate, p
         q = quantize_gguf(merged_path, path, quant, config.threads)
         q_parity = llama_scores(path, texts)
         q_routed = llama_scores(path, routed_texts)
+        if quant == config.quant:
+            q_shipped_routed = q_routed
         dp = np.abs(q_parity - base_p)
         quants[quant] = {
             f"mean_abs_dp_vs_{config.intermediate}": float(dp.mean()),
@@ -308,6 +310,18 @@ def _export_llm(run: Path, llm_info: dict[str, Any], template: PromptTemplate, p
         _progress(f"{quant}: mean |dp| {dp.mean():.4f} (max {dp.max():.4f}) vs {config.intermediate}; AUC on "
                   f"{len(routed)} routed validation samples {quants[quant]['routed_auc']:.4f} vs "
                   f"{quants[config.intermediate]['routed_auc']:.4f}", progress)  # fmt: skip
+    # the LLM calibration is refitted on the shipped GGUF's own answers: quantization moves P(yes)
+    # by several hundredths (measured above), as much as a small LLM's whole spread
+    shipped_routed = base_routed if config.quant in ("f16", "f32") else q_shipped_routed
+    calibration = LLMCalibration.fit(shipped_routed, labels)
+    router["llm_calibration"] = calibration.to_dict() | {
+        "fitted_on": f"{len(routed)} routed validation samples scored by llama.cpp with {shipped}"
+    }
+    calibration_info = {"routed_logloss_raw": log_loss(labels, shipped_routed),
+                        "routed_logloss_calibrated": log_loss(labels, calibration.apply(shipped_routed))}  # fmt: skip
+    _progress(f"LLM calibration: P = sigmoid({calibration.slope:.3f} logit(p) + {calibration.intercept:.3f}); "
+              f"routed validation LogLoss {calibration_info['routed_logloss_raw']:.4f} raw -> "
+              f"{calibration_info['routed_logloss_calibrated']:.4f}", progress)  # fmt: skip
     if config.quant in ("f16", "f32"):
         shutil.copy2(merged_path, staging / shipped)
     else:
@@ -323,7 +337,7 @@ def _export_llm(run: Path, llm_info: dict[str, Any], template: PromptTemplate, p
     return {
         "file": shipped, "quant": config.quant, "base": llm_info["base"], "yes_token_id": yes, "no_token_id": no,
         "bos_token_id": bos, "context_size": config.context_size, "merge": merge, "parity": parity,
-        "quantizations": quants, "routed_validation_samples": int(len(routed)),
+        "quantizations": quants, "routed_validation_samples": int(len(routed)), "calibration": calibration_info,
     }  # fmt: skip
 
 

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from runtime import __version__
-from runtime.errors import CorellaError
+from runtime.errors import ConfigError, CorellaError
 from runtime.features import FeatureSpec
 from runtime.prompt import PromptTemplate
+from runtime.router import LLMCalibration
 
 __all__ = ["BUNDLE_FORMAT_VERSION", "BundleError", "Bundle", "file_digest", "write_manifest", "load_bundle"]
 
@@ -119,6 +120,13 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
                 raise BundleError(f"{file}: size {size} bytes, the manifest says {expected.get('size')} (truncated?)")
             if file_digest(file) != expected.get("sha256"):
                 raise BundleError(f"{file}: sha256 does not match the manifest (altered or corrupt)")
+    router = manifest["router"]
+    if not isinstance(router, dict) or not isinstance(router.get("threshold"), int | float):
+        raise BundleError(f"{manifest_path}: malformed router entry (needs a numeric threshold)")
+    try:
+        LLMCalibration.from_dict(router.get("llm_calibration"))
+    except ConfigError as exc:
+        raise BundleError(f"{manifest_path}: {exc}") from exc
     for key in ("features", "prompt", "store"):
         if manifest[key] not in manifest["files"]:
             raise BundleError(f"{manifest_path}: {manifest[key]} is not among the hashed files")

@@ -28,7 +28,7 @@ from runtime.errors import ConfigError, CorellaError
 from runtime.features import normalize_user_attributes
 from runtime.llm import LlamaScorer, LlamaSettings, LLMError
 from runtime.prompt import HistoryEntry, ItemText
-from runtime.router import binary_entropy, route_by_budget, route_by_threshold
+from runtime.router import LLMCalibration, binary_entropy, route_by_budget, route_by_threshold
 from runtime.store import FeatureStore, Interaction
 
 __all__ = ["EngineSettings", "HistoryItem", "CandidateItem", "Request", "Engine", "Mode", "live_store"]
@@ -122,6 +122,8 @@ class Engine:
         self.spec = bundle.spec
         self.template = bundle.template
         self.threshold = float(bundle.router["threshold"])
+        # Platt map fitted at export on the shipped GGUF's answers to routed validation samples
+        self.calibration = LLMCalibration.from_dict(bundle.router.get("llm_calibration"))
         self.crm = CRMSession(
             bundle.crm_file, settings.providers, settings.crm_threads, engine_cache=bundle.path / "trt_cache"
         )
@@ -255,10 +257,11 @@ class Engine:
         routed &= titled
 
         scores = crm_p.copy()
+        llm_raw = np.full(n, np.nan)  # the LLM's own P(yes), before calibration
         routes = np.array(["crm"] * n, dtype=object)
         llm_error = None
         if routed.any():
-            scores, routes, llm_error = self._llm_part(history, items, routed, scores, routes, deadline)
+            scores, routes, llm_error = self._llm_part(history, items, routed, scores, routes, llm_raw, deadline)
         llm_done = time.perf_counter()
 
         with self.stats.lock:
@@ -276,6 +279,7 @@ class Engine:
                     "score": float(scores[i]),
                     "route": routes[i],
                     "crm_score": float(crm_p[i]),
+                    **({"llm_score": float(llm_raw[i])} if routes[i] == "llm" else {}),
                     "entropy": float(entropy[i]),
                     **({"note": notes[i]} if i in notes else {}),
                 }
@@ -291,7 +295,7 @@ class Engine:
             },
         }
 
-    def _llm_part(self, history, items, routed, scores, routes, deadline):  # noqa: ANN001, ANN202
+    def _llm_part(self, history, items, routed, scores, routes, llm_raw, deadline):  # noqa: ANN001, ANN202
         indices = np.flatnonzero(routed)
         if self.llm is None:
             self._count_error()
@@ -320,7 +324,8 @@ class Engine:
             routes[indices] = "crm_fallback"
             return scores, routes, str(exc)
         done = ~np.isnan(llm_p)
-        scores[indices[done]] = llm_p[done]
+        llm_raw[indices[done]] = llm_p[done]
+        scores[indices[done]] = self.calibration.apply(llm_p[done])
         routes[indices[done]] = "llm"
         routes[indices[~done]] = "crm_fallback"
         if (~done).any():

@@ -89,10 +89,14 @@ def test_three_stages_run_end_to_end_and_resume(synthetic_dir, tiny_gguf, tmp_pa
         assert (out / name).exists(), name
     assert metrics["eval_subset"]["count"] == 60
     hybrid = {row["fraction"]: row for row in metrics["hybrid"]}
-    assert hybrid[1.0]["auc"] == pytest.approx(metrics["llm_only"]["auc"])
+    raw = {row["fraction"]: row for row in metrics["hybrid_raw"]}
+    assert raw[1.0]["auc"] == pytest.approx(metrics["llm_only"]["auc"])
+    assert hybrid[1.0]["logloss"] == pytest.approx(metrics["llm_only_calibrated"]["logloss"])
     assert hybrid[1.0]["routed"] == 60 and hybrid[0.5]["routed"] == pytest.approx(30, abs=12)
+    assert hybrid[0.01]["routed"] == raw[0.01]["routed"]
     router = json.loads((out / "final" / "router.json").read_text())
     assert router["fraction"] == 0.1 and np.isfinite(router["threshold"])
+    assert router["llm_calibration"]["samples"] == metrics["llm_calibration"]["samples"] > 0
     adapter_keys = __import__("safetensors.torch").torch.load_file(str(out / "final/llm/adapter.safetensors"))
     assert any("lora_A" in k for k in adapter_keys)
 

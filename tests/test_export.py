@@ -108,3 +108,41 @@ def test_crm_only_run_exports_a_crm_bundle(tmp_path, synthetic_dir):
     assert manifest["llm"] is None and np.isfinite(manifest["metrics"]["crm_test"]["auc"])
     export_bundle(tmp_path / "crm-run", tmp_path / "b")  # re-running replaces it safely
     assert load_bundle(tmp_path / "b").llm is None
+
+
+def test_export_calibrates_the_shipped_llm_and_the_engine_applies_it(bundle, tmp_path):
+    from runtime.engine import CandidateItem, Engine, EngineSettings, Request
+    from runtime.router import LLMCalibration
+
+    copy = _copy(bundle, tmp_path)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    fitted = manifest["router"]["llm_calibration"]
+    assert fitted["samples"] == manifest["llm"]["routed_validation_samples"] > 0
+    assert "llm-q8_0.gguf" in fitted["fitted_on"]
+    calibration = manifest["llm"]["calibration"]
+    assert calibration["routed_logloss_calibrated"] <= calibration["routed_logloss_raw"] + 1e-9
+    # a steeper map than the tiny model's, so that a missing or double application shows
+    manifest["router"]["llm_calibration"] = {"slope": 3.0, "intercept": 0.5, "samples": 10}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    engine = Engine(load_bundle(copy), EngineSettings(providers=("cpu",), store_path=tmp_path / "store.sqlite"))
+    try:
+        request = Request(candidates=[CandidateItem(str(i)) for i in range(1, 7)], user_id="7", mode="llm")
+        answer = engine.predict(request)
+        prepared = engine.prepare(request)
+        prefix, suffixes = engine.prompt_ids(prepared.history, prepared.items)
+        raw = engine.on_llm_worker(engine.llm.score_shared, prefix, suffixes)
+    finally:
+        engine.close()
+    predictions = answer["predictions"]
+    assert {p["route"] for p in predictions} == {"llm"}
+    assert [p["llm_score"] for p in predictions] == pytest.approx(raw, abs=1e-6)
+    assert [p["score"] for p in predictions] == pytest.approx(LLMCalibration(3.0, 0.5).apply(raw), abs=1e-6)
+
+
+def test_malformed_calibration_is_refused_naming_the_manifest(bundle, tmp_path):
+    copy = _copy(bundle, tmp_path)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["router"]["llm_calibration"] = {"slope": "steep"}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"manifest\.json: malformed LLM calibration"):
+        load_bundle(copy)

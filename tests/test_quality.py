@@ -5,7 +5,13 @@ from sklearn.metrics import roc_auc_score
 
 from runtime.errors import ConfigError
 from runtime.quality import auc, entropy_deciles, log_loss
-from runtime.router import binary_entropy, calibrate_threshold, route_by_budget, route_by_threshold
+from runtime.router import (
+    LLMCalibration,
+    binary_entropy,
+    calibrate_threshold,
+    route_by_budget,
+    route_by_threshold,
+)
 
 
 def test_auc_and_logloss_match_sklearn_with_ties():
@@ -52,3 +58,31 @@ def test_entropy_deciles_cover_all_samples():
     assert sum(r["count"] for r in rows) == 1000
     assert all(rows[i]["entropy_max"] <= rows[i + 1]["entropy_min"] for i in range(9))
     assert "llm_auc" in rows[0]
+
+
+def test_llm_calibration_recovers_a_logistic_map():
+    rng = np.random.default_rng(3)
+    p = 1 / (1 + np.exp(-rng.normal(0.4, 0.1, 20_000)))  # a narrow, "always yes" LLM
+    z = np.log(p / (1 - p))
+    labels = (rng.random(len(p)) < 1 / (1 + np.exp(-(8.0 * z - 3.3)))).astype(float)
+    calibration = LLMCalibration.fit(p, labels)
+    assert calibration.slope == pytest.approx(8.0, rel=0.1)
+    assert calibration.intercept == pytest.approx(-3.3, abs=0.4)
+    assert log_loss(labels, calibration.apply(p)) < log_loss(labels, p) - 0.01
+    assert auc(labels, calibration.apply(p)) == pytest.approx(auc(labels, p))  # monotone: same ranking
+    assert LLMCalibration.from_dict(calibration.to_dict()) == calibration
+
+
+def test_llm_calibration_never_reverses_the_ranking_and_needs_data():
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 2, 500).astype(float)
+    reversed_p = np.where(labels == 1, 0.4, 0.6) + rng.normal(0, 0.01, 500)
+    flat = LLMCalibration.fit(reversed_p, labels)
+    assert flat.slope == 0.0
+    assert flat.apply(reversed_p) == pytest.approx(np.full(500, labels.mean()))
+    assert LLMCalibration.fit(np.full(10, 0.7), labels[:10]).slope == 0.0
+    assert LLMCalibration().apply(np.array([0.3])) == pytest.approx([0.3])
+    with pytest.raises(ConfigError, match="at least 2"):
+        LLMCalibration.fit(np.array([0.5]), np.array([1.0]))
+    with pytest.raises(ConfigError, match="malformed"):
+        LLMCalibration.from_dict({"slope": "steep"})

@@ -38,6 +38,8 @@ class JointConfig(BaseModel):
 
     stage2_samples: int = Field(384, ge=0, description="training samples for joint training")
     stage3_samples: int = Field(384, ge=0, description="training samples for LLM-only training")
+    stage2_epochs: int = Field(1, ge=1, le=100, description="passes over the stage-2 subset")
+    stage3_epochs: int = Field(1, ge=1, le=100, description="passes over the stage-3 subset")
     batch_size: int = Field(4, ge=1, le=256, description="prompts per optimizer step")
     llm_learning_rate: float = Field(3e-4, gt=0, description="AdamW rate of the LoRA adapters")
     crm_learning_rate: float = Field(1e-4, ge=0, description="Adam rate of the CRM in stage 2")

@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from runtime import __version__
 from runtime.errors import ConfigError
 from runtime.quality import auc, entropy_deciles, summarize
-from runtime.router import binary_entropy, calibrate_threshold, route_by_threshold
+from runtime.router import LLMCalibration, binary_entropy, calibrate_threshold, route_by_threshold
 from training.checkpoint import read_json, save_weights, write_json
 from training.crm_trainer import CRMTrainConfig, load_crm, predict, to_tensors
 from training.data import SampleTable
@@ -66,6 +66,9 @@ class CoReLLaConfig(BaseModel):
     joint: JointConfig = JointConfig()
     eval_samples: int = Field(1000, ge=10, description="test samples the LLM is scored on (seeded)")
     router_fraction: float = Field(0.1, gt=0, le=1, description="share of requests the router sends to the LLM")
+    calibration_samples: int = Field(
+        200, ge=0, description="routed validation samples the LLM's Platt calibration is fitted on (0 = raw swap)"
+    )
     fractions: list[float] = Field(FRACTIONS, description="hybrid fractions in the report")
     threads: int | None = Field(None, ge=1, description="torch CPU threads")
 
@@ -214,6 +217,8 @@ def train_corella(
     train_rows = rng.permutation(prepared.rows("train"))
     stage2_rows = train_rows[: joint.stage2_samples]
     stage3_rows = train_rows[joint.stage2_samples : joint.stage2_samples + joint.stage3_samples]
+    stage2_rows = epoch_order(stage2_rows, joint.stage2_epochs, rng)
+    stage3_rows = epoch_order(stage3_rows, joint.stage3_epochs, rng)
 
     def crm_inputs(rows: np.ndarray) -> dict[str, torch.Tensor]:
         return to_tensors(prepared.inputs, rows)
@@ -266,12 +271,23 @@ def train_corella(
     })  # fmt: skip
     template.save(final / "prompt.json")
     threshold = calibrate_threshold(binary_entropy(valid_probabilities), config.router_fraction)
-    write_json(final / "router.json", {"fraction": config.router_fraction, "threshold": threshold,
-                                       "calibrated_on": "validation split, full"})  # fmt: skip
+    router: dict[str, Any] = {"fraction": config.router_fraction, "threshold": threshold,
+                              "calibrated_on": "validation split, full"}  # fmt: skip
+    started = time.perf_counter()
+    calibration = fit_calibration(prepared, valid_rows, valid_probabilities, threshold, scorer, prompts, config)
+    if calibration.samples:
+        router["llm_calibration"] = calibration.to_dict() | {
+            "fitted_on": f"{calibration.samples} routed validation samples (seeded), PyTorch model; "
+            "corella export refits it on the shipped GGUF"
+        }
+        timings["calibration"] = time.perf_counter() - started
+    write_json(final / "router.json", router)
 
     # ------------------------------------------------------------------ evaluation
     started = time.perf_counter()
-    metrics, predictions = evaluate_run(prepared, final_crm, crm_stage1, scorer, prompts, valid_probabilities, config)
+    metrics, predictions = evaluate_run(
+        prepared, final_crm, crm_stage1, scorer, prompts, valid_probabilities, config, calibration
+    )
     np.savez(out / "eval_predictions.npz", **predictions)
     timings["evaluation"] = time.perf_counter() - started
     metrics.update({"stages": stages, "crm_choice": crm_choice, "timings_seconds": timings,
@@ -281,6 +297,32 @@ def train_corella(
 
     write_report(out, metrics)
     return metrics
+
+
+def epoch_order(rows: np.ndarray, epochs: int, rng: np.random.Generator) -> np.ndarray:
+    """`epochs` passes over `rows`, each in a fresh seeded order (deterministic, so resume sees the same list)."""
+    if epochs <= 1 or not len(rows):
+        return rows
+    return np.concatenate([rows] + [rng.permutation(rows) for _ in range(epochs - 1)])
+
+
+def fit_calibration(
+    prepared: PreparedData,
+    valid_rows: np.ndarray,
+    valid_probabilities: np.ndarray,
+    threshold: float,
+    scorer: LLMScorer,
+    prompts: PromptCache,
+    config: CoReLLaConfig,
+) -> LLMCalibration:
+    """Platt-scale the LLM on a seeded sample of the validation rows the router sends to it."""
+    routed = valid_rows[route_by_threshold(binary_entropy(valid_probabilities), threshold)]
+    count = min(config.calibration_samples, len(routed))
+    if count < 2:
+        return LLMCalibration()
+    rows = np.sort(np.random.default_rng(config.joint.seed + 11).choice(routed, size=count, replace=False))
+    p = score_llm(scorer, prompts, rows, description=f"calibrating the LLM on {count} routed validation samples")
+    return LLMCalibration.fit(p, prepared.samples.label[rows])
 
 
 def ablation_name(joint: JointConfig) -> str:
@@ -310,6 +352,7 @@ def evaluate_run(
     prompts: PromptCache,
     valid_probabilities: np.ndarray,
     config: CoReLLaConfig,
+    calibration: LLMCalibration | None = None,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Every model on the same seeded test subset; the router calibrated on validation."""
     samples = prepared.samples
@@ -321,13 +364,15 @@ def evaluate_run(
     llm_p = score_llm(scorer, prompts, rows, description=f"scoring LLM on {len(rows)} test samples")
     entropy = binary_entropy(crm_p)
     valid_entropy = binary_entropy(valid_probabilities)
-    hybrid = []
+    calibration = calibration or LLMCalibration()
+    llm_calibrated = calibration.apply(llm_p)
+    hybrid, hybrid_raw = [], []
     for fraction in config.fractions:
         threshold = calibrate_threshold(valid_entropy, fraction)
         routed = route_by_threshold(entropy, threshold)
-        mixed = np.where(routed, llm_p, crm_p)
-        hybrid.append({"fraction": fraction, "threshold": threshold, "routed": int(routed.sum()),
-                       **summarize(labels, mixed)})  # fmt: skip
+        row = {"fraction": fraction, "threshold": threshold, "routed": int(routed.sum())}
+        hybrid.append(row | summarize(labels, np.where(routed, llm_calibrated, crm_p)))
+        hybrid_raw.append(row | summarize(labels, np.where(routed, llm_p, crm_p)))
     top = np.argsort(-entropy, kind="stable")[: max(1, int(round(0.1 * len(rows))))]
     metrics = {
         "dataset": config.dataset,
@@ -342,7 +387,10 @@ def evaluate_run(
         "crm_stage1_full_test": summarize(samples.label[test_rows], predict(crm_stage1, prepared.take(test_rows))),
         "crm_only": summarize(labels, crm_p),
         "llm_only": summarize(labels, llm_p),
+        "llm_calibration": calibration.to_dict(),
+        "llm_only_calibrated": summarize(labels, llm_calibrated),
         "hybrid": hybrid,
+        "hybrid_raw": hybrid_raw,
         "uncertain_10pct": {
             "count": int(len(top)),
             "crm_auc": auc(labels[top], crm_p[top]),
@@ -350,5 +398,6 @@ def evaluate_run(
         },
         "entropy_deciles": entropy_deciles(labels, crm_p, {"llm": llm_p}),
     }
-    predictions = {"rows": rows, "labels": labels, "crm": crm_p, "llm": llm_p, "entropy": entropy}
+    predictions = {"rows": rows, "labels": labels, "crm": crm_p, "llm": llm_p, "llm_calibrated": llm_calibrated,
+                   "entropy": entropy}  # fmt: skip
     return metrics, predictions

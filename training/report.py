@@ -11,6 +11,16 @@ from training.checkpoint import read_json
 __all__ = ["write_report", "compare_runs"]
 
 
+NAN = float("nan")
+
+
+def _calibration(metrics: dict[str, Any]) -> str:
+    c = metrics.get("llm_calibration") or {"slope": 1.0, "intercept": 0.0, "samples": 0}
+    if not c.get("samples"):
+        return "none fitted, identity"
+    return f"sigmoid({c['slope']:.3f} logit(p) + {c['intercept']:.3f}) from {c['samples']} samples"
+
+
 def _f(value: float) -> str:
     return "n/a" if value != value else f"{value:.4f}"  # NaN check
 
@@ -26,19 +36,24 @@ def markdown(metrics: dict[str, Any]) -> str:
         f"{_f(metrics['crm_stage1_full_test']['auc'])}); the hybrid uses the "
         f"{metrics['crm_choice']['used']} CRM (chosen on validation AUC).",
         "",
-        "| model | LLM share | routed | AUC | LogLoss | ACC |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "The hybrid swaps in the LLM's calibrated probability (Platt map fitted on routed validation "
+        f"samples: {_calibration(metrics)}); the raw-swap columns are the paper's uncalibrated swap.",
+        "",
+        "| model | LLM share | routed | AUC | LogLoss | ACC | raw-swap AUC | raw-swap LogLoss |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         f"| CRM only | 0 | 0 | {_f(metrics['crm_only']['auc'])} | {_f(metrics['crm_only']['logloss'])} "
-        f"| {_f(metrics['crm_only']['acc'])} |",
+        f"| {_f(metrics['crm_only']['acc'])} | | |",
     ]
-    for row in metrics["hybrid"]:
+    raw_rows = metrics.get("hybrid_raw") or [{}] * len(metrics["hybrid"])
+    for row, raw in zip(metrics["hybrid"], raw_rows, strict=True):
         lines.append(
             f"| hybrid | {row['fraction']:g} | {row['routed']} | {_f(row['auc'])} | {_f(row['logloss'])} "
-            f"| {_f(row['acc'])} |"
+            f"| {_f(row['acc'])} | {_f(raw.get('auc', NAN))} | {_f(raw.get('logloss', NAN))} |"
         )
+    llm = metrics.get("llm_only_calibrated", metrics["llm_only"])
     lines.append(
-        f"| LLM only | 1 | {subset['count']} | {_f(metrics['llm_only']['auc'])} | "
-        f"{_f(metrics['llm_only']['logloss'])} | {_f(metrics['llm_only']['acc'])} |"
+        f"| LLM only | 1 | {subset['count']} | {_f(llm['auc'])} | {_f(llm['logloss'])} | {_f(llm['acc'])} "
+        f"| {_f(metrics['llm_only']['auc'])} | {_f(metrics['llm_only']['logloss'])} |"
     )
     top = metrics["uncertain_10pct"]
     lines += [
@@ -73,7 +88,10 @@ def plot(out: Path, metrics: dict[str, Any]) -> list[Path]:
     written = []
     fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=100)
     fractions = [r["fraction"] for r in metrics["hybrid"]]
-    ax.plot(fractions, [r["auc"] for r in metrics["hybrid"]], marker="o", label="hybrid")
+    ax.plot(fractions, [r["auc"] for r in metrics["hybrid"]], marker="o", label="hybrid (calibrated)")
+    if metrics.get("hybrid_raw"):
+        ax.plot(fractions, [r["auc"] for r in metrics["hybrid_raw"]], marker="x", linestyle="--",
+                label="hybrid (raw swap)")  # fmt: skip
     ax.axhline(metrics["crm_only"]["auc"], color="gray", linestyle="--", label="CRM only")
     ax.axhline(metrics["llm_only"]["auc"], color="tab:red", linestyle=":", label="LLM only")
     ax.set_xscale("log")
@@ -122,13 +140,15 @@ def compare_runs(runs: list[Path]) -> tuple[list[str], list[list[Any]]]:
             "data, seed and --eval-samples"
         )
     columns = ["run", "variant", "CRM AUC", "LLM AUC", "LLM AUC top-10% H", "CRM AUC top-10% H",
-               "hybrid@0.1 AUC", "hybrid@0.1 LogLoss", "CRM LogLoss"]  # fmt: skip
+               "hybrid@0.1 AUC", "hybrid@0.1 LogLoss", "raw swap@0.1 AUC", "raw swap@0.1 LogLoss",
+               "CRM LogLoss"]  # fmt: skip
     rows = []
     for path, m in loaded:
-        at = min(m["hybrid"], key=lambda r: abs(r["fraction"] - 0.1))
+        index = min(range(len(m["hybrid"])), key=lambda i: abs(m["hybrid"][i]["fraction"] - 0.1))
+        at, raw = m["hybrid"][index], (m.get("hybrid_raw") or m["hybrid"])[index]
         rows.append([
             path.name, m["ablation"], m["crm_only"]["auc"], m["llm_only"]["auc"],
             m["uncertain_10pct"]["llm_auc"], m["uncertain_10pct"]["crm_auc"], at["auc"], at["logloss"],
-            m["crm_only"]["logloss"],
+            raw["auc"], raw["logloss"], m["crm_only"]["logloss"],
         ])  # fmt: skip
     return columns, rows

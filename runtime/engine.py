@@ -201,7 +201,7 @@ class Engine:
             if c.title:
                 year = c.year or (stored.year if stored else None)
                 tags = tuple(c.tags) if c.tags is not None else (stored.tags if stored else ())
-                stats = (stored.rating_mean, stored.rating_count) if stored else (None, None)
+                stats = (stored.rating_mean, stored.rating_count, stored.liked_share) if stored else (None, None, None)
                 items.append(ItemText(c.title, year, tags, *stats))
             else:
                 items.append(stored)

@@ -9,6 +9,7 @@ __all__ = [
     "FeatureSpecError",
     "PromptError",
     "ConfigError",
+    "StoreError",
 ]
 
 
@@ -34,3 +35,7 @@ class PromptError(CorellaError):
 
 class ConfigError(CorellaError):
     """An option or configuration value is invalid; the message lists the valid options."""
+
+
+class StoreError(CorellaError):
+    """The feature store cannot be opened or is of another schema."""

@@ -30,9 +30,21 @@ __all__ = [
 ]
 
 #: Bumped whenever rendering changes: a bundle is served only with the prompt it was trained on.
-PROMPT_VERSION = 2
+PROMPT_VERSION = 3
 YES_TEXT = " Yes"
 NO_TEXT = " No"
+
+
+def reception(liked_share: float) -> str:
+    """The catalog's verdict on an item in words: a small LLM reads "most people liked it" far more
+    readily than a number (measured: zero-shot AUC 0.58 vs 0.48 on routed validation samples)."""
+    if liked_share >= 0.7:
+        return "most people liked it"
+    if liked_share >= 0.5:
+        return "many people liked it"
+    if liked_share >= 0.3:
+        return "few people liked it"
+    return "most people disliked it"
 
 
 @dataclass(frozen=True)
@@ -44,12 +56,14 @@ class ItemText:
     tags: tuple[str, ...] = ()
     rating_mean: float | None = None  # over the training split (catalog statistics)
     rating_count: int | None = None
+    liked_share: float | None = None  # share of those ratings at or above the like threshold
 
     def describe(self, stats: bool = False) -> str:
         details = [d for d in (self.year, ", ".join(self.tags)) if d]
-        if stats and self.rating_count:
-            details.append(f"average {self.rating_mean:.1f} stars from {self.rating_count} ratings")
-        return f"{self.title} ({'; '.join(details)})" if details else self.title
+        text = f"{self.title} ({'; '.join(details)})" if details else self.title
+        if stats and self.rating_count and self.liked_share is not None:
+            text += f"; {reception(self.liked_share)} ({self.liked_share:.0%} of {self.rating_count})"
+        return text
 
 
 @dataclass(frozen=True)
@@ -65,12 +79,14 @@ def _stars(rating: float) -> str:
 @dataclass(frozen=True)
 class PromptTemplate:
     """Template A, ordered for caching: the instruction (with "You should ONLY answer no or yes.") and
-    the user's history form the shared prefix; the target and a short question form the suffix."""
+    the user's history (with how many of those items the user liked) form the shared prefix; the
+    target (with the catalog's reception of it) and a short question form the suffix."""
 
     item_noun: str = "movie"
     rating_max: float = 5.0
     max_prompt_tokens: int = 320
-    item_stats: bool = False  # say the target's average rating and rating count (from the catalog)
+    item_stats: bool = False  # say how the catalog received the target (share of likes, in words)
+    like_threshold: float | None = None  # a rating at or above it is a like: the history gets a like count
     version: int = PROMPT_VERSION
 
     def prefix(self, history: Sequence[HistoryEntry]) -> str:
@@ -83,6 +99,9 @@ class PromptTemplate:
         lines += [f"- {h.item.describe()}: {_stars(h.rating)}" for h in history]
         if not history:
             lines.append("- (no history)")
+        elif self.like_threshold is not None:
+            liked = sum(h.rating >= self.like_threshold for h in history)
+            lines.append(f"The user liked {liked} of these {len(history)} {noun}s.")
         return "\n".join(lines) + "\n"
 
     def suffix(self, target: ItemText) -> str:

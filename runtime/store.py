@@ -14,18 +14,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from runtime.errors import StoreError
 from runtime.features import normalize_user_attributes
 from runtime.prompt import HistoryEntry, ItemText
 
 __all__ = ["SCHEMA_VERSION", "Interaction", "FeatureStore"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS items (
     item_id TEXT PRIMARY KEY, title TEXT NOT NULL, year TEXT, tags TEXT NOT NULL DEFAULT '[]',
-    rating_mean REAL, rating_count INTEGER);
+    rating_mean REAL, rating_count INTEGER, liked_share REAL);
 CREATE TABLE IF NOT EXISTS users (user_id TEXT PRIMARY KEY, attributes TEXT NOT NULL DEFAULT '{}');
 CREATE TABLE IF NOT EXISTS interactions (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, user_id TEXT NOT NULL, item_id TEXT NOT NULL,
@@ -50,10 +51,21 @@ class FeatureStore:
         uri = f"file:{self.path}?mode=ro" if readonly else f"file:{self.path}"
         self._conn = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
         self._lock = threading.Lock()
-        if not readonly:
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=NORMAL")
-            self._conn.executescript(_SCHEMA)
+        try:
+            if not readonly:
+                self._conn.execute("PRAGMA journal_mode=WAL")
+                self._conn.execute("PRAGMA synchronous=NORMAL")
+                self._conn.executescript(_SCHEMA)
+            rows = self._conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()
+        except sqlite3.DatabaseError as exc:
+            self._conn.close()
+            raise StoreError(f"{self.path}: not a corella feature store ({exc})") from exc
+        if rows and rows[0][0] != str(SCHEMA_VERSION):
+            self._conn.close()
+            raise StoreError(
+                f"{self.path}: feature store schema {rows[0][0]}, this corella reads {SCHEMA_VERSION}; "
+                "re-export the bundle (or delete a live copy under BUNDLE/state/ to start from the bundle's)"
+            )
 
     @classmethod
     def create(
@@ -72,8 +84,11 @@ class FeatureStore:
             conn.execute("BEGIN")
             conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             conn.executemany(
-                "INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?, ?, ?)",
-                ((i, t.title, t.year, json.dumps(list(t.tags)), t.rating_mean, t.rating_count) for i, t in items),
+                "INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    (i, t.title, t.year, json.dumps(list(t.tags)), t.rating_mean, t.rating_count, t.liked_share)
+                    for i, t in items
+                ),
             )
             conn.executemany(
                 "INSERT OR REPLACE INTO users VALUES (?, ?)",
@@ -123,11 +138,12 @@ class FeatureStore:
         for start in range(0, len(unique), 500):
             chunk = unique[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            for item_id, title, year, tags, mean, count in self._query(
-                f"SELECT item_id, title, year, tags, rating_mean, rating_count FROM items WHERE item_id IN ({marks})",
+            for item_id, title, year, tags, mean, count, liked in self._query(
+                "SELECT item_id, title, year, tags, rating_mean, rating_count, liked_share FROM items "
+                f"WHERE item_id IN ({marks})",
                 chunk,
             ):
-                found[item_id] = ItemText(title, year, tuple(json.loads(tags)), mean, count)
+                found[item_id] = ItemText(title, year, tuple(json.loads(tags)), mean, count, liked)
         return found
 
     def user_attributes(self, user_id: str) -> dict[str, str] | None:

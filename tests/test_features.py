@@ -113,3 +113,34 @@ def test_prompt_of_another_version_is_refused(tmp_path):
     (tmp_path / "old.json").write_text(json.dumps(template.to_dict() | {"version": 1}))
     with pytest.raises(PromptError, match="old.json: prompt version 1"):
         PromptTemplate.load(tmp_path / "old.json")
+
+
+def test_reception_words_follow_the_share_of_likes():
+    from runtime.prompt import ItemText, reception
+
+    assert [reception(x) for x in (0.9, 0.6, 0.4, 0.1)] == [
+        "most people liked it",
+        "many people liked it",
+        "few people liked it",
+        "most people disliked it",
+    ]
+    item = ItemText("Heat", "1995", ("Action",), 3.9, 120, 0.72)
+    assert item.describe(stats=True) == "Heat (1995; Action); most people liked it (72% of 120)"
+    assert ItemText("New", liked_share=None).describe(stats=True) == "New"  # not in the catalog: no verdict
+
+
+def test_a_store_of_another_schema_is_refused(tmp_path):
+    import sqlite3
+
+    from runtime.errors import StoreError
+    from runtime.store import FeatureStore
+
+    path = tmp_path / "old.sqlite"
+    FeatureStore.create(path, [], [], []).close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    with pytest.raises(StoreError, match="old.sqlite: feature store schema 1"):
+        FeatureStore(path)
+    (tmp_path / "junk.sqlite").write_bytes(b"not a database at all" * 100)
+    with pytest.raises(StoreError, match="junk.sqlite: not a corella feature store"):
+        FeatureStore(tmp_path / "junk.sqlite")

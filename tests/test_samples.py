@@ -57,12 +57,17 @@ def test_item_statistics_come_from_the_training_split(samples):
     train = samples.indices("train")
     item = samples.item[train][0]
     ratings = samples.rating[train][samples.item[train] == item]
-    mean, count = samples.item_stats[item]
+    mean, count, liked = samples.item_stats[item]
     assert count == len(ratings) and mean == pytest.approx(ratings.mean())
+    assert liked == pytest.approx((ratings >= samples.raw.like_threshold).mean())
     only_later = set(samples.item[samples.indices("test")]) - set(samples.item[train])
     assert only_later and not (only_later & set(samples.item_stats))  # nothing learnt from the future
     row = int(samples.indices("test")[0])
     history, target = samples.prompt_parts(row)
     suffix = samples.prompt_template().suffix(target)
-    assert f"from {samples.item_stats[samples.item[row]][1]} ratings" in suffix
-    assert "ratings)" not in samples.prompt_template().prefix(history)  # the shared prefix stays short
+    _, count, liked = samples.item_stats[samples.item[row]]
+    assert f"({liked:.0%} of {count})" in suffix and "people" in suffix
+    prefix = samples.prompt_template().prefix(history)
+    assert "people" not in prefix  # the shared prefix stays short: no catalog statistics in the history
+    liked_in_history = sum(h.rating >= samples.raw.like_threshold for h in history)
+    assert prefix.endswith(f"The user liked {liked_in_history} of these {len(history)} movies.\n")

@@ -31,7 +31,7 @@ class SampleTable:
     label: np.ndarray
     split: np.ndarray
     history: np.ndarray
-    item_stats: dict[str, tuple[float, int]]
+    item_stats: dict[str, tuple[float, int, float]]  # mean rating, count, share of likes (train split)
 
     def __len__(self) -> int:
         return len(self.item)
@@ -94,8 +94,8 @@ class SampleTable:
     def item_text(self, item: str) -> ItemText:
         """Catalog text of an item, with its rating statistics from the training split."""
         text = self.raw.item_text(item)
-        mean, count = self.item_stats.get(item, (None, None))
-        return ItemText(text.title, text.year, text.tags, mean, count)
+        mean, count, liked = self.item_stats.get(item, (None, None, None))
+        return ItemText(text.title, text.year, text.tags, mean, count, liked)
 
     def prompt_parts(self, row: int) -> tuple[list[HistoryEntry], ItemText]:
         history = [int(h) for h in self.history[row] if h >= 0]
@@ -108,6 +108,7 @@ class SampleTable:
             rating_max=self.raw.rating_max,
             max_prompt_tokens=max_prompt_tokens,
             item_stats=item_stats,
+            like_threshold=self.raw.like_threshold,
         )
 
 
@@ -138,7 +139,7 @@ def build_samples(
     history = np.full((n, history_length), -1, dtype=np.int64)
     history[by_user] = np.where(windows >= 0, by_user[np.maximum(windows, 0)], -1)
     train = split == 0
-    item_stats = _item_stats(item[train].astype(str), rating[train])
+    item_stats = _item_stats(item[train].astype(str), rating[train], raw.like_threshold)
     return SampleTable(
         raw=raw,
         user=user,
@@ -152,8 +153,12 @@ def build_samples(
     )
 
 
-def _item_stats(items: np.ndarray, ratings: np.ndarray) -> dict[str, tuple[float, int]]:
-    """Mean rating and rating count of every item in the training split."""
+def _item_stats(items: np.ndarray, ratings: np.ndarray, like_threshold: float) -> dict[str, tuple[float, int, float]]:
+    """Mean rating, rating count and share of likes of every item in the training split."""
     keys, inverse, counts = np.unique(items, return_inverse=True, return_counts=True)
     sums = np.bincount(inverse, weights=ratings, minlength=len(keys))
-    return {str(k): (float(total / n), int(n)) for k, total, n in zip(keys, sums, counts, strict=True)}
+    likes = np.bincount(inverse, weights=(ratings >= like_threshold).astype(np.float64), minlength=len(keys))
+    return {
+        str(k): (float(total / n), int(n), float(liked / n))
+        for k, total, n, liked in zip(keys, sums, counts, likes, strict=True)
+    }

@@ -77,7 +77,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # ~25 min on 2 cores with Gemma 3 270M
     "default": {},
     # ~10 min on 2 cores
-    "quick": {"joint": {"stage2_samples": 128, "stage3_samples": 128}, "eval_samples": 400},
+    "quick": {"joint": {"stage2_samples": 128, "stage3_samples": 128}, "eval_samples": 400, "calibration_samples": 100},
 }
 
 

@@ -96,6 +96,11 @@ def test_three_stages_run_end_to_end_and_resume(synthetic_dir, tiny_gguf, tmp_pa
     assert hybrid[0.01]["routed"] == raw[0.01]["routed"]
     router = json.loads((out / "final" / "router.json").read_text())
     assert router["fraction"] == 0.1 and np.isfinite(router["threshold"])
+    full = metrics["full_test"]  # the hybrid on the whole test split: the LLM scored wherever f <= 0.1 routes
+    assert full["count"] == metrics["crm_full_test"]["count"] == 180
+    assert [r["fraction"] for r in full["hybrid"]] == [0.01, 0.02, 0.05, 0.1]
+    assert full["hybrid"][-1]["routed"] == full["llm_scored"] == pytest.approx(18, abs=10)
+    assert full["crm_only"]["auc"] == pytest.approx(metrics["crm_full_test"]["auc"])
     assert router["llm_calibration"]["samples"] == metrics["llm_calibration"]["samples"] > 0
     adapter_keys = __import__("safetensors.torch").torch.load_file(str(out / "final/llm/adapter.safetensors"))
     assert any("lora_A" in k for k in adapter_keys)

@@ -66,6 +66,11 @@ class CoReLLaConfig(BaseModel):
     joint: JointConfig = JointConfig()
     eval_samples: int = Field(1000, ge=10, description="test samples the LLM is scored on (seeded)")
     router_fraction: float = Field(0.1, gt=0, le=1, description="share of requests the router sends to the LLM")
+    full_test_hybrid: bool = Field(
+        True,
+        description="also score the LLM on every test sample the router sends at the router fraction, so the "
+        "hybrid at f <= that fraction is measured on the whole test split",
+    )
     calibration_samples: int = Field(
         200, ge=0, description="routed validation samples the LLM's Platt calibration is fitted on (0 = raw swap)"
     )
@@ -77,7 +82,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # ~25 min on 2 cores with Gemma 3 270M
     "default": {},
     # ~10 min on 2 cores
-    "quick": {"joint": {"stage2_samples": 128, "stage3_samples": 128}, "eval_samples": 400, "calibration_samples": 100},
+    "quick": {
+        "joint": {"stage2_samples": 128, "stage3_samples": 128},
+        "eval_samples": 400,
+        "calibration_samples": 100,
+        "full_test_hybrid": False,
+    },
 }
 
 
@@ -325,6 +335,57 @@ def fit_calibration(
     return LLMCalibration.fit(p, prepared.samples.label[rows])
 
 
+def evaluate_full_test(
+    prepared: PreparedData,
+    test_rows: np.ndarray,
+    crm_test: np.ndarray,
+    scored: dict[int, float],
+    valid_entropy: np.ndarray,
+    scorer: LLMScorer,
+    prompts: PromptCache,
+    config: CoReLLaConfig,
+    calibration: LLMCalibration,
+) -> dict[str, Any]:
+    """CRM-only vs hybrid on the whole test split for every f <= the router fraction.
+
+    The hybrid needs the LLM only where it routes, so the LLM is scored on every test sample above
+    the router's threshold (reusing the evaluation subset's scores): no sampling at all."""
+    labels = prepared.samples.label[test_rows]
+    entropy = binary_entropy(crm_test)
+    widest = route_by_threshold(entropy, calibrate_threshold(valid_entropy, config.router_fraction))
+    routed_rows = test_rows[widest]
+    missing = np.array([r for r in routed_rows.tolist() if r not in scored], dtype=np.int64)
+    if len(missing):
+        description = f"scoring LLM on {len(missing)} more routed test samples"
+        fresh = score_llm(scorer, prompts, missing, description=description)
+        scored = scored | dict(zip(missing.tolist(), fresh.tolist(), strict=True))
+    llm_raw = np.full(len(test_rows), np.nan)
+    llm_raw[widest] = [scored[r] for r in routed_rows.tolist()]
+    llm_calibrated = llm_raw.copy()
+    llm_calibrated[widest] = calibration.apply(llm_raw[widest])
+    hybrid, hybrid_raw = [], []
+    for fraction in [f for f in config.fractions if f <= config.router_fraction]:
+        routed = route_by_threshold(entropy, calibrate_threshold(valid_entropy, fraction))
+        row = {"fraction": fraction, "routed": int(routed.sum())}
+        hybrid.append(row | summarize(labels, np.where(routed, llm_calibrated, crm_test)))
+        hybrid_raw.append(row | summarize(labels, np.where(routed, llm_raw, crm_test)))
+    return {
+        "description": f"all {len(test_rows)} test samples; the LLM scored on the {int(widest.sum())} the router "
+        f"sends at f = {config.router_fraction:g} (entropy above the validation threshold)",
+        "count": int(len(test_rows)),
+        "llm_scored": int(widest.sum()),
+        "crm_only": summarize(labels, crm_test),
+        "hybrid": hybrid,
+        "hybrid_raw": hybrid_raw,
+        "routed": {
+            "count": int(widest.sum()),
+            "positive_rate": float(labels[widest].mean()) if widest.any() else float("nan"),
+            "crm_auc": auc(labels[widest], crm_test[widest]),
+            "llm_auc": auc(labels[widest], llm_raw[widest]),
+        },
+    }
+
+
 def ablation_name(joint: JointConfig) -> str:
     if joint.llm_alone:
         return "llm-alone (TALLRec)"
@@ -398,6 +459,11 @@ def evaluate_run(
         },
         "entropy_deciles": entropy_deciles(labels, crm_p, {"llm": llm_p}),
     }
+    if config.full_test_hybrid:
+        metrics["full_test"] = evaluate_full_test(
+            prepared, test_rows, crm_test, dict(zip(rows.tolist(), llm_p.tolist(), strict=True)),
+            valid_entropy, scorer, prompts, config, calibration,
+        )  # fmt: skip
     predictions = {"rows": rows, "labels": labels, "crm": crm_p, "llm": llm_p, "llm_calibrated": llm_calibrated,
                    "entropy": entropy}  # fmt: skip
     return metrics, predictions

@@ -55,6 +55,27 @@ def markdown(metrics: dict[str, Any]) -> str:
         f"| LLM only | 1 | {subset['count']} | {_f(llm['auc'])} | {_f(llm['logloss'])} | {_f(llm['acc'])} "
         f"| {_f(metrics['llm_only']['auc'])} | {_f(metrics['llm_only']['logloss'])} |"
     )
+    full = metrics.get("full_test")
+    if full:
+        routed = full["routed"]
+        lines += [
+            "",
+            f"## The whole test split ({full['description']})",
+            "",
+            f"On those {routed['count']} routed samples (positive rate {routed['positive_rate']:.3f}): CRM AUC "
+            f"{_f(routed['crm_auc'])}, LLM AUC {_f(routed['llm_auc'])}.",
+            "",
+            "| model | LLM share | routed | AUC | LogLoss | ACC | raw-swap AUC | raw-swap LogLoss |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            f"| CRM only | 0 | 0 | {_f(full['crm_only']['auc'])} | {_f(full['crm_only']['logloss'])} "
+            f"| {_f(full['crm_only']['acc'])} | | |",
+        ]
+        for row, raw in zip(full["hybrid"], full["hybrid_raw"], strict=True):
+            lines.append(
+                f"| hybrid | {row['fraction']:g} | {row['routed']} | {_f(row['auc'])} | {_f(row['logloss'])} "
+                f"| {_f(row['acc'])} | {_f(raw['auc'])} | {_f(raw['logloss'])} |"
+            )
+        lines += ["", f"## Per CRM-entropy decile (evaluation subset, {subset['count']} samples)"]
     top = metrics["uncertain_10pct"]
     lines += [
         "",
@@ -130,6 +151,15 @@ def write_report(out: Path, metrics: dict[str, Any]) -> Path:
     return path
 
 
+def _full_test_columns(m: dict[str, Any]) -> list[float]:
+    full = m.get("full_test")
+    if not full or not full["hybrid"]:
+        return [NAN] * 6
+    at = min(full["hybrid"], key=lambda r: abs(r["fraction"] - 0.1))
+    return [full["crm_only"]["auc"], at["auc"], full["crm_only"]["logloss"], at["logloss"],
+            full["routed"]["crm_auc"], full["routed"]["llm_auc"]]  # fmt: skip
+
+
 def compare_runs(runs: list[Path]) -> tuple[list[str], list[list[Any]]]:
     """Side-by-side rows of several runs; refuses runs whose LLM evaluation subsets differ."""
     loaded = [(Path(r), read_json(Path(r) / "metrics.json")) for r in runs]
@@ -141,7 +171,8 @@ def compare_runs(runs: list[Path]) -> tuple[list[str], list[list[Any]]]:
         )
     columns = ["run", "variant", "CRM AUC", "LLM AUC", "LLM AUC top-10% H", "CRM AUC top-10% H",
                "hybrid@0.1 AUC", "hybrid@0.1 LogLoss", "raw swap@0.1 AUC", "raw swap@0.1 LogLoss",
-               "CRM LogLoss"]  # fmt: skip
+               "CRM LogLoss", "full test: CRM AUC", "full test: hybrid@0.1 AUC", "full test: CRM LogLoss",
+               "full test: hybrid@0.1 LogLoss", "full test routed: CRM AUC", "full test routed: LLM AUC"]  # fmt: skip
     rows = []
     for path, m in loaded:
         index = min(range(len(m["hybrid"])), key=lambda i: abs(m["hybrid"][i]["fraction"] - 0.1))
@@ -149,6 +180,6 @@ def compare_runs(runs: list[Path]) -> tuple[list[str], list[list[Any]]]:
         rows.append([
             path.name, m["ablation"], m["crm_only"]["auc"], m["llm_only"]["auc"],
             m["uncertain_10pct"]["llm_auc"], m["uncertain_10pct"]["crm_auc"], at["auc"], at["logloss"],
-            raw["auc"], raw["logloss"], m["crm_only"]["logloss"],
+            raw["auc"], raw["logloss"], m["crm_only"]["logloss"], *_full_test_columns(m),
         ])  # fmt: skip
     return columns, rows

@@ -222,7 +222,9 @@ def train_compare(
         columns, rows = compare_runs(runs)
     except (CorellaError, FileNotFoundError) as exc:
         raise _fail(exc if isinstance(exc, CorellaError) else CorellaError(str(exc))) from exc
-    console.print(_table("CoReLLa ablations (same evaluation subset)", columns, rows))
+    # one column per run, one row per figure: a dozen figures stay readable in a terminal
+    transposed = [[name, *(row[i] for row in rows)] for i, name in enumerate(columns) if i > 0]
+    console.print(_table("CoReLLa ablations (same evaluation subset)", ["figure", *(r[0] for r in rows)], transposed))
 
 
 @train_app.command("crm")

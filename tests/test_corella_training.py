@@ -123,6 +123,16 @@ def test_ablations_share_the_evaluation_subset(synthetic_dir, tiny_gguf, tmp_pat
     assert metrics["ablation"] == "llm-alone (TALLRec)" and metrics["crm_choice"]["used"] == "stage1"
     columns, rows = compare_runs([tmp_path / "full", tmp_path / "alone"])
     assert [r[1] for r in rows] == ["full CoReLLa", "llm-alone (TALLRec)"]
+    assert columns.index("full test: hybrid@0.1 AUC") and all(np.isfinite(r[columns.index("full test: CRM AUC")])
+                                                              for r in rows)  # fmt: skip
+    from typer.testing import CliRunner
+
+    from corella_cli.main import app
+
+    shown = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["train", "compare", str(tmp_path / "full"),
+                                                           str(tmp_path / "alone")])  # fmt: skip
+    assert shown.exit_code == 0, shown.output
+    assert "llm-alone (TALLRec)" in shown.output and "full test: hybrid@0.1 AUC" in shown.output
     other = _config(synthetic_dir, tiny_gguf, stage2_samples=8, stage3_samples=4).model_copy(
         update={"eval_samples": 30}
     )

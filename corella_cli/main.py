@@ -162,6 +162,9 @@ def train_corella_command(
     max_prompt_tokens: Annotated[int | None, typer.Option(help="prompt token budget")] = None,
     eval_samples: Annotated[int | None, typer.Option(help="test samples the LLM is scored on")] = None,
     router_fraction: Annotated[float | None, typer.Option(help="share routed to the LLM")] = None,
+    calibration_samples: Annotated[
+        int | None, typer.Option(help="routed validation samples the LLM's calibration is fitted on (0 = raw swap)")
+    ] = None,
     no_stage3: Annotated[bool, typer.Option("--no-stage3", help="ablation: skip the LLM-only stage")] = False,
     llm_alone: Annotated[bool, typer.Option("--llm-alone", help="ablation: the LLM trained alone (TALLRec)")] = False,
     seed: Annotated[int | None, typer.Option(help="seed of subsets and initialisation")] = None,
@@ -193,7 +196,8 @@ def train_corella_command(
         "llm": llm,
     }
     for key, value in (("max_prompt_tokens", max_prompt_tokens), ("eval_samples", eval_samples),
-                       ("router_fraction", router_fraction), ("threads", threads)):  # fmt: skip
+                       ("router_fraction", router_fraction), ("threads", threads),
+                       ("calibration_samples", calibration_samples)):  # fmt: skip
         if value is not None:
             overrides[key] = value
     if joint:

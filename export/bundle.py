@@ -312,11 +312,14 @@ def _export_llm(run: Path, llm_info: dict[str, Any], template: PromptTemplate, p
                   f"{quants[config.intermediate]['routed_auc']:.4f}", progress)  # fmt: skip
     # the LLM calibration is refitted on the shipped GGUF's own answers: quantization moves P(yes)
     # by several hundredths (measured above), as much as a small LLM's whole spread
+    # (only where training calibrated: a run trained with --calibration-samples 0 keeps the raw swap)
     shipped_routed = base_routed if config.quant in ("f16", "f32") else q_shipped_routed
-    calibration = LLMCalibration.fit(shipped_routed, labels)
-    router["llm_calibration"] = calibration.to_dict() | {
-        "fitted_on": f"{len(routed)} routed validation samples scored by llama.cpp with {shipped}"
-    }
+    calibration = LLMCalibration()
+    if "llm_calibration" in router:
+        calibration = LLMCalibration.fit(shipped_routed, labels)
+        router["llm_calibration"] = calibration.to_dict() | {
+            "fitted_on": f"{len(routed)} routed validation samples scored by llama.cpp with {shipped}"
+        }
     calibration_info = {"routed_logloss_raw": log_loss(labels, shipped_routed),
                         "routed_logloss_calibrated": log_loss(labels, calibration.apply(shipped_routed))}  # fmt: skip
     _progress(f"LLM calibration: P = sigmoid({calibration.slope:.3f} logit(p) + {calibration.intercept:.3f}); "

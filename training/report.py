@@ -25,6 +25,21 @@ def _f(value: float) -> str:
     return "n/a" if value != value else f"{value:.4f}"  # NaN check
 
 
+def _hybrid_table(crm: dict[str, Any], hybrid: list[dict[str, Any]], raw: list[dict[str, Any]] | None) -> list[str]:
+    """CRM-only and the hybrid at each fraction, calibrated and raw swap (runs from before calibration: n/a)."""
+    lines = [
+        "| model | LLM share | routed | AUC | LogLoss | ACC | raw-swap AUC | raw-swap LogLoss |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| CRM only | 0 | 0 | {_f(crm['auc'])} | {_f(crm['logloss'])} | {_f(crm['acc'])} | | |",
+    ]
+    for row, swap in zip(hybrid, raw or [{}] * len(hybrid), strict=True):
+        lines.append(
+            f"| hybrid | {row['fraction']:g} | {row['routed']} | {_f(row['auc'])} | {_f(row['logloss'])} "
+            f"| {_f(row['acc'])} | {_f(swap.get('auc', NAN))} | {_f(swap.get('logloss', NAN))} |"
+        )
+    return lines
+
+
 def markdown(metrics: dict[str, Any]) -> str:
     subset = metrics["eval_subset"]
     lines = [
@@ -39,17 +54,8 @@ def markdown(metrics: dict[str, Any]) -> str:
         "The hybrid swaps in the LLM's calibrated probability (Platt map fitted on routed validation "
         f"samples: {_calibration(metrics)}); the raw-swap columns are the paper's uncalibrated swap.",
         "",
-        "| model | LLM share | routed | AUC | LogLoss | ACC | raw-swap AUC | raw-swap LogLoss |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-        f"| CRM only | 0 | 0 | {_f(metrics['crm_only']['auc'])} | {_f(metrics['crm_only']['logloss'])} "
-        f"| {_f(metrics['crm_only']['acc'])} | | |",
+        *_hybrid_table(metrics["crm_only"], metrics["hybrid"], metrics.get("hybrid_raw")),
     ]
-    raw_rows = metrics.get("hybrid_raw") or [{}] * len(metrics["hybrid"])
-    for row, raw in zip(metrics["hybrid"], raw_rows, strict=True):
-        lines.append(
-            f"| hybrid | {row['fraction']:g} | {row['routed']} | {_f(row['auc'])} | {_f(row['logloss'])} "
-            f"| {_f(row['acc'])} | {_f(raw.get('auc', NAN))} | {_f(raw.get('logloss', NAN))} |"
-        )
     llm = metrics.get("llm_only_calibrated", metrics["llm_only"])
     lines.append(
         f"| LLM only | 1 | {subset['count']} | {_f(llm['auc'])} | {_f(llm['logloss'])} | {_f(llm['acc'])} "
@@ -65,17 +71,10 @@ def markdown(metrics: dict[str, Any]) -> str:
             f"On those {routed['count']} routed samples (positive rate {routed['positive_rate']:.3f}): CRM AUC "
             f"{_f(routed['crm_auc'])}, LLM AUC {_f(routed['llm_auc'])}.",
             "",
-            "| model | LLM share | routed | AUC | LogLoss | ACC | raw-swap AUC | raw-swap LogLoss |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-            f"| CRM only | 0 | 0 | {_f(full['crm_only']['auc'])} | {_f(full['crm_only']['logloss'])} "
-            f"| {_f(full['crm_only']['acc'])} | | |",
+            *_hybrid_table(full["crm_only"], full["hybrid"], full["hybrid_raw"]),
+            "",
+            f"## Per CRM-entropy decile (evaluation subset, {subset['count']} samples)",
         ]
-        for row, raw in zip(full["hybrid"], full["hybrid_raw"], strict=True):
-            lines.append(
-                f"| hybrid | {row['fraction']:g} | {row['routed']} | {_f(row['auc'])} | {_f(row['logloss'])} "
-                f"| {_f(row['acc'])} | {_f(raw['auc'])} | {_f(raw['logloss'])} |"
-            )
-        lines += ["", f"## Per CRM-entropy decile (evaluation subset, {subset['count']} samples)"]
     top = metrics["uncertain_10pct"]
     lines += [
         "",

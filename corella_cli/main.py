@@ -348,43 +348,59 @@ def export_command(
 
 
 # ---------------------------------------------------------------------------- serve and predict
+def _setting(name: str) -> str:
+    """The help of a `corella serve` option: the server setting's own description (one source)."""
+    from runtime.server import ServerSettings
+
+    return f"{ServerSettings.model_fields[name].description} (env CORELLA_{name.upper()})"
+
+
 @app.command()
 def serve(
     bundle: Annotated[Path, typer.Argument(help="bundle directory")],
-    host: Annotated[str, typer.Option(help="address to bind (loopback by default)")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
-    api_key: Annotated[
-        str | None, typer.Option(help="require 'Authorization: Bearer KEY' on /v1/*", envvar="CORELLA_API_KEY")
-    ] = None,
-    deadline_ms: Annotated[float, typer.Option(help="default request deadline")] = 2000.0,
-    max_candidates: Annotated[int, typer.Option(help="candidates per request (more: 413)")] = 500,
-    providers: Annotated[str, typer.Option(help="ONNX Runtime providers: auto, or tensorrt,cuda,cpu")] = "auto",
-    llm_threads: Annotated[int | None, typer.Option(help="llama.cpp threads")] = None,
-    llm_context: Annotated[int, typer.Option(help="llama.cpp context size")] = 4096,
-    no_llm: Annotated[bool, typer.Option("--no-llm", help="serve the CRM only")] = False,
-    store: Annotated[Path | None, typer.Option(help="live feature store (default: BUNDLE/state/store.sqlite)")] = None,
+    host: Annotated[str | None, typer.Option(help=_setting("host"))] = None,
+    port: Annotated[int | None, typer.Option(help=_setting("port"))] = None,
+    api_key: Annotated[str | None, typer.Option(help=_setting("api_key"))] = None,
+    deadline_ms: Annotated[float | None, typer.Option(help=_setting("default_deadline_ms"))] = None,
+    max_candidates: Annotated[int | None, typer.Option(help=_setting("max_candidates"))] = None,
+    providers: Annotated[str | None, typer.Option(help=_setting("providers"))] = None,
+    crm_threads: Annotated[int | None, typer.Option(help=_setting("crm_threads"))] = None,
+    llm_threads: Annotated[int | None, typer.Option(help=_setting("llm_threads"))] = None,
+    llm_contexts: Annotated[int | None, typer.Option(help=_setting("llm_contexts"))] = None,
+    llm_context: Annotated[int | None, typer.Option(help=_setting("llm_context"))] = None,
+    llm_batch_tokens: Annotated[int | None, typer.Option(help=_setting("llm_batch_tokens"))] = None,
+    llm_prefix_cache_tokens: Annotated[int | None, typer.Option(help=_setting("llm_prefix_cache_tokens"))] = None,
+    llm_queue_candidates: Annotated[int | None, typer.Option(help=_setting("llm_queue_candidates"))] = None,
+    llm: Annotated[
+        bool | None, typer.Option("--llm/--no-llm", help="serve with the LLM, or the CRM only [env: CORELLA_LOAD_LLM]")
+    ] = None,  # fmt: skip
+    store: Annotated[Path | None, typer.Option(help=_setting("store"))] = None,
 ) -> None:
     """Serve a bundle over HTTP: POST /v1/predict, POST /v1/events, GET /v1/model, /healthz, /readyz,
-    /metrics; OpenAPI docs at /docs. Every option can also come from CORELLA_<NAME> variables."""
+    /metrics; OpenAPI docs at /docs. An option not given comes from its CORELLA_<NAME> variable,
+    then from the default."""
     import uvicorn
     from pydantic import ValidationError
 
     from runtime.bundle import load_bundle
-    from runtime.server import ServerSettings, create_app
+    from runtime.server import ServerSettings, create_app, uvicorn_config
 
     try:
-        settings = ServerSettings(
-            bundle=bundle, host=host, port=port, api_key=api_key, default_deadline_ms=deadline_ms,
-            max_candidates=max_candidates, providers=providers, llm_threads=llm_threads, llm_context=llm_context,
-            load_llm=not no_llm, store=store,
+        settings = ServerSettings.from_options(
+            bundle, host=host, port=port, api_key=api_key, default_deadline_ms=deadline_ms,
+            max_candidates=max_candidates, providers=providers, crm_threads=crm_threads, llm_threads=llm_threads,
+            llm_contexts=llm_contexts, llm_context=llm_context, llm_batch_tokens=llm_batch_tokens,
+            llm_prefix_cache_tokens=llm_prefix_cache_tokens, llm_queue_candidates=llm_queue_candidates,
+            load_llm=llm, store=store,
         )  # fmt: skip
         load_bundle(bundle)  # refuse a bad bundle here, with its file named, before uvicorn starts
     except ValidationError as exc:
         raise _fail(CorellaError(str(exc))) from exc
     except CorellaError as exc:
         raise _fail(exc) from exc
-    console.print(f"serving {bundle} on http://{host}:{port}  (docs: http://{host}:{port}/docs)")
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+    base = f"http://{settings.host}:{settings.port}"
+    console.print(f"serving {bundle} on {base}  (docs: {base}/docs)")
+    uvicorn.Server(uvicorn_config(create_app(settings), settings)).run()
 
 
 @app.command()
@@ -442,7 +458,12 @@ def bench(
     gguf: Annotated[list[Path] | None, typer.Option(help="more GGUF files to compare (e.g. llm-f16.gguf)")] = None,
     quality_samples: Annotated[int, typer.Option(help="test samples for the quality figures")] = 500,
     hybrid_requests: Annotated[int, typer.Option(help="100-candidate requests timed per fraction")] = 8,
-    http_requests: Annotated[int, typer.Option(help="requests per concurrency level")] = 64,
+    http_seconds: Annotated[float, typer.Option(help="seconds of load at each concurrency level (http suite)")] = 30.0,
+    http_levels: Annotated[str, typer.Option(help="client counts of the http suite's levels")] = "1,8,32,64",
+    peer_users: Annotated[
+        int, typer.Option(help="users (x 10 candidates) for the comparison with llama-cpp-python's server; 0 skips it")
+    ] = 6,  # fmt: skip
+    overload_seconds: Annotated[float, typer.Option(help="seconds of the 256-client overload run; 0 skips it")] = 20.0,
     llm_requests: Annotated[int, typer.Option(help="requests (of 16 candidates) in the LLM suite")] = 4,
     threads: Annotated[int | None, typer.Option(help="CPU threads for ONNX Runtime, PyTorch and llama.cpp")] = None,
 ) -> None:
@@ -451,10 +472,15 @@ def bench(
     from benchmarks.report import run_bench
     from benchmarks.suites import BenchConfig
 
+    try:
+        levels = tuple(int(c) for c in http_levels.split(",") if c.strip())
+    except ValueError as exc:
+        raise _fail(CorellaError(f"--http-levels takes client counts like 1,8,32 (got {http_levels!r})")) from exc
     config = BenchConfig(
         suites=tuple(s.strip() for s in suites.split(",") if s.strip()), ggufs=list(gguf or []),
-        quality_samples=quality_samples, hybrid_requests=hybrid_requests, http_requests=http_requests,
-        llm_requests=llm_requests, threads=threads,
+        quality_samples=quality_samples, hybrid_requests=hybrid_requests, http_seconds=http_seconds,
+        http_concurrency=levels, peer_users=peer_users,
+        overload_seconds=overload_seconds, llm_requests=llm_requests, threads=threads,
     )  # fmt: skip
     try:
         results = run_bench(bundle, out, config, progress=lambda m: console.print(f"  {m}"))
@@ -485,7 +511,7 @@ def quickstart(
     from benchmarks.suites import BenchConfig
     from export.bundle import ExportConfig, export_bundle
     from runtime.paths import data_cache
-    from runtime.server import ServerSettings, create_app
+    from runtime.server import ServerSettings, create_app, uvicorn_config
     from training.data.registry import fetch_dataset
     from training.pipeline import preset_config, train_corella
 
@@ -513,8 +539,8 @@ def quickstart(
                 run, bundle, ExportConfig(quant="q4_k_m", quants_dir=quants), progress=lambda m: say(f"  {m}")
             )
         say("[bold]4/5 serve[/] one real request over HTTP")
-        server = uvicorn.Server(uvicorn.Config(create_app(ServerSettings(bundle=bundle, port=port)),
-                                               host="127.0.0.1", port=port, log_level="warning"))  # fmt: skip
+        settings = ServerSettings(bundle=bundle, port=port)
+        server = uvicorn.Server(uvicorn_config(create_app(settings), settings, log_level="warning"))
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
         try:
@@ -533,8 +559,9 @@ def quickstart(
         say(f"  POST /v1/predict user 1, 100 candidates: {answer['routed']} routed to the LLM, "
             f"{answer['timings_ms']['total']:.0f} ms; top 5: " + json.dumps(top)[:600])  # fmt: skip
         say("[bold]5/5 bench[/] (short)")
-        config = BenchConfig(quality_samples=300, hybrid_requests=3, http_requests=32, llm_requests=2,
-                             crm_iterations=100, ggufs=sorted(quants.glob("llm-*.gguf")))  # fmt: skip
+        config = BenchConfig(quality_samples=300, hybrid_requests=3, http_concurrency=(1, 8), http_seconds=10,
+                             peer_users=0, overload_seconds=0, llm_requests=2, crm_iterations=100,
+                             ggufs=sorted(quants.glob("llm-*.gguf")))  # fmt: skip
         results = run_bench(bundle, bench_dir, config, progress=lambda m: say(f"  {m}"))
     except CorellaError as exc:
         raise _fail(exc) from exc

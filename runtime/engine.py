@@ -2,8 +2,13 @@
 
 A request names one user and up to `max_candidates` items. The CRM scores all of them; the most
 uncertain (by the bundle's calibrated threshold, or the request's own `llm_fraction` budget) go to
-the LLM, whose probability replaces the CRM's (a hard swap, as in the paper). What the LLM cannot
-finish before the deadline, or fails on, is answered by the CRM and marked `crm_fallback`.
+the LLM scheduler, whose probability replaces the CRM's (a hard swap, as in the paper, after the
+bundle's calibration). What the LLM cannot answer is answered by the CRM, marked `crm_fallback`
+with a typed reason: the deadline passed, the LLM queue was full, the LLM failed, or there is no LLM.
+
+A request is served in two halves so that a server need not hold a thread while the LLM works:
+`begin` (encode, CRM, route, queue the LLM work; fast) and `finish` (collect the LLM's answers,
+whatever is done by the deadline). `predict` is both, waiting in between.
 """
 
 from __future__ import annotations
@@ -11,12 +16,10 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import threading
 import time
 from collections import Counter
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,31 +27,67 @@ import numpy as np
 
 from runtime.bundle import Bundle
 from runtime.crm import CRMSession
-from runtime.errors import ConfigError, CorellaError
+from runtime.errors import ConfigError, OverloadedError, RequestTooLarge
 from runtime.features import normalize_user_attributes
-from runtime.llm import LlamaScorer, LlamaSettings, LLMError
+from runtime.llm import LlamaModel, LLMError, default_threads, gpu_offload_supported
+from runtime.metrics import ServingMetrics
 from runtime.prompt import HistoryEntry, ItemText
 from runtime.router import LLMCalibration, binary_entropy, route_by_budget, route_by_threshold
+from runtime.scheduler import ItemState, LLMJob, LLMScheduler, SchedulerSettings
 from runtime.store import FeatureStore, Interaction
 
-__all__ = ["EngineSettings", "HistoryItem", "CandidateItem", "Request", "Engine", "Mode", "live_store"]
+__all__ = [
+    "EngineSettings",
+    "HistoryItem",
+    "CandidateItem",
+    "Request",
+    "Engine",
+    "Mode",
+    "FallbackReason",
+    "Pending",
+    "live_store",
+]
 
 log = logging.getLogger(__name__)
 
 Mode = Literal["hybrid", "crm", "llm"]
 
 
+class FallbackReason(StrEnum):
+    """Why a routed candidate was answered by the CRM."""
+
+    DEADLINE = "deadline"  # the LLM had not answered it by the request's deadline
+    OVERLOADED = "overloaded"  # the LLM queue could not take it in time
+    LLM_ERROR = "llm_error"  # llama.cpp failed on it
+    LLM_UNAVAILABLE = "llm_unavailable"  # the bundle's LLM failed to load
+    LLM_DISABLED = "llm_disabled"  # served without an LLM (--no-llm, or a CRM-only bundle)
+
+
 @dataclass(frozen=True)
 class EngineSettings:
     providers: tuple[str, ...] = ("auto",)
     crm_threads: int | None = None
-    llm_threads: int | None = None
-    llm_context: int = 4096
+    llm_threads: int | None = None  # per context; default: the cores split between the contexts
+    llm_contexts: int | None = None  # default: 1 (one context uses every core, or the GPU)
+    llm_context: int = 4096  # longest prompt (prefix + one candidate) in tokens
     llm_gpu_layers: int | None = None
+    llm_batch_tokens: int | None = None  # tokens per llama_decode; default 512 on a CPU, 2048 on a GPU
+    llm_max_sequences: int = 64  # candidates decoded together
+    llm_prefix_cache_tokens: int = 8192  # KV cells kept for users' prefixes, per context
+    llm_queue_candidates: int = 512  # routed candidates waiting for the LLM
     default_deadline_ms: float | None = 5000.0
     max_candidates: int = 500
     load_llm: bool = True
     store_path: Path | None = None  # the live feature store; default <bundle>/state/store.sqlite
+
+    def scheduler_settings(self, gpu: bool) -> SchedulerSettings:
+        contexts = self.llm_contexts or 1
+        threads = self.llm_threads or max(1, default_threads() // contexts)
+        return SchedulerSettings(
+            contexts=contexts, threads=threads, batch_tokens=self.llm_batch_tokens or (2048 if gpu else 512),
+            max_sequences=self.llm_max_sequences, prefix_cache_tokens=self.llm_prefix_cache_tokens,
+            queue_candidates=self.llm_queue_candidates, max_prompt_tokens=self.llm_context,
+        )  # fmt: skip
 
 
 def live_store(bundle: Bundle, path: Path | None = None) -> Path:
@@ -104,21 +143,48 @@ class Prepared:
 
 
 @dataclass
-class Stats:
-    """Counters the server exposes as Prometheus metrics."""
+class Pending:
+    """A request between `begin` and `finish`: CRM answers in hand, LLM work queued."""
 
-    routes: Counter = field(default_factory=Counter)
-    llm_errors: int = 0
-    deadline_fallbacks: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    request: Request
+    prepared: Prepared
+    crm_p: np.ndarray
+    entropy: np.ndarray
+    routed: np.ndarray  # indices of the routed candidates, most uncertain first
+    unknown: np.ndarray  # routed but untitled: no prompt possible, answered by the CRM
+    reasons: dict[int, FallbackReason]  # candidates already known to fall back
+    deadline: float | None
+    times: dict[str, float]  # perf_counter marks: arrived, encoded, crm
+    job: LLMJob | None = None
+    llm_error: str | None = None
+
+    def timeout(self) -> float | None:
+        return None if self.deadline is None else max(0.0, self.deadline - time.perf_counter())
+
+    def wait(self) -> None:
+        if self.job is not None:
+            self.job.wait(self.timeout())
+
+    async def wait_async(self) -> None:
+        if self.job is not None:
+            await self.job.wait_async(self.timeout())
+
+
+@dataclass
+class _Answers:
+    scores: np.ndarray
+    llm_raw: np.ndarray
+    reasons: dict[int, FallbackReason] = field(default_factory=dict)
 
 
 class Engine:
-    """Loads a verified bundle; `predict` is safe to call from many threads."""
+    """Loads a verified bundle; `predict` (or `begin` + `finish`) is safe to call from many threads."""
 
-    def __init__(self, bundle: Bundle, settings: EngineSettings | None = None) -> None:
+    def __init__(self, bundle: Bundle, settings: EngineSettings | None = None,
+                 metrics: ServingMetrics | None = None) -> None:  # fmt: skip
         self.bundle = bundle
         self.settings = settings = settings or EngineSettings()
+        self.metrics = metrics or ServingMetrics()
         self.spec = bundle.spec
         self.template = bundle.template
         self.threshold = float(bundle.router["threshold"])
@@ -128,37 +194,52 @@ class Engine:
             bundle.crm_file, settings.providers, settings.crm_threads, engine_cache=bundle.path / "trt_cache"
         )
         self.store = FeatureStore(live_store(bundle, settings.store_path))
-        self.stats = Stats()
-        self.llm: LlamaScorer | None = None
+        self.llm: LlamaModel | None = None
+        self.scheduler: LLMScheduler | None = None
         self.llm_load_error: str | None = None
-        self._llm_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama")
         if bundle.llm and settings.load_llm:
-            try:
-                self.llm = self._llm_worker.submit(self._load_llm).result()
-            except LLMError as exc:
-                # the server still answers with the CRM; every routed candidate is a counted fallback
-                self.llm_load_error = str(exc)
-                log.error("LLM unavailable, serving CRM only: %s", exc)
+            self._load_llm()
+        self.metrics.llm_loaded.set(1 if self.scheduler else 0)
+        self.metrics.watch("corella_llm_queue_candidates", "Routed candidates waiting for the LLM",
+                           lambda: self.scheduler.queued_candidates() if self.scheduler else 0)  # fmt: skip
+        self.metrics.watch("corella_llm_cached_prefixes", "User prefixes held in the LLM's KV cache",
+                           lambda: self.scheduler.cached_prefixes() if self.scheduler else 0)  # fmt: skip
 
-    def _load_llm(self) -> LlamaScorer:
-        info = self.bundle.llm
-        settings = LlamaSettings(
-            n_ctx=self.settings.llm_context,
-            n_threads=self.settings.llm_threads,
-            gpu_layers=self.settings.llm_gpu_layers,
-        )
-        return LlamaScorer(self.bundle.llm_file, info["yes_token_id"], info["no_token_id"], settings)
+    def _load_llm(self) -> None:
+        info, settings = self.bundle.llm, self.settings
+        try:
+            self.llm = LlamaModel(self.bundle.llm_file, info["yes_token_id"], info["no_token_id"],
+                                  settings.llm_gpu_layers)  # fmt: skip
+            gpu = self.llm.gpu_layers > 0 and gpu_offload_supported()
+            self.scheduler = LLMScheduler(self.llm, settings.scheduler_settings(gpu), observer=self.metrics)
+        except LLMError as exc:
+            # the server still answers with the CRM; routed candidates fall back, reason llm_unavailable
+            self.llm_load_error = str(exc)
+            log.error("LLM unavailable, serving CRM only: %s", exc)
+            if self.llm is not None:
+                self.llm.close()
+                self.llm = None
 
     def close(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.close()
+            self.scheduler = None
         if self.llm is not None:
-            self._llm_worker.submit(self.llm.close).result()
+            self.llm.close()
             self.llm = None
-        self._llm_worker.shutdown(wait=True)
         self.store.close()
 
     @property
+    def llm_status(self) -> str:
+        """One of "serving", "disabled" (no LLM asked for, or none in the bundle), "unavailable" (failed to load)."""
+        if self.scheduler is not None:
+            return "serving"
+        return "unavailable" if self.llm_load_error else "disabled"
+
+    @property
     def ready(self) -> bool:
-        return self.crm is not None and (self.llm is not None or not self.bundle.llm or not self.settings.load_llm)
+        """The CRM answers; a failed LLM degrades the answers (routed candidates fall back), not readiness."""
+        return self.crm is not None
 
     # ------------------------------------------------------------------ request pieces
     def _user(self, request: Request) -> tuple[dict[str, str], list[HistoryItem], bool]:
@@ -178,17 +259,6 @@ class Engine:
         else:
             history = []
         return attributes, history[-self.spec.history_length :], known or bool(history)
-
-    def _prompt_prefix_ids(self, history: list[HistoryItem]) -> list[int]:
-        catalog = self.store.items([h.item_id for h in history])
-        entries = [
-            HistoryEntry(catalog.get(h.item_id) or ItemText(title=h.title or f"item {h.item_id}"), h.rating)
-            for h in history
-        ]
-        llm = self.llm
-        fitted = self.template.fit_history(entries, lambda text: len(llm.tokenize(text)))
-        bos = self.bundle.llm.get("bos_token_id")
-        return ([bos] if bos is not None else []) + llm.tokenize(self.template.prefix(fitted))
 
     def prepare(self, request: Request) -> Prepared:
         """Resolve the user and the candidates (request first, then the store) and encode them."""
@@ -217,125 +287,190 @@ class Engine:
         )
         return Prepared(history, items, inputs, known_user)
 
-    def prompt_ids(self, history: list[HistoryItem], items: list[ItemText]) -> tuple[list[int], list[list[int]]]:
-        """Token ids of the shared prefix and of each item's suffix (call on the LLM worker)."""
-        return self._prompt_prefix_ids(history), [self.llm.tokenize(self.template.suffix(it)) for it in items]
+    def prompt_texts(self, history: list[HistoryItem], items: list[ItemText]) -> tuple[str, list[str]]:
+        """The shared prefix (the history fitted to the prompt budget) and each item's suffix."""
+        if self.llm is None:
+            raise LLMError("no LLM is loaded")
+        catalog = self.store.items([h.item_id for h in history])
+        entries = [
+            HistoryEntry(catalog.get(h.item_id) or ItemText(title=h.title or f"item {h.item_id}"), h.rating)
+            for h in history
+        ]
+        tokenize = self.llm.tokenize
+        fitted = self.template.fit_history(entries, lambda text: len(tokenize(text)))
+        return self.template.prefix(fitted), [self.template.suffix(it) for it in items]
 
-    def on_llm_worker(self, function: Any, *args: Any) -> Any:
-        """Run `function` on the thread that owns the llama.cpp context and wait for it."""
-        return self._llm_worker.submit(function, *args).result()
+    def prompt_ids(self, history: list[HistoryItem], items: list[ItemText]) -> tuple[list[int], list[list[int]]]:
+        """Token ids of the shared prefix (after BOS where the model has one) and of each item's suffix."""
+        prefix, suffixes = self.prompt_texts(history, items)
+        bos = self.bundle.llm.get("bos_token_id")
+        tokenize = self.llm.tokenize
+        return ([bos] if bos is not None else []) + tokenize(prefix), [tokenize(s) for s in suffixes]
+
+    def _route(self, request: Request, entropy: np.ndarray) -> np.ndarray:
+        n = len(entropy)
+        if request.mode == "crm":
+            return np.zeros(n, dtype=bool)
+        if request.mode == "llm":
+            return np.ones(n, dtype=bool)
+        if request.llm_fraction is not None:
+            return route_by_budget(entropy, request.llm_fraction)
+        return route_by_threshold(entropy, self.threshold)
 
     # ------------------------------------------------------------------ predict
-    def predict(self, request: Request) -> dict[str, Any]:
-        started = time.perf_counter()
+    def begin(self, request: Request, arrived: float | None = None) -> Pending:
+        """Encode, score with the CRM, route, and queue the routed work (the deadline counts from
+        `arrived`, a perf_counter value, default now). Raises OverloadedError for a mode "llm"
+        request that the LLM cannot take at all."""
+        started = arrived if arrived is not None else time.perf_counter()
         candidates = request.candidates
         if not candidates:
             raise ConfigError("a request needs at least one candidate")
         if len(candidates) > self.settings.max_candidates:
-            raise ConfigError(f"{len(candidates)} candidates exceed the limit of {self.settings.max_candidates}")
+            raise RequestTooLarge(f"{len(candidates)} candidates exceed the limit of {self.settings.max_candidates}")
         deadline_ms = request.deadline_ms if request.deadline_ms is not None else self.settings.default_deadline_ms
-        deadline = started + deadline_ms / 1000.0 if deadline_ms is not None else None
-
         prepared = self.prepare(request)
-        history, items, inputs = prepared.history, prepared.items, prepared.inputs
-        n = len(candidates)
         encoded = time.perf_counter()
-        crm_p = self.crm.predict(inputs)
-        crm_done = time.perf_counter()
+        crm_p = self.crm.predict(prepared.inputs)
         entropy = binary_entropy(crm_p)
+        routed = self._route(request, entropy)
+        titled = np.array([it is not None for it in prepared.items])
+        order = np.flatnonzero(routed & titled)
+        pending = Pending(
+            request, prepared, crm_p, entropy, order[np.argsort(-entropy[order], kind="stable")],
+            np.flatnonzero(routed & ~titled), {}, None if deadline_ms is None else started + deadline_ms / 1000.0,
+            {"arrived": started, "encoded": encoded, "crm": time.perf_counter()},
+        )  # fmt: skip
+        if len(pending.routed):
+            self._submit(pending)
+        return pending
 
-        if request.mode == "crm":
-            routed = np.zeros(n, dtype=bool)
-        elif request.mode == "llm":
-            routed = np.ones(n, dtype=bool)
-        elif request.llm_fraction is not None:
-            routed = route_by_budget(entropy, request.llm_fraction)
-        else:
-            routed = route_by_threshold(entropy, self.threshold)
-        titled = np.array([it is not None for it in items])
-        unknown_routed = routed & ~titled
-        routed &= titled
+    def _submit(self, pending: Pending) -> None:
+        routed = pending.routed
+        if self.scheduler is None:
+            reason = FallbackReason.LLM_UNAVAILABLE if self.llm_load_error else FallbackReason.LLM_DISABLED
+            pending.reasons.update(dict.fromkeys(routed.tolist(), reason))
+            pending.llm_error = self.llm_load_error
+            return
+        prepared = pending.prepared
+        try:
+            prefix, suffixes = self.prompt_ids(prepared.history, [prepared.items[i] for i in routed])
+            admission = self.scheduler.submit(prefix, suffixes, pending.deadline, user=pending.request.user_id)
+        except LLMError as exc:
+            log.warning("LLM refused a request, answering with the CRM: %s", exc)
+            pending.reasons.update(dict.fromkeys(routed.tolist(), FallbackReason.LLM_ERROR))
+            pending.llm_error = str(exc)
+            return
+        admitted, feasible = admission.admitted, admission.feasible
+        if admitted == 0 and feasible > 0 and pending.request.mode == "llm":
+            retry = self.scheduler.retry_after()
+            raise OverloadedError(f"the LLM queue is full ({self.scheduler.queued_candidates()} candidates "
+                                  f"waiting); retry in {retry:.1f} s", retry)  # fmt: skip
+        pending.reasons.update(dict.fromkeys(routed[admitted:feasible].tolist(), FallbackReason.OVERLOADED))
+        pending.reasons.update(dict.fromkeys(routed[max(admitted, feasible) :].tolist(), FallbackReason.DEADLINE))
+        pending.job = admission.job
 
-        scores = crm_p.copy()
-        llm_raw = np.full(n, np.nan)  # the LLM's own P(yes), before calibration
-        routes = np.array(["crm"] * n, dtype=object)
-        llm_error = None
-        if routed.any():
-            scores, routes, llm_error = self._llm_part(history, items, routed, scores, routes, llm_raw, deadline)
+    def finish(self, pending: Pending) -> dict[str, Any]:
+        """The answer: the LLM's answers that are in, the CRM's for the rest (cancels what is left)."""
+        crm_p, n = pending.crm_p, len(pending.crm_p)
+        answers = _Answers(crm_p.copy(), np.full(n, np.nan), dict(pending.reasons))
         llm_done = time.perf_counter()
-
-        with self.stats.lock:
-            self.stats.routes.update(routes.tolist())
-        notes = {
-            int(i): "unknown item: no title for the LLM, answered by the CRM" for i in np.flatnonzero(unknown_routed)
-        }
-        return {
+        if pending.job is not None:
+            self._take_llm(pending, answers)
+            llm_done = time.perf_counter()
+        routes = np.array(["crm"] * n, dtype=object)
+        routes[np.isfinite(answers.llm_raw)] = "llm"
+        for i in answers.reasons:
+            routes[i] = "crm_fallback"
+        fallbacks = Counter(str(r) for r in answers.reasons.values())
+        note = "unknown item: no title for the LLM, answered by the CRM"
+        unknown = set(pending.unknown.tolist())
+        times, request = pending.times, pending.request
+        answer = {
             "user_id": request.user_id,
-            "known_user": prepared.known_user,
-            "history_length": len(history),
+            "known_user": pending.prepared.known_user,
+            "history_length": len(pending.prepared.history),
             "predictions": [
                 {
                     "item_id": c.item_id,
-                    "score": float(scores[i]),
+                    "score": float(answers.scores[i]),
                     "route": routes[i],
                     "crm_score": float(crm_p[i]),
-                    **({"llm_score": float(llm_raw[i])} if routes[i] == "llm" else {}),
-                    "entropy": float(entropy[i]),
-                    **({"note": notes[i]} if i in notes else {}),
+                    **({"llm_score": float(answers.llm_raw[i])} if routes[i] == "llm" else {}),
+                    **({"fallback_reason": str(answers.reasons[i])} if i in answers.reasons else {}),
+                    "entropy": float(pending.entropy[i]),
+                    **({"note": note} if i in unknown else {}),
                 }
-                for i, c in enumerate(candidates)
+                for i, c in enumerate(request.candidates)
             ],  # fmt: skip
-            "routed": int(routed.sum()),
-            "llm_error": llm_error,
+            "routed": len(pending.routed),
+            "fallbacks": dict(fallbacks),
+            "llm_error": pending.llm_error,
             "timings_ms": {
-                "encode": 1000 * (encoded - started),
-                "crm": 1000 * (crm_done - encoded),
-                "llm": 1000 * (llm_done - crm_done),
-                "total": 1000 * (time.perf_counter() - started),
+                "encode": 1000 * (times["encoded"] - times["arrived"]),
+                "crm": 1000 * (times["crm"] - times["encoded"]),
+                "llm": 1000 * (llm_done - times["crm"]),
+                **self._job_timings(pending.job),
+                "total": 1000 * (time.perf_counter() - times["arrived"]),
             },
         }
+        self.metrics.observe(answer)
+        return answer
 
-    def _llm_part(self, history, items, routed, scores, routes, llm_raw, deadline):  # noqa: ANN001, ANN202
-        indices = np.flatnonzero(routed)
-        if self.llm is None:
-            self._count_error()
-            routes[indices] = "crm_fallback"
-            return scores, routes, self.llm_load_error or "no LLM in this bundle"
+    def _take_llm(self, pending: Pending, answers: _Answers) -> None:
+        job = pending.job
+        p, state = self.scheduler.collect(job)
+        indices = pending.routed[: job.size]
+        done = state == ItemState.DONE
+        answers.llm_raw[indices[done]] = p[done]
+        answers.scores[indices[done]] = self.calibration.apply(p[done])
+        for i, item_state in zip(indices[~done].tolist(), state[~done].tolist(), strict=True):
+            failed = item_state == ItemState.FAILED
+            answers.reasons[i] = FallbackReason.LLM_ERROR if failed else FallbackReason.DEADLINE
+        if job.error and (state == ItemState.FAILED).any():
+            pending.llm_error = job.error
 
-        def job() -> np.ndarray:
-            if deadline is not None and time.perf_counter() >= deadline:
-                raise TimeoutError
-            prefix, suffixes = self.prompt_ids(history, [items[i] for i in indices])
-            return self.llm.score_shared(prefix, suffixes, deadline=deadline)
+    @staticmethod
+    def _job_timings(job: LLMJob | None) -> dict[str, float]:
+        if job is None or job.first_planned is None:
+            return {}
+        end = job.finished if job.finished is not None else time.perf_counter()
+        queued, decoding = job.first_planned - job.enqueued, end - job.first_planned
+        return {"llm_queued": 1000 * queued, "llm_decoding": 1000 * decoding}
 
-        future: Future = self._llm_worker.submit(job)
-        timeout = None if deadline is None else max(0.0, deadline - time.perf_counter())
-        try:
-            llm_p = future.result(timeout=timeout)
-        except (FutureTimeout, TimeoutError):
-            future.cancel()
-            with self.stats.lock:
-                self.stats.deadline_fallbacks += len(indices)
-            routes[indices] = "crm_fallback"
-            return scores, routes, "deadline exceeded"
-        except CorellaError as exc:
-            self._count_error()
-            log.warning("LLM failed, answering with the CRM: %s", exc)
-            routes[indices] = "crm_fallback"
-            return scores, routes, str(exc)
-        done = ~np.isnan(llm_p)
-        llm_raw[indices[done]] = llm_p[done]
-        scores[indices[done]] = self.calibration.apply(llm_p[done])
-        routes[indices[done]] = "llm"
-        routes[indices[~done]] = "crm_fallback"
-        if (~done).any():
-            with self.stats.lock:
-                self.stats.deadline_fallbacks += int((~done).sum())
-        return scores, routes, None if done.all() else "deadline exceeded"
+    def predict(self, request: Request, arrived: float | None = None) -> dict[str, Any]:
+        pending = self.begin(request, arrived)
+        pending.wait()
+        return self.finish(pending)
 
-    def _count_error(self) -> None:
-        with self.stats.lock:
-            self.stats.llm_errors += 1
+    def score_prompts(self, prefix: list[int], suffixes: list[list[int]]) -> np.ndarray:
+        """P(yes) of prefix + each suffix through the scheduler, with no deadline (bench, tests)."""
+        return self.score_many([(prefix, suffixes)])[0]
+
+    def score_many(self, prompts: list[tuple[list[int], list[list[int]]]], wave: int = 64) -> list[np.ndarray]:
+        """`score_prompts` for many prefixes at once: they are queued in waves and decoded together."""
+        if self.scheduler is None:
+            raise LLMError(self.llm_load_error or "no LLM is loaded")
+        out: list[np.ndarray] = []
+        for start in range(0, len(prompts), wave):
+            jobs = []
+            for prefix, suffixes in prompts[start : start + wave]:
+                job = self.scheduler.submit(prefix, suffixes, None).job
+                if job is None or job.size < len(suffixes):
+                    raise OverloadedError("the LLM queue is full", self.scheduler.retry_after())
+                jobs.append(job)
+            for job in jobs:
+                job.wait()
+                p, state = self.scheduler.collect(job)
+                if (state != ItemState.DONE).any():
+                    raise LLMError(job.error or "the LLM did not answer every prompt")
+                out.append(p)
+        return out
 
     def append_events(self, events: list[Interaction]) -> int:
-        return self.store.append(events)
+        count = self.store.append(events)
+        if self.scheduler is not None:
+            for user in {e.user_id for e in events}:
+                self.scheduler.invalidate_user(user)
+        self.metrics.events.inc(count)
+        return count

@@ -10,6 +10,8 @@ __all__ = [
     "PromptError",
     "ConfigError",
     "StoreError",
+    "RequestTooLarge",
+    "OverloadedError",
 ]
 
 
@@ -39,3 +41,15 @@ class ConfigError(CorellaError):
 
 class StoreError(CorellaError):
     """The feature store cannot be opened or is of another schema."""
+
+
+class RequestTooLarge(CorellaError):
+    """A request exceeds a configured limit (candidates per request, body size)."""
+
+
+class OverloadedError(CorellaError):
+    """The LLM cannot take a request that asked for it alone (mode "llm"); try again later."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

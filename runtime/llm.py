@@ -1,12 +1,12 @@
-"""The slow path: P(" Yes") from a GGUF model in llama.cpp, with the user's shared prefix cached.
+"""The slow path's llama.cpp layer: P(" Yes") of prompts given as token ids.
 
-A request's candidates share one prefix (instruction + the user's history). The prefix is decoded
-once into sequence 0 of a unified KV cache; for each chunk of candidates the prefix's cells are
-shared (llama_memory_seq_cp) into sequences 1..m, and all the candidates' suffixes are decoded in
-one batch, each as its own sequence, with logits requested only at each suffix's last token.
-Only the two answer logits are read from each output row.
+`LlamaModel` holds a GGUF's weights and vocabulary; any thread may tokenize with it. A
+`LlamaContext` is one KV cache and one batch on that model: it decodes tokens of many sequences
+in one `llama_decode` and reads only the two answer logits of the rows that asked for them. A
+context is not thread-safe: one owner thread (a scheduler loop, see runtime/scheduler.py).
 
-A llama.cpp context is not thread-safe: one `LlamaScorer` belongs to one worker thread.
+`LlamaScorer` is a model with one context that scores prompts directly, one caller at a time:
+export's parity checks and the bench's per-mode timings use it; serving goes through the scheduler.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import numpy as np
 
 from runtime.errors import CorellaError
 
-__all__ = ["LLMError", "LlamaSettings", "LlamaScorer", "gpu_offload_supported"]
+__all__ = ["LLMError", "LlamaSettings", "LlamaModel", "LlamaContext", "LlamaScorer", "gpu_offload_supported"]
 
 log = logging.getLogger(__name__)
 _backend_lock = threading.Lock()
@@ -80,33 +80,24 @@ def gpu_offload_supported() -> bool:
         return False
 
 
-@dataclass(frozen=True)
-class LlamaSettings:
-    n_ctx: int = 4096
-    n_batch: int = 1024
-    max_sequences: int = 33  # prefix + up to 32 candidates decoded together
-    n_threads: int | None = None
-    gpu_layers: int | None = None  # None: all layers where the build can offload, else 0
-
-    def threads(self) -> int:
-        return self.n_threads or max(1, os.cpu_count() or 1)
+def default_threads() -> int:
+    return max(1, os.cpu_count() or 1)
 
 
-class LlamaScorer:
-    """One llama.cpp model + context, scoring prompts given as token ids."""
+class LlamaModel:
+    """A GGUF's weights and vocabulary, shared by every context made on it."""
 
-    def __init__(self, path: str | Path, yes_id: int, no_id: int, settings: LlamaSettings | None = None) -> None:
+    def __init__(self, path: str | Path, yes_id: int, no_id: int, gpu_layers: int | None = None) -> None:
         self.path = Path(path)
-        self.settings = settings = settings or LlamaSettings()
         self.yes_id, self.no_id = int(yes_id), int(no_id)
         lib = self._lib = _llama()
         if not self.path.is_file():
             raise LLMError(f"{self.path}: GGUF file not found")
-        model_params = lib.llama_model_default_params()
+        params = lib.llama_model_default_params()
         offload = lib.llama_supports_gpu_offload()
-        model_params.n_gpu_layers = settings.gpu_layers if settings.gpu_layers is not None else (999 if offload else 0)
-        self.gpu_layers = int(model_params.n_gpu_layers)
-        self._model = lib.llama_model_load_from_file(str(self.path).encode(), model_params)
+        params.n_gpu_layers = gpu_layers if gpu_layers is not None else (999 if offload else 0)
+        self.gpu_layers = int(params.n_gpu_layers)
+        self._model = lib.llama_model_load_from_file(str(self.path).encode(), params)
         if not self._model:
             raise LLMError(f"{self.path}: llama.cpp could not load this GGUF file{_native_error()}")
         self._vocab = lib.llama_model_get_vocab(self._model)
@@ -115,50 +106,16 @@ class LlamaScorer:
             if not 0 <= token < self.n_vocab:
                 self.close()
                 raise LLMError(f"{self.path}: {name} token id {token} outside the vocabulary ({self.n_vocab})")
-        ctx_params = lib.llama_context_default_params()
-        ctx_params.n_ctx = settings.n_ctx
-        ctx_params.n_batch = settings.n_batch
-        ctx_params.n_ubatch = min(settings.n_batch, 512)
-        ctx_params.n_seq_max = settings.max_sequences
-        ctx_params.n_threads = ctx_params.n_threads_batch = settings.threads()
-        ctx_params.kv_unified = True
-        ctx_params.no_perf = True
-        self._ctx = lib.llama_init_from_model(self._model, ctx_params)
-        if not self._ctx:
-            self.close()
-            raise LLMError(
-                f"{self.path}: llama.cpp could not create a context of {settings.n_ctx} tokens{_native_error()}"
-            )
-        self.n_ctx = int(lib.llama_n_ctx(self._ctx))
-        self.n_batch = int(lib.llama_n_batch(self._ctx))  # llama.cpp caps it at n_ctx
-        self._memory = lib.llama_get_memory(self._ctx)
-        self._batch = lib.llama_batch_init(settings.n_batch, 0, settings.max_sequences)
-        self._lock = threading.Lock()
         self.bos_id = int(lib.llama_vocab_bos(self._vocab))
         self.add_bos = bool(lib.llama_vocab_get_add_bos(self._vocab))
 
-    # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
-        lib = self._lib
-        if getattr(self, "_batch", None) is not None:
-            lib.llama_batch_free(self._batch)
-            self._batch = None
-        if getattr(self, "_ctx", None):
-            lib.llama_free(self._ctx)
-            self._ctx = None
         if getattr(self, "_model", None):
-            lib.llama_model_free(self._model)
+            self._lib.llama_model_free(self._model)
             self._model = None
 
-    def __enter__(self) -> LlamaScorer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    # ------------------------------------------------------------------ tokens
     def tokenize(self, text: str) -> list[int]:
-        """Token ids of `text` with no BOS and no special-token parsing."""
+        """Token ids of `text` with no BOS and no special-token parsing (safe from any thread)."""
         data = text.encode("utf-8")
         capacity = len(data) + 8
         buffer = (self._lib.llama_token * capacity)()
@@ -169,28 +126,119 @@ class LlamaScorer:
             count = self._lib.llama_tokenize(self._vocab, data, len(data), buffer, capacity, False, False)
         return list(buffer[:count])
 
-    # ------------------------------------------------------------------ decoding
-    def _decode(
+
+class LlamaContext:
+    """One KV cache (unified across sequences) and one batch on a model. One owner thread."""
+
+    def __init__(self, model: LlamaModel, n_ctx: int, n_batch: int, n_seq_max: int, threads: int | None = None) -> None:
+        lib = self._lib = model._lib
+        self.model = model
+        params = lib.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = n_batch
+        params.n_ubatch = min(n_batch, 512)
+        params.n_seq_max = n_seq_max
+        params.n_threads = params.n_threads_batch = threads or default_threads()
+        # one KV buffer for all sequences: a prefix's cells are shared with its candidates' sequences
+        # (llama_memory_seq_cp adds a sequence to cells, it copies no data)
+        params.kv_unified = True
+        # a sliding-window model keeps every cached prefix whole (ours are shorter than the window)
+        params.swa_full = True
+        params.no_perf = True
+        self._ctx = lib.llama_init_from_model(model._model, params)
+        if not self._ctx:
+            raise LLMError(f"{model.path}: llama.cpp could not create a context of {n_ctx} tokens{_native_error()}")
+        self.n_ctx = int(lib.llama_n_ctx(self._ctx))
+        self.n_batch = int(lib.llama_n_batch(self._ctx))  # llama.cpp caps it at n_ctx
+        self.n_seq_max = int(lib.llama_n_seq_max(self._ctx))
+        self._memory = lib.llama_get_memory(self._ctx)
+        self._batch = lib.llama_batch_init(self.n_batch, 0, 1)
+
+    def close(self) -> None:
+        if getattr(self, "_batch", None) is not None:
+            self._lib.llama_batch_free(self._batch)
+            self._batch = None
+        if getattr(self, "_ctx", None):
+            self._lib.llama_free(self._ctx)
+            self._ctx = None
+
+    def decode(
         self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[int], logits: Sequence[bool]
     ) -> None:
+        """One llama_decode of up to n_batch tokens, each in its own sequence at its position."""
+        n = len(tokens)
+        if n > self.n_batch:
+            raise LLMError(f"a batch of {n} tokens exceeds n_batch {self.n_batch}")
         batch = self._batch
-        for i, (token, pos, seq, want) in enumerate(zip(tokens, positions, seqs, logits, strict=True)):
-            batch.token[i] = token
-            batch.pos[i] = pos
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = seq
-            batch.logits[i] = want
-        batch.n_tokens = len(tokens)
+        one_seq_each = np.ones(n, dtype=np.int32)
+        for field, values, dtype in (("token", tokens, np.int32), ("pos", positions, np.int32),
+                                     ("logits", logits, np.int8), ("n_seq_id", one_seq_each, np.int32)):  # fmt: skip
+            array = np.ascontiguousarray(values, dtype=dtype)  # kept alive by the name until copied
+            ctypes.memmove(getattr(batch, field), array.ctypes.data, array.nbytes)
+        seq_id = batch.seq_id
+        for i, seq in enumerate(seqs):
+            seq_id[i][0] = seq
+        batch.n_tokens = n
         status = self._lib.llama_decode(self._ctx, batch)
         if status != 0:
-            raise LLMError(f"llama_decode failed with status {status} ({len(tokens)} tokens)")
+            raise LLMError(f"llama_decode failed with status {status} ({n} tokens){_native_error()}")
 
-    def _answer(self, index: int) -> float:
+    def answer(self, index: int) -> float:
+        """P(yes) from the logits of batch row `index` (a row decoded with its logits flag set)."""
         row = self._lib.llama_get_logits_ith(self._ctx, index)
         if not row:
             raise LLMError("llama.cpp returned no logits")
-        diff = float(row[self.yes_id]) - float(row[self.no_id])
+        diff = float(row[self.model.yes_id]) - float(row[self.model.no_id])
         return 1.0 / (1.0 + np.exp(-diff))
+
+    def copy_sequence(self, source: int, target: int) -> None:
+        self._lib.llama_memory_seq_cp(self._memory, source, target, -1, -1)
+
+    def remove_sequence(self, seq: int) -> None:
+        self._lib.llama_memory_seq_rm(self._memory, seq, -1, -1)
+
+    def clear(self) -> None:
+        self._lib.llama_memory_clear(self._memory, True)
+
+
+@dataclass(frozen=True)
+class LlamaSettings:
+    n_ctx: int = 4096
+    n_batch: int = 1024
+    max_sequences: int = 33  # prefix + up to 32 candidates decoded together
+    n_threads: int | None = None
+    gpu_layers: int | None = None  # None: all layers where the build can offload, else 0
+
+    def threads(self) -> int:
+        return self.n_threads or default_threads()
+
+
+class LlamaScorer:
+    """One model and one context scoring prompts directly, one call at a time (export, bench)."""
+
+    def __init__(self, path: str | Path, yes_id: int, no_id: int, settings: LlamaSettings | None = None) -> None:
+        self.settings = settings = settings or LlamaSettings()
+        self.model = LlamaModel(path, yes_id, no_id, settings.gpu_layers)
+        try:
+            self.context = LlamaContext(self.model, settings.n_ctx, settings.n_batch, settings.max_sequences,
+                                        settings.threads())  # fmt: skip
+        except LLMError:
+            self.model.close()
+            raise
+        self.path, self.gpu_layers = self.model.path, self.model.gpu_layers
+        self.n_ctx, self.n_batch = self.context.n_ctx, self.context.n_batch
+        self.tokenize = self.model.tokenize
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self.context.close()
+        self.model.close()
+
+    def __enter__(self) -> LlamaScorer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _prefill(self, tokens: Sequence[int], seq: int, want_last: bool) -> int | None:
         """Decode tokens into `seq` in n_batch chunks; the batch index of the last token's logits."""
@@ -203,19 +251,15 @@ class LlamaScorer:
             if final and want_last:
                 flags[-1] = True
                 last = len(chunk) - 1
-            self._decode(chunk, range(start, start + len(chunk)), [seq] * len(chunk), flags)
+            self.context.decode(chunk, range(start, start + len(chunk)), [seq] * len(chunk), flags)
         return last
 
     def score_shared(
-        self,
-        prefix: Sequence[int],
-        suffixes: Sequence[Sequence[int]],
-        deadline: float | None = None,
-        max_chunk: int | None = None,
+        self, prefix: Sequence[int], suffixes: Sequence[Sequence[int]], max_chunk: int | None = None
     ) -> np.ndarray:
-        """P(yes) of prefix + suffix for every suffix; the prefix is decoded once.
+        """P(yes) of prefix + suffix for every suffix; the prefix is decoded once into sequence 0,
+        shared with sequences 1..m, and as many suffixes as fit are decoded together.
 
-        With a `deadline` (time.perf_counter() value), chunks not started by then are left NaN.
         `max_chunk` caps the candidates decoded together (1: the prefix is shared but every
         candidate is its own decode, the middle point the benchmark measures).
         """
@@ -228,17 +272,13 @@ class LlamaScorer:
         if longest == 0:
             raise LLMError("a prompt suffix is empty")
         out = np.full(len(suffixes), np.nan)
+        context = self.context
         with self._lock:
-            lib, memory = self._lib, self._memory
-            lib.llama_memory_clear(memory, True)
+            context.clear()
             self._prefill(prefix, 0, want_last=False)
-            start = len(prefix)
-            capacity = self.n_ctx - start
+            start, capacity = len(prefix), self.n_ctx - len(prefix)
             i = 0
             while i < len(suffixes):
-                if deadline is not None and time.perf_counter() >= deadline:
-                    break
-                # a chunk: as many candidates as the batch, the sequences and the context allow
                 chunk, tokens = [], 0
                 while (i + len(chunk) < len(suffixes) and len(chunk) < per_chunk
                        and tokens + len(suffixes[i + len(chunk)]) <= min(self.n_batch, capacity)):  # fmt: skip
@@ -248,18 +288,18 @@ class LlamaScorer:
                     raise LLMError(f"a suffix of {len(suffixes[i])} tokens does not fit the batch or context")
                 ids, pos, seqs, flags, last = [], [], [], [], []
                 for seq, index in enumerate(chunk, start=1):
-                    lib.llama_memory_seq_cp(memory, 0, seq, -1, -1)
+                    context.copy_sequence(0, seq)
                     suffix = suffixes[index]
                     ids += suffix
                     pos += range(start, start + len(suffix))
                     seqs += [seq] * len(suffix)
                     flags += [False] * (len(suffix) - 1) + [True]
                     last.append(len(ids) - 1)
-                self._decode(ids, pos, seqs, flags)
+                context.decode(ids, pos, seqs, flags)
                 for index, row in zip(chunk, last, strict=True):
-                    out[index] = self._answer(row)
+                    out[index] = context.answer(row)
                 for seq in range(1, len(chunk) + 1):
-                    lib.llama_memory_seq_rm(memory, seq, -1, -1)
+                    context.remove_sequence(seq)
                 i += len(chunk)
         return out
 
@@ -268,9 +308,9 @@ class LlamaScorer:
         if len(prompt) > self.n_ctx:
             raise LLMError(f"prompt of {len(prompt)} tokens exceeds the context of {self.n_ctx}")
         with self._lock:
-            self._lib.llama_memory_clear(self._memory, True)
+            self.context.clear()
             last = self._prefill(prompt, 0, want_last=True)
-            return self._answer(last)
+            return self.context.answer(last)
 
     def timed_score_shared(self, prefix: Sequence[int], suffixes: Sequence[Sequence[int]]) -> tuple[np.ndarray, float]:
         started = time.perf_counter()

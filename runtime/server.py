@@ -3,32 +3,39 @@
 `create_app(settings)` builds an app; the bundle and models load in the lifespan and live on
 `app.state`. Nothing happens at import time. A user's mistake is a 4xx with a JSON error envelope,
 never a 5xx.
+
+Predictions never hold a worker thread while the LLM works: the handler runs the CRM half of a
+request on the thread pool, then awaits the LLM scheduler's answer on the event loop. Health,
+readiness and metrics are plain coroutines, so they answer however many predictions are waiting.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
+import math
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from runtime import __version__
 from runtime.bundle import load_bundle
 from runtime.engine import CandidateItem, Engine, EngineSettings, HistoryItem
 from runtime.engine import Request as EngineRequest
-from runtime.errors import ConfigError, CorellaError
+from runtime.errors import ConfigError, CorellaError, OverloadedError, RequestTooLarge
+from runtime.metrics import ServingMetrics
 from runtime.store import Interaction
 
-__all__ = ["ServerSettings", "create_app", "PredictBody", "EventsBody", "to_engine_request"]
+__all__ = ["ServerSettings", "create_app", "uvicorn_config", "PredictBody", "EventsBody", "to_engine_request"]
 
 log = logging.getLogger(__name__)
 
@@ -44,27 +51,52 @@ class ServerSettings(BaseSettings):
     api_key: str | None = Field(None, description="when set, /v1/* needs 'Authorization: Bearer KEY'")
     max_candidates: int = Field(500, ge=1, le=100_000, description="candidates per request; more is a 413")
     max_body_bytes: int = Field(2_000_000, ge=1024, description="request body limit; more is a 413")
-    default_deadline_ms: float | None = Field(2000.0, gt=0, description="deadline of a request that sets none")
+    default_deadline_ms: float | None = Field(2000.0, gt=0, description="deadline of a request that sets none, "
+                                              "counted from its arrival")  # fmt: skip
     providers: str = Field("auto", description="ONNX Runtime providers: auto or a comma list of tensorrt,cuda,cpu")
     crm_threads: int | None = Field(None, ge=1, le=256, description="ONNX Runtime intra-op threads")
-    llm_threads: int | None = Field(None, ge=1, le=256, description="llama.cpp threads")
-    llm_context: int = Field(4096, ge=64, le=131072, description="llama.cpp context size in tokens")
+    llm_threads: int | None = Field(None, ge=1, le=256, description="llama.cpp threads per context "
+                                    "(default: the cores split between the contexts)")  # fmt: skip
+    llm_contexts: int | None = Field(None, ge=1, le=64, description="llama.cpp contexts, each with its own "
+                                     "decode loop and KV cache (default 1)")  # fmt: skip
+    llm_context: int = Field(4096, ge=64, le=131072, description="longest prompt (prefix + one candidate) in tokens")
     llm_gpu_layers: int | None = Field(None, ge=0, description="layers on the GPU (default: all where possible)")
+    llm_batch_tokens: int | None = Field(None, ge=32, le=65536, description="tokens per llama_decode "
+                                         "(default 512 on a CPU, 2048 on a GPU)")  # fmt: skip
+    llm_max_sequences: int = Field(64, ge=1, le=200, description="candidates decoded together")
+    llm_prefix_cache_tokens: int = Field(8192, ge=256, le=1_048_576, description="KV cells kept for users' "
+                                         "prefixes (instruction + history), per context")  # fmt: skip
+    llm_queue_candidates: int = Field(512, ge=1, le=1_000_000, description="routed candidates that may wait "
+                                      "for the LLM; beyond, they are answered by the CRM at once "
+                                      "(mode llm: 429)")  # fmt: skip
+    limit_concurrency: int = Field(2048, ge=1, description="open connections uvicorn serves before answering 503")
     load_llm: bool = Field(True, description="load the LLM (False: CRM-only serving)")
     store: Path | None = Field(None, description="live feature store (default: <bundle>/state/store.sqlite)")
+
+    @classmethod
+    def from_options(cls, bundle: Path, **options: Any) -> ServerSettings:
+        """Settings from command-line options: an option left as None falls back to its CORELLA_
+        variable, then to the default (passing every option explicitly would hide the variables)."""
+        return cls(bundle=bundle, **{k: v for k, v in options.items() if v is not None})
 
     def engine_settings(self) -> EngineSettings:
         return EngineSettings(
             providers=tuple(p.strip() for p in self.providers.split(",") if p.strip()),
-            crm_threads=self.crm_threads,
-            llm_threads=self.llm_threads,
-            llm_context=self.llm_context,
-            llm_gpu_layers=self.llm_gpu_layers,
-            default_deadline_ms=self.default_deadline_ms,
-            max_candidates=self.max_candidates,
-            load_llm=self.load_llm,
-            store_path=self.store,
-        )
+            crm_threads=self.crm_threads, llm_threads=self.llm_threads, llm_contexts=self.llm_contexts,
+            llm_context=self.llm_context, llm_gpu_layers=self.llm_gpu_layers, llm_batch_tokens=self.llm_batch_tokens,
+            llm_max_sequences=self.llm_max_sequences, llm_prefix_cache_tokens=self.llm_prefix_cache_tokens,
+            llm_queue_candidates=self.llm_queue_candidates, default_deadline_ms=self.default_deadline_ms,
+            max_candidates=self.max_candidates, load_llm=self.load_llm, store_path=self.store,
+        )  # fmt: skip
+
+
+def uvicorn_config(app: FastAPI, settings: ServerSettings, log_level: str = "info") -> Any:
+    """uvicorn's own limits: a bounded number of connections, a deep accept backlog."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
+                          limit_concurrency=settings.limit_concurrency, backlog=2048,
+                          timeout_keep_alive=30)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- request bodies
@@ -93,7 +125,8 @@ class PredictBody(_Strict):
     candidates: list[CandidateBody] = Field(min_length=1, description="items to score")
     mode: Literal["hybrid", "crm", "llm"] = "hybrid"
     llm_fraction: float | None = Field(None, ge=0, le=1, description="route this share of the candidates to the LLM")
-    deadline_ms: float | None = Field(None, gt=0, le=600_000, description="answer by then; late LLM work falls back")
+    deadline_ms: float | None = Field(None, gt=0, le=600_000, description="answer this long after arrival at the "
+                                      "latest; LLM work not done by then is answered by the CRM")  # fmt: skip
 
 
 class EventBody(_Strict):
@@ -124,87 +157,27 @@ def to_engine_request(body: PredictBody) -> EngineRequest:
     )
 
 
-# ---------------------------------------------------------------------------- metrics
-class _Metrics:
-    def __init__(self) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Histogram
-
-        self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "corella_requests_total", "HTTP requests", ["endpoint", "status"], registry=self.registry
-        )
-        self.candidates = Counter("corella_candidates_total", "Candidates answered, by route", ["route"],
-                                  registry=self.registry)  # fmt: skip
-        self.fallbacks = Counter("corella_llm_fallbacks_total", "Routed candidates answered by the CRM",
-                                 ["reason"], registry=self.registry)  # fmt: skip
-        self.llm_errors = Counter("corella_llm_errors_total", "Requests whose LLM part failed", registry=self.registry)
-        self.latency = Histogram(
-            "corella_latency_seconds", "Time per request in each path", ["path"], registry=self.registry,
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-        )  # fmt: skip
-        self.events = Counter("corella_events_total", "Interactions appended", registry=self.registry)
-
-    def observe(self, answer: dict[str, Any]) -> None:
-        for prediction in answer["predictions"]:
-            self.candidates.labels(prediction["route"]).inc()
-        fallbacks = sum(p["route"] == "crm_fallback" for p in answer["predictions"])
-        if fallbacks:
-            reason = "deadline" if answer["llm_error"] == "deadline exceeded" else "error"
-            self.fallbacks.labels(reason).inc(fallbacks)
-            if reason == "error":
-                self.llm_errors.inc()
-        for path in ("crm", "llm", "total"):
-            self.latency.labels(path).observe(answer["timings_ms"][path] / 1000.0)
-
-
-def _error(status: int, kind: str, message: str, details: Any = None) -> JSONResponse:
+# ---------------------------------------------------------------------------- errors
+def _error(status: int, kind: str, message: str, details: Any = None, headers: dict[str, str] | None = None
+           ) -> JSONResponse:  # fmt: skip
     body: dict[str, Any] = {"error": {"type": kind, "message": message}}
     if details is not None:
         body["error"]["details"] = details
-    return JSONResponse(status_code=status, content=body)
+    return JSONResponse(status_code=status, content=body, headers=headers)
 
 
-# ---------------------------------------------------------------------------- the app
-def create_app(settings: ServerSettings) -> FastAPI:
-    metrics = _Metrics()
+_HTTP_KINDS = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
+               503: "not_ready"}  # fmt: skip
+#: corella's error types and the answer each gets; the first match in this order wins
+_ERROR_ANSWERS: tuple[tuple[type[CorellaError], int, str], ...] = (
+    (RequestTooLarge, 413, "payload_too_large"),
+    (OverloadedError, 429, "overloaded"),
+    (ConfigError, 400, "bad_request"),
+    (CorellaError, 500, "internal_error"),
+)
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):  # noqa: ANN202
-        app.state.loaded = False
-        bundle = await run_in_threadpool(load_bundle, settings.bundle)
-        app.state.bundle = bundle
-        app.state.engine = await run_in_threadpool(Engine, bundle, settings.engine_settings())
-        app.state.loaded = True
-        log.info("serving %s (CRM on %s; LLM %s)", settings.bundle, app.state.engine.crm.providers[0],
-                 "loaded" if app.state.engine.llm else "not loaded")  # fmt: skip
-        try:
-            yield
-        finally:
-            app.state.loaded = False
-            await run_in_threadpool(app.state.engine.close)
 
-    app = FastAPI(
-        title="corella",
-        version=__version__,
-        description="CTR predictions: a DCNv2 CRM for every candidate, an LLM for the uncertain few.",
-        lifespan=lifespan,
-    )
-    app.state.settings = settings
-    app.state.metrics = metrics
-
-    @app.middleware("http")
-    async def limits_and_counts(request: Request, call_next):  # noqa: ANN001, ANN202
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
-            response = _error(413, "payload_too_large", f"request body of {length} bytes exceeds "
-                              f"{settings.max_body_bytes}")  # fmt: skip
-        else:
-            response = await call_next(request)
-        route = request.scope.get("route")
-        endpoint = getattr(route, "path", "unmatched")
-        metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        return response
-
+def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         details = [
@@ -213,25 +186,67 @@ def create_app(settings: ServerSettings) -> FastAPI:
         fields = ", ".join(d["field"] or "body" for d in details[:5])
         return _error(422, "validation_error", f"invalid request: {fields}", details)
 
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        kinds = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
-                 503: "not_ready"}  # fmt: skip
-        response = _error(exc.status_code, kinds.get(exc.status_code, "http_error"), str(exc.detail))
-        if exc.headers:
-            response.headers.update(exc.headers)
-        return response
-
-    @app.exception_handler(ConfigError)
-    async def config_error(request: Request, exc: ConfigError) -> JSONResponse:
-        return _error(400, "bad_request", str(exc))
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = _HTTP_KINDS.get(exc.status_code, "http_error")
+        return _error(exc.status_code, kind, str(exc.detail), headers=getattr(exc, "headers", None))
 
     @app.exception_handler(CorellaError)
     async def corella_error(request: Request, exc: CorellaError) -> JSONResponse:
-        log.exception("request failed")
-        return _error(500, "internal_error", str(exc))
+        status, kind = next((s, k) for t, s, k in _ERROR_ANSWERS if isinstance(exc, t))
+        headers = None
+        if isinstance(exc, OverloadedError):
+            headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
+        if status >= 500:
+            log.error("request failed: %s", exc)
+        return _error(status, kind, str(exc), headers=headers)
 
-    def require_key(authorization: Annotated[str | None, Header()] = None) -> None:
+
+# ---------------------------------------------------------------------------- the gate (pure ASGI)
+class _Gate:
+    """Stamps each request's arrival (deadlines count from it), refuses bodies over the limit, and
+    counts requests by endpoint and status. Pure ASGI: no extra task per request."""
+
+    def __init__(self, app: Any, settings: ServerSettings, metrics: ServingMetrics) -> None:
+        self.app, self.settings, self.metrics = app, settings, metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        scope.setdefault("state", {})["arrived"] = time.perf_counter()
+        status = [500]
+
+        async def counted_send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        length = dict(scope.get("headers") or []).get(b"content-length", b"")
+        limit = self.settings.max_body_bytes
+        try:
+            if length.isdigit() and int(length) > limit:
+                await _error(413, "payload_too_large", f"request body of {int(length)} bytes exceeds {limit}")(
+                    scope, receive, counted_send
+                )
+            else:
+                await self.app(scope, receive, counted_send)
+        finally:
+            endpoint = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(endpoint, str(status[0])).inc()
+
+
+# ---------------------------------------------------------------------------- endpoints
+# dependencies are coroutines: a sync one would take a thread-pool hop per request
+async def _engine(request: Request) -> Engine:
+    # serving starts once loading has finished; an LLM that failed to load means CRM fallbacks
+    if not getattr(request.app.state, "loaded", False):
+        raise HTTPException(503, "models are still loading")
+    return request.app.state.engine
+
+
+def _api_router(settings: ServerSettings) -> APIRouter:
+    async def require_key(authorization: Annotated[str | None, Header()] = None) -> None:
         if settings.api_key is None:
             return
         scheme, _, token = (authorization or "").partition(" ")
@@ -239,23 +254,20 @@ def create_app(settings: ServerSettings) -> FastAPI:
             raise HTTPException(401, "missing or wrong API key (Authorization: Bearer KEY)",
                                 headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
 
-    def get_engine(request: Request) -> Engine:
-        # serving starts once loading has finished; an LLM that failed to load means CRM fallbacks
-        if not getattr(request.app.state, "loaded", False):
-            raise HTTPException(503, "models are still loading")
-        return request.app.state.engine
+    router = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
 
-    @app.post("/v1/predict", dependencies=[Depends(require_key)])
-    def predict(body: PredictBody, engine: Engine = Depends(get_engine)) -> dict[str, Any]:
-        """Score one user's candidates; each answer carries its score, route and CRM entropy."""
-        if len(body.candidates) > settings.max_candidates:
-            raise HTTPException(413, f"{len(body.candidates)} candidates exceed the limit of {settings.max_candidates}")
-        answer = engine.predict(to_engine_request(body))
-        metrics.observe(answer)
-        return answer
+    @router.post("/predict")
+    async def predict(body: PredictBody, request: Request, engine: Engine = Depends(_engine)) -> dict[str, Any]:
+        """Score one user's candidates; each answer carries its score, route and CRM entropy. Routed
+        candidates the LLM cannot answer in time are answered by the CRM (`crm_fallback` with a
+        `fallback_reason`); a mode "llm" request the LLM cannot take at all is a 429 with Retry-After."""
+        arrived = request.scope["state"]["arrived"]
+        pending = await run_in_threadpool(engine.begin, to_engine_request(body), arrived)
+        await pending.wait_async()
+        return engine.finish(pending)
 
-    @app.post("/v1/events", dependencies=[Depends(require_key)])
-    def events(body: EventsBody, engine: Engine = Depends(get_engine)) -> dict[str, Any]:
+    @router.post("/events")
+    def events(body: EventsBody, engine: Engine = Depends(_engine)) -> dict[str, Any]:
         """Append interactions; the next prediction for those users reads them."""
         now = int(time.time())
         count = engine.append_events(
@@ -264,50 +276,94 @@ def create_app(settings: ServerSettings) -> FastAPI:
                 for e in body.events
             ]  # fmt: skip
         )
-        metrics.events.inc(count)
         return {"appended": count}
 
-    @app.get("/v1/model", dependencies=[Depends(require_key)])
-    def model(engine: Engine = Depends(get_engine)) -> dict[str, Any]:
+    @router.get("/model")
+    def model(engine: Engine = Depends(_engine)) -> dict[str, Any]:
         """What is being served: versions, files, router, parity and export-time metrics."""
-        manifest = engine.bundle.manifest
-        llm = manifest.get("llm") or {}
-        return {
-            "corella_version": __version__,
-            "bundle": str(engine.bundle.path),
-            "format_version": manifest["format_version"],
-            "created_at": manifest.get("created_at"),
-            "crm": {"file": manifest["crm"]["file"], "providers": engine.crm.providers,
-                    "parity": manifest["crm"].get("parity"), "tensorrt": manifest["crm"].get("tensorrt")},
-            "llm": {"file": llm.get("file"), "quant": llm.get("quant"), "loaded": engine.llm is not None,
-                    "gpu_layers": engine.llm.gpu_layers if engine.llm else None,
-                    "load_error": engine.llm_load_error} if llm else None,
-            "router": manifest["router"],
-            "metrics": manifest.get("metrics"),
-            "store": engine.store.counts(),
-            "limits": {"max_candidates": settings.max_candidates, "max_body_bytes": settings.max_body_bytes,
-                       "default_deadline_ms": settings.default_deadline_ms},
-        }  # fmt: skip
+        return _model_summary(engine, settings)
 
-    @app.get("/healthz")
-    def healthz() -> dict[str, str]:
+    return router
+
+
+def _model_summary(engine: Engine, settings: ServerSettings) -> dict[str, Any]:
+    manifest = engine.bundle.manifest
+    llm = manifest.get("llm") or {}
+    scheduler = engine.scheduler
+    return {
+        "corella_version": __version__,
+        "bundle": str(engine.bundle.path),
+        "format_version": manifest["format_version"],
+        "created_at": manifest.get("created_at"),
+        "crm": {"file": manifest["crm"]["file"], "providers": engine.crm.providers,
+                "parity": manifest["crm"].get("parity"), "tensorrt": manifest["crm"].get("tensorrt")},
+        "llm": {"file": llm.get("file"), "quant": llm.get("quant"), "status": engine.llm_status,
+                "loaded": engine.llm is not None, "gpu_layers": engine.llm.gpu_layers if engine.llm else None,
+                "load_error": engine.llm_load_error,
+                "scheduler": scheduler.settings.__dict__ | scheduler.stats() if scheduler else None} if llm else None,
+        "router": manifest["router"],
+        "metrics": manifest.get("metrics"),
+        "store": engine.store.counts(),
+        "limits": {"max_candidates": settings.max_candidates, "max_body_bytes": settings.max_body_bytes,
+                   "default_deadline_ms": settings.default_deadline_ms},
+    }  # fmt: skip
+
+
+def _ops_router() -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/healthz")
+    async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz")
-    def readyz(request: Request) -> JSONResponse:
-        """200 once the CRM and (where the bundle has one) the LLM are loaded."""
+    @router.get("/readyz")
+    async def readyz(request: Request) -> JSONResponse:
+        """200 once the models are loaded. An LLM that failed to load leaves the server ready with
+        "degraded": true: the CRM answers, routed candidates fall back (reason llm_unavailable)."""
         engine = getattr(request.app.state, "engine", None)
-        loaded = getattr(request.app.state, "loaded", False)
-        ready = bool(loaded and engine is not None and engine.ready)
+        ready = bool(getattr(request.app.state, "loaded", False) and engine is not None and engine.ready)
         content: dict[str, Any] = {"ready": ready}
-        if engine is not None and engine.llm_load_error:
-            content["llm_error"] = engine.llm_load_error
+        if engine is not None:
+            content |= {"llm": engine.llm_status, "degraded": engine.llm_status == "unavailable"}
+            if engine.llm_load_error:
+                content["llm_error"] = engine.llm_load_error
         return JSONResponse(status_code=200 if ready else 503, content=content)
 
-    @app.get("/metrics")
-    def prometheus() -> PlainTextResponse:
+    @router.get("/metrics")
+    async def prometheus(request: Request) -> PlainTextResponse:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return PlainTextResponse(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    return router
+
+
+# ---------------------------------------------------------------------------- the app
+def create_app(settings: ServerSettings) -> FastAPI:
+    metrics = ServingMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):  # noqa: ANN202
+        app.state.loaded = False
+        bundle = await run_in_threadpool(load_bundle, settings.bundle)
+        app.state.engine = engine = await run_in_threadpool(Engine, bundle, settings.engine_settings(), metrics)
+        app.state.loaded = True
+        log.info("serving %s (CRM on %s; LLM %s)", settings.bundle, engine.crm.providers[0], engine.llm_status)
+        try:
+            yield
+        finally:
+            app.state.loaded = False
+            await run_in_threadpool(engine.close)
+
+    app = FastAPI(
+        title="corella",
+        version=__version__,
+        description="CTR predictions: a DCNv2 CRM for every candidate, an LLM for the uncertain few.",
+        lifespan=lifespan,
+    )
+    app.state.settings, app.state.metrics = settings, metrics
+    app.add_middleware(_Gate, settings=settings, metrics=metrics)
+    _add_error_handlers(app)
+    app.include_router(_api_router(settings))
+    app.include_router(_ops_router())
     return app

@@ -57,3 +57,22 @@ def test_train_crm_command_writes_metrics(synthetic_dir, tmp_path):
     metrics = json.loads((out / "crm" / "metrics.json").read_text())
     assert metrics["fit"]["epochs_run"] == 2
     assert "by CRM entropy decile" in result.output
+
+
+def test_serve_reads_corella_variables_and_options_override_them(tmp_path, monkeypatch):
+    # an invalid value in the environment is refused: the variable is read, not hidden by a default
+    monkeypatch.setenv("CORELLA_LLM_QUEUE_CANDIDATES", "0")
+    result = runner.invoke(app, ["serve", str(tmp_path)])
+    assert result.exit_code == 2 and "llm_queue_candidates" in result.output and "Traceback" not in result.output
+    # the option wins over the variable; the next check is the bundle, named in the error
+    result = runner.invoke(app, ["serve", str(tmp_path), "--llm-queue-candidates", "5"])
+    assert result.exit_code == 2 and "manifest.json: missing" in result.output
+
+    from runtime.server import ServerSettings
+
+    monkeypatch.setenv("CORELLA_DEFAULT_DEADLINE_MS", "750")
+    monkeypatch.setenv("CORELLA_LOAD_LLM", "false")
+    settings = ServerSettings.from_options(tmp_path, port=9001, default_deadline_ms=None, load_llm=None,
+                                           llm_queue_candidates=9)  # fmt: skip
+    assert (settings.port, settings.default_deadline_ms, settings.load_llm) == (9001, 750.0, False)
+    assert settings.llm_queue_candidates == 9

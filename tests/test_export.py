@@ -130,7 +130,7 @@ def test_export_calibrates_the_shipped_llm_and_the_engine_applies_it(bundle, tmp
         answer = engine.predict(request)
         prepared = engine.prepare(request)
         prefix, suffixes = engine.prompt_ids(prepared.history, prepared.items)
-        raw = engine.on_llm_worker(engine.llm.score_shared, prefix, suffixes)
+        raw = engine.score_prompts(prefix, suffixes)
     finally:
         engine.close()
     predictions = answer["predictions"]

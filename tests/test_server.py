@@ -29,7 +29,7 @@ def _body(n: int = 5, **extra) -> dict:
 
 def test_predict_scores_and_routes(bundle):
     with _client(bundle) as client:
-        assert client.get("/readyz").json() == {"ready": True}
+        assert client.get("/readyz").json() == {"ready": True, "llm": "serving", "degraded": False}
         answer = client.post("/v1/predict", json=_body(40, llm_fraction=0.25)).json()
         routes = [p["route"] for p in answer["predictions"]]
         assert len(routes) == 40 and routes.count("llm") == 10
@@ -38,7 +38,7 @@ def test_predict_scores_and_routes(bundle):
         kept = [p for p in answer["predictions"] if p["route"] == "crm"]
         assert min(p["entropy"] for p in routed) >= max(p["entropy"] for p in kept)
         assert answer["known_user"] and answer["history_length"] == 5
-        assert set(answer["timings_ms"]) == {"encode", "crm", "llm", "total"}
+        assert set(answer["timings_ms"]) == {"encode", "crm", "llm", "llm_queued", "llm_decoding", "total"}
         crm_only = client.post("/v1/predict", json=_body(3, mode="crm")).json()
         assert {p["route"] for p in crm_only["predictions"]} == {"crm"}
         model = client.get("/v1/model").json()
@@ -93,8 +93,9 @@ def test_deadline_falls_back_to_the_crm(bundle):
     with _client(bundle) as client:
         answer = client.post("/v1/predict", json=_body(8, mode="llm", deadline_ms=0.001)).json()
         assert {p["route"] for p in answer["predictions"]} == {"crm_fallback"}
+        assert {p["fallback_reason"] for p in answer["predictions"]} == {"deadline"}
         assert all(p["score"] == p["crm_score"] for p in answer["predictions"])
-        assert answer["llm_error"] == "deadline exceeded"
+        assert answer["fallbacks"] == {"deadline": 8} and answer["llm_error"] is None
         assert 'corella_llm_fallbacks_total{reason="deadline"} 8.0' in client.get("/metrics").text
 
 
@@ -105,6 +106,7 @@ def test_llm_error_falls_back_and_is_counted(bundle):
                 "candidates": [{"item_id": f"new-{i}", "title": "Long Title " * 45} for i in range(4)]}  # fmt: skip
         answer = client.post("/v1/predict", json=body).json()
         assert {p["route"] for p in answer["predictions"]} == {"crm_fallback"}
+        assert answer["fallbacks"] == {"llm_error": 4}
         assert "exceeds the context" in answer["llm_error"]
         assert "corella_llm_errors_total 1.0" in client.get("/metrics").text
         assert client.get("/healthz").status_code == 200
@@ -117,10 +119,15 @@ def test_unloadable_gguf_keeps_serving_with_the_crm(bundle, tmp_path):
     manifest["llm"]["file"] = "features.json"  # hashed and present, but no GGUF
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with _client(copy) as client:
+        # ready, degraded: the CRM answers and says so, instead of a 503 for good
         ready = client.get("/readyz")
-        assert ready.status_code == 503 and "could not load" in ready.json()["llm_error"]
+        assert ready.status_code == 200 and ready.json()["degraded"] and ready.json()["llm"] == "unavailable"
+        assert "could not load" in ready.json()["llm_error"]
         answer = client.post("/v1/predict", json=_body(3, mode="llm")).json()
         assert {p["route"] for p in answer["predictions"]} == {"crm_fallback"}
+        assert answer["fallbacks"] == {"llm_unavailable": 3}
+        metrics = client.get("/metrics").text
+        assert "corella_llm_loaded 0.0" in metrics and "corella_llm_errors_total 0.0" in metrics
 
 
 def test_events_persist_across_a_restart(bundle, tmp_path):

@@ -1,0 +1,657 @@
+"""The LLM scheduler: continuous batching of every in-flight request's routed work.
+
+A request's routed work is one `LLMJob`: the user's prefix (instruction + history, as token ids)
+and one suffix per routed candidate, most uncertain first. Each llama.cpp context has a loop that,
+round after round, takes work from the front of its queue - new prefixes and the suffixes of jobs
+whose prefix is ready, from as many requests as the batch holds - and decodes it in one
+`llama_decode`, each suffix in a sequence of its own that shares its prefix's KV cells. A job is
+answered as soon as its own items are, never after other requests' whole requests.
+
+Prefixes stay cached across requests (LRU over KV cells, keyed by their token ids): a user's next
+request decodes only its suffixes. An event for a user drops that user's cached prefixes.
+
+Deadlines count from a request's arrival. Admission estimates when the queue ahead will be done
+(the measured seconds per token times the tokens waiting) and admits only the candidates that can
+be answered in time, up to a bound on queued candidates; the rest are refused at once, so that
+the request is answered by the CRM at CRM speed. Work whose deadline has passed, or that could
+not finish before it, is dropped before decoding, never decoded for nobody.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+import numpy as np
+
+from runtime.errors import ConfigError
+from runtime.llm import LlamaContext, LlamaModel, LLMError
+
+__all__ = ["Admission", "ItemState", "LLMJob", "SchedulerSettings", "SchedulerObserver", "LLMScheduler"]
+
+log = logging.getLogger(__name__)
+
+
+class ItemState(IntEnum):
+    """What became of one routed candidate."""
+
+    PENDING = 0  # queued or being decoded
+    DONE = 1  # answered by the LLM
+    EXPIRED = 2  # dropped before decoding: its deadline passed or could not be met
+    FAILED = 3  # llama.cpp failed on it
+    CANCELLED = 4  # the request stopped waiting
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    contexts: int = 1  # llama.cpp contexts, each with its own loop and KV cache
+    threads: int | None = None  # threads per context
+    batch_tokens: int = 512  # tokens per llama_decode
+    max_sequences: int = 64  # candidate suffixes decoded together
+    prefix_cache_tokens: int = 8192  # KV cells kept for prefixes, per context
+    queue_candidates: int = 512  # routed candidates waiting for the LLM, over all contexts
+    max_prompt_tokens: int = 4096  # longest prompt (prefix + one suffix) accepted
+
+    def __post_init__(self) -> None:
+        # llama.cpp keeps at most 256 sequences, and no more than one batch's worth of outputs
+        if not 1 <= self.max_sequences <= min(254, self.batch_tokens - 2):
+            raise ConfigError(f"llm max sequences {self.max_sequences} must lie in [1, min(254, batch tokens - 2)]")
+        if self.contexts < 1 or self.queue_candidates < 1:
+            raise ConfigError("llm contexts and queue candidates must be at least 1")
+
+    @property
+    def prefix_slots(self) -> int:
+        """Sequences for cached prefixes: one per 128 cache tokens (the prompts here are 200-300
+        tokens), within llama.cpp's limits. llama.cpp reserves a full-vocabulary logits row per
+        sequence, so they are not made plentiful for nothing."""
+        room = min(256, self.batch_tokens) - self.max_sequences
+        return max(2, min(room, self.prefix_cache_tokens // 128))
+
+    @property
+    def context_tokens(self) -> int:
+        return self.prefix_cache_tokens + self.batch_tokens
+
+
+@dataclass
+class Admission:
+    """What `submit` took: the first `admitted` suffixes (as `job`); of the rest, those before
+    `feasible` were refused for lack of room or time (overloaded), the others could not have been
+    answered by the deadline even by an idle LLM (late)."""
+
+    admitted: int
+    feasible: int
+    job: LLMJob | None = None
+
+
+class SchedulerObserver:
+    """Where the scheduler reports what it does (the server's Prometheus metrics); no-ops here."""
+
+    def batch(self, tokens: int, sequences: int, seconds: float) -> None: ...
+
+    def job_finished(self, queued_s: float, decoding_s: float) -> None: ...
+
+    def prefix_lookup(self, hit: bool) -> None: ...
+
+    def dropped(self, reason: str, count: int) -> None: ...
+
+
+class LLMJob:
+    """One request's routed work: a prefix and its candidates' suffixes (most uncertain first)."""
+
+    def __init__(self, prefix: Sequence[int], suffixes: Sequence[Sequence[int]], deadline: float | None,
+                 user: str | None, enqueued: float) -> None:  # fmt: skip
+        self.prefix = tuple(prefix)
+        self.suffixes = [list(s) for s in suffixes]
+        self.deadline, self.user, self.enqueued = deadline, user, enqueued
+        self.p = np.full(len(self.suffixes), np.nan)
+        self.state = np.zeros(len(self.suffixes), dtype=np.int8)
+        self.next = 0  # first item not yet planned into a batch
+        self.inflight = 0
+        self.error: str | None = None
+        self.first_planned: float | None = None
+        self.finished: float | None = None
+        self.prefix_hit = False
+        self.abandoned = False  # the request stopped waiting before every item was resolved
+        self._event = threading.Event()
+        self._lock: threading.Lock | None = None  # the scheduler's
+        self._callbacks: list[Callable[[], None]] = []
+        self._entry: _PrefixEntry | None = None
+        self._worker: _Worker | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.suffixes)
+
+    @property
+    def done(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._event.wait(timeout)
+
+    async def wait_async(self, timeout: float | None = None) -> bool:
+        """Wait without holding a thread: the scheduler wakes the event loop when the job is done."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+
+        def wake() -> None:
+            loop.call_soon_threadsafe(lambda: future.done() or future.set_result(True))
+
+        self._add_callback(wake)
+        try:
+            await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            return self.done
+        return True
+
+    def _add_callback(self, callback: Callable[[], None]) -> None:
+        with self._lock:  # the scheduler finishes jobs under this lock: no wake-up is lost
+            if self._event.is_set():
+                callback()
+            else:
+                self._callbacks.append(callback)
+
+    def _unplanned_tokens(self) -> int:
+        return sum(len(s) for s in self.suffixes[self.next :])
+
+
+class _PrefixEntry:
+    def __init__(self, key: tuple[int, ...]) -> None:
+        self.key = key
+        self.seq: int | None = None  # the KV sequence holding it, once allocated
+        self.planned = 0  # tokens put into batches
+        self.filled = 0  # tokens decoded
+        self.refs = 0  # queued jobs using it
+        self.busy = False  # part of the batch being decoded
+        self.users: set[str] = set()
+        self.stale = False  # dropped from the index; freed once unused
+        self.error: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.filled == len(self.key)
+
+
+class _PrefixCache:
+    """Prefixes by token ids, least recently used first, within a KV-cell and a sequence budget."""
+
+    def __init__(self, capacity_tokens: int, sequences: range) -> None:
+        self.capacity = capacity_tokens
+        self.entries: OrderedDict[tuple[int, ...], _PrefixEntry] = OrderedDict()
+        self.free = list(reversed(sequences))
+        self.used = 0  # tokens of entries holding a sequence
+        self.removals: list[int] = []  # sequences to clear in the KV cache before the next decode
+
+    def acquire(self, key: tuple[int, ...], user: str | None) -> tuple[_PrefixEntry, bool]:
+        entry = self.entries.get(key)
+        hit = entry is not None
+        if entry is None:
+            entry = self.entries[key] = _PrefixEntry(key)
+        self.entries.move_to_end(key)
+        entry.refs += 1
+        if user is not None:
+            entry.users.add(user)
+        return entry, hit
+
+    def release(self, entry: _PrefixEntry) -> None:
+        entry.refs -= 1
+        if entry.refs == 0 and not entry.busy and (entry.stale or entry.error or not entry.ready):
+            self._drop(entry)
+
+    def allocate(self, entry: _PrefixEntry) -> bool:
+        """Give `entry` a sequence and room for its tokens, evicting unused prefixes LRU-first."""
+        need = len(entry.key)
+        for victim in list(self.entries.values()):
+            if self.free and self.used + need <= self.capacity:
+                break
+            if victim.refs == 0 and not victim.busy and victim.seq is not None:
+                self._drop(victim)
+        if not self.free or self.used + need > self.capacity:
+            return False
+        entry.seq = self.free.pop()
+        self.used += need
+        return True
+
+    def invalidate(self, user: str) -> int:
+        dropped = 0
+        for entry in [e for e in self.entries.values() if user in e.users]:
+            entry.stale = True
+            del self.entries[entry.key]
+            dropped += 1
+            if entry.refs == 0 and not entry.busy:
+                self._drop(entry)
+        return dropped
+
+    def after_batch(self, entry: _PrefixEntry) -> None:
+        entry.busy = False
+        if entry.refs == 0 and (entry.stale or entry.error):
+            self._drop(entry)
+
+    def _drop(self, entry: _PrefixEntry) -> None:
+        if self.entries.get(entry.key) is entry:
+            del self.entries[entry.key]
+        if entry.seq is not None:
+            self.removals.append(entry.seq)
+            self.free.append(entry.seq)
+            self.used -= len(entry.key)
+            entry.seq = None
+
+
+@dataclass
+class _Plan:
+    removals: list[int]
+    prefixes: list[tuple[_PrefixEntry, tuple[int, ...], int]] = field(default_factory=list)  # entry, tokens, start
+    suffixes: list[tuple[LLMJob, int, int]] = field(default_factory=list)  # job, item, sequence
+    tokens: int = 0
+
+
+class _Worker:
+    """One llama.cpp context, its prefix cache, its queue and its loop."""
+
+    def __init__(self, index: int, context: LlamaContext | None, settings: SchedulerSettings) -> None:
+        self.index, self.context = index, context
+        slots = settings.prefix_slots
+        self.cache = _PrefixCache(settings.prefix_cache_tokens, range(slots))
+        self.suffix_seqs = list(range(slots, slots + settings.max_sequences))
+        self.queue: deque[LLMJob] = deque()
+        self.seconds_per_token = 0.001
+        self.batch_started: float | None = None
+        self.batch_tokens = 0
+        self.thread: threading.Thread | None = None
+        self.condition: threading.Condition | None = None
+
+    def backlog_tokens(self, now: float) -> float:
+        """Tokens ahead of a new job: unplanned prefixes and suffixes, and what is left of the batch."""
+        tokens = 0.0
+        seen: set[int] = set()
+        for job in self.queue:
+            tokens += job._unplanned_tokens()
+            entry = job._entry
+            if entry is not None and id(entry) not in seen and not entry.ready:
+                seen.add(id(entry))
+                tokens += len(entry.key) - entry.planned
+        if self.batch_started is not None:
+            elapsed = (now - self.batch_started) / self.seconds_per_token
+            tokens += max(0.0, self.batch_tokens - elapsed)
+        return tokens
+
+
+class LLMScheduler:
+    """Owns the llama.cpp contexts of one model and decodes all requests' routed work in batches.
+
+    `start=False` runs no threads: `step()` then plans and decodes one round on the caller's
+    thread (tests drive it with their own `clock`).
+    """
+
+    def __init__(self, model: LlamaModel, settings: SchedulerSettings | None = None,
+                 observer: SchedulerObserver | None = None, clock: Callable[[], float] = time.perf_counter,
+                 start: bool = True) -> None:  # fmt: skip
+        self.model = model
+        self.settings = settings = settings or SchedulerSettings()
+        self.observer = observer or SchedulerObserver()
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._paused = False
+        self._closing = False
+        self._queued = 0  # candidates waiting, all workers
+        self.decoded_tokens = 0
+        self.decoded_candidates = 0
+        self.decodes = 0
+        n_seq_max = settings.prefix_slots + settings.max_sequences
+        self.workers: list[_Worker] = []
+        try:
+            for index in range(settings.contexts):
+                context = LlamaContext(model, settings.context_tokens, settings.batch_tokens, n_seq_max,
+                                       settings.threads)  # fmt: skip
+                self.workers.append(_Worker(index, context, settings))
+        except LLMError:
+            self._close_contexts()
+            raise
+        for worker in self.workers:
+            self._warm_up(worker)
+            worker.condition = threading.Condition(self._lock)
+            if start:
+                worker.thread = threading.Thread(target=self._loop, args=(worker,), daemon=True,
+                                                 name=f"llama-{worker.index}")  # fmt: skip
+                worker.thread.start()
+
+    # ------------------------------------------------------------------ lifecycle
+    def _warm_up(self, worker: _Worker) -> None:
+        """One decode before serving: the first request does not pay for it, and admission starts
+        from a measured speed instead of a guess."""
+        tokens = self.model.tokenize("Please predict whether the user will like the target movie. " * 8) or [0]
+        tokens = tokens[: min(64, self.settings.batch_tokens)]
+        started = time.perf_counter()
+        worker.context.decode(tokens, range(len(tokens)), [0] * len(tokens), [False] * (len(tokens) - 1) + [True])
+        worker.seconds_per_token = max(1e-6, (time.perf_counter() - started) / len(tokens))
+        worker.context.clear()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closing = True
+            for worker in self.workers:
+                worker.condition.notify_all()
+                for job in list(worker.queue):
+                    job.error = job.error or "the LLM scheduler is shutting down"
+                    self._resolve_unplanned(job, ItemState.FAILED)
+        for worker in self.workers:
+            if worker.thread is not None:
+                worker.thread.join(timeout=60)
+        self._close_contexts()
+
+    def _close_contexts(self) -> None:
+        for worker in self.workers:
+            if worker.context is not None:
+                worker.context.close()
+                worker.context = None
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Hold every loop after its current batch (maintenance, tests); queued work waits."""
+        with self._lock:
+            self._paused = True
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._paused = False
+                for worker in self.workers:
+                    worker.condition.notify_all()
+
+    # ------------------------------------------------------------------ admission
+    def submit(self, prefix: Sequence[int], suffixes: Sequence[Sequence[int]], deadline: float | None = None,
+               user: str | None = None) -> Admission:  # fmt: skip
+        """Queue the suffixes that can be answered by `deadline` (a `clock()` value), most
+        uncertain first, within the queue bound. Raises LLMError for a prompt that cannot fit."""
+        settings = self.settings
+        longest = max((len(s) for s in suffixes), default=0)
+        if not suffixes or longest == 0:
+            raise LLMError("a routed candidate has an empty prompt suffix")
+        if len(prefix) + longest > settings.max_prompt_tokens or len(prefix) > settings.prefix_cache_tokens:
+            raise LLMError(f"prompt of {len(prefix) + longest} tokens exceeds the context of "
+                           f"{min(settings.max_prompt_tokens, settings.prefix_cache_tokens)}")  # fmt: skip
+        if longest > settings.batch_tokens:
+            raise LLMError(f"a candidate suffix of {longest} tokens exceeds the batch of {settings.batch_tokens}")
+        key = tuple(prefix)
+        with self._lock:
+            if self._closing:
+                raise LLMError("the LLM scheduler is shutting down")
+            now = self.clock()
+            worker = self._worker_for(key, now)
+            admission = self._admissible(worker, key, suffixes, deadline, now)
+            if admission.admitted == 0:
+                return admission
+            job = admission.job = LLMJob(prefix, suffixes[: admission.admitted], deadline, user, now)
+            job._entry, job.prefix_hit = worker.cache.acquire(key, user)
+            job._worker, job._lock = worker, self._lock
+            self.observer.prefix_lookup(job.prefix_hit)
+            worker.queue.append(job)
+            self._queued += job.size
+            worker.condition.notify()
+            return admission
+
+    def _worker_for(self, key: tuple[int, ...], now: float) -> _Worker:
+        for worker in self.workers:
+            if key in worker.cache.entries:
+                return worker
+        return min(self.workers, key=lambda w: w.backlog_tokens(now) * w.seconds_per_token)
+
+    def _admissible(self, worker: _Worker, key: tuple[int, ...], suffixes: Sequence[Sequence[int]],
+                    deadline: float | None, now: float) -> Admission:  # fmt: skip
+        """How many suffixes fit (the queue bound, and the estimated finish before the deadline), and
+        how many of the rest would not fit even an idle LLM (those are late, not overloaded)."""
+        room = max(0, self.settings.queue_candidates - self._queued)
+        if deadline is None:
+            return Admission(min(room, len(suffixes)), len(suffixes))
+        spt = worker.seconds_per_token
+        queued = worker.backlog_tokens(now)
+        own = 0 if key in worker.cache.entries else len(key)
+        admitted = feasible = 0
+        for suffix in suffixes:
+            own += len(suffix)
+            if now + own * spt > deadline:
+                break
+            feasible += 1
+            if admitted == feasible - 1 and admitted < room and now + (queued + own) * spt <= deadline:
+                admitted += 1
+        return Admission(admitted, feasible)
+
+    def retry_after(self) -> float:
+        """Seconds until the least busy context has worked off its queue (for Retry-After)."""
+        with self._lock:
+            now = self.clock()
+            return min(w.backlog_tokens(now) * w.seconds_per_token for w in self.workers)
+
+    def queued_candidates(self) -> int:
+        return self._queued
+
+    # ------------------------------------------------------------------ the request's side
+    def collect(self, job: LLMJob) -> tuple[np.ndarray, np.ndarray]:
+        """The job's answers so far (P(yes), ItemState); work not yet decoded is cancelled."""
+        with self._lock:
+            if not job.done:
+                job.abandoned = True
+                self._resolve_unplanned(job, ItemState.CANCELLED)
+            return job.p.copy(), job.state.copy()
+
+    def invalidate_user(self, user: str) -> int:
+        """Drop the cached prefixes this user's requests used (their history changed)."""
+        with self._lock:
+            return sum(worker.cache.invalidate(user) for worker in self.workers)
+
+    def cached_prefixes(self) -> int:
+        with self._lock:
+            return sum(len(w.cache.entries) for w in self.workers)
+
+    # ------------------------------------------------------------------ the loop
+    def _loop(self, worker: _Worker) -> None:
+        while True:
+            with self._lock:
+                while not self._closing and (self._paused or not worker.queue):
+                    worker.condition.wait()
+                if self._closing:
+                    return
+                plan = self._plan(worker)
+            if plan is not None:
+                self._execute(worker, plan)
+            else:
+                time.sleep(0.001)  # work is queued but blocked (no KV room yet): let others move
+
+    def step(self, worker_index: int = 0) -> bool:
+        """One round on the calling thread: plan and decode. False when there was nothing to do."""
+        worker = self.workers[worker_index]
+        with self._lock:
+            plan = self._plan(worker)
+        if plan is None:
+            return False
+        self._execute(worker, plan)
+        return True
+
+    def _plan(self, worker: _Worker) -> _Plan | None:
+        """Pick this round's work from the front of the queue (under the lock)."""
+        now = self.clock()
+        plan = _Plan(removals=worker.cache.removals)
+        worker.cache.removals = []
+        budget, spt = self.settings.batch_tokens, worker.seconds_per_token
+        free = worker.suffix_seqs
+        for job in list(worker.queue):
+            if plan.tokens >= budget or not free:
+                break
+            if job.deadline is not None and now >= job.deadline:
+                self._drop_late(job, "deadline")
+                continue
+            entry = job._entry
+            if entry.error:
+                job.error = entry.error
+                self._resolve_unplanned(job, ItemState.FAILED)
+                continue
+            if not entry.ready:
+                self._plan_prefix(worker, entry, plan, budget)
+                continue
+            while job.next < job.size and free:
+                length = len(job.suffixes[job.next])
+                if plan.tokens + length > budget:
+                    break
+                if job.deadline is not None and now + (plan.tokens + length) * spt > job.deadline:
+                    if now + length * spt > job.deadline:  # too late even alone: never decode it
+                        self._drop_late(job, "too_late")
+                    break
+                plan.suffixes.append((job, job.next, free.pop()))
+                plan.tokens += length
+                job.next += 1
+                job.inflight += 1
+                self._queued -= 1
+                if job.first_planned is None:
+                    job.first_planned = now
+        if not plan.prefixes and not plan.suffixes:
+            worker.cache.removals = plan.removals + worker.cache.removals
+            return None
+        worker.batch_started, worker.batch_tokens = now, plan.tokens
+        return plan
+
+    def _plan_prefix(self, worker: _Worker, entry: _PrefixEntry, plan: _Plan, budget: int) -> None:
+        if entry.busy or entry.planned >= len(entry.key):
+            return
+        if entry.seq is None and not worker.cache.allocate(entry):
+            return  # no KV room until a cached prefix is released
+        take = min(len(entry.key) - entry.planned, budget - plan.tokens)
+        if take <= 0:
+            return
+        start = entry.planned
+        plan.prefixes.append((entry, entry.key[start : start + take], start))
+        entry.planned += take
+        entry.busy = True
+        plan.tokens += take
+        # the cache may have evicted prefixes to make room: clear them before this batch
+        plan.removals += worker.cache.removals
+        worker.cache.removals = []
+
+    def _execute(self, worker: _Worker, plan: _Plan) -> None:
+        """Decode one planned batch (outside the lock; this worker's thread owns its context)."""
+        context = worker.context
+        tokens: list[int] = []
+        positions: list[int] = []
+        seqs: list[int] = []
+        flags: list[bool] = []
+        outputs: list[int] = []
+        for seq in plan.removals:
+            context.remove_sequence(seq)
+        for entry, chunk, start in plan.prefixes:
+            tokens += chunk
+            positions += range(start, start + len(chunk))
+            seqs += [entry.seq] * len(chunk)
+            flags += [False] * len(chunk)
+        for job, item, seq in plan.suffixes:
+            entry = job._entry
+            context.copy_sequence(entry.seq, seq)
+            suffix = job.suffixes[item]
+            tokens += suffix
+            positions += range(len(entry.key), len(entry.key) + len(suffix))
+            seqs += [seq] * len(suffix)
+            flags += [False] * (len(suffix) - 1) + [True]
+            outputs.append(len(tokens) - 1)
+        started = time.perf_counter()
+        answers: list[float] = []
+        error = None
+        try:
+            context.decode(tokens, positions, seqs, flags)
+            answers = [context.answer(row) for row in outputs]
+        except LLMError as exc:
+            error = str(exc)
+            log.warning("LLM batch of %d tokens failed: %s", len(tokens), exc)
+        finally:
+            for _, _, seq in plan.suffixes:
+                context.remove_sequence(seq)
+        elapsed = time.perf_counter() - started
+        with self._lock:
+            self._record(worker, plan, answers, error, elapsed)
+
+    def _record(self, worker: _Worker, plan: _Plan, answers: list[float], error: str | None, elapsed: float) -> None:
+        """Hand the batch's answers to their jobs and finish the jobs that are complete (under the lock)."""
+        now = self.clock()
+        worker.batch_started = None
+        self.decodes += 1
+        if error is None:
+            self.decoded_tokens += plan.tokens
+            self.decoded_candidates += len(plan.suffixes)
+            if plan.tokens >= 16:  # a smoothed measured speed for admission
+                sample = elapsed / plan.tokens
+                worker.seconds_per_token = 0.7 * worker.seconds_per_token + 0.3 * sample
+        self.observer.batch(plan.tokens, len(plan.suffixes) + len(plan.prefixes), elapsed)
+        for entry, chunk, _ in plan.prefixes:
+            if error is None:
+                entry.filled += len(chunk)
+            else:
+                entry.error = error
+            worker.cache.after_batch(entry)
+        wasted = 0
+        for k, (job, item, seq) in enumerate(plan.suffixes):
+            worker.suffix_seqs.append(seq)
+            job.inflight -= 1
+            if job.abandoned:
+                wasted += 1
+            elif error is None:
+                job.p[item] = answers[k]
+                job.state[item] = ItemState.DONE
+            else:
+                job.state[item] = ItemState.FAILED
+                job.error = error
+            self._finish_if_complete(job, now)
+        if wasted:
+            self.observer.dropped("decoded_after_deadline", wasted)
+
+    # ------------------------------------------------------------------ job bookkeeping (under the lock)
+    def _drop_late(self, job: LLMJob, reason: str) -> None:
+        dropped = job.size - job.next
+        self._resolve_unplanned(job, ItemState.EXPIRED)
+        if dropped:
+            self.observer.dropped(reason, dropped)
+
+    def _resolve_unplanned(self, job: LLMJob, state: ItemState) -> None:
+        if job.next < job.size:
+            job.state[job.next :] = state
+            self._queued -= job.size - job.next
+            job.next = job.size
+        self._finish_if_complete(job, self.clock())
+
+    def _finish_if_complete(self, job: LLMJob, now: float) -> None:
+        if job.done or job.next < job.size or job.inflight:
+            return
+        job.finished = now
+        worker = job._worker
+        with contextlib.suppress(ValueError):
+            worker.queue.remove(job)
+        worker.cache.release(job._entry)
+        if job.first_planned is not None:
+            self.observer.job_finished(job.first_planned - job.enqueued, now - job.first_planned)
+        job._event.set()
+        callbacks, job._callbacks = job._callbacks, []
+        for callback in callbacks:
+            callback()
+
+    def stats(self) -> dict[str, float]:
+        with self._lock:
+            now = self.clock()
+            return {
+                "queued_candidates": self._queued,
+                "queued_jobs": sum(len(w.queue) for w in self.workers),
+                "cached_prefixes": sum(len(w.cache.entries) for w in self.workers),
+                "cached_prefix_tokens": sum(w.cache.used for w in self.workers),
+                "backlog_seconds": max(w.backlog_tokens(now) * w.seconds_per_token for w in self.workers),
+                "seconds_per_token": float(np.mean([w.seconds_per_token for w in self.workers])),
+                "decodes": self.decodes,
+                "decoded_tokens": self.decoded_tokens,
+            }
+
+
+def estimate_retry_after(seconds: float) -> int:
+    """Whole seconds for a Retry-After header: at least 1."""
+    return max(1, math.ceil(seconds))

@@ -1,0 +1,247 @@
+"""The LLM scheduler on a tiny LLaMA GGUF: real llama.cpp decodes, real threads, bounded loops."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runtime.llm import LlamaModel, LlamaScorer, LlamaSettings, LLMError
+from runtime.scheduler import ItemState, LLMScheduler, SchedulerObserver, SchedulerSettings
+
+from .tiny_llm import write_tiny_llama_gguf
+
+PARITY = 2e-3  # batch composition changes float summation order, not answers (llama.cpp says the same)
+
+
+@pytest.fixture(scope="module")
+def gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_llama_gguf(tmp_path_factory.mktemp("scheduler") / "tiny.gguf")
+
+
+@pytest.fixture(scope="module")
+def model(gguf: Path):
+    yes, no = _answer_ids(gguf)
+    llm = LlamaModel(gguf, yes, no)
+    yield llm
+    llm.close()
+
+
+@pytest.fixture(scope="module")
+def reference(gguf: Path):
+    """Each prompt scored whole and alone, nothing cached or batched."""
+    yes, no = _answer_ids(gguf)
+    with LlamaScorer(gguf, yes, no, LlamaSettings(n_threads=1)) as scorer:
+        yield lambda prefix, suffixes: np.array([scorer.score_full(list(prefix) + s) for s in suffixes])
+
+
+def _answer_ids(gguf: Path) -> tuple[int, int]:
+    llm = LlamaModel(gguf, 0, 0)
+    try:
+        return llm.tokenize(" Yes")[0], llm.tokenize(" No")[0]
+    finally:
+        llm.close()
+
+
+def _prompt(model: LlamaModel, user: int, candidates: int, first_item: int = 0, history: int = 3):
+    lines = "".join(f"- Movie Number {(user * 7 + k) % 40} (1990; Drama): {1 + (user + k) % 5} stars\n"
+                    for k in range(history))  # fmt: skip
+    prefix = [1] + model.tokenize(f"A user rated movies from 1 to 5 stars (user {user}).\n{lines}")
+    suffixes = [model.tokenize(f"Target movie: Movie Number {first_item + i} (19{80 + i % 20}; Horror)\n"
+                               "Will the user like it?\nAnswer:") for i in range(candidates)]  # fmt: skip
+    return prefix, suffixes
+
+
+class Recorder(SchedulerObserver):
+    def __init__(self) -> None:
+        self.lookups: Counter = Counter()
+        self.dropped_counts: Counter = Counter()
+        self.batches: list[tuple[int, int]] = []
+
+    def prefix_lookup(self, hit: bool) -> None:
+        self.lookups["hit" if hit else "miss"] += 1
+
+    def dropped(self, reason: str, count: int) -> None:
+        self.dropped_counts[reason] += count
+
+    def batch(self, tokens: int, sequences: int, seconds: float) -> None:
+        self.batches.append((tokens, sequences))
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _answers(scheduler: LLMScheduler, job) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
+    assert job.wait(60), "the job did not finish"
+    return scheduler.collect(job)
+
+
+def test_concurrent_requests_get_their_own_answers(model, reference):
+    recorder = Recorder()
+    scheduler = LLMScheduler(model, SchedulerSettings(threads=1, batch_tokens=256, max_sequences=16),
+                             observer=recorder)  # fmt: skip
+    results: dict[tuple[int, int], np.ndarray] = {}
+    errors: list[BaseException] = []
+
+    def client(user: int) -> None:
+        try:
+            for round_ in range(3):
+                prefix, suffixes = _prompt(model, user, 2 + (user + round_) % 5, first_item=round_ * 10)
+                job = scheduler.submit(prefix, suffixes, None, user=str(user)).job
+                p, state = _answers(scheduler, job)
+                assert (state == ItemState.DONE).all()
+                results[(user, round_)] = p
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+
+    try:
+        threads = [threading.Thread(target=client, args=(u,)) for u in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    finally:
+        scheduler.close()
+    assert not errors, errors[:2]
+    assert len(results) == 36
+    for (user, round_), p in results.items():
+        prefix, suffixes = _prompt(model, user, 2 + (user + round_) % 5, first_item=round_ * 10)
+        assert np.abs(p - reference(prefix, suffixes)).max() <= PARITY, (user, round_)
+    # requests shared batches: fewer decodes than jobs, and some decode carried several sequences
+    assert len(recorder.batches) < 36 and max(s for _, s in recorder.batches) > 2
+
+
+def test_a_paused_queue_is_decoded_together(model, reference):
+    recorder = Recorder()
+    scheduler = LLMScheduler(model, SchedulerSettings(threads=1, batch_tokens=1024, max_sequences=64),
+                             observer=recorder)  # fmt: skip
+    try:
+        with scheduler.paused():
+            jobs = [scheduler.submit(*_prompt(model, u, 4), None, user=str(u)).job for u in range(6)]
+        answers = [_answers(scheduler, job)[0] for job in jobs]
+    finally:
+        scheduler.close()
+    # round 1: all six prefixes in one decode; round 2: all 24 candidates in one decode
+    assert [s for _, s in recorder.batches] == [6, 24]
+    for u, p in enumerate(answers):
+        assert np.abs(p - reference(*_prompt(model, u, 4))).max() <= PARITY
+
+
+def test_prefix_is_reused_across_requests_and_dropped_by_an_event(model):
+    recorder = Recorder()
+    scheduler = LLMScheduler(model, SchedulerSettings(threads=1), observer=recorder)
+    try:
+        prefix, suffixes = _prompt(model, 3, 4)
+        first = _answers(scheduler, scheduler.submit(prefix, suffixes, None, user="3").job)[0]
+        tokens_after_first = scheduler.decoded_tokens
+        second = _answers(scheduler, scheduler.submit(prefix, suffixes, None, user="3").job)[0]
+        assert recorder.lookups == {"miss": 1, "hit": 1}
+        # the repeat decoded only its suffixes
+        assert scheduler.decoded_tokens - tokens_after_first == sum(len(s) for s in suffixes)
+        assert np.abs(first - second).max() <= PARITY
+        assert scheduler.cached_prefixes() == 1
+        assert scheduler.invalidate_user("3") == 1 and scheduler.cached_prefixes() == 0
+        _answers(scheduler, scheduler.submit(prefix, suffixes, None, user="3").job)
+        assert recorder.lookups == {"miss": 2, "hit": 1}
+    finally:
+        scheduler.close()
+
+
+def test_expired_work_is_never_decoded(model):
+    clock, recorder = FakeClock(), Recorder()
+    scheduler = LLMScheduler(model, SchedulerSettings(threads=1), observer=recorder, clock=clock, start=False)
+    try:
+        scheduler.workers[0].seconds_per_token = 1e-4
+        job = scheduler.submit(*_prompt(model, 1, 5), deadline=clock.now + 1.0).job
+        assert job is not None and job.size == 5
+        clock.now += 2.0  # the deadline passes while the job waits
+        assert scheduler.step() is False  # nothing decoded
+        assert job.done and (job.state == ItemState.EXPIRED).all()
+        assert scheduler.decoded_tokens == 0 and scheduler.decodes == 0
+        assert recorder.dropped_counts == {"deadline": 5}
+        assert scheduler.queued_candidates() == 0
+    finally:
+        scheduler.close()
+
+
+def test_a_deadline_mid_request_keeps_the_done_part(model, reference):
+    clock = FakeClock()
+    # ~75 tokens of prefix, ~25 per suffix: the first candidate round holds 4 of the 10 candidates
+    settings = SchedulerSettings(threads=1, batch_tokens=110, max_sequences=4)
+    scheduler = LLMScheduler(model, settings, clock=clock, start=False)
+    try:
+        scheduler.workers[0].seconds_per_token = 1e-4
+        prefix, suffixes = _prompt(model, 2, 10)
+        job = scheduler.submit(prefix, suffixes, deadline=clock.now + 10).job
+        assert scheduler.step() and scheduler.step()  # the prefix, then 4 candidates
+        clock.now += 20
+        assert scheduler.step() is False
+        p, state = scheduler.collect(job)
+        done = state == ItemState.DONE
+        assert done.sum() == 4 and (state[~done] == ItemState.EXPIRED).all()
+        assert np.abs(p[done] - reference(prefix, suffixes)[done]).max() <= PARITY
+    finally:
+        scheduler.close()
+
+
+def test_admission_holds_the_queue_bound_and_the_deadline(model):
+    clock = FakeClock()
+    scheduler = LLMScheduler(model, SchedulerSettings(threads=1, queue_candidates=8), clock=clock, start=False)
+    try:
+        worker = scheduler.workers[0]
+        worker.seconds_per_token = 1e-6
+        first = scheduler.submit(*_prompt(model, 1, 5), deadline=clock.now + 10)
+        second = scheduler.submit(*_prompt(model, 2, 5), deadline=clock.now + 10)
+        third = scheduler.submit(*_prompt(model, 3, 2), deadline=clock.now + 10)
+        assert (first.admitted, second.admitted, third.admitted) == (5, 3, 0)
+        assert (second.feasible, third.feasible) == (5, 2)  # refused for room, not for time
+        assert scheduler.queued_candidates() == 8
+        while scheduler.step():
+            pass
+        assert scheduler.queued_candidates() == 0 and first.job.done and second.job.done
+        # time: at 10 ms a token, a 1 s deadline holds the prefix and some candidates, not all
+        worker.seconds_per_token = 0.01
+        prefix, suffixes = _prompt(model, 4, 8)
+        fits = (1.0 / 0.01 - len(prefix)) // len(suffixes[0])
+        timed = scheduler.submit(prefix, suffixes, deadline=clock.now + 1.0)
+        assert 0 < timed.admitted < 8 and timed.admitted == timed.feasible and abs(timed.admitted - fits) <= 1
+        hopeless = scheduler.submit(*_prompt(model, 5, 3), deadline=clock.now + 0.2)
+        assert hopeless.admitted == 0 and hopeless.feasible == 0  # late even for an idle LLM
+    finally:
+        scheduler.close()
+
+
+def test_long_requests_span_several_decodes_and_score_as_alone(model, reference):
+    recorder = Recorder()
+    # 70 candidates and a prefix longer than one batch: several prefix rounds, then 8 candidates a decode
+    settings = SchedulerSettings(threads=1, batch_tokens=128, max_sequences=8)
+    scheduler = LLMScheduler(model, settings, observer=recorder)
+    try:
+        prefix, suffixes = _prompt(model, 9, 70, history=12)
+        assert len(prefix) > settings.batch_tokens
+        p, state = _answers(scheduler, scheduler.submit(prefix, suffixes, None).job)
+    finally:
+        scheduler.close()
+    assert (state == ItemState.DONE).all()
+    assert len(recorder.batches) >= 70 // 8 + 2
+    assert max(t for t, _ in recorder.batches) <= settings.batch_tokens
+    assert np.abs(p - reference(prefix, suffixes)).max() <= PARITY
+
+
+def test_prompts_that_cannot_fit_are_refused(model):
+    scheduler = LLMScheduler(model, SchedulerSettings(threads=1, max_prompt_tokens=64), start=False)
+    try:
+        with pytest.raises(LLMError, match="exceeds the context of 64"):
+            scheduler.submit(*_prompt(model, 1, 2, history=5))
+        with pytest.raises(LLMError, match="empty"):
+            scheduler.submit([1, 2, 3], [[]])
+    finally:
+        scheduler.close()

@@ -1,0 +1,209 @@
+"""The engine and the server around the LLM scheduler: typed fallbacks, overload, health under load,
+concurrent answers equal to sequential ones. Real uvicorn on loopback, bounded loops only."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from runtime.bundle import load_bundle
+from runtime.engine import CandidateItem, Engine, EngineSettings, Request
+from runtime.scheduler import ItemState
+from runtime.server import ServerSettings, create_app, uvicorn_config
+
+PARITY = 2e-3
+
+
+def _engine(bundle: Path, tmp_path: Path, **settings) -> Engine:
+    options = {"providers": ("cpu",), "llm_threads": 1, "store_path": tmp_path / "store.sqlite"} | settings
+    return Engine(load_bundle(bundle), EngineSettings(**options))
+
+
+def _request(user: int, n: int = 12, **options) -> Request:
+    first = 1 + (user * 3) % 20
+    return Request(candidates=[CandidateItem(str(first + i)) for i in range(n)], user_id=str(user), **options)
+
+
+@contextlib.contextmanager
+def _serving(bundle: Path, tmp_path: Path, **settings) -> Iterator[tuple[str, object]]:
+    """A real uvicorn server in this process (so that a test can reach its engine)."""
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    options = {"llm_threads": 1, "store": tmp_path / "live.sqlite"} | settings
+    app = create_app(ServerSettings(bundle=bundle, port=port, **options))
+    server = uvicorn.Server(uvicorn_config(app, app.state.settings, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                    break
+            time.sleep(0.1)
+        else:
+            pytest.fail("server did not become ready in 30 s")
+        yield base, app
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def test_concurrent_answers_equal_sequential_ones(bundle, tmp_path):
+    engine = _engine(bundle, tmp_path, default_deadline_ms=None)
+    try:
+        requests = [_request(u, 8 + u % 5, mode="llm") for u in range(1, 17)]
+        alone = [engine.predict(r) for r in requests]
+        with ThreadPoolExecutor(16) as pool:
+            together = list(pool.map(engine.predict, requests))
+    finally:
+        engine.close()
+    for a, b in zip(alone, together, strict=True):
+        assert (
+            [p["route"] for p in a["predictions"]]
+            == [p["route"] for p in b["predictions"]]
+            == ["llm"] * len(a["predictions"])
+        )
+        dp = np.abs(np.array([p["llm_score"] for p in a["predictions"]]) -
+                    np.array([p["llm_score"] for p in b["predictions"]]))  # fmt: skip
+        assert dp.max() <= PARITY
+
+
+def test_the_default_route_follows_the_bundle_threshold(bundle, tmp_path):
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    engine = _engine(bundle, tmp_path)
+    try:
+        request = _request(5, 30)
+        entropy = np.array([p["entropy"] for p in engine.predict(_request(5, 30, mode="crm"))["predictions"]])
+    finally:
+        engine.close()
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["router"]["threshold"] = float(np.quantile(entropy, 0.7))  # the most uncertain 30% or fewer (ties)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    engine = _engine(copy, tmp_path)
+    try:
+        answer = engine.predict(request)
+    finally:
+        engine.close()
+    routed = {p["item_id"] for p in answer["predictions"] if p["route"] != "crm"}
+    expected = {p.item_id for p, h in zip(request.candidates, entropy, strict=True) if h > np.quantile(entropy, 0.7)}
+    assert routed == expected and 0 < len(routed) < 30 and answer["routed"] == len(routed)
+
+
+def test_a_deadline_mid_request_answers_the_rest_by_the_crm(bundle, tmp_path):
+    # one candidate per decode, so that the request can be caught half done
+    engine = _engine(bundle, tmp_path, llm_batch_tokens=64, llm_max_sequences=1)
+    try:
+        scheduler = engine.scheduler
+        with scheduler.paused():
+            pending = engine.begin(_request(3, 30, mode="llm", deadline_ms=60_000))
+        for _ in range(10_000):  # bounded: until the first answers are in
+            if (pending.job.state == ItemState.DONE).any():
+                break
+            time.sleep(0.001)
+        with scheduler.paused():  # the deadline "passes" here: finish is what the server calls then
+            answer = engine.finish(pending)
+        routes = [p["route"] for p in answer["predictions"]]
+        llm, fallback = routes.count("llm"), routes.count("crm_fallback")
+        assert 0 < llm < 30 and llm + fallback == 30 and answer["fallbacks"] == {"deadline": fallback}
+        assert {p["fallback_reason"] for p in answer["predictions"] if p["route"] == "crm_fallback"} == {"deadline"}
+        assert engine.metrics.value("corella_llm_fallbacks_total", reason="deadline") == fallback
+        assert engine.metrics.value("corella_candidates_total", route="llm") == llm
+        time.sleep(0.2)  # the cancelled rest is never decoded
+        assert scheduler.queued_candidates() == 0 and pending.job.done
+    finally:
+        engine.close()
+
+
+def test_no_llm_is_a_typed_fallback_not_an_error(bundle, tmp_path):
+    engine = _engine(bundle, tmp_path, load_llm=False)
+    try:
+        answer = engine.predict(_request(2, 10, llm_fraction=0.5))
+        assert answer["fallbacks"] == {"llm_disabled": 5} and answer["llm_error"] is None
+        assert engine.metrics.value("corella_llm_errors_total") == 0
+        assert engine.llm_status == "disabled" and engine.ready
+    finally:
+        engine.close()
+
+
+def test_health_answers_while_the_llm_is_saturated(bundle, tmp_path):
+    with _serving(bundle, tmp_path) as (base, app):
+        engine = app.state.engine
+        bodies = [{"user_id": str(u), "candidates": [{"item_id": str(i)} for i in range(1, 9)], "mode": "llm",
+                   "deadline_ms": 60_000} for u in range(1, 25)]  # fmt: skip
+        pool = ThreadPoolExecutor(24)
+        with engine.scheduler.paused():
+            futures = [pool.submit(httpx.post, f"{base}/v1/predict", json=b, timeout=120) for b in bodies]
+            for _ in range(3000):  # bounded: until every request waits for the LLM
+                if engine.scheduler.queued_candidates() == 24 * 8:
+                    break
+                time.sleep(0.01)
+            assert engine.scheduler.queued_candidates() == 24 * 8
+            assert httpx.get(f"{base}/healthz", timeout=5).json() == {"status": "ok"}
+            assert httpx.get(f"{base}/readyz", timeout=5).status_code == 200
+            metrics = httpx.get(f"{base}/metrics", timeout=5).text
+            assert "corella_llm_queue_candidates 192.0" in metrics
+        answers = [f.result() for f in futures]
+        pool.shutdown()
+    assert [a.status_code for a in answers] == [200] * 24, [a.text[:200] for a in answers if a.status_code != 200]
+    assert all({p["route"] for p in a.json()["predictions"]} == {"llm"} for a in answers), answers[0].text[-600:]
+
+
+def test_overload_answers_at_once(bundle, tmp_path):
+    with _serving(bundle, tmp_path, llm_queue_candidates=4) as (base, app):
+        engine = app.state.engine
+        waiting = {"user_id": "1", "candidates": [{"item_id": str(i)} for i in range(1, 5)], "mode": "llm",
+                   "deadline_ms": 60_000}  # fmt: skip
+        pool = ThreadPoolExecutor(1)
+        with engine.scheduler.paused():  # the first request's work waits: the queue is full
+            first = pool.submit(httpx.post, f"{base}/v1/predict", json=waiting, timeout=60)
+            for _ in range(3000):
+                if engine.scheduler.queued_candidates() == 4:
+                    break
+                time.sleep(0.01)
+            refused = httpx.post(f"{base}/v1/predict", json=waiting | {"user_id": "2"}, timeout=10)
+            assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
+            assert refused.json()["error"]["type"] == "overloaded"
+            hybrid = httpx.post(
+                f"{base}/v1/predict",
+                timeout=10,
+                json={"user_id": "3", "candidates": [{"item_id": str(i)} for i in range(1, 11)], "llm_fraction": 0.5},
+            )
+            assert hybrid.status_code == 200 and hybrid.json()["fallbacks"] == {"overloaded": 5}
+            metrics = httpx.get(f"{base}/metrics", timeout=5).text
+            assert 'corella_requests_total{endpoint="/v1/predict",status="429"} 1.0' in metrics
+            assert 'corella_llm_fallbacks_total{reason="overloaded"} 5.0' in metrics
+        assert first.result().status_code == 200
+        pool.shutdown()
+        assert {p["route"] for p in first.result().json()["predictions"]} == {"llm"}
+
+
+def test_an_event_drops_the_users_cached_prefix(bundle, tmp_path):
+    with _serving(bundle, tmp_path) as (base, app):
+        engine = app.state.engine
+        body = {"user_id": "4", "candidates": [{"item_id": str(i)} for i in range(1, 6)], "mode": "llm"}
+        for _ in range(2):
+            assert httpx.post(f"{base}/v1/predict", json=body, timeout=60).status_code == 200
+        hits = engine.metrics.value("corella_llm_prefix_cache_total", result="hit")
+        assert hits == 1 and engine.scheduler.cached_prefixes() == 1
+        event = {"user_id": "4", "item_id": "9", "rating": 5, "timestamp": 2_000_000_000}
+        assert httpx.post(f"{base}/v1/events", json={"events": [event]}, timeout=10).status_code == 200
+        assert engine.scheduler.cached_prefixes() == 0
+        answer = httpx.post(f"{base}/v1/predict", json=body, timeout=60).json()
+        assert {p["route"] for p in answer["predictions"]} == {"llm"}
+        assert engine.metrics.value("corella_llm_prefix_cache_total", result="miss") == 2

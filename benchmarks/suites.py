@@ -5,8 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import platform
-import socket
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,12 +17,12 @@ from benchmarks.data import TestSample, random_requests, test_samples
 from benchmarks.stats import latency_summary, time_calls
 from runtime.bundle import Bundle
 from runtime.crm import PROVIDERS, CRMSession
-from runtime.engine import Engine
+from runtime.engine import Engine, Request
 from runtime.llm import LlamaScorer, LlamaSettings
 from runtime.quality import auc, summarize
 from runtime.router import binary_entropy, route_by_budget
 
-__all__ = ["BenchConfig", "machine_info", "crm_suite", "llm_suite", "hybrid_suite", "http_suite", "SUITES"]
+__all__ = ["BenchConfig", "machine_info", "crm_suite", "llm_suite", "hybrid_suite", "SUITES"]
 
 log = logging.getLogger(__name__)
 SUITES = ("crm", "llm", "hybrid", "http")
@@ -42,9 +40,20 @@ class BenchConfig:
     fractions: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2, 1.0)
     hybrid_requests: int = 8
     hybrid_candidates: int = 100
-    http_concurrency: tuple[int, ...] = (1, 8, 32)
-    http_requests: int = 64
-    http_candidates: int = 20
+    http_concurrency: tuple[int, ...] = (1, 8, 32, 64)
+    http_seconds: float = 30.0  # per concurrency level
+    http_candidates: int = 100
+    http_fraction: float = 0.1
+    http_deadline_ms: float = 2000.0
+    http_repeat_share: float = 0.7  # of requests from users seen in the last minute
+    cold_users: int = 4  # repeat vs cold user
+    peer_users: int = 6  # users x 10 candidates for the peer comparison (0: skip it)
+    peer_concurrency: int = 8
+    peer_logprob_prompts: int = 16
+    overload_concurrency: int = 256
+    overload_seconds: float = 20.0  # 0: skip the overload run
+    overload_queue: int = 32  # the overloaded server's LLM queue, in candidates
+    out: Path | None = None
     threads: int | None = None
     seed: int = 0
     store_path: Path | None = None
@@ -160,7 +169,7 @@ def _torch_eager(bundle: Bundle, threads: int) -> Callable[[dict[str, np.ndarray
 # ---------------------------------------------------------------------------- llm
 def _prompts(engine: Engine, request: Any) -> tuple[list[int], list[list[int]]]:
     prepared = engine.prepare(request)
-    return engine.on_llm_worker(engine.prompt_ids, prepared.history, prepared.items)
+    return engine.prompt_ids(prepared.history, prepared.items)
 
 
 def _quant_name(path: Path) -> str:
@@ -247,9 +256,10 @@ def hybrid_suite(bundle: Bundle, engine: Engine, samples: list[TestSample], conf
     entropy = binary_entropy(crm_p)
     llm_p = np.full(len(samples), np.nan)
     needed = route_by_budget(entropy, max(config.fractions)) if engine.llm is not None else np.zeros(len(samples), bool)
-    for i in np.flatnonzero(needed):
-        prefix, suffixes = _prompts(engine, samples[i].request())
-        llm_p[i] = engine.on_llm_worker(engine.llm.score_shared, prefix, suffixes)[0]
+    indices = np.flatnonzero(needed)
+    if len(indices):
+        answers = engine.score_many([_prompts(engine, samples[i].request()) for i in indices])
+        llm_p[indices] = [p[0] for p in answers]
     quality, latency = [], []
     requests = random_requests(engine.store, config.hybrid_requests, config.hybrid_candidates, seed=config.seed + 1)
     for fraction in config.fractions:
@@ -258,108 +268,34 @@ def hybrid_suite(bundle: Bundle, engine: Engine, samples: list[TestSample], conf
         routed = route_by_budget(entropy, fraction)
         mixed = np.where(routed, engine.calibration.apply(llm_p), crm_p)
         quality.append({"fraction": fraction, "routed": int(routed.sum()), **summarize(labels, mixed)})
-        times = []
-        for request in requests:
-            request.llm_fraction = fraction
-            request.deadline_ms = None
-            started = time.perf_counter()
-            engine.predict(request)
-            times.append(time.perf_counter() - started)
-        latency.append({"fraction": fraction, **latency_summary(times)})
+        latency.append({"fraction": fraction, **latency_summary(_time_requests(engine, requests, fraction))})
+        if fraction in (0.1, 1.0) and engine.scheduler is not None:  # and with no prefix cached
+            cold = _time_requests(engine, requests, fraction, cold=True)
+            latency[-1]["cold_mean_ms"] = latency_summary(cold)["mean_ms"]
         progress(f"hybrid f={fraction:g}: AUC {quality[-1]['auc']:.4f}, {config.hybrid_candidates}-candidate "
                  f"request mean {latency[-1]['mean_ms']:.0f} ms")  # fmt: skip
     result: dict[str, Any] = {"samples": len(samples), "quality": quality, "latency": latency,
                               "candidates_per_request": config.hybrid_candidates}  # fmt: skip
     by_fraction = {row["fraction"]: row for row in latency}
     if 0.1 in by_fraction and 1.0 in by_fraction:
-        result["hybrid_0.1_over_llm_only_mean_latency"] = by_fraction[0.1]["mean_ms"] / by_fraction[1.0]["mean_ms"]
+        hybrid, llm_only = by_fraction[0.1], by_fraction[1.0]
+        result["hybrid_0.1_over_llm_only_mean_latency"] = hybrid["mean_ms"] / llm_only["mean_ms"]
+        if "cold_mean_ms" in hybrid:
+            result["hybrid_0.1_over_llm_only_mean_latency_cold"] = hybrid["cold_mean_ms"] / llm_only["cold_mean_ms"]
     return result
 
 
-# ---------------------------------------------------------------------------- http
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _load(base: str, bodies: list[dict[str, Any]], concurrency: int) -> tuple[list[float], int, float]:
-    """Send every body once from `concurrency` client threads; latencies, errors and wall time."""
-    import httpx
-
-    latencies: list[float] = []
-    errors = 0
-    lock = threading.Lock()
-    queue = list(bodies)
-
-    def worker() -> None:
-        nonlocal errors
-        with httpx.Client(base_url=base, timeout=120) as client:
-            while True:
-                with lock:
-                    if not queue:
-                        return
-                    body = queue.pop()
-                started = time.perf_counter()
-                try:
-                    ok = client.post("/v1/predict", json=body).status_code == 200
-                except httpx.HTTPError:
-                    ok = False
-                with lock:
-                    latencies.append(time.perf_counter() - started)
-                    errors += 0 if ok else 1
-
-    started = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return latencies, errors, time.perf_counter() - started
-
-
-def http_suite(bundle: Bundle, engine: Engine, samples: list[TestSample], config: BenchConfig,
-               progress: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
-    import httpx
-    import uvicorn
-
-    from runtime.server import ServerSettings, create_app
-
-    port = _free_port()
-    settings = ServerSettings(bundle=bundle.path, port=port, llm_threads=config.threads,
-                              store=config.store_path, default_deadline_ms=None)  # fmt: skip
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    else:
-        server.should_exit = True
-        return {"skipped": "the server did not become ready within 120 s"}
-    bodies = [
-        {"user_id": r.user_id, "candidates": [{"item_id": c.item_id} for c in r.candidates]}
-        for r in random_requests(engine.store, config.http_requests, config.http_candidates, seed=config.seed + 2)
-    ]
-    levels = []
-    try:
-        for concurrency in config.http_concurrency:
-            latencies, errors, wall = _load(base, bodies, concurrency)
-            summary = latency_summary(latencies)
-            levels.append({"concurrency": concurrency, "requests": len(latencies), "errors": errors,
-                           "requests_per_second": len(latencies) / wall, "p50_ms": summary["p50_ms"],
-                           "p99_ms": summary["p99_ms"], "latencies_ms": [1000 * x for x in latencies]})  # fmt: skip
-            progress(f"http c={concurrency}: {levels[-1]['requests_per_second']:.1f} req/s, p50 "
-                     f"{summary['p50_ms']:.0f} ms, p99 {summary['p99_ms']:.0f} ms, errors {errors}")  # fmt: skip
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-    return {"candidates_per_request": config.http_candidates, "levels": levels}
+def _time_requests(engine: Engine, requests: list[Request], fraction: float, cold: bool = False) -> list[float]:
+    """Seconds per request, one at a time, no deadline; `cold`: the user's cached prefix dropped first."""
+    times = []
+    for request in requests:
+        request.llm_fraction, request.deadline_ms = fraction, None
+        if cold:
+            engine.scheduler.invalidate_user(request.user_id)
+        started = time.perf_counter()
+        engine.predict(request)
+        times.append(time.perf_counter() - started)
+    return times
 
 
 def quality_samples(engine: Engine, config: BenchConfig) -> list[TestSample]:

@@ -26,8 +26,9 @@ def test_all_suites_on_tiny_models(bundle, tmp_path):
     out = tmp_path / "bench"
     config = BenchConfig(
         crm_batches=(1, 32), crm_iterations=10, llm_requests=2, llm_candidates=4, quality_samples=60,
-        hybrid_requests=2, hybrid_candidates=10, http_concurrency=(1, 4), http_requests=8, http_candidates=5,
-        ggufs=[],
+        hybrid_requests=2, hybrid_candidates=10, http_concurrency=(1, 4), http_seconds=2, http_candidates=5,
+        http_fraction=0.4, cold_users=2, peer_users=2, peer_logprob_prompts=2, overload_concurrency=16,
+        overload_seconds=2, overload_queue=4, ggufs=[],
     )  # fmt: skip
     results = run_bench(bundle, out, config)
     suites = results["suites"]
@@ -40,9 +41,19 @@ def test_all_suites_on_tiny_models(bundle, tmp_path):
     fractions = [q["fraction"] for q in suites["hybrid"]["quality"]]
     assert fractions == [0.0, 0.05, 0.1, 0.2, 1.0]
     assert suites["hybrid"]["quality"][0]["routed"] == 0 and suites["hybrid"]["quality"][-1]["routed"] == 60
-    assert all(level["errors"] == 0 and level["requests"] == 8 for level in suites["http"]["levels"])
+    http = suites["http"]
+    assert [level["concurrency"] for level in http["levels"]] == [1, 4]
+    assert all(level["server_errors"] == 0 and level["requests"] > 0 for level in http["levels"])
+    assert http["levels"][0]["llm_answers"] > 0  # 5 candidates at f = 0.4: two routed a request
+    assert http["repeat_vs_cold"]["users"] == 2 and http["repeat_vs_cold"]["cold_llm_ms"] > 0
+    peer = http["peer"]
+    assert peer["corella"]["candidates"] == 20 and peer["peer_answer_token"]["candidates"] == 20
+    assert peer["peer_logprobs"]["candidates"] == 2
+    assert http["overload"]["requests"] > 0 and http["overload"]["server_errors"] == 0
+    assert set(http["overload"]["statuses"]) <= {"200", "429"}
     saved = json.loads((out / "results.json").read_text())
     assert saved["machine"]["cores"] >= 1 and "cached_batched_vs_full_prompt" in saved["headline"]
+    assert "llm_goodput_c32_vs_unloaded" not in saved["headline"] and "overload_healthz_p99_ms" in saved["headline"]
     for name in ("results.md", "auc_vs_fraction.png", "latency_vs_fraction.png", "latency_cdf.png"):
         assert (out / name).exists(), name
     assert (out / "store.sqlite").exists()  # the bench's own copy of the store, not the bundle's

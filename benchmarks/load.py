@@ -1,0 +1,248 @@
+"""Load on real servers over loopback: closed-loop asyncio clients, a health prober, server processes.
+
+The server under test runs in a process of its own (`corella serve`, or the peer's server), so
+that the load generator's Python does not share its interpreter; the clients are coroutines on one
+event loop, so that 256 of them cost little more than 8. Every loop is bounded in time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.stats import percentile
+
+__all__ = ["Sample", "LoadRun", "UserMix", "closed_loop", "send_all", "server_process", "free_port", "scrape"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def server_process(command: list[str], ready_url: str, log_path: Path, env: dict[str, str] | None = None,
+                   timeout_s: float = 180) -> Iterator[subprocess.Popen]:  # fmt: skip
+    """Start a server, wait until `ready_url` answers 200, stop it at the end (its output goes to a log)."""
+    import httpx
+
+    log = open(log_path, "w")  # noqa: SIM115 - closed below, after the process
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ | (env or {}))
+    try:
+        started = time.monotonic()
+        while time.monotonic() - started < timeout_s:
+            if process.poll() is not None:
+                raise RuntimeError(f"{command[:4]} exited with {process.returncode}; see {log_path}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(ready_url, timeout=2).status_code == 200:
+                    break
+            time.sleep(0.2)
+        else:
+            raise RuntimeError(f"{command[:4]} was not ready within {timeout_s:.0f} s; see {log_path}")
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=30)
+        log.close()
+
+
+def corella_serve_command(bundle: Path, port: int, store: Path, **options: Any) -> list[str]:
+    command = [sys.executable, "-m", "corella_cli", "serve", str(bundle), "--port", str(port), "--store", str(store)]
+    for name, value in options.items():
+        if value is not None:
+            command += [f"--{name.replace('_', '-')}", str(value)]
+    return command
+
+
+def scrape(base: str) -> dict[str, float]:
+    """The server's Prometheus samples by name and labels, e.g. 'corella_candidates_total{route="llm"}'."""
+    import httpx
+
+    samples: dict[str, float] = {}
+    for line in httpx.get(f"{base}/metrics", timeout=10).text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+@dataclass
+class Sample:
+    """One request as the client saw it."""
+
+    kind: str
+    status: int
+    seconds: float
+    routed: int = 0
+    llm: int = 0
+    fallbacks: dict[str, int] = field(default_factory=dict)
+    llm_ms: float | None = None
+
+
+@dataclass
+class LoadRun:
+    concurrency: int
+    wall_s: float
+    samples: list[Sample]
+    health_s: list[float]
+
+    def summary(self, deadline_ms: float | None) -> dict[str, Any]:
+        ok = [s for s in self.samples if s.status == 200]
+        seconds = [s.seconds for s in self.samples]
+        statuses = Counter(str(s.status) for s in self.samples)
+        fallbacks: Counter = Counter()
+        for s in ok:
+            fallbacks.update(s.fallbacks)
+        # answered at once because the LLM could take none of their routed work
+        crm_only = [s.seconds for s in ok if s.routed and not s.llm and s.fallbacks.get("overloaded")]
+        refused = [s.seconds for s in self.samples if s.status == 429]
+        out = {
+            "concurrency": self.concurrency, "seconds": self.wall_s, "requests": len(self.samples),
+            "statuses": dict(statuses), "server_errors": sum(s.status >= 500 for s in self.samples),
+            "client_errors": sum(s.status == 0 for s in self.samples),
+            "requests_per_second": len(self.samples) / self.wall_s,
+            "p50_ms": 1000 * percentile(seconds, 50), "p99_ms": 1000 * percentile(seconds, 99),
+            "max_ms": 1000 * max(seconds, default=float("nan")),
+            "routed_candidates": sum(s.routed for s in ok), "llm_answers": sum(s.llm for s in ok),
+            "llm_answers_per_second": sum(s.llm for s in ok) / self.wall_s, "fallbacks": dict(fallbacks),
+            "crm_only_requests": len(crm_only), "crm_only_p50_ms": 1000 * percentile(crm_only, 50),
+            "refused_429": len(refused), "refused_p99_ms": 1000 * percentile(refused, 99),
+            "healthz_probes": len(self.health_s), "healthz_p99_ms": 1000 * percentile(self.health_s, 99),
+            "healthz_max_ms": 1000 * max(self.health_s, default=float("nan")),
+            "latencies_ms": [round(1000 * x, 2) for x in seconds],
+        }  # fmt: skip
+        if deadline_ms is not None:
+            out["p99_over_deadline_ms"] = out["p99_ms"] - deadline_ms
+        return out
+
+
+class UserMix:
+    """Requests of known users: a `repeat_share` of them from users seen in the last `window_s`
+    seconds (their prefixes may still be cached), the rest from any user; random candidates."""
+
+    def __init__(self, users: list[str], items: list[str], candidates: int, repeat_share: float = 0.7,
+                 window_s: float = 60.0, seed: int = 0, **options: Any) -> None:  # fmt: skip
+        self.users, self.items, self.candidates = users, items, candidates
+        self.repeat_share, self.window_s, self.options = repeat_share, window_s, options
+        self.rng = np.random.default_rng(seed)
+        self.seen: dict[str, float] = {}
+
+    def user(self, now: float) -> str:
+        recent = [u for u, t in self.seen.items() if now - t <= self.window_s]
+        if recent and self.rng.random() < self.repeat_share:
+            user = recent[int(self.rng.integers(len(recent)))]
+        else:
+            user = self.users[int(self.rng.integers(len(self.users)))]
+        self.seen[user] = now
+        if len(self.seen) > 4 * len(recent) + 1000:
+            self.seen = {u: t for u, t in self.seen.items() if now - t <= self.window_s}
+        return user
+
+    def body(self, now: float | None = None) -> dict[str, Any]:
+        user = self.user(time.monotonic() if now is None else now)
+        picked = self.rng.choice(len(self.items), size=min(self.candidates, len(self.items)), replace=False)
+        return {"user_id": user, "candidates": [{"item_id": self.items[i]} for i in picked], **self.options}
+
+
+def _sample(kind: str, status: int, seconds: float, answer: dict[str, Any] | None) -> Sample:
+    if not answer or status != 200 or "predictions" not in answer:
+        return Sample(kind, status, seconds)
+    llm = sum(p["route"] == "llm" for p in answer["predictions"])
+    return Sample(kind, status, seconds, answer.get("routed", 0), llm, answer.get("fallbacks", {}),
+                  answer.get("timings_ms", {}).get("llm"))  # fmt: skip
+
+
+async def _post(client: Any, path: str, body: dict[str, Any], kind: str) -> Sample:
+    import httpx
+
+    started = time.perf_counter()
+    try:
+        response = await client.post(path, json=body)
+        elapsed = time.perf_counter() - started
+        answer = response.json() if response.headers.get("content-type", "").startswith("application/json") else None
+        return _sample(kind, response.status_code, elapsed, answer)
+    except httpx.HTTPError:
+        return Sample(kind, 0, time.perf_counter() - started)
+
+
+def closed_loop(base: str, concurrency: int, duration_s: float, make_body: Callable[[], tuple[str, dict[str, Any]]],
+                probe_interval_s: float = 0.05, timeout_s: float = 120) -> LoadRun:  # fmt: skip
+    """`concurrency` clients, each sending its next request as soon as the last is answered, for
+    `duration_s`; a prober times GET /healthz meanwhile. `make_body` gives (kind, body)."""
+    return asyncio.run(_closed_loop(base, concurrency, duration_s, make_body, probe_interval_s, timeout_s))
+
+
+async def _closed_loop(base: str, concurrency: int, duration_s: float, make_body: Callable, probe_interval_s: float,
+                       timeout_s: float) -> LoadRun:  # fmt: skip
+    import httpx
+
+    samples: list[Sample] = []
+    health: list[float] = []
+    limits = httpx.Limits(max_connections=concurrency + 2, max_keepalive_connections=concurrency + 2)
+    started = time.perf_counter()
+    stop = started + duration_s
+    async with httpx.AsyncClient(base_url=base, timeout=timeout_s, limits=limits) as client:
+
+        async def worker() -> None:
+            while time.perf_counter() < stop:
+                kind, body = make_body()
+                samples.append(await _post(client, "/v1/predict", body, kind))
+
+        async def prober() -> None:
+            async with httpx.AsyncClient(base_url=base, timeout=timeout_s) as own:
+                while time.perf_counter() < stop:
+                    t = time.perf_counter()
+                    with contextlib.suppress(httpx.HTTPError):
+                        await own.get("/healthz")
+                        health.append(time.perf_counter() - t)
+                    await asyncio.sleep(probe_interval_s)
+
+        await asyncio.gather(prober(), *(worker() for _ in range(concurrency)))
+    return LoadRun(concurrency, time.perf_counter() - started, samples, health)
+
+
+def send_all(base: str, path: str, bodies: list[dict[str, Any]], concurrency: int, timeout_s: float = 600
+             ) -> tuple[list[tuple[int, float, dict[str, Any] | None]], float]:  # fmt: skip
+    """Send every body once from `concurrency` clients; (status, seconds, answer) per body, and the wall time."""
+    return asyncio.run(_send_all(base, path, bodies, concurrency, timeout_s))
+
+
+async def _send_all(base: str, path: str, bodies: list[dict[str, Any]], concurrency: int, timeout_s: float
+                    ) -> tuple[list[tuple[int, float, dict[str, Any] | None]], float]:  # fmt: skip
+    import httpx
+
+    results: list[tuple[int, float, dict[str, Any] | None]] = [(0, 0.0, None)] * len(bodies)
+    queue = list(enumerate(bodies))
+    started = time.perf_counter()
+    async with httpx.AsyncClient(base_url=base, timeout=timeout_s,
+                                 limits=httpx.Limits(max_connections=concurrency + 2)) as client:  # fmt: skip
+
+        async def worker() -> None:
+            while queue:
+                index, body = queue.pop(0)
+                t = time.perf_counter()
+                try:
+                    response = await client.post(path, json=body)
+                    results[index] = (response.status_code, time.perf_counter() - t, response.json())
+                except (httpx.HTTPError, ValueError):
+                    results[index] = (0, time.perf_counter() - t, None)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return results, time.perf_counter() - started

@@ -1,0 +1,184 @@
+"""The http suite: `corella serve` in its own process under load, beside llama-cpp-python's server.
+
+What it measures, each on the bundle's own GGUF and thread count:
+- levels: closed-loop clients at each concurrency for a fixed time, a realistic mix (70% of the
+  requests from users seen in the last minute), 100 candidates, hybrid at f = 0.1, the default
+  deadline; throughput, latency, LLM goodput (routed candidates answered by the LLM per second)
+  and /healthz latency meanwhile;
+- repeat vs cold: the LLM part of one user's request when the user's prefix is cached vs not;
+- the peer: llama-cpp-python's server (one completion per candidate) in its answer-token mode
+  and its log-probability mode, against `corella serve` with mode "llm", at the same concurrency;
+- overload: 256 clients against a server with a small LLM queue, half of them asking for mode
+  "llm": answers keep coming, 429s come at once, /healthz stays quick.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.load import UserMix, closed_loop, corella_serve_command, free_port, scrape, send_all, server_process
+from runtime.bundle import Bundle
+from runtime.engine import CandidateItem, Engine, Request
+
+__all__ = ["http_suite"]
+
+log = logging.getLogger(__name__)
+
+
+def _llm_answers(base: str) -> float:
+    return scrape(base).get('corella_candidates_total{route="llm"}', 0.0)
+
+
+def _levels(base: str, engine: Engine, config: Any, progress: Callable[[str], None]) -> list[dict[str, Any]]:
+    mix = UserMix(engine.store.user_ids(), engine.store.item_ids(), config.http_candidates,
+                  repeat_share=config.http_repeat_share, seed=config.seed + 2,
+                  llm_fraction=config.http_fraction)  # fmt: skip
+    levels = []
+    for concurrency in config.http_concurrency:
+        before = _llm_answers(base)
+        run = closed_loop(base, concurrency, config.http_seconds, lambda: ("hybrid", mix.body()))
+        level = run.summary(config.http_deadline_ms)
+        level["server_llm_answers"] = _llm_answers(base) - before
+        levels.append(level)
+        progress(f"http c={concurrency}: {level['requests_per_second']:.1f} req/s, p50 {level['p50_ms']:.0f} ms, "
+                 f"p99 {level['p99_ms']:.0f} ms, LLM answers {level['llm_answers_per_second']:.1f}/s, "
+                 f"fallbacks {level['fallbacks']}, 5xx {level['server_errors']}")  # fmt: skip
+    return levels
+
+
+def _repeat_vs_cold(base: str, engine: Engine, users: list[str], config: Any,
+                    progress: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
+    """A user's first request (nothing cached: the server has not seen the user), the same request
+    again, then another request of the same user (other candidates): the LLM part of each,
+    sequentially on an idle server."""
+    items = engine.store.item_ids()
+    rng = np.random.default_rng(config.seed + 3)
+    rows = []
+    for user in users:
+        picks = [rng.choice(len(items), size=config.http_candidates, replace=False) for _ in range(2)]
+        bodies = [{"user_id": user, "candidates": [{"item_id": items[i]} for i in pick],
+                   "llm_fraction": config.http_fraction, "deadline_ms": 600_000} for pick in picks]  # fmt: skip
+        answers, _ = send_all(base, "/v1/predict", [bodies[0], bodies[0], bodies[1]], 1)
+        if any(status != 200 for status, _, _ in answers):
+            continue
+        rows.append([answer["timings_ms"]["llm"] for _, _, answer in answers])
+    table = np.array(rows)
+    result = {"users": len(rows), "cold_llm_ms": float(table[:, 0].mean()),
+              "same_request_cached_llm_ms": float(table[:, 1].mean()),
+              "other_candidates_cached_llm_ms": float(table[:, 2].mean())}  # fmt: skip
+    result["same_request_over_cold"] = result["same_request_cached_llm_ms"] / result["cold_llm_ms"]
+    result["other_candidates_over_cold"] = result["other_candidates_cached_llm_ms"] / result["cold_llm_ms"]
+    cold, cached = result["cold_llm_ms"], result["same_request_cached_llm_ms"]
+    progress(f"repeat vs cold user: LLM part {cold:.0f} ms cold, {cached:.0f} ms cached ({cached / cold:.0%})")
+    return result
+
+
+def _peer_requests(engine: Engine, users: list[str], config: Any) -> list[Request]:
+    items = engine.store.item_ids()
+    rng = np.random.default_rng(config.seed + 4)
+    return [Request([CandidateItem(items[i]) for i in rng.choice(len(items), size=10, replace=False)],
+                    user_id=user, mode="llm") for user in users]  # fmt: skip
+
+
+def _peer(bundle: Bundle, engine: Engine, base: str, users: list[str], out: Path, config: Any,
+          progress: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
+    """Routed candidates scored per second: ours (mode llm) vs llama-cpp-python's server, both
+    cold (users the server has not seen)."""
+    requests = _peer_requests(engine, users, config)
+    bodies = [{"user_id": r.user_id, "candidates": [{"item_id": c.item_id} for c in r.candidates], "mode": "llm",
+               "deadline_ms": 600_000} for r in requests]  # fmt: skip
+    answers, wall = send_all(base, "/v1/predict", bodies, config.peer_concurrency)
+    scored = sum(sum(p["route"] == "llm" for p in a["predictions"]) for status, _, a in answers if status == 200)
+    ours = {"candidates": scored, "seconds": wall, "per_second": scored / wall}
+    result: dict[str, Any] = {"concurrency": config.peer_concurrency, "requests": len(bodies), "corella": ours}
+    progress(f"peer: corella serve {scored / wall:.2f} candidates/s at concurrency {config.peer_concurrency}")
+    if importlib.util.find_spec("llama_cpp.server") is None or importlib.util.find_spec("sse_starlette") is None:
+        result["peer_skipped"] = "llama_cpp.server does not import here (pip install 'llama-cpp-python[server]')"
+        return result
+    prompts = []
+    for request in requests:
+        prepared = engine.prepare(request)
+        prefix, suffixes = engine.prompt_texts(prepared.history, prepared.items)
+        prompts += [prefix + suffix for suffix in suffixes]
+    threads = str(config.threads or engine.scheduler.settings.threads)
+    modes = (("answer_token", "False", len(prompts), {}),
+             ("logprobs", "True", config.peer_logprob_prompts, {"logprobs": 2}))  # fmt: skip
+    for mode, logits_all, count, extra in modes:
+        port = free_port()
+        command = [sys.executable, "-m", "llama_cpp.server", "--model", str(bundle.llm_file), "--host", "127.0.0.1",
+                   "--port", str(port), "--n_threads", threads, "--n_threads_batch", threads, "--n_ctx", "4096",
+                   "--logits_all", logits_all]  # fmt: skip
+        peer_base = f"http://127.0.0.1:{port}"
+        bodies = [{"prompt": p, "max_tokens": 1, "temperature": 0.0, **extra} for p in prompts[:count]]
+        with server_process(command, f"{peer_base}/v1/models", out / f"peer-{mode}.log"):
+            peer_answers, peer_wall = send_all(peer_base, "/v1/completions", bodies, config.peer_concurrency)
+        done = sum(status == 200 for status, _, _ in peer_answers)
+        result[f"peer_{mode}"] = {"candidates": done, "seconds": peer_wall, "per_second": done / peer_wall}
+        result[f"corella_over_peer_{mode}"] = result["corella"]["per_second"] / max(done / peer_wall, 1e-9)
+        progress(f"peer: llama_cpp.server {mode} {done / peer_wall:.2f} candidates/s "
+                 f"(corella {result[f'corella_over_peer_{mode}']:.1f}x)")  # fmt: skip
+    return result
+
+
+def _overload(bundle: Bundle, engine: Engine, out: Path, config: Any,
+              progress: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
+    """256 clients against a small LLM queue; half ask for mode "llm" (10 candidates)."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    command = corella_serve_command(bundle.path, port, out / "overload-store.sqlite", llm_threads=config.threads,
+                                    llm_queue_candidates=config.overload_queue,
+                                    deadline_ms=config.http_deadline_ms)  # fmt: skip
+    hybrid = UserMix(engine.store.user_ids(), engine.store.item_ids(), config.http_candidates, seed=config.seed + 5,
+                     llm_fraction=config.http_fraction)  # fmt: skip
+    llm_only = UserMix(engine.store.user_ids(), engine.store.item_ids(), 10, seed=config.seed + 6, mode="llm")
+    rng = np.random.default_rng(config.seed + 7)
+
+    def body() -> tuple[str, dict[str, Any]]:
+        return ("llm", llm_only.body()) if rng.random() < 0.5 else ("hybrid", hybrid.body())
+
+    with server_process(command, f"{base}/readyz", out / "overload-server.log"):
+        run = closed_loop(base, config.overload_concurrency, config.overload_seconds, body)
+    summary = run.summary(config.http_deadline_ms)
+    summary["queue_candidates"] = config.overload_queue
+    progress(f"overload c={config.overload_concurrency}: {summary['requests_per_second']:.1f} req/s, "
+             f"statuses {summary['statuses']}, 429 p99 {summary['refused_p99_ms']:.0f} ms, "
+             f"/healthz p99 {summary['healthz_p99_ms']:.0f} ms")  # fmt: skip
+    return summary
+
+
+def http_suite(bundle: Bundle, engine: Engine, samples: list[Any], config: Any,
+               progress: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
+    out = Path(config.out) if config.out else Path(".")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    command = corella_serve_command(bundle.path, port, out / "http-store.sqlite", llm_threads=config.threads,
+                                    deadline_ms=config.http_deadline_ms)  # fmt: skip
+    result: dict[str, Any] = {"candidates_per_request": config.http_candidates, "llm_fraction": config.http_fraction,
+                              "deadline_ms": config.http_deadline_ms, "seconds_per_level": config.http_seconds,
+                              "repeat_share": config.http_repeat_share}  # fmt: skip
+    started = time.perf_counter()
+    # users for the cold measurements, disjoint, drawn before the levels can cache anyone
+    users = list(np.random.default_rng(config.seed + 8).permutation(engine.store.user_ids()))
+    cold, peer = users[: config.cold_users], users[config.cold_users : config.cold_users + config.peer_users]
+    with server_process(command, f"{base}/readyz", out / "http-server.log"):
+        if engine.llm is not None:
+            result["repeat_vs_cold"] = _repeat_vs_cold(base, engine, cold, config, progress)
+            if config.peer_users:
+                result["peer"] = _peer(bundle, engine, base, peer, out, config, progress)
+        result["levels"] = _levels(base, engine, config, progress)
+        unloaded = result["levels"][0]["llm_answers_per_second"]
+        for level in result["levels"]:
+            level["llm_goodput_vs_unloaded"] = level["llm_answers_per_second"] / unloaded if unloaded else float("nan")
+        result["server_counters"] = {k: v for k, v in scrape(base).items() if k.startswith("corella_llm")}
+    if config.overload_seconds and engine.llm is not None:
+        result["overload"] = _overload(bundle, engine, out, config, progress)
+    result["wall_seconds"] = time.perf_counter() - started
+    return result

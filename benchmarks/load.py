@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -94,6 +95,9 @@ class Sample:
     llm: int = 0
     fallbacks: dict[str, int] = field(default_factory=dict)
     llm_ms: float | None = None
+    server_s: float | None = None  # from the answer's Server-Timing header
+    sent: float = 0.0  # perf_counter when the request was sent
+    retry_after: float = 0.0  # a 429's Retry-After, in seconds
 
 
 @dataclass
@@ -113,6 +117,7 @@ class LoadRun:
         # answered at once because the LLM could take none of their routed work
         crm_only = [s.seconds for s in ok if s.routed and not s.llm and s.fallbacks.get("overloaded")]
         refused = [s.seconds for s in self.samples if s.status == 429]
+        outside = [s.seconds - s.server_s for s in self.samples if s.server_s is not None]
         out = {
             "concurrency": self.concurrency, "seconds": self.wall_s, "requests": len(self.samples),
             "statuses": dict(statuses), "server_errors": sum(s.status >= 500 for s in self.samples),
@@ -124,6 +129,10 @@ class LoadRun:
             "llm_answers_per_second": sum(s.llm for s in ok) / self.wall_s, "fallbacks": dict(fallbacks),
             "crm_only_requests": len(crm_only), "crm_only_p50_ms": 1000 * percentile(crm_only, 50),
             "refused_429": len(refused), "refused_p99_ms": 1000 * percentile(refused, 99),
+            "refused_server_p99_ms": 1000 * percentile([s.server_s for s in self.samples
+                                                         if s.status == 429 and s.server_s is not None], 99),
+            "outside_server_p50_ms": 1000 * percentile(outside, 50),
+            "outside_server_p99_ms": 1000 * percentile(outside, 99),
             "healthz_probes": len(self.health_s), "healthz_p99_ms": 1000 * percentile(self.health_s, 99),
             "healthz_max_ms": 1000 * max(self.health_s, default=float("nan")),
             "latencies_ms": [round(1000 * x, 2) for x in seconds],
@@ -161,61 +170,132 @@ class UserMix:
         return {"user_id": user, "candidates": [{"item_id": self.items[i]} for i in picked], **self.options}
 
 
-def _sample(kind: str, status: int, seconds: float, answer: dict[str, Any] | None) -> Sample:
+def _server_seconds(headers: Any) -> float | None:
+    timing = headers.get("server-timing", "")
+    if "dur=" not in timing:
+        return None
+    return float(timing.split("dur=", 1)[1].split(",")[0].split(";")[0]) / 1000
+
+
+def _sample(kind: str, status: int, seconds: float, answer: dict[str, Any] | None, server_s: float | None) -> Sample:
     if not answer or status != 200 or "predictions" not in answer:
-        return Sample(kind, status, seconds)
+        return Sample(kind, status, seconds, server_s=server_s)
     llm = sum(p["route"] == "llm" for p in answer["predictions"])
     return Sample(kind, status, seconds, answer.get("routed", 0), llm, answer.get("fallbacks", {}),
-                  answer.get("timings_ms", {}).get("llm"))  # fmt: skip
+                  answer.get("timings_ms", {}).get("llm"), server_s)  # fmt: skip
 
 
-async def _post(client: Any, path: str, body: dict[str, Any], kind: str) -> Sample:
-    import httpx
+class Connection:
+    """One keep-alive HTTP/1.1 connection on asyncio streams: a load generator's client, a few
+    microseconds a request (httpx's pool costs milliseconds a request at hundreds of connections,
+    and a starved client would put its own delays into every figure)."""
 
+    def __init__(self, base: str, timeout_s: float = 120) -> None:
+        host_port = base.split("://", 1)[-1].rstrip("/")
+        self.host, _, port = host_port.partition(":")
+        self.port, self.timeout_s = int(port or 80), timeout_s
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def request(self, method: str, path: str, body: bytes = b"") -> tuple[int, dict[str, str], bytes]:
+        """(status, headers, body); status 0 when the connection failed (it is reopened next time)."""
+        try:
+            return await asyncio.wait_for(self._exchange(method, path, body), self.timeout_s)
+        except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError):
+            self.close()
+            return 0, {}, b""
+
+    async def _exchange(self, method: str, path: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        head = (f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()  # fmt: skip
+        self.writer.write(head + body)
+        await self.writer.drain()
+        status = int((await self.reader.readline()).split()[1])
+        headers: dict[str, str] = {}
+        while (line := await self.reader.readline()) not in (b"\r\n", b"\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        payload = await self.reader.readexactly(int(headers.get("content-length", "0")))
+        if headers.get("connection", "").lower() == "close":
+            self.close()
+        return status, headers, payload
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+
+async def _post(connection: Connection, path: str, body: dict[str, Any], kind: str) -> Sample:
     started = time.perf_counter()
-    try:
-        response = await client.post(path, json=body)
-        elapsed = time.perf_counter() - started
-        answer = response.json() if response.headers.get("content-type", "").startswith("application/json") else None
-        return _sample(kind, response.status_code, elapsed, answer)
-    except httpx.HTTPError:
-        return Sample(kind, 0, time.perf_counter() - started)
+    status, headers, payload = await connection.request("POST", path, json.dumps(body).encode())
+    elapsed = time.perf_counter() - started
+    answer = None
+    if status and headers.get("content-type", "").startswith("application/json"):
+        with contextlib.suppress(ValueError):
+            answer = json.loads(payload)
+    sample = _sample(kind, status, elapsed, answer, _server_seconds(headers))
+    sample.sent = started
+    with contextlib.suppress(ValueError):
+        sample.retry_after = float(headers.get("retry-after", 0))
+    return sample
 
 
 def closed_loop(base: str, concurrency: int, duration_s: float, make_body: Callable[[], tuple[str, dict[str, Any]]],
                 probe_interval_s: float = 0.05, timeout_s: float = 120) -> LoadRun:  # fmt: skip
-    """`concurrency` clients, each sending its next request as soon as the last is answered, for
-    `duration_s`; a prober times GET /healthz meanwhile. `make_body` gives (kind, body)."""
+    """`concurrency` clients, each sending its next request as soon as the last is answered (after
+    a 429, once its Retry-After has passed), for `duration_s`; meanwhile a prober in a process of
+    its own times GET /healthz (the clients' event loop, busy with hundreds of answers, would add
+    its own delays to the probe's)."""
     return asyncio.run(_closed_loop(base, concurrency, duration_s, make_body, probe_interval_s, timeout_s))
 
 
 async def _closed_loop(base: str, concurrency: int, duration_s: float, make_body: Callable, probe_interval_s: float,
                        timeout_s: float) -> LoadRun:  # fmt: skip
-    import httpx
-
     samples: list[Sample] = []
-    health: list[float] = []
-    limits = httpx.Limits(max_connections=concurrency + 2, max_keepalive_connections=concurrency + 2)
+    # every client connects before the clock starts: a burst of hundreds of connects is a test of
+    # the kernel's accept queue, not of the server
+    connections = [Connection(base, timeout_s) for _ in range(concurrency)]
+    for start in range(0, concurrency, 32):
+        await asyncio.gather(*(c.request("GET", "/healthz") for c in connections[start : start + 32]))
+    probe = subprocess.Popen([sys.executable, "-m", "benchmarks.load", "probe", base, str(duration_s),
+                              str(probe_interval_s)], stdout=subprocess.PIPE, text=True)  # fmt: skip
     started = time.perf_counter()
     stop = started + duration_s
-    async with httpx.AsyncClient(base_url=base, timeout=timeout_s, limits=limits) as client:
 
-        async def worker() -> None:
-            while time.perf_counter() < stop:
-                kind, body = make_body()
-                samples.append(await _post(client, "/v1/predict", body, kind))
+    async def worker(connection: Connection) -> None:
+        while time.perf_counter() < stop:
+            kind, body = make_body()
+            samples.append(sample := await _post(connection, "/v1/predict", body, kind))
+            if sample.status == 429:  # a well-behaved client waits as told before it asks again
+                await asyncio.sleep(min(sample.retry_after, max(0.0, stop - time.perf_counter())))
+        connection.close()
 
-        async def prober() -> None:
-            async with httpx.AsyncClient(base_url=base, timeout=timeout_s) as own:
-                while time.perf_counter() < stop:
-                    t = time.perf_counter()
-                    with contextlib.suppress(httpx.HTTPError):
-                        await own.get("/healthz")
-                        health.append(time.perf_counter() - t)
-                    await asyncio.sleep(probe_interval_s)
+    try:
+        await asyncio.gather(*(worker(c) for c in connections))
+        wall = time.perf_counter() - started
+        output, _ = await asyncio.to_thread(probe.communicate, timeout=duration_s + 60)
+    finally:
+        if probe.poll() is None:
+            probe.kill()
+    return LoadRun(concurrency, wall, samples, json.loads(output or "[]"))
 
-        await asyncio.gather(prober(), *(worker() for _ in range(concurrency)))
-    return LoadRun(concurrency, time.perf_counter() - started, samples, health)
+
+def _probe(base: str, duration_s: float, interval_s: float) -> list[float]:
+    import httpx
+
+    latencies: list[float] = []
+    stop = time.perf_counter() + duration_s
+    with httpx.Client(base_url=base, timeout=30) as client:
+        while time.perf_counter() < stop:
+            started = time.perf_counter()
+            with contextlib.suppress(httpx.HTTPError):
+                client.get("/healthz")
+                latencies.append(time.perf_counter() - started)
+            time.sleep(interval_s)
+    return latencies
 
 
 def send_all(base: str, path: str, bodies: list[dict[str, Any]], concurrency: int, timeout_s: float = 600
@@ -226,23 +306,25 @@ def send_all(base: str, path: str, bodies: list[dict[str, Any]], concurrency: in
 
 async def _send_all(base: str, path: str, bodies: list[dict[str, Any]], concurrency: int, timeout_s: float
                     ) -> tuple[list[tuple[int, float, dict[str, Any] | None]], float]:  # fmt: skip
-    import httpx
-
     results: list[tuple[int, float, dict[str, Any] | None]] = [(0, 0.0, None)] * len(bodies)
     queue = list(enumerate(bodies))
     started = time.perf_counter()
-    async with httpx.AsyncClient(base_url=base, timeout=timeout_s,
-                                 limits=httpx.Limits(max_connections=concurrency + 2)) as client:  # fmt: skip
 
-        async def worker() -> None:
-            while queue:
-                index, body = queue.pop(0)
-                t = time.perf_counter()
-                try:
-                    response = await client.post(path, json=body)
-                    results[index] = (response.status_code, time.perf_counter() - t, response.json())
-                except (httpx.HTTPError, ValueError):
-                    results[index] = (0, time.perf_counter() - t, None)
+    async def worker() -> None:
+        connection = Connection(base, timeout_s)
+        while queue:
+            index, body = queue.pop(0)
+            t = time.perf_counter()
+            status, _, payload = await connection.request("POST", path, json.dumps(body).encode())
+            try:
+                results[index] = (status, time.perf_counter() - t, json.loads(payload) if status else None)
+            except ValueError:
+                results[index] = (0, time.perf_counter() - t, None)
+        connection.close()
 
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
     return results, time.perf_counter() - started
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["probe"]:
+    print(json.dumps(_probe(sys.argv[2], float(sys.argv[3]), float(sys.argv[4]))))

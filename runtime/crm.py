@@ -72,6 +72,9 @@ class CRMSession:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.intra_op_num_threads = threads or min(4, os.cpu_count() or 1)
         options.inter_op_num_threads = 1
+        # idle intra-op threads sleep instead of spinning: on a box where llama.cpp decodes, spinning
+        # threads take its cores
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3
         self.path = Path(path)
         self.session = ort.InferenceSession(

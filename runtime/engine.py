@@ -190,8 +190,9 @@ class Engine:
         self.threshold = float(bundle.router["threshold"])
         # Platt map fitted at export on the shipped GGUF's answers to routed validation samples
         self.calibration = LLMCalibration.from_dict(bundle.router.get("llm_calibration"))
+        # one thread: a request's few hundred rows take ~0.5 ms; a second thread costs more CPU than it saves
         self.crm = CRMSession(
-            bundle.crm_file, settings.providers, settings.crm_threads, engine_cache=bundle.path / "trt_cache"
+            bundle.crm_file, settings.providers, settings.crm_threads or 1, engine_cache=bundle.path / "trt_cache"
         )
         self.store = FeatureStore(live_store(bundle, settings.store_path))
         self.llm: LlamaModel | None = None
@@ -275,15 +276,14 @@ class Engine:
                 items.append(ItemText(c.title, year, tags, *stats))
             else:
                 items.append(stored)
-        n = len(candidates)
-        inputs = self.spec.encode(
-            user_ids=[request.user_id] * n,
+        inputs = self.spec.encode_request(
+            user_id=request.user_id,
+            user_attributes=attributes,
+            history_items=[h.item_id for h in history],
+            history_ratings=[h.rating for h in history],
             item_ids=[c.item_id for c in candidates],
-            user_attributes=[attributes] * n,
             item_years=[it.year if it else None for it in items],
             item_tags=[it.tags if it else () for it in items],
-            history_items=[[h.item_id for h in history]] * n,
-            history_ratings=[[h.rating for h in history]] * n,
         )
         return Prepared(history, items, inputs, known_user)
 
@@ -328,7 +328,7 @@ class Engine:
             raise ConfigError("a request needs at least one candidate")
         if len(candidates) > self.settings.max_candidates:
             raise RequestTooLarge(f"{len(candidates)} candidates exceed the limit of {self.settings.max_candidates}")
-        deadline_ms = request.deadline_ms if request.deadline_ms is not None else self.settings.default_deadline_ms
+        deadline = self.deadline(request, started)
         prepared = self.prepare(request)
         encoded = time.perf_counter()
         crm_p = self.crm.predict(prepared.inputs)
@@ -338,12 +338,28 @@ class Engine:
         order = np.flatnonzero(routed & titled)
         pending = Pending(
             request, prepared, crm_p, entropy, order[np.argsort(-entropy[order], kind="stable")],
-            np.flatnonzero(routed & ~titled), {}, None if deadline_ms is None else started + deadline_ms / 1000.0,
+            np.flatnonzero(routed & ~titled), {}, deadline,
             {"arrived": started, "encoded": encoded, "crm": time.perf_counter()},
         )  # fmt: skip
         if len(pending.routed):
             self._submit(pending)
         return pending
+
+    def deadline(self, request: Request, arrived: float) -> float | None:
+        """The request's deadline as a perf_counter value: its own deadline_ms, or the default, from arrival."""
+        deadline_ms = request.deadline_ms if request.deadline_ms is not None else self.settings.default_deadline_ms
+        return None if deadline_ms is None else arrived + deadline_ms / 1000.0
+
+    def refuse_if_saturated(self, request: Request, arrived: float, delay: float = 0.0) -> None:
+        """Raise OverloadedError for a mode "llm" request that the LLM cannot take at all (no queue
+        room, or a backlog that outlasts its deadline once `delay` seconds of waiting for a CPU
+        worker have passed): cheap, before any encoding."""
+        if request.mode != "llm" or self.scheduler is None:
+            return
+        wait = self.scheduler.saturated(self.deadline(request, arrived), delay)
+        if wait is not None:
+            raise OverloadedError(f"the LLM queue is full ({self.scheduler.queued_candidates()} candidates "
+                                  f"waiting); retry in {wait:.1f} s", wait)  # fmt: skip
 
     def _submit(self, pending: Pending) -> None:
         routed = pending.routed

@@ -166,17 +166,58 @@ class FeatureSpec:
             if len(values) != batch:
                 raise FeatureSpecError(f"field {name!r} has {len(values)} values for {batch} samples")
             categorical[:, j] = self.vocabularies[name].encode(values)
+        hist_items, hist_ratings = self._history(history_items, history_ratings)
+        return {
+            "categorical": categorical,
+            "tags": self._tags(item_tags),
+            "history_items": hist_items,
+            "history_ratings": hist_ratings,
+        }
 
+    def encode_request(
+        self,
+        *,
+        user_id: Any,
+        user_attributes: Mapping[str, Any],
+        history_items: Sequence[Any],
+        history_ratings: Sequence[float],
+        item_ids: Sequence[Any],
+        item_years: Sequence[Any],
+        item_tags: Sequence[Sequence[str]],
+    ) -> dict[str, np.ndarray]:
+        """`encode` of one user's candidates (the serving path): the user's fields and history are
+        encoded once and repeated on every row, with the same result as `encode` row by row."""
+        batch = len(item_ids)
+        per_item = {"item_id": item_ids, "year": item_years}
+        categorical = np.empty((batch, len(self.categorical_fields)), dtype=np.int64)
+        for j, name in enumerate(self.categorical_fields):
+            vocabulary = self.vocabularies[name]
+            if name in per_item:
+                categorical[:, j] = vocabulary.encode(per_item[name])
+            else:
+                categorical[:, j] = vocabulary.index(user_id if name == "user_id" else user_attributes.get(name))
+        hist_items, hist_ratings = self._history([history_items], [history_ratings])
+        return {
+            "categorical": categorical,
+            "tags": self._tags(item_tags),
+            "history_items": np.repeat(hist_items, batch, axis=0),
+            "history_ratings": np.repeat(hist_ratings, batch, axis=0),
+        }
+
+    def _tags(self, item_tags: Sequence[Sequence[str]]) -> np.ndarray:
         tag_vocab = self.vocabularies["tag"]
-        tags = np.zeros((batch, self.max_tags), dtype=np.int64)
+        tags = np.zeros((len(item_tags), self.max_tags), dtype=np.int64)
         for i, row in enumerate(item_tags):
             for j, tag in enumerate(row[: self.max_tags]):
                 tags[i, j] = tag_vocab.index(tag)
+        return tags
 
+    def _history(self, history_items: Sequence[Sequence[Any]], history_ratings: Sequence[Sequence[float]]
+                 ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
         k = self.history_length
         item_vocab = self.vocabularies["item_id"]
-        hist_items = np.zeros((batch, k), dtype=np.int64)
-        hist_ratings = np.zeros((batch, k), dtype=np.float32)
+        hist_items = np.zeros((len(history_items), k), dtype=np.int64)
+        hist_ratings = np.zeros((len(history_items), k), dtype=np.float32)
         for i, (items, ratings) in enumerate(zip(history_items, history_ratings, strict=True)):
             items, ratings = list(items)[-k:], list(ratings)[-k:]
             if len(items) != len(ratings):
@@ -185,12 +226,7 @@ class FeatureSpec:
             for j, (item, rating) in enumerate(zip(items, ratings, strict=True)):
                 hist_items[i, offset + j] = item_vocab.index(item)
                 hist_ratings[i, offset + j] = float(rating)
-        return {
-            "categorical": categorical,
-            "tags": tags,
-            "history_items": hist_items,
-            "history_ratings": hist_ratings,
-        }
+        return hist_items, hist_ratings
 
     def input_shapes(self) -> dict[str, tuple[str | int, ...]]:
         """Shapes of the CRM inputs with a symbolic batch axis, for the manifest and ONNX."""

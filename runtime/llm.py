@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import os
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 
@@ -71,6 +74,29 @@ def _llama():  # noqa: ANN202 - the module, imported lazily so that `runtime` im
 
 
 _log_callback = None
+_quick_calls: Any = None
+
+
+def _quick(llama_cpp: Any) -> Any:
+    """The llama.cpp calls a decode loop makes per candidate (share a prefix, drop a sequence, find
+    a logits row), bound through PyDLL so that they keep the GIL. Through llama_cpp's CDLL every
+    call releases the GIL and must win it back, which behind a busy HTTP thread costs up to the
+    switch interval (5 ms) a call: hundreds a batch, enough to idle the cores between decodes.
+    They take microseconds; only llama_decode, which takes long, lets go of the GIL."""
+    global _quick_calls
+    if _quick_calls is None:
+        lib = ctypes.PyDLL(llama_cpp.llama_cpp._lib._name)
+        calls = {}
+        for name, argtypes, restype in (
+            ("llama_memory_seq_cp", [ctypes.c_void_p] + [ctypes.c_int32] * 4, None),
+            ("llama_memory_seq_rm", [ctypes.c_void_p] + [ctypes.c_int32] * 3, ctypes.c_bool),
+            ("llama_get_logits_ith", [ctypes.c_void_p, ctypes.c_int32], ctypes.POINTER(ctypes.c_float)),
+        ):
+            function = getattr(lib, name)
+            function.argtypes, function.restype = argtypes, restype
+            calls[name] = function
+        _quick_calls = SimpleNamespace(**calls)
+    return _quick_calls
 
 
 def gpu_offload_supported() -> bool:
@@ -152,7 +178,8 @@ class LlamaContext:
         self.n_batch = int(lib.llama_n_batch(self._ctx))  # llama.cpp caps it at n_ctx
         self.n_seq_max = int(lib.llama_n_seq_max(self._ctx))
         self._memory = lib.llama_get_memory(self._ctx)
-        self._batch = lib.llama_batch_init(self.n_batch, 0, 1)
+        self._batch = lib.llama_batch_init(self.n_batch, 0, self.n_seq_max)
+        self._quick = _quick(lib)
 
     def close(self) -> None:
         if getattr(self, "_batch", None) is not None:
@@ -163,21 +190,33 @@ class LlamaContext:
             self._ctx = None
 
     def decode(
-        self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[int], logits: Sequence[bool]
+        self,
+        tokens: Sequence[int],
+        positions: Sequence[int],
+        seqs: Sequence[int | tuple[int, ...]],
+        logits: Sequence[bool],
     ) -> None:
-        """One llama_decode of up to n_batch tokens, each in its own sequence at its position."""
+        """One llama_decode of up to n_batch tokens, each at its position in its sequence, or in
+        several sequences at once (a tuple): a prefix decoded into its own sequence and those of
+        the candidates that share it, in the same batch as the candidates' suffixes."""
         n = len(tokens)
         if n > self.n_batch:
             raise LLMError(f"a batch of {n} tokens exceeds n_batch {self.n_batch}")
         batch = self._batch
-        one_seq_each = np.ones(n, dtype=np.int32)
+        seq_id = batch.seq_id
+        counts = np.ones(n, dtype=np.int32)
+        for i, seq in enumerate(seqs):
+            if isinstance(seq, tuple):
+                counts[i] = len(seq)
+                row = seq_id[i]
+                for k, member in enumerate(seq):
+                    row[k] = member
+            else:
+                seq_id[i][0] = seq
         for field, values, dtype in (("token", tokens, np.int32), ("pos", positions, np.int32),
-                                     ("logits", logits, np.int8), ("n_seq_id", one_seq_each, np.int32)):  # fmt: skip
+                                     ("logits", logits, np.int8), ("n_seq_id", counts, np.int32)):  # fmt: skip
             array = np.ascontiguousarray(values, dtype=dtype)  # kept alive by the name until copied
             ctypes.memmove(getattr(batch, field), array.ctypes.data, array.nbytes)
-        seq_id = batch.seq_id
-        for i, seq in enumerate(seqs):
-            seq_id[i][0] = seq
         batch.n_tokens = n
         status = self._lib.llama_decode(self._ctx, batch)
         if status != 0:
@@ -185,17 +224,17 @@ class LlamaContext:
 
     def answer(self, index: int) -> float:
         """P(yes) from the logits of batch row `index` (a row decoded with its logits flag set)."""
-        row = self._lib.llama_get_logits_ith(self._ctx, index)
+        row = self._quick.llama_get_logits_ith(self._ctx, index)
         if not row:
             raise LLMError("llama.cpp returned no logits")
         diff = float(row[self.model.yes_id]) - float(row[self.model.no_id])
-        return 1.0 / (1.0 + np.exp(-diff))
+        return 1.0 / (1.0 + math.exp(-diff)) if diff >= 0 else math.exp(diff) / (1.0 + math.exp(diff))
 
     def copy_sequence(self, source: int, target: int) -> None:
-        self._lib.llama_memory_seq_cp(self._memory, source, target, -1, -1)
+        self._quick.llama_memory_seq_cp(self._memory, source, target, -1, -1)
 
     def remove_sequence(self, seq: int) -> None:
-        self._lib.llama_memory_seq_rm(self._memory, seq, -1, -1)
+        self._quick.llama_memory_seq_rm(self._memory, seq, -1, -1)
 
     def clear(self) -> None:
         self._lib.llama_memory_clear(self._memory, True)

@@ -23,6 +23,9 @@ class ServingMetrics(SchedulerObserver):
 
         self.registry = registry = CollectorRegistry()
         self.requests = Counter("corella_requests_total", "HTTP requests", ["endpoint", "status"], registry=registry)
+        self.request_seconds = Histogram("corella_http_request_seconds", "Time from a request's arrival to its "
+                                         "answer", ["endpoint", "status"], registry=registry,
+                                         buckets=_SECONDS)  # fmt: skip
         self.candidates = Counter("corella_candidates_total", "Candidates answered, by route", ["route"],
                                   registry=registry)  # fmt: skip
         self.fallbacks = Counter("corella_llm_fallbacks_total", "Routed candidates answered by the CRM, by reason",

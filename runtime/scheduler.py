@@ -39,6 +39,10 @@ __all__ = ["Admission", "ItemState", "LLMJob", "SchedulerSettings", "SchedulerOb
 
 log = logging.getLogger(__name__)
 
+#: decode times are estimated this much above the measured average: a batch that ends a little
+#: early costs little, one that ends after its deadline decodes for nobody
+_MARGIN = 1.15
+
 
 class ItemState(IntEnum):
     """What became of one routed candidate."""
@@ -251,6 +255,8 @@ class _Plan:
     prefixes: list[tuple[_PrefixEntry, tuple[int, ...], int]] = field(default_factory=list)  # entry, tokens, start
     suffixes: list[tuple[LLMJob, int, int]] = field(default_factory=list)  # job, item, sequence
     tokens: int = 0
+    completing: set[int] = field(default_factory=set)  # ids of prefixes whose last tokens are in this batch
+    deadline: float = math.inf  # the earliest deadline of a job with work in this batch
 
 
 class _Worker:
@@ -267,10 +273,11 @@ class _Worker:
         self.batch_tokens = 0
         self.thread: threading.Thread | None = None
         self.condition: threading.Condition | None = None
+        self.failure: str | None = None
 
-    def backlog_tokens(self, now: float) -> float:
-        """Tokens ahead of a new job: unplanned prefixes and suffixes, and what is left of the batch."""
-        tokens = 0.0
+    def queued_tokens(self) -> int:
+        """Tokens of the queued jobs not yet in a batch: their suffixes and unstarted prefix parts."""
+        tokens = 0
         seen: set[int] = set()
         for job in self.queue:
             tokens += job._unplanned_tokens()
@@ -278,10 +285,16 @@ class _Worker:
             if entry is not None and id(entry) not in seen and not entry.ready:
                 seen.add(id(entry))
                 tokens += len(entry.key) - entry.planned
-        if self.batch_started is not None:
-            elapsed = (now - self.batch_started) / self.seconds_per_token
-            tokens += max(0.0, self.batch_tokens - elapsed)
         return tokens
+
+    def batch_end(self, now: float) -> float:
+        """When the batch being decoded is expected to finish (now when idle)."""
+        if self.batch_started is None:
+            return now
+        return max(now, self.batch_started + self.batch_tokens * self.seconds_per_token)
+
+    def backlog_seconds(self, now: float) -> float:
+        return self.batch_end(now) - now + self.queued_tokens() * self.seconds_per_token
 
 
 class LLMScheduler:
@@ -316,12 +329,20 @@ class LLMScheduler:
             self._close_contexts()
             raise
         for worker in self.workers:
-            self._warm_up(worker)
             worker.condition = threading.Condition(self._lock)
-            if start:
-                worker.thread = threading.Thread(target=self._loop, args=(worker,), daemon=True,
-                                                 name=f"llama-{worker.index}")  # fmt: skip
-                worker.thread.start()
+            if not start:
+                self._warm_up(worker)
+                continue
+            # each loop warms up its own context: llama.cpp's worker threads belong to the thread
+            # that decodes, and the server is ready only once every context has decoded once
+            warmed = threading.Event()
+            worker.thread = threading.Thread(target=self._loop, args=(worker, warmed), daemon=True,
+                                             name=f"llama-{worker.index}")  # fmt: skip
+            worker.thread.start()
+            warmed.wait()
+            if worker.failure:
+                self.close()
+                raise LLMError(f"llama.cpp context {worker.index} failed its first decode: {worker.failure}")
 
     # ------------------------------------------------------------------ lifecycle
     def _warm_up(self, worker: _Worker) -> None:
@@ -402,33 +423,56 @@ class LLMScheduler:
         for worker in self.workers:
             if key in worker.cache.entries:
                 return worker
-        return min(self.workers, key=lambda w: w.backlog_tokens(now) * w.seconds_per_token)
+        return min(self.workers, key=lambda w: w.backlog_seconds(now))
 
     def _admissible(self, worker: _Worker, key: tuple[int, ...], suffixes: Sequence[Sequence[int]],
                     deadline: float | None, now: float) -> Admission:  # fmt: skip
-        """How many suffixes fit (the queue bound, and the estimated finish before the deadline), and
-        how many of the rest would not fit even an idle LLM (those are late, not overloaded)."""
+        """How many suffixes fit: the queue bound, and the estimated finish before the deadline; and
+        how many of the rest would not fit even an idle LLM (those are late, not overloaded).
+
+        The estimate decodes the queued tokens back to back, FIFO, after the batch being decoded:
+        the planner cuts each batch where the earliest deadline in it would pass, so a candidate
+        that fits by that count is decoded in time, and one that does not is refused now instead
+        of waiting for its deadline."""
         room = max(0, self.settings.queue_candidates - self._queued)
         if deadline is None:
             return Admission(min(room, len(suffixes)), len(suffixes))
-        spt = worker.seconds_per_token
-        queued = worker.backlog_tokens(now)
-        own = 0 if key in worker.cache.entries else len(key)
+        spt = worker.seconds_per_token * _MARGIN
+        ahead = worker.batch_end(now) - now + worker.queued_tokens() * spt
+        cold = key not in worker.cache.entries
+        own = len(key) if cold else 0
         admitted = feasible = 0
         for suffix in suffixes:
             own += len(suffix)
             if now + own * spt > deadline:
                 break
             feasible += 1
-            if admitted == feasible - 1 and admitted < room and now + (queued + own) * spt <= deadline:
+            if admitted == feasible - 1 and admitted < room and now + ahead + own * spt <= deadline:
                 admitted += 1
+        if cold and admitted < max(1, feasible // 2):
+            # a new prefix costs as much as several candidates: under contention it is decoded only
+            # for at least half of what it could serve, and the time goes to users already cached
+            admitted = 0
         return Admission(admitted, feasible)
 
     def retry_after(self) -> float:
         """Seconds until the least busy context has worked off its queue (for Retry-After)."""
         with self._lock:
             now = self.clock()
-            return min(w.backlog_tokens(now) * w.seconds_per_token for w in self.workers)
+            return min(w.backlog_seconds(now) for w in self.workers)
+
+    def saturated(self, deadline: float | None, delay: float = 0.0) -> float | None:
+        """Seconds until the LLM could take new work, when it cannot take work that reaches it
+        `delay` seconds from now: no queue room, or every context's backlog outlasts `deadline`;
+        None when it can."""
+        with self._lock:
+            now = self.clock()
+            wait = min(w.backlog_seconds(now) for w in self.workers)
+            full = self._queued >= self.settings.queue_candidates
+            # a deadline too short for an idle LLM is the request's to bear (a deadline fallback), not overload
+            busy = wait > 0 or delay > 0
+            late = deadline is not None and busy and now < deadline <= now + delay + wait * _MARGIN
+            return wait + delay if full or late else None
 
     def queued_candidates(self) -> int:
         return self._queued
@@ -452,7 +496,14 @@ class LLMScheduler:
             return sum(len(w.cache.entries) for w in self.workers)
 
     # ------------------------------------------------------------------ the loop
-    def _loop(self, worker: _Worker) -> None:
+    def _loop(self, worker: _Worker, warmed: threading.Event) -> None:
+        try:
+            self._warm_up(worker)
+        except LLMError as exc:
+            worker.failure = str(exc)
+            return
+        finally:
+            warmed.set()
         while True:
             with self._lock:
                 while not self._closing and (self._paused or not worker.queue):
@@ -476,14 +527,14 @@ class LLMScheduler:
         return True
 
     def _plan(self, worker: _Worker) -> _Plan | None:
-        """Pick this round's work from the front of the queue (under the lock)."""
+        """Pick this round's work from the front of the queue (under the lock): prefixes not yet
+        decoded and the candidates of every job whose prefix is ready or completes in this batch,
+        as many as the batch holds and the earliest deadline among them allows."""
         now = self.clock()
         plan = _Plan(removals=worker.cache.removals)
         worker.cache.removals = []
-        budget, spt = self.settings.batch_tokens, worker.seconds_per_token
-        free = worker.suffix_seqs
         for job in list(worker.queue):
-            if plan.tokens >= budget or not free:
+            if plan.tokens >= self.settings.batch_tokens or not worker.suffix_seqs:
                 break
             if job.deadline is not None and now >= job.deadline:
                 self._drop_late(job, "deadline")
@@ -493,68 +544,93 @@ class LLMScheduler:
                 job.error = entry.error
                 self._resolve_unplanned(job, ItemState.FAILED)
                 continue
-            if not entry.ready:
-                self._plan_prefix(worker, entry, plan, budget)
-                continue
-            while job.next < job.size and free:
-                length = len(job.suffixes[job.next])
-                if plan.tokens + length > budget:
-                    break
-                if job.deadline is not None and now + (plan.tokens + length) * spt > job.deadline:
-                    if now + length * spt > job.deadline:  # too late even alone: never decode it
-                        self._drop_late(job, "too_late")
-                    break
-                plan.suffixes.append((job, job.next, free.pop()))
-                plan.tokens += length
-                job.next += 1
-                job.inflight += 1
-                self._queued -= 1
-                if job.first_planned is None:
-                    job.first_planned = now
+            if entry.ready or id(entry) in plan.completing or self._plan_prefix(worker, job, plan, now):
+                self._plan_suffixes(worker, job, plan, now)
         if not plan.prefixes and not plan.suffixes:
             worker.cache.removals = plan.removals + worker.cache.removals
             return None
         worker.batch_started, worker.batch_tokens = now, plan.tokens
         return plan
 
-    def _plan_prefix(self, worker: _Worker, entry: _PrefixEntry, plan: _Plan, budget: int) -> None:
-        if entry.busy or entry.planned >= len(entry.key):
-            return
+    def _ends_in_time(self, worker: _Worker, plan: _Plan, job: LLMJob, tokens: int, now: float) -> bool:
+        """Whether the batch, `tokens` larger, still ends before its jobs' deadlines and this job's."""
+        end = now + (plan.tokens + tokens) * worker.seconds_per_token * _MARGIN
+        return end <= plan.deadline and (job.deadline is None or end <= job.deadline)
+
+    def _plan_prefix(self, worker: _Worker, job: LLMJob, plan: _Plan, now: float) -> bool:
+        """Put (the next part of) the job's prefix into the batch; True when the batch completes it."""
+        entry = job._entry
+        if entry.busy:
+            return False  # an earlier job put a part of it, not its last, into this batch
         if entry.seq is None and not worker.cache.allocate(entry):
-            return  # no KV room until a cached prefix is released
-        take = min(len(entry.key) - entry.planned, budget - plan.tokens)
-        if take <= 0:
-            return
+            return False  # no KV room until a cached prefix is released
+        take = min(len(entry.key) - entry.planned, self.settings.batch_tokens - plan.tokens)
+        if take <= 0 or not self._ends_in_time(worker, plan, job, take, now):
+            return False
         start = entry.planned
         plan.prefixes.append((entry, entry.key[start : start + take], start))
         entry.planned += take
         entry.busy = True
         plan.tokens += take
+        if job.deadline is not None:
+            plan.deadline = min(plan.deadline, job.deadline)
         # the cache may have evicted prefixes to make room: clear them before this batch
         plan.removals += worker.cache.removals
         worker.cache.removals = []
+        if entry.planned < len(entry.key):
+            return False
+        plan.completing.add(id(entry))
+        return True
+
+    def _plan_suffixes(self, worker: _Worker, job: LLMJob, plan: _Plan, now: float) -> None:
+        spt = worker.seconds_per_token
+        while job.next < job.size and worker.suffix_seqs:
+            length = len(job.suffixes[job.next])
+            if plan.tokens + length > self.settings.batch_tokens:
+                return
+            if not self._ends_in_time(worker, plan, job, length, now):
+                if job.deadline is not None and now + length * spt * _MARGIN > job.deadline:
+                    self._drop_late(job, "too_late")  # too late even alone: never decode it
+                return
+            plan.suffixes.append((job, job.next, worker.suffix_seqs.pop()))
+            plan.tokens += length
+            job.next += 1
+            job.inflight += 1
+            self._queued -= 1
+            if job.first_planned is None:
+                job.first_planned = now
+            if job.deadline is not None:
+                plan.deadline = min(plan.deadline, job.deadline)
 
     def _execute(self, worker: _Worker, plan: _Plan) -> None:
-        """Decode one planned batch (outside the lock; this worker's thread owns its context)."""
+        """Decode one planned batch (outside the lock; this worker's thread owns its context).
+
+        A candidate's sequence first shares its prefix's decoded cells (llama_memory_seq_cp); the
+        prefix tokens decoded in this very batch carry the candidates' sequences too, so that a
+        new user's prefix and candidates take one batch, not two."""
         context = worker.context
-        tokens: list[int] = []
-        positions: list[int] = []
-        seqs: list[int] = []
-        flags: list[bool] = []
-        outputs: list[int] = []
         for seq in plan.removals:
             context.remove_sequence(seq)
+        sharing: dict[int, list[int]] = {}
+        for job, _, seq in plan.suffixes:
+            context.copy_sequence(job._entry.seq, seq)
+            if id(job._entry) in plan.completing:
+                sharing.setdefault(id(job._entry), []).append(seq)
+        tokens: list[int] = []
+        positions: list[int] = []
+        seqs: list[int | tuple[int, ...]] = []
+        flags: list[bool] = []
+        outputs: list[int] = []
         for entry, chunk, start in plan.prefixes:
+            members = (entry.seq, *sharing[id(entry)]) if id(entry) in sharing else entry.seq
             tokens += chunk
             positions += range(start, start + len(chunk))
-            seqs += [entry.seq] * len(chunk)
+            seqs += [members] * len(chunk)
             flags += [False] * len(chunk)
         for job, item, seq in plan.suffixes:
-            entry = job._entry
-            context.copy_sequence(entry.seq, seq)
-            suffix = job.suffixes[item]
+            suffix, start = job.suffixes[item], len(job._entry.key)
             tokens += suffix
-            positions += range(len(entry.key), len(entry.key) + len(suffix))
+            positions += range(start, start + len(suffix))
             seqs += [seq] * len(suffix)
             flags += [False] * (len(suffix) - 1) + [True]
             outputs.append(len(tokens) - 1)
@@ -645,7 +721,7 @@ class LLMScheduler:
                 "queued_jobs": sum(len(w.queue) for w in self.workers),
                 "cached_prefixes": sum(len(w.cache.entries) for w in self.workers),
                 "cached_prefix_tokens": sum(w.cache.used for w in self.workers),
-                "backlog_seconds": max(w.backlog_tokens(now) * w.seconds_per_token for w in self.workers),
+                "backlog_seconds": max(w.backlog_seconds(now) for w in self.workers),
                 "seconds_per_token": float(np.mean([w.seconds_per_token for w in self.workers])),
                 "decodes": self.decodes,
                 "decoded_tokens": self.decoded_tokens,

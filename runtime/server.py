@@ -4,17 +4,24 @@
 `app.state`. Nothing happens at import time. A user's mistake is a 4xx with a JSON error envelope,
 never a 5xx.
 
-Predictions never hold a worker thread while the LLM works: the handler runs the CRM half of a
-request on the thread pool, then awaits the LLM scheduler's answer on the event loop. Health,
-readiness and metrics are plain coroutines, so they answer however many predictions are waiting.
+Predictions never hold a thread while the LLM works: the handler runs the CRM half of a request
+on a few CPU workers, then awaits the LLM scheduler's answer on the event loop. Health, readiness
+and metrics are plain coroutines, so they answer however many predictions are waiting. The HTTP
+threads run at a lower CPU priority than llama.cpp's (`http_nice`), so that a flood of cheap
+requests cannot take the cores the LLM decodes on.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import logging
 import math
+import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -54,7 +61,7 @@ class ServerSettings(BaseSettings):
     default_deadline_ms: float | None = Field(2000.0, gt=0, description="deadline of a request that sets none, "
                                               "counted from its arrival")  # fmt: skip
     providers: str = Field("auto", description="ONNX Runtime providers: auto or a comma list of tensorrt,cuda,cpu")
-    crm_threads: int | None = Field(None, ge=1, le=256, description="ONNX Runtime intra-op threads")
+    crm_threads: int | None = Field(None, ge=1, le=256, description="ONNX Runtime intra-op threads (default 1)")
     llm_threads: int | None = Field(None, ge=1, le=256, description="llama.cpp threads per context "
                                     "(default: the cores split between the contexts)")  # fmt: skip
     llm_contexts: int | None = Field(None, ge=1, le=64, description="llama.cpp contexts, each with its own "
@@ -70,6 +77,9 @@ class ServerSettings(BaseSettings):
                                       "for the LLM; beyond, they are answered by the CRM at once "
                                       "(mode llm: 429)")  # fmt: skip
     limit_concurrency: int = Field(2048, ge=1, description="open connections uvicorn serves before answering 503")
+    cpu_workers: int = Field(2, ge=1, le=64, description="threads that encode and score requests with the CRM")
+    http_nice: int = Field(10, ge=0, le=19, description="niceness of the threads that serve HTTP (0: as llama.cpp's): "
+                           "a flood of requests then cannot take the cores the LLM decodes on")  # fmt: skip
     load_llm: bool = Field(True, description="load the LLM (False: CRM-only serving)")
     store: Path | None = Field(None, description="live feature store (default: <bundle>/state/store.sqlite)")
 
@@ -204,8 +214,9 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 # ---------------------------------------------------------------------------- the gate (pure ASGI)
 class _Gate:
-    """Stamps each request's arrival (deadlines count from it), refuses bodies over the limit, and
-    counts requests by endpoint and status. Pure ASGI: no extra task per request."""
+    """Stamps each request's arrival (deadlines count from it), refuses bodies over the limit,
+    counts and times requests by endpoint and status, and says the time in a Server-Timing header.
+    Pure ASGI: no extra task per request."""
 
     def __init__(self, app: Any, settings: ServerSettings, metrics: ServingMetrics) -> None:
         self.app, self.settings, self.metrics = app, settings, metrics
@@ -214,12 +225,15 @@ class _Gate:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        scope.setdefault("state", {})["arrived"] = time.perf_counter()
+        arrived = scope.setdefault("state", {})["arrived"] = time.perf_counter()
         status = [500]
 
         async def counted_send(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+                # W3C Server-Timing: the time from arrival to answer, as the server saw it
+                timing = f"app;dur={1000 * (time.perf_counter() - arrived):.1f}".encode()
+                message["headers"] = [*message.get("headers", []), (b"server-timing", timing)]
             await send(message)
 
         length = dict(scope.get("headers") or []).get(b"content-length", b"")
@@ -232,8 +246,9 @@ class _Gate:
             else:
                 await self.app(scope, receive, counted_send)
         finally:
-            endpoint = getattr(scope.get("route"), "path", "unmatched")
-            self.metrics.requests.labels(endpoint, str(status[0])).inc()
+            labels = (getattr(scope.get("route"), "path", "unmatched"), str(status[0]))
+            self.metrics.requests.labels(*labels).inc()
+            self.metrics.request_seconds.labels(*labels).observe(time.perf_counter() - arrived)
 
 
 # ---------------------------------------------------------------------------- endpoints
@@ -262,21 +277,24 @@ def _api_router(settings: ServerSettings) -> APIRouter:
         candidates the LLM cannot answer in time are answered by the CRM (`crm_fallback` with a
         `fallback_reason`); a mode "llm" request the LLM cannot take at all is a 429 with Retry-After."""
         arrived = request.scope["state"]["arrived"]
-        pending = await run_in_threadpool(engine.begin, to_engine_request(body), arrived)
+        engine_request = to_engine_request(body)
+        cpu: _CpuWorkers = request.app.state.cpu
+        deadline = engine.deadline(engine_request, arrived)
+        # a 429 at once, before any CPU work, when the CRM or the LLM cannot answer in time
+        cpu.refuse_if_late(deadline)
+        engine.refuse_if_saturated(engine_request, arrived, cpu.expected_wait())
+        pending = await cpu.run(engine.begin, engine_request, arrived, deadline=deadline)
         await pending.wait_async()
-        return engine.finish(pending)
+        # serialized as it is: FastAPI's generic encoder would walk every prediction once more
+        return JSONResponse(engine.finish(pending))
 
     @router.post("/events")
-    def events(body: EventsBody, engine: Engine = Depends(_engine)) -> dict[str, Any]:
+    async def events(body: EventsBody, request: Request, engine: Engine = Depends(_engine)) -> dict[str, Any]:
         """Append interactions; the next prediction for those users reads them."""
         now = int(time.time())
-        count = engine.append_events(
-            [
-                Interaction(e.user_id, e.item_id, e.rating, e.timestamp if e.timestamp is not None else now)
-                for e in body.events
-            ]  # fmt: skip
-        )
-        return {"appended": count}
+        events = [Interaction(e.user_id, e.item_id, e.rating, e.timestamp if e.timestamp is not None else now)
+                  for e in body.events]  # fmt: skip
+        return {"appended": await request.app.state.cpu.run(engine.append_events, events)}
 
     @router.get("/model")
     def model(engine: Engine = Depends(_engine)) -> dict[str, Any]:
@@ -284,6 +302,68 @@ def _api_router(settings: ServerSettings) -> APIRouter:
         return _model_summary(engine, settings)
 
     return router
+
+
+#: a request that waited at least this long for a CPU worker, and past its deadline, is refused:
+#: overload, not a deadline too short for its own work (that one is answered by the CRM)
+_LATE_QUEUE_S = 0.05
+
+
+class _CpuWorkers:
+    """The few threads that run request work (encoding, the CRM, store writes): the event loop stays
+    free for health checks and answers, and a few threads, not dozens, contend for the GIL.
+    Requests beyond wait idle in the queue; `expected_wait` says for how long, so that a request
+    the LLM will not be able to take by then is refused before it queues."""
+
+    def __init__(self, workers: int, nice: int) -> None:
+        self.workers = workers
+        self.executor = ThreadPoolExecutor(workers, "corella-cpu", lower_thread_priority, (nice,))
+        self.waiting = 0
+        self.seconds = 0.002  # smoothed time a job takes
+
+    async def run(self, function: Any, *args: Any, deadline: float | None = None) -> Any:
+        """`function(*args)` on a worker; OverloadedError when the job waited past `deadline` (an
+        answer after its deadline helps nobody; a 429 tells the client to come back)."""
+        self.waiting += 1  # only the event loop thread touches `waiting`
+        queued = time.perf_counter()
+
+        def job() -> Any:
+            began = time.perf_counter()
+            if deadline is not None and began > deadline and began - queued > _LATE_QUEUE_S:
+                raise OverloadedError(f"the server is saturated: the request waited {began - queued:.1f} s for a "
+                                      "CPU worker, past its deadline", self.expected_wait())  # fmt: skip
+            try:
+                return function(*args)
+            finally:
+                self.seconds = 0.9 * self.seconds + 0.1 * (time.perf_counter() - began)
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, job)
+        finally:
+            self.waiting -= 1
+
+    def expected_wait(self) -> float:
+        return self.waiting * self.seconds / self.workers
+
+    def refuse_if_late(self, deadline: float | None) -> None:
+        """OverloadedError when the queue ahead alone outlasts the deadline (the request would wait for nothing)."""
+        wait = self.expected_wait()
+        if deadline is not None and wait > _LATE_QUEUE_S and time.perf_counter() + wait > deadline:
+            raise OverloadedError(f"the server is saturated ({self.waiting} requests waiting for a CPU worker); "
+                                  f"retry in {wait:.1f} s", wait)  # fmt: skip
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
+
+
+def lower_thread_priority(nice: int) -> None:
+    """Raise the calling thread's niceness to `nice` (Linux: per thread; threads it starts inherit it)."""
+    if not nice or not hasattr(os, "setpriority"):
+        return
+    tid = threading.get_native_id()
+    with contextlib.suppress(OSError):
+        if os.getpriority(os.PRIO_PROCESS, tid) < nice:
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
 
 
 def _model_summary(engine: Engine, settings: ServerSettings) -> dict[str, Any]:
@@ -347,12 +427,17 @@ def create_app(settings: ServerSettings) -> FastAPI:
         app.state.loaded = False
         bundle = await run_in_threadpool(load_bundle, settings.bundle)
         app.state.engine = engine = await run_in_threadpool(Engine, bundle, settings.engine_settings(), metrics)
+        # llama.cpp's threads exist now, at the default priority; the HTTP threads (this loop's, and
+        # the CPU workers) yield the CPU to them
+        lower_thread_priority(settings.http_nice)
+        app.state.cpu = _CpuWorkers(settings.cpu_workers, settings.http_nice)
         app.state.loaded = True
         log.info("serving %s (CRM on %s; LLM %s)", settings.bundle, engine.crm.providers[0], engine.llm_status)
         try:
             yield
         finally:
             app.state.loaded = False
+            app.state.cpu.close()
             await run_in_threadpool(engine.close)
 
     app = FastAPI(

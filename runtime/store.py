@@ -21,6 +21,8 @@ from runtime.prompt import HistoryEntry, ItemText
 __all__ = ["SCHEMA_VERSION", "Interaction", "FeatureStore"]
 
 SCHEMA_VERSION = 2
+_ITEM_CACHE = 200_000
+_UNSEEN = object()
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -51,6 +53,7 @@ class FeatureStore:
         uri = f"file:{self.path}?mode=ro" if readonly else f"file:{self.path}"
         self._conn = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
         self._lock = threading.Lock()
+        self._item_cache: dict[str, ItemText | None] = {}
         try:
             if not readonly:
                 self._conn.execute("PRAGMA journal_mode=WAL")
@@ -132,9 +135,25 @@ class FeatureStore:
         return [i for (i,) in self._query("SELECT item_id FROM items ORDER BY item_id")]
 
     def items(self, item_ids: Sequence[str]) -> dict[str, ItemText]:
-        """Catalog entries of the known items among `item_ids`."""
+        """Catalog entries of the known items among `item_ids` (the catalog never changes while
+        serving, so entries, and misses, are remembered in memory, up to `_ITEM_CACHE` of them)."""
+        cache, found, missing = self._item_cache, {}, []
+        for item_id in dict.fromkeys(item_ids):
+            entry = cache.get(item_id, _UNSEEN)
+            if entry is _UNSEEN:
+                missing.append(item_id)
+            elif entry is not None:
+                found[item_id] = entry
+        if missing:
+            fetched = self._fetch_items(missing)
+            if len(cache) + len(missing) > _ITEM_CACHE:
+                cache.clear()
+            cache.update({i: fetched.get(i) for i in missing})
+            found |= fetched
+        return found
+
+    def _fetch_items(self, unique: Sequence[str]) -> dict[str, ItemText]:
         found: dict[str, ItemText] = {}
-        unique = list(dict.fromkeys(item_ids))
         for start in range(0, len(unique), 500):
             chunk = unique[start : start + 500]
             marks = ",".join("?" * len(chunk))

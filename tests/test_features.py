@@ -56,6 +56,20 @@ def test_encode_left_pads_history_and_maps_unknowns_to_oov():
     assert out["history_ratings"].dtype == np.float32
 
 
+@pytest.mark.parametrize("user", ["u1", "stranger", None])
+def test_encode_request_equals_encode_row_by_row(user):
+    spec = _spec(k=3)
+    attributes = {"age": "25"} if user else {}
+    history, ratings = ["a", "c", "zzz", "b"], [1.0, 5.0, 3.0, 4.0]
+    items, years, tags = ["c", "new-item", "a"], ["1995", None, "2001"], [("Comedy",), (), ("Drama", "Comedy", "X")]
+    request = spec.encode_request(user_id=user, user_attributes=attributes, history_items=history,
+                                  history_ratings=ratings, item_ids=items, item_years=years, item_tags=tags)  # fmt: skip
+    rows = spec.encode(user_ids=[user] * 3, item_ids=items, user_attributes=[attributes] * 3, item_years=years,
+                       item_tags=tags, history_items=[history] * 3, history_ratings=[ratings] * 3)  # fmt: skip
+    for name in rows:
+        assert request[name].dtype == rows[name].dtype and request[name].tolist() == rows[name].tolist(), name
+
+
 def test_spec_round_trips_and_refuses_newer_versions(tmp_path):
     spec = _spec()
     spec.save(tmp_path / "features.json")

@@ -121,7 +121,7 @@ def test_concurrent_requests_get_their_own_answers(model, reference):
 
 def test_a_paused_queue_is_decoded_together(model, reference):
     recorder = Recorder()
-    scheduler = LLMScheduler(model, SchedulerSettings(threads=1, batch_tokens=1024, max_sequences=64),
+    scheduler = LLMScheduler(model, SchedulerSettings(threads=1, batch_tokens=2048, max_sequences=64),
                              observer=recorder)  # fmt: skip
     try:
         with scheduler.paused():
@@ -129,10 +129,27 @@ def test_a_paused_queue_is_decoded_together(model, reference):
         answers = [_answers(scheduler, job)[0] for job in jobs]
     finally:
         scheduler.close()
-    # round 1: all six prefixes in one decode; round 2: all 24 candidates in one decode
-    assert [s for _, s in recorder.batches] == [6, 24]
+    # one decode: six new users' prefixes, each shared with its candidates' sequences, and 24 candidates
+    assert [s for _, s in recorder.batches] == [6 + 24]
     for u, p in enumerate(answers):
         assert np.abs(p - reference(*_prompt(model, u, 4))).max() <= PARITY
+
+
+def test_two_requests_of_a_new_user_share_one_prefix_decode(model, reference):
+    recorder = Recorder()
+    scheduler = LLMScheduler(model, SchedulerSettings(threads=1, batch_tokens=2048), observer=recorder)
+    try:
+        prefix, first = _prompt(model, 8, 3)
+        _, second = _prompt(model, 8, 5, first_item=20)
+        with scheduler.paused():
+            jobs = [scheduler.submit(prefix, suffixes, None, user="8").job for suffixes in (first, second)]
+        answers = [_answers(scheduler, job)[0] for job in jobs]
+    finally:
+        scheduler.close()
+    assert recorder.lookups == {"miss": 1, "hit": 1} and [s for _, s in recorder.batches] == [1 + 3 + 5]
+    assert scheduler.decoded_tokens == len(prefix) + sum(len(s) for s in first + second)
+    for suffixes, p in zip((first, second), answers, strict=True):
+        assert np.abs(p - reference(prefix, suffixes)).max() <= PARITY
 
 
 def test_prefix_is_reused_across_requests_and_dropped_by_an_event(model):
@@ -174,19 +191,21 @@ def test_expired_work_is_never_decoded(model):
 
 def test_a_deadline_mid_request_keeps_the_done_part(model, reference):
     clock = FakeClock()
-    # ~75 tokens of prefix, ~25 per suffix: the first candidate round holds 4 of the 10 candidates
+    # a small batch: the prefix and a candidate or two, then a few candidates a round
     settings = SchedulerSettings(threads=1, batch_tokens=110, max_sequences=4)
     scheduler = LLMScheduler(model, settings, clock=clock, start=False)
     try:
         scheduler.workers[0].seconds_per_token = 1e-4
         prefix, suffixes = _prompt(model, 2, 10)
         job = scheduler.submit(prefix, suffixes, deadline=clock.now + 10).job
-        assert scheduler.step() and scheduler.step()  # the prefix, then 4 candidates
+        assert scheduler.step() and scheduler.step()
+        answered = int((job.state == ItemState.DONE).sum())
+        assert 0 < answered < 10
         clock.now += 20
         assert scheduler.step() is False
         p, state = scheduler.collect(job)
         done = state == ItemState.DONE
-        assert done.sum() == 4 and (state[~done] == ItemState.EXPIRED).all()
+        assert done.sum() == answered and (state[~done] == ItemState.EXPIRED).all()
         assert np.abs(p[done] - reference(prefix, suffixes)[done]).max() <= PARITY
     finally:
         scheduler.close()

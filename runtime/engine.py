@@ -30,6 +30,7 @@ from runtime.crm import CRMSession
 from runtime.errors import ConfigError, OverloadedError, RequestTooLarge
 from runtime.features import normalize_user_attributes
 from runtime.llm import LlamaModel, LLMError, default_threads, gpu_offload_supported
+from runtime.llm_process import RemoteScheduler
 from runtime.metrics import ServingMetrics
 from runtime.prompt import HistoryEntry, ItemText
 from runtime.router import LLMCalibration, binary_entropy, route_by_budget, route_by_threshold
@@ -68,6 +69,7 @@ class EngineSettings:
     providers: tuple[str, ...] = ("auto",)
     crm_threads: int | None = None
     llm_threads: int | None = None  # per context; default: the cores split between the contexts
+    llm_threads_when_busy: int | None = None  # while requests keep the CPU busy; default on a CPU: one fewer
     llm_contexts: int | None = None  # default: 1 (one context uses every core, or the GPU)
     llm_context: int = 4096  # longest prompt (prefix + one candidate) in tokens
     llm_gpu_layers: int | None = None
@@ -75,6 +77,7 @@ class EngineSettings:
     llm_max_sequences: int = 64  # candidates decoded together
     llm_prefix_cache_tokens: int = 8192  # KV cells kept for users' prefixes, per context
     llm_queue_candidates: int = 512  # routed candidates waiting for the LLM
+    llm_process: bool = True  # decode in a process of its own (no GIL shared with the HTTP server)
     default_deadline_ms: float | None = 5000.0
     max_candidates: int = 500
     load_llm: bool = True
@@ -83,8 +86,12 @@ class EngineSettings:
     def scheduler_settings(self, gpu: bool) -> SchedulerSettings:
         contexts = self.llm_contexts or 1
         threads = self.llm_threads or max(1, default_threads() // contexts)
+        # on a CPU, a busy request side gets a core of its own: with every core decoding, the
+        # requests' threads and llama.cpp's preempt one another and both slow down
+        busy = self.llm_threads_when_busy or (threads if gpu or threads < 2 else threads - 1)
         return SchedulerSettings(
-            contexts=contexts, threads=threads, batch_tokens=self.llm_batch_tokens or (2048 if gpu else 512),
+            contexts=contexts, threads=threads, threads_when_busy=min(busy, threads),
+            batch_tokens=self.llm_batch_tokens or (2048 if gpu else 512),
             max_sequences=self.llm_max_sequences, prefix_cache_tokens=self.llm_prefix_cache_tokens,
             queue_candidates=self.llm_queue_candidates, max_prompt_tokens=self.llm_context,
         )  # fmt: skip
@@ -200,19 +207,25 @@ class Engine:
         self.llm_load_error: str | None = None
         if bundle.llm and settings.load_llm:
             self._load_llm()
-        self.metrics.llm_loaded.set(1 if self.scheduler else 0)
+        self.metrics.watch("corella_llm_loaded", "1 while the LLM serves, else 0",
+                           lambda: float(self.llm_status == "serving"))  # fmt: skip
         self.metrics.watch("corella_llm_queue_candidates", "Routed candidates waiting for the LLM",
                            lambda: self.scheduler.queued_candidates() if self.scheduler else 0)  # fmt: skip
-        self.metrics.watch("corella_llm_cached_prefixes", "User prefixes held in the LLM's KV cache",
-                           lambda: self.scheduler.cached_prefixes() if self.scheduler else 0)  # fmt: skip
 
     def _load_llm(self) -> None:
         info, settings = self.bundle.llm, self.settings
+        path, yes, no = self.bundle.llm_file, info["yes_token_id"], info["no_token_id"]
         try:
-            self.llm = LlamaModel(self.bundle.llm_file, info["yes_token_id"], info["no_token_id"],
-                                  settings.llm_gpu_layers)  # fmt: skip
-            gpu = self.llm.gpu_layers > 0 and gpu_offload_supported()
-            self.scheduler = LLMScheduler(self.llm, settings.scheduler_settings(gpu), observer=self.metrics)
+            gpu = gpu_offload_supported() and settings.llm_gpu_layers != 0
+            scheduler_settings = settings.scheduler_settings(gpu)
+            if settings.llm_process:
+                # this process only tokenizes: the vocabulary, no weights; the LLM process decodes
+                self.llm = LlamaModel(path, yes, no, vocab_only=True)
+                self.scheduler = RemoteScheduler(path, yes, no, scheduler_settings, settings.llm_gpu_layers,
+                                                 observer=self.metrics)  # fmt: skip
+            else:
+                self.llm = LlamaModel(path, yes, no, settings.llm_gpu_layers)
+                self.scheduler = LLMScheduler(self.llm, scheduler_settings, observer=self.metrics)
         except LLMError as exc:
             # the server still answers with the CRM; routed candidates fall back, reason llm_unavailable
             self.llm_load_error = str(exc)
@@ -234,8 +247,13 @@ class Engine:
     def llm_status(self) -> str:
         """One of "serving", "disabled" (no LLM asked for, or none in the bundle), "unavailable" (failed to load)."""
         if self.scheduler is not None:
-            return "serving"
+            return "serving" if self.scheduler.alive else "unavailable"
         return "unavailable" if self.llm_load_error else "disabled"
+
+    @property
+    def llm_failure(self) -> str | None:
+        """Why the LLM does not serve: it failed to load, or its process died."""
+        return self.llm_load_error or (self.scheduler.failure if self.scheduler is not None else None)
 
     @property
     def ready(self) -> bool:
@@ -363,10 +381,10 @@ class Engine:
 
     def _submit(self, pending: Pending) -> None:
         routed = pending.routed
-        if self.scheduler is None:
-            reason = FallbackReason.LLM_UNAVAILABLE if self.llm_load_error else FallbackReason.LLM_DISABLED
+        if self.scheduler is None or not self.scheduler.alive:
+            reason = FallbackReason.LLM_UNAVAILABLE if self.llm_failure else FallbackReason.LLM_DISABLED
             pending.reasons.update(dict.fromkeys(routed.tolist(), reason))
-            pending.llm_error = self.llm_load_error
+            pending.llm_error = self.llm_failure
             return
         prepared = pending.prepared
         try:
@@ -482,6 +500,11 @@ class Engine:
                     raise LLMError(job.error or "the LLM did not answer every prompt")
                 out.append(p)
         return out
+
+    def report_host_load(self, load: float) -> None:
+        """How busy the request side is (share of its CPU workers' time), for the LLM's thread count."""
+        if self.scheduler is not None:
+            self.scheduler.report_host_load(load)
 
     def append_events(self, events: list[Interaction]) -> int:
         count = self.store.append(events)

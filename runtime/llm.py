@@ -113,14 +113,17 @@ def default_threads() -> int:
 class LlamaModel:
     """A GGUF's weights and vocabulary, shared by every context made on it."""
 
-    def __init__(self, path: str | Path, yes_id: int, no_id: int, gpu_layers: int | None = None) -> None:
+    def __init__(self, path: str | Path, yes_id: int, no_id: int, gpu_layers: int | None = None,
+                 vocab_only: bool = False) -> None:  # fmt: skip
+        """`vocab_only`: the vocabulary alone, no weights (a process that tokenizes and never decodes)."""
         self.path = Path(path)
         self.yes_id, self.no_id = int(yes_id), int(no_id)
         lib = self._lib = _llama()
         if not self.path.is_file():
             raise LLMError(f"{self.path}: GGUF file not found")
         params = lib.llama_model_default_params()
-        offload = lib.llama_supports_gpu_offload()
+        offload = lib.llama_supports_gpu_offload() and not vocab_only
+        params.vocab_only = vocab_only
         params.n_gpu_layers = gpu_layers if gpu_layers is not None else (999 if offload else 0)
         self.gpu_layers = int(params.n_gpu_layers)
         self._model = lib.llama_model_load_from_file(str(self.path).encode(), params)
@@ -229,6 +232,10 @@ class LlamaContext:
             raise LLMError("llama.cpp returned no logits")
         diff = float(row[self.model.yes_id]) - float(row[self.model.no_id])
         return 1.0 / (1.0 + math.exp(-diff)) if diff >= 0 else math.exp(diff) / (1.0 + math.exp(diff))
+
+    def set_threads(self, threads: int) -> None:
+        """Threads for the next decodes (between two decodes only)."""
+        self._lib.llama_set_n_threads(self._ctx, threads, threads)
 
     def copy_sequence(self, source: int, target: int) -> None:
         self._quick.llama_memory_seq_cp(self._memory, source, target, -1, -1)

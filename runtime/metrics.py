@@ -19,7 +19,7 @@ _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 
 
 class ServingMetrics(SchedulerObserver):
     def __init__(self) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client import CollectorRegistry, Counter, Histogram
 
         self.registry = registry = CollectorRegistry()
         self.requests = Counter("corella_requests_total", "HTTP requests", ["endpoint", "status"], registry=registry)
@@ -34,8 +34,6 @@ class ServingMetrics(SchedulerObserver):
         self.latency = Histogram("corella_latency_seconds", "Time per request in each path", ["path"],
                                  registry=registry, buckets=_SECONDS)  # fmt: skip
         self.events = Counter("corella_events_total", "Interactions appended", registry=registry)
-        self.llm_loaded = Gauge("corella_llm_loaded", "1 when the LLM is loaded and serving, else 0",
-                                registry=registry)  # fmt: skip
         self.batch_tokens = Histogram("corella_llm_batch_tokens", "Tokens per llama_decode", registry=registry,
                                       buckets=(16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192))  # fmt: skip
         self.batch_sequences = Histogram("corella_llm_batch_sequences", "Sequences (prefixes and candidates) "

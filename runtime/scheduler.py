@@ -29,19 +29,23 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import Any
 
 import numpy as np
 
 from runtime.errors import ConfigError
-from runtime.llm import LlamaContext, LlamaModel, LLMError
+from runtime.llm import LlamaContext, LlamaModel, LLMError, default_threads
 
-__all__ = ["Admission", "ItemState", "LLMJob", "SchedulerSettings", "SchedulerObserver", "LLMScheduler"]
+__all__ = ["Admission", "ItemState", "LLMJob", "SchedulerSettings", "SchedulerObserver", "LLMScheduler", "saturation"]
 
 log = logging.getLogger(__name__)
 
 #: decode times are estimated this much above the measured average: a batch that ends a little
 #: early costs little, one that ends after its deadline decodes for nobody
 _MARGIN = 1.15
+#: the HTTP workers busier than this share of their time make the contexts decode with fewer threads
+_BUSY_LOAD = 0.1
+_LOAD_FRESH_S = 1.0
 
 
 class ItemState(IntEnum):
@@ -58,6 +62,7 @@ class ItemState(IntEnum):
 class SchedulerSettings:
     contexts: int = 1  # llama.cpp contexts, each with its own loop and KV cache
     threads: int | None = None  # threads per context
+    threads_when_busy: int | None = None  # threads per context while the host is busy serving HTTP
     batch_tokens: int = 512  # tokens per llama_decode
     max_sequences: int = 64  # candidate suffixes decoded together
     prefix_cache_tokens: int = 8192  # KV cells kept for prefixes, per context
@@ -106,12 +111,16 @@ class SchedulerObserver:
 
     def dropped(self, reason: str, count: int) -> None: ...
 
+    def job_updated(self, job: LLMJob) -> None:
+        """Some of the job's items were answered, or the job finished (called under the scheduler's lock)."""
+
 
 class LLMJob:
     """One request's routed work: a prefix and its candidates' suffixes (most uncertain first)."""
 
     def __init__(self, prefix: Sequence[int], suffixes: Sequence[Sequence[int]], deadline: float | None,
-                 user: str | None, enqueued: float) -> None:  # fmt: skip
+                 user: str | None, enqueued: float, tag: Any = None) -> None:  # fmt: skip
+        self.tag = tag  # the submitter's name for the job (the LLM process: the server's job id)
         self.prefix = tuple(prefix)
         self.suffixes = [list(s) for s in suffixes]
         self.deadline, self.user, self.enqueued = deadline, user, enqueued
@@ -274,6 +283,7 @@ class _Worker:
         self.thread: threading.Thread | None = None
         self.condition: threading.Condition | None = None
         self.failure: str | None = None
+        self.threads = settings.threads or default_threads()
 
     def queued_tokens(self) -> int:
         """Tokens of the queued jobs not yet in a batch: their suffixes and unstarted prefix parts."""
@@ -311,6 +321,9 @@ class LLMScheduler:
         self.settings = settings = settings or SchedulerSettings()
         self.observer = observer or SchedulerObserver()
         self.clock = clock
+        self.gpu_layers = model.gpu_layers
+        self.alive, self.failure = True, None  # as RemoteScheduler's, whose process may die
+        self._host_load = (0.0, -math.inf)  # (share of the HTTP workers' time, when reported)
         self._lock = threading.Lock()
         self._paused = False
         self._closing = False
@@ -374,22 +387,28 @@ class LLMScheduler:
                 worker.context.close()
                 worker.context = None
 
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
+    def pause(self) -> None:
         """Hold every loop after its current batch (maintenance, tests); queued work waits."""
         with self._lock:
             self._paused = True
+
+    def resume(self) -> None:
+        with self._lock:
+            self._paused = False
+            for worker in self.workers:
+                worker.condition.notify_all()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        self.pause()
         try:
             yield
         finally:
-            with self._lock:
-                self._paused = False
-                for worker in self.workers:
-                    worker.condition.notify_all()
+            self.resume()
 
     # ------------------------------------------------------------------ admission
     def submit(self, prefix: Sequence[int], suffixes: Sequence[Sequence[int]], deadline: float | None = None,
-               user: str | None = None) -> Admission:  # fmt: skip
+               user: str | None = None, tag: Any = None) -> Admission:  # fmt: skip
         """Queue the suffixes that can be answered by `deadline` (a `clock()` value), most
         uncertain first, within the queue bound. Raises LLMError for a prompt that cannot fit."""
         settings = self.settings
@@ -410,7 +429,7 @@ class LLMScheduler:
             admission = self._admissible(worker, key, suffixes, deadline, now)
             if admission.admitted == 0:
                 return admission
-            job = admission.job = LLMJob(prefix, suffixes[: admission.admitted], deadline, user, now)
+            job = admission.job = LLMJob(prefix, suffixes[: admission.admitted], deadline, user, now, tag)
             job._entry, job.prefix_hit = worker.cache.acquire(key, user)
             job._worker, job._lock = worker, self._lock
             self.observer.prefix_lookup(job.prefix_hit)
@@ -469,13 +488,19 @@ class LLMScheduler:
             now = self.clock()
             wait = min(w.backlog_seconds(now) for w in self.workers)
             full = self._queued >= self.settings.queue_candidates
-            # a deadline too short for an idle LLM is the request's to bear (a deadline fallback), not overload
-            busy = wait > 0 or delay > 0
-            late = deadline is not None and busy and now < deadline <= now + delay + wait * _MARGIN
-            return wait + delay if full or late else None
+            return saturation(now, wait, full, deadline, delay)
 
     def queued_candidates(self) -> int:
         return self._queued
+
+    def report_host_load(self, load: float) -> None:
+        """How busy the HTTP side is (the share of its CPU workers' time): above `_BUSY_LOAD`, each
+        context decodes with `threads_when_busy`, leaving the rest of the cores to the requests."""
+        self._host_load = (load, time.perf_counter())
+
+    def host_load(self) -> float:
+        load, stamp = self._host_load
+        return load if time.perf_counter() - stamp < _LOAD_FRESH_S else 0.0
 
     # ------------------------------------------------------------------ the request's side
     def collect(self, job: LLMJob) -> tuple[np.ndarray, np.ndarray]:
@@ -609,6 +634,7 @@ class LLMScheduler:
         prefix tokens decoded in this very batch carry the candidates' sequences too, so that a
         new user's prefix and candidates take one batch, not two."""
         context = worker.context
+        self._choose_threads(worker)
         for seq in plan.removals:
             context.remove_sequence(seq)
         sharing: dict[int, list[int]] = {}
@@ -650,6 +676,15 @@ class LLMScheduler:
         with self._lock:
             self._record(worker, plan, answers, error, elapsed)
 
+    def _choose_threads(self, worker: _Worker) -> None:
+        settings = self.settings
+        threads = settings.threads or default_threads()
+        if settings.threads_when_busy and self.host_load() > _BUSY_LOAD:
+            threads = settings.threads_when_busy
+        if threads != worker.threads:
+            worker.context.set_threads(threads)
+            worker.threads = threads
+
     def _record(self, worker: _Worker, plan: _Plan, answers: list[float], error: str | None, elapsed: float) -> None:
         """Hand the batch's answers to their jobs and finish the jobs that are complete (under the lock)."""
         now = self.clock()
@@ -681,6 +716,9 @@ class LLMScheduler:
                 job.state[item] = ItemState.FAILED
                 job.error = error
             self._finish_if_complete(job, now)
+        for job in {id(job): job for job, _, _ in plan.suffixes}.values():
+            if not job.done:
+                self.observer.job_updated(job)
         if wasted:
             self.observer.dropped("decoded_after_deadline", wasted)
 
@@ -709,6 +747,7 @@ class LLMScheduler:
         if job.first_planned is not None:
             self.observer.job_finished(job.first_planned - job.enqueued, now - job.first_planned)
         job._event.set()
+        self.observer.job_updated(job)
         callbacks, job._callbacks = job._callbacks, []
         for callback in callbacks:
             callback()
@@ -722,12 +761,16 @@ class LLMScheduler:
                 "cached_prefixes": sum(len(w.cache.entries) for w in self.workers),
                 "cached_prefix_tokens": sum(w.cache.used for w in self.workers),
                 "backlog_seconds": max(w.backlog_seconds(now) for w in self.workers),
+                "backlog_seconds_min": min(w.backlog_seconds(now) for w in self.workers),
                 "seconds_per_token": float(np.mean([w.seconds_per_token for w in self.workers])),
                 "decodes": self.decodes,
                 "decoded_tokens": self.decoded_tokens,
             }
 
 
-def estimate_retry_after(seconds: float) -> int:
-    """Whole seconds for a Retry-After header: at least 1."""
-    return max(1, math.ceil(seconds))
+def saturation(now: float, wait: float, full: bool, deadline: float | None, delay: float) -> float | None:
+    """`LLMScheduler.saturated` from its parts: the seconds to wait, or None when new work fits."""
+    # a deadline too short for an idle LLM is the request's to bear (a deadline fallback), not overload
+    busy = wait > 0 or delay > 0
+    late = deadline is not None and busy and now < deadline <= now + delay + wait * _MARGIN
+    return wait + delay if full or late else None

@@ -64,6 +64,9 @@ class ServerSettings(BaseSettings):
     crm_threads: int | None = Field(None, ge=1, le=256, description="ONNX Runtime intra-op threads (default 1)")
     llm_threads: int | None = Field(None, ge=1, le=256, description="llama.cpp threads per context "
                                     "(default: the cores split between the contexts)")  # fmt: skip
+    llm_threads_when_busy: int | None = Field(None, ge=1, le=256, description="llama.cpp threads per context "
+                                              "while requests keep the CPU workers busy (default on a CPU: one "
+                                              "fewer than llm_threads, leaving a core to the requests)")  # fmt: skip
     llm_contexts: int | None = Field(None, ge=1, le=64, description="llama.cpp contexts, each with its own "
                                      "decode loop and KV cache (default 1)")  # fmt: skip
     llm_context: int = Field(4096, ge=64, le=131072, description="longest prompt (prefix + one candidate) in tokens")
@@ -92,7 +95,8 @@ class ServerSettings(BaseSettings):
     def engine_settings(self) -> EngineSettings:
         return EngineSettings(
             providers=tuple(p.strip() for p in self.providers.split(",") if p.strip()),
-            crm_threads=self.crm_threads, llm_threads=self.llm_threads, llm_contexts=self.llm_contexts,
+            crm_threads=self.crm_threads, llm_threads=self.llm_threads,
+            llm_threads_when_busy=self.llm_threads_when_busy, llm_contexts=self.llm_contexts,
             llm_context=self.llm_context, llm_gpu_layers=self.llm_gpu_layers, llm_batch_tokens=self.llm_batch_tokens,
             llm_max_sequences=self.llm_max_sequences, llm_prefix_cache_tokens=self.llm_prefix_cache_tokens,
             llm_queue_candidates=self.llm_queue_candidates, default_deadline_ms=self.default_deadline_ms,
@@ -307,6 +311,7 @@ def _api_router(settings: ServerSettings) -> APIRouter:
 #: a request that waited at least this long for a CPU worker, and past its deadline, is refused:
 #: overload, not a deadline too short for its own work (that one is answered by the CRM)
 _LATE_QUEUE_S = 0.05
+_LOAD_WINDOW_S = 0.25
 
 
 class _CpuWorkers:
@@ -315,11 +320,26 @@ class _CpuWorkers:
     Requests beyond wait idle in the queue; `expected_wait` says for how long, so that a request
     the LLM will not be able to take by then is refused before it queues."""
 
-    def __init__(self, workers: int, nice: int) -> None:
+    def __init__(self, workers: int, nice: int, report_load: Any = None) -> None:
         self.workers = workers
         self.executor = ThreadPoolExecutor(workers, "corella-cpu", lower_thread_priority, (nice,))
         self.waiting = 0
         self.seconds = 0.002  # smoothed time a job takes
+        self.report_load = report_load  # called with the share of the workers' time spent working
+        self._window = [time.perf_counter(), 0.0]  # start, busy seconds
+        self._window_lock = threading.Lock()
+
+    def _account(self, seconds: float) -> None:
+        self.seconds = 0.9 * self.seconds + 0.1 * seconds
+        with self._window_lock:
+            self._window[1] += seconds
+            elapsed = time.perf_counter() - self._window[0]
+            if elapsed < _LOAD_WINDOW_S:
+                return
+            load = self._window[1] / (elapsed * self.workers)
+            self._window = [time.perf_counter(), 0.0]
+        if self.report_load is not None:
+            self.report_load(load)
 
     async def run(self, function: Any, *args: Any, deadline: float | None = None) -> Any:
         """`function(*args)` on a worker; OverloadedError when the job waited past `deadline` (an
@@ -335,7 +355,7 @@ class _CpuWorkers:
             try:
                 return function(*args)
             finally:
-                self.seconds = 0.9 * self.seconds + 0.1 * (time.perf_counter() - began)
+                self._account(time.perf_counter() - began)
 
         try:
             return await asyncio.get_running_loop().run_in_executor(self.executor, job)
@@ -378,8 +398,8 @@ def _model_summary(engine: Engine, settings: ServerSettings) -> dict[str, Any]:
         "crm": {"file": manifest["crm"]["file"], "providers": engine.crm.providers,
                 "parity": manifest["crm"].get("parity"), "tensorrt": manifest["crm"].get("tensorrt")},
         "llm": {"file": llm.get("file"), "quant": llm.get("quant"), "status": engine.llm_status,
-                "loaded": engine.llm is not None, "gpu_layers": engine.llm.gpu_layers if engine.llm else None,
-                "load_error": engine.llm_load_error,
+                "loaded": engine.llm_status == "serving",
+                "gpu_layers": scheduler.gpu_layers if scheduler else None, "load_error": engine.llm_failure,
                 "scheduler": scheduler.settings.__dict__ | scheduler.stats() if scheduler else None} if llm else None,
         "router": manifest["router"],
         "metrics": manifest.get("metrics"),
@@ -405,8 +425,8 @@ def _ops_router() -> APIRouter:
         content: dict[str, Any] = {"ready": ready}
         if engine is not None:
             content |= {"llm": engine.llm_status, "degraded": engine.llm_status == "unavailable"}
-            if engine.llm_load_error:
-                content["llm_error"] = engine.llm_load_error
+            if engine.llm_failure:
+                content["llm_error"] = engine.llm_failure
         return JSONResponse(status_code=200 if ready else 503, content=content)
 
     @router.get("/metrics")
@@ -430,7 +450,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         # llama.cpp's threads exist now, at the default priority; the HTTP threads (this loop's, and
         # the CPU workers) yield the CPU to them
         lower_thread_priority(settings.http_nice)
-        app.state.cpu = _CpuWorkers(settings.cpu_workers, settings.http_nice)
+        app.state.cpu = _CpuWorkers(settings.cpu_workers, settings.http_nice, engine.report_host_load)
         app.state.loaded = True
         log.info("serving %s (CRM on %s; LLM %s)", settings.bundle, engine.crm.providers[0], engine.llm_status)
         try:

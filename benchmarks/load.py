@@ -298,28 +298,31 @@ def _probe(base: str, duration_s: float, interval_s: float) -> list[float]:
     return latencies
 
 
-def send_all(base: str, path: str, bodies: list[dict[str, Any]], concurrency: int, timeout_s: float = 600
-             ) -> tuple[list[tuple[int, float, dict[str, Any] | None]], float]:  # fmt: skip
-    """Send every body once from `concurrency` clients; (status, seconds, answer) per body, and the wall time."""
-    return asyncio.run(_send_all(base, path, bodies, concurrency, timeout_s))
+def send_all(base: str, path: str, bodies: list[dict[str, Any]], concurrency: int, timeout_s: float = 600,
+             sequences: list[list[int]] | None = None) -> tuple[list[tuple[int, float, Any]], float]:  # fmt: skip
+    """Send every body once from `concurrency` clients; (status, seconds, answer) per body, and the
+    wall time. `sequences`: groups of body indices a client sends in order, one group at a time
+    (one user's requests, say); by default every body is a group of its own."""
+    groups = sequences if sequences is not None else [[i] for i in range(len(bodies))]
+    return asyncio.run(_send_all(base, path, bodies, groups, concurrency, timeout_s))
 
 
-async def _send_all(base: str, path: str, bodies: list[dict[str, Any]], concurrency: int, timeout_s: float
-                    ) -> tuple[list[tuple[int, float, dict[str, Any] | None]], float]:  # fmt: skip
-    results: list[tuple[int, float, dict[str, Any] | None]] = [(0, 0.0, None)] * len(bodies)
-    queue = list(enumerate(bodies))
+async def _send_all(base: str, path: str, bodies: list[dict[str, Any]], groups: list[list[int]], concurrency: int,
+                    timeout_s: float) -> tuple[list[tuple[int, float, Any]], float]:  # fmt: skip
+    results: list[tuple[int, float, Any]] = [(0, 0.0, None)] * len(bodies)
+    queue = list(groups)
     started = time.perf_counter()
 
     async def worker() -> None:
         connection = Connection(base, timeout_s)
         while queue:
-            index, body = queue.pop(0)
-            t = time.perf_counter()
-            status, _, payload = await connection.request("POST", path, json.dumps(body).encode())
-            try:
-                results[index] = (status, time.perf_counter() - t, json.loads(payload) if status else None)
-            except ValueError:
-                results[index] = (0, time.perf_counter() - t, None)
+            for index in queue.pop(0):
+                t = time.perf_counter()
+                status, _, payload = await connection.request("POST", path, json.dumps(bodies[index]).encode())
+                try:
+                    results[index] = (status, time.perf_counter() - t, json.loads(payload) if status else None)
+                except ValueError:
+                    results[index] = (0, time.perf_counter() - t, None)
         connection.close()
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))

@@ -90,8 +90,9 @@ def _peer_requests(engine: Engine, users: list[str], config: Any) -> list[Reques
 
 def _peer(bundle: Bundle, engine: Engine, base: str, users: list[str], out: Path, config: Any,
           progress: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
-    """Routed candidates scored per second: ours (mode llm) vs llama-cpp-python's server, both
-    cold (users the server has not seen)."""
+    """Routed candidates scored per second at the same concurrency, each client scoring one user's
+    10 candidates at a time, users the servers have not seen: ours with one mode "llm" request a
+    user, the peer with one completion a candidate, as its API allows."""
     requests = _peer_requests(engine, users, config)
     bodies = [{"user_id": r.user_id, "candidates": [{"item_id": c.item_id} for c in r.candidates], "mode": "llm",
                "deadline_ms": 600_000} for r in requests]  # fmt: skip
@@ -103,25 +104,28 @@ def _peer(bundle: Bundle, engine: Engine, base: str, users: list[str], out: Path
     if importlib.util.find_spec("llama_cpp.server") is None or importlib.util.find_spec("sse_starlette") is None:
         result["peer_skipped"] = "llama_cpp.server does not import here (pip install 'llama-cpp-python[server]')"
         return result
-    prompts = []
-    for request in requests:
+    prompts, sequences = [], []
+    for request in requests:  # one client sends one user's candidates, one completion after another
         prepared = engine.prepare(request)
         prefix, suffixes = engine.prompt_texts(prepared.history, prepared.items)
+        sequences.append(list(range(len(prompts), len(prompts) + len(suffixes))))
         prompts += [prefix + suffix for suffix in suffixes]
     threads = str(config.threads or engine.scheduler.settings.threads)
-    modes = (("answer_token", "False", len(prompts), {}),
-             ("logprobs", "True", config.peer_logprob_prompts, {"logprobs": 2}))  # fmt: skip
-    for mode, logits_all, count, extra in modes:
+    modes = (("answer_token", "False", len(requests), {}),
+             ("logprobs", "True", config.peer_logprob_users, {"logprobs": 2}))  # fmt: skip
+    for mode, logits_all, users, extra in modes:
         port = free_port()
         command = [sys.executable, "-m", "llama_cpp.server", "--model", str(bundle.llm_file), "--host", "127.0.0.1",
                    "--port", str(port), "--n_threads", threads, "--n_threads_batch", threads, "--n_ctx", "4096",
                    "--logits_all", logits_all]  # fmt: skip
         peer_base = f"http://127.0.0.1:{port}"
-        bodies = [{"prompt": p, "max_tokens": 1, "temperature": 0.0, **extra} for p in prompts[:count]]
+        bodies = [{"prompt": p, "max_tokens": 1, "temperature": 0.0, **extra} for p in prompts]
         with server_process(command, f"{peer_base}/v1/models", out / f"peer-{mode}.log"):
-            peer_answers, peer_wall = send_all(peer_base, "/v1/completions", bodies, config.peer_concurrency)
+            peer_answers, peer_wall = send_all(peer_base, "/v1/completions", bodies, config.peer_concurrency,
+                                               sequences=sequences[:users])  # fmt: skip
         done = sum(status == 200 for status, _, _ in peer_answers)
-        result[f"peer_{mode}"] = {"candidates": done, "seconds": peer_wall, "per_second": done / peer_wall}
+        result[f"peer_{mode}"] = {"users": users, "candidates": done, "seconds": peer_wall,
+                                  "per_second": done / peer_wall}  # fmt: skip
         result[f"corella_over_peer_{mode}"] = result["corella"]["per_second"] / max(done / peer_wall, 1e-9)
         progress(f"peer: llama_cpp.server {mode} {done / peer_wall:.2f} candidates/s "
                  f"(corella {result[f'corella_over_peer_{mode}']:.1f}x)")  # fmt: skip

@@ -47,9 +47,9 @@ class BenchConfig:
     http_deadline_ms: float = 2000.0
     http_repeat_share: float = 0.7  # of requests from users seen in the last minute
     cold_users: int = 4  # repeat vs cold user
-    peer_users: int = 6  # users x 10 candidates for the peer comparison (0: skip it)
+    peer_users: int = 16  # users x 10 candidates for the peer comparison (0: skip it)
     peer_concurrency: int = 8
-    peer_logprob_prompts: int = 16
+    peer_logprob_users: int = 2  # of them, scored by the peer in its (slow) log-probability mode
     overload_concurrency: int = 256
     overload_seconds: float = 20.0  # 0: skip the overload run
     overload_queue: int = 32  # the overloaded server's LLM queue, in candidates

@@ -369,12 +369,12 @@ class Engine:
         return None if deadline_ms is None else arrived + deadline_ms / 1000.0
 
     def refuse_if_saturated(self, request: Request, arrived: float, delay: float = 0.0) -> None:
-        """Raise OverloadedError for a mode "llm" request that the LLM cannot take at all (no queue
-        room, or a backlog that outlasts its deadline once `delay` seconds of waiting for a CPU
-        worker have passed): cheap, before any encoding."""
+        """Raise OverloadedError for a mode "llm" request that the LLM cannot take (no queue room
+        for its candidates, or a backlog that outlasts its deadline once `delay` seconds of waiting
+        for a CPU worker have passed): cheap, before any encoding."""
         if request.mode != "llm" or self.scheduler is None:
             return
-        wait = self.scheduler.saturated(self.deadline(request, arrived), delay)
+        wait = self.scheduler.saturated(self.deadline(request, arrived), delay, len(request.candidates))
         if wait is not None:
             raise OverloadedError(f"the LLM queue is full ({self.scheduler.queued_candidates()} candidates "
                                   f"waiting); retry in {wait:.1f} s", wait)  # fmt: skip

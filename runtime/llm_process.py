@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 # the shared array: what the event loop reads without a round trip (written by the LLM process),
 # and how busy the HTTP side is (written by the server's process)
-_QUEUED, _FULL, _WAIT, _STAMP, _HOST_LOAD, _HOST_STAMP = range(6)
+_QUEUED, _WAIT, _STAMP, _HOST_LOAD, _HOST_STAMP = range(5)
 _LOAD_FRESH_S = 1.0
 _REFRESH_S = 0.002
 _START_TIMEOUT_S = 600
@@ -155,7 +155,6 @@ def _refresh(scheduler: LLMScheduler, shared: Any, stop: threading.Event) -> Non
     while not stop.is_set():
         stats = scheduler.stats()
         shared[_QUEUED] = stats["queued_candidates"]
-        shared[_FULL] = float(stats["queued_candidates"] >= scheduler.settings.queue_candidates)
         shared[_WAIT] = stats["backlog_seconds_min"]
         shared[_STAMP] = time.perf_counter()
         stop.wait(_REFRESH_S)
@@ -363,12 +362,15 @@ class RemoteScheduler:
         now = self.clock()
         shared = self._shared
         wait = max(0.0, shared[_WAIT] - (now - shared[_STAMP]))
-        return now, wait, bool(shared[_FULL])
+        return now, wait, shared[_QUEUED] >= self.settings.queue_candidates
 
-    def saturated(self, deadline: float | None, delay: float = 0.0) -> float | None:
+    def saturated(self, deadline: float | None, delay: float = 0.0, candidates: int = 1) -> float | None:
         if not self.alive:
             return None  # answered by the CRM with the LLM's failure, not refused
-        return saturation(*self._snapshot(), deadline, delay)
+        now, wait, _ = self._snapshot()
+        bound = self.settings.queue_candidates
+        full = self._shared[_QUEUED] + min(candidates, bound) > bound
+        return saturation(now, wait, full, deadline, delay)
 
     def retry_after(self) -> float:
         return self._snapshot()[1]

@@ -480,14 +480,14 @@ class LLMScheduler:
             now = self.clock()
             return min(w.backlog_seconds(now) for w in self.workers)
 
-    def saturated(self, deadline: float | None, delay: float = 0.0) -> float | None:
-        """Seconds until the LLM could take new work, when it cannot take work that reaches it
-        `delay` seconds from now: no queue room, or every context's backlog outlasts `deadline`;
-        None when it can."""
+    def saturated(self, deadline: float | None, delay: float = 0.0, candidates: int = 1) -> float | None:
+        """Seconds until the LLM could take new work, when it cannot take `candidates` that reach
+        it `delay` seconds from now: no room for them in the queue, or every context's backlog
+        outlasts `deadline`; None when it can."""
         with self._lock:
             now = self.clock()
             wait = min(w.backlog_seconds(now) for w in self.workers)
-            full = self._queued >= self.settings.queue_candidates
+            full = self._queued + min(candidates, self.settings.queue_candidates) > self.settings.queue_candidates
             return saturation(now, wait, full, deadline, delay)
 
     def queued_candidates(self) -> int:

@@ -27,7 +27,7 @@ def test_all_suites_on_tiny_models(bundle, tmp_path):
     config = BenchConfig(
         crm_batches=(1, 32), crm_iterations=10, llm_requests=2, llm_candidates=4, quality_samples=60,
         hybrid_requests=2, hybrid_candidates=10, http_concurrency=(1, 4), http_seconds=2, http_candidates=5,
-        http_fraction=0.4, cold_users=2, peer_users=2, peer_logprob_prompts=2, overload_concurrency=16,
+        http_fraction=0.4, cold_users=2, peer_users=2, peer_logprob_users=1, overload_concurrency=16,
         overload_seconds=2, overload_queue=4, ggufs=[],
     )  # fmt: skip
     results = run_bench(bundle, out, config)
@@ -48,7 +48,7 @@ def test_all_suites_on_tiny_models(bundle, tmp_path):
     assert http["repeat_vs_cold"]["users"] == 2 and http["repeat_vs_cold"]["cold_llm_ms"] > 0
     peer = http["peer"]
     assert peer["corella"]["candidates"] == 20 and peer["peer_answer_token"]["candidates"] == 20
-    assert peer["peer_logprobs"]["candidates"] == 2
+    assert peer["peer_logprobs"]["candidates"] == 10
     assert http["overload"]["requests"] > 0 and http["overload"]["server_errors"] == 0
     assert set(http["overload"]["statuses"]) <= {"200", "429"}
     saved = json.loads((out / "results.json").read_text())

@@ -63,7 +63,8 @@ def test_encode_request_equals_encode_row_by_row(user):
     history, ratings = ["a", "c", "zzz", "b"], [1.0, 5.0, 3.0, 4.0]
     items, years, tags = ["c", "new-item", "a"], ["1995", None, "2001"], [("Comedy",), (), ("Drama", "Comedy", "X")]
     request = spec.encode_request(user_id=user, user_attributes=attributes, history_items=history,
-                                  history_ratings=ratings, item_ids=items, item_years=years, item_tags=tags)  # fmt: skip
+                                  history_ratings=ratings, item_ids=items, item_years=years,
+                                  item_tags=tags)  # fmt: skip
     rows = spec.encode(user_ids=[user] * 3, item_ids=items, user_attributes=[attributes] * 3, item_years=years,
                        item_tags=tags, history_items=[history] * 3, history_ratings=[ratings] * 3)  # fmt: skip
     for name in rows:

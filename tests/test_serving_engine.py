@@ -207,3 +207,28 @@ def test_an_event_drops_the_users_cached_prefix(bundle, tmp_path):
         answer = httpx.post(f"{base}/v1/predict", json=body, timeout=60).json()
         assert {p["route"] for p in answer["predictions"]} == {"llm"}
         assert engine.metrics.value("corella_llm_prefix_cache_total", result="miss") == 2
+
+
+def test_a_dead_llm_process_is_answered_by_the_crm_and_started_again(bundle, tmp_path):
+    import os
+    import signal
+
+    engine = _engine(bundle, tmp_path, default_deadline_ms=None)
+    try:
+        scheduler = engine.scheduler
+        assert engine.predict(_request(2, 6, mode="llm"))["fallbacks"] == {}
+        os.kill(scheduler._process.pid, signal.SIGKILL)  # llama.cpp crashing, as a segfault would
+        for _ in range(600):  # bounded: until the server has noticed
+            if engine.llm_status == "unavailable" or scheduler._restarts:
+                break
+            time.sleep(0.05)
+        for _ in range(1200):  # bounded: until the LLM process is back
+            if scheduler.alive:
+                break
+            answer = engine.predict(_request(2, 6, mode="llm"))
+            assert set(answer["fallbacks"]) <= {"llm_unavailable", "llm_error"} and answer["fallbacks"]
+            time.sleep(0.05)
+        assert scheduler.alive and scheduler._restarts == 1
+        assert {p["route"] for p in engine.predict(_request(2, 6, mode="llm"))["predictions"]} == {"llm"}
+    finally:
+        engine.close()

@@ -366,11 +366,14 @@ def serve(
     providers: Annotated[str | None, typer.Option(help=_setting("providers"))] = None,
     crm_threads: Annotated[int | None, typer.Option(help=_setting("crm_threads"))] = None,
     llm_threads: Annotated[int | None, typer.Option(help=_setting("llm_threads"))] = None,
+    llm_threads_when_busy: Annotated[int | None, typer.Option(help=_setting("llm_threads_when_busy"))] = None,
     llm_contexts: Annotated[int | None, typer.Option(help=_setting("llm_contexts"))] = None,
     llm_context: Annotated[int | None, typer.Option(help=_setting("llm_context"))] = None,
     llm_batch_tokens: Annotated[int | None, typer.Option(help=_setting("llm_batch_tokens"))] = None,
     llm_prefix_cache_tokens: Annotated[int | None, typer.Option(help=_setting("llm_prefix_cache_tokens"))] = None,
     llm_queue_candidates: Annotated[int | None, typer.Option(help=_setting("llm_queue_candidates"))] = None,
+    cpu_workers: Annotated[int | None, typer.Option(help=_setting("cpu_workers"))] = None,
+    http_nice: Annotated[int | None, typer.Option(help=_setting("http_nice"))] = None,
     llm: Annotated[
         bool | None, typer.Option("--llm/--no-llm", help="serve with the LLM, or the CRM only [env: CORELLA_LOAD_LLM]")
     ] = None,  # fmt: skip
@@ -391,6 +394,7 @@ def serve(
             max_candidates=max_candidates, providers=providers, crm_threads=crm_threads, llm_threads=llm_threads,
             llm_contexts=llm_contexts, llm_context=llm_context, llm_batch_tokens=llm_batch_tokens,
             llm_prefix_cache_tokens=llm_prefix_cache_tokens, llm_queue_candidates=llm_queue_candidates,
+            llm_threads_when_busy=llm_threads_when_busy, cpu_workers=cpu_workers, http_nice=http_nice,
             load_llm=llm, store=store,
         )  # fmt: skip
         load_bundle(bundle)  # refuse a bad bundle here, with its file named, before uvicorn starts

@@ -50,6 +50,13 @@ class ServingMetrics(SchedulerObserver):
         self.dropped_work = Counter("corella_llm_dropped_candidates_total", "Routed candidates the scheduler "
                                     "dropped or answered too late", ["reason"], registry=registry)  # fmt: skip
         self._gauges: dict[str, Any] = {}
+        self._lookups = {"hit": 0, "miss": 0}  # read by the hit-ratio gauge at scrape time
+        self.watch("corella_llm_prefix_cache_hit_ratio", "Share of admitted requests whose prefix was cached",
+                   self._hit_ratio)  # fmt: skip
+
+    def _hit_ratio(self) -> float:
+        hits, misses = self._lookups["hit"], self._lookups["miss"]
+        return hits / (hits + misses) if hits + misses else 0.0
 
     def watch(self, name: str, documentation: str, read: Callable[[], float]) -> None:
         """A gauge read at scrape time (queue depth, cached prefixes)."""
@@ -70,7 +77,9 @@ class ServingMetrics(SchedulerObserver):
         self.job_decoding.observe(decoding_s)
 
     def prefix_lookup(self, hit: bool) -> None:
-        self.prefix.labels("hit" if hit else "miss").inc()
+        result = "hit" if hit else "miss"
+        self.prefix.labels(result).inc()
+        self._lookups[result] += 1
 
     def dropped(self, reason: str, count: int) -> None:
         self.dropped_work.labels(reason).inc(count)

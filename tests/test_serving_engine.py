@@ -201,6 +201,7 @@ def test_an_event_drops_the_users_cached_prefix(bundle, tmp_path):
             assert httpx.post(f"{base}/v1/predict", json=body, timeout=60).status_code == 200
         hits = engine.metrics.value("corella_llm_prefix_cache_total", result="hit")
         assert hits == 1 and engine.scheduler.cached_prefixes() == 1
+        assert engine.metrics.value("corella_llm_prefix_cache_hit_ratio") == 0.5
         event = {"user_id": "4", "item_id": "9", "rating": 5, "timestamp": 2_000_000_000}
         assert httpx.post(f"{base}/v1/events", json={"events": [event]}, timeout=10).status_code == 200
         assert engine.scheduler.cached_prefixes() == 0

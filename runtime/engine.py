@@ -389,7 +389,8 @@ class Engine:
         prepared = pending.prepared
         try:
             prefix, suffixes = self.prompt_ids(prepared.history, [prepared.items[i] for i in routed])
-            admission = self.scheduler.submit(prefix, suffixes, pending.deadline, user=pending.request.user_id)
+            admission = self.scheduler.submit(prefix, suffixes, pending.deadline, user=pending.request.user_id,
+                                              arrived=pending.times["arrived"])  # fmt: skip
         except LLMError as exc:
             log.warning("LLM refused a request, answering with the CRM: %s", exc)
             pending.reasons.update(dict.fromkeys(routed.tolist(), FallbackReason.LLM_ERROR))

@@ -16,7 +16,6 @@ import logging
 import math
 import os
 import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -357,7 +356,3 @@ class LlamaScorer:
             self.context.clear()
             last = self._prefill(prompt, 0, want_last=True)
             return self.context.answer(last)
-
-    def timed_score_shared(self, prefix: Sequence[int], suffixes: Sequence[Sequence[int]]) -> tuple[np.ndarray, float]:
-        started = time.perf_counter()
-        return self.score_shared(prefix, suffixes), time.perf_counter() - started

@@ -116,9 +116,9 @@ def _serve(conn: Connection, path: str, yes_id: int, no_id: int, gpu_layers: int
 def _command(scheduler: LLMScheduler, jobs: dict[int, LLMJob], message: tuple) -> tuple | None:
     kind, call, *args = message
     if kind == "submit":
-        prefix, suffixes, deadline, user = args
+        prefix, suffixes, deadline, user, arrived = args
         try:
-            admission = scheduler.submit(prefix, suffixes, deadline, user, tag=call)
+            admission = scheduler.submit(prefix, suffixes, deadline, user, tag=call, arrived=arrived)
         except LLMError as exc:
             return ("reply", call, exc)
         if admission.job is not None:
@@ -293,7 +293,7 @@ class RemoteScheduler:
         return slot[1]
 
     def submit(self, prefix: Sequence[int], suffixes: Sequence[Sequence[int]], deadline: float | None = None,
-               user: str | None = None) -> Admission:  # fmt: skip
+               user: str | None = None, arrived: float | None = None) -> Admission:  # fmt: skip
         call = next(self._calls)
         job = LLMJob(prefix, suffixes, deadline, user, self.clock(), tag=call)
         job._lock = self._lock
@@ -301,7 +301,7 @@ class RemoteScheduler:
             self._jobs[call] = job
         try:
             admitted, feasible = self._call("submit", list(prefix), [list(s) for s in suffixes], deadline, user,
-                                            call=call)  # fmt: skip
+                                            arrived, call=call)  # fmt: skip
         except BaseException:
             with self._lock:
                 self._jobs.pop(call, None)

@@ -408,9 +408,11 @@ class LLMScheduler:
 
     # ------------------------------------------------------------------ admission
     def submit(self, prefix: Sequence[int], suffixes: Sequence[Sequence[int]], deadline: float | None = None,
-               user: str | None = None, tag: Any = None) -> Admission:  # fmt: skip
+               user: str | None = None, tag: Any = None, arrived: float | None = None) -> Admission:  # fmt: skip
         """Queue the suffixes that can be answered by `deadline` (a `clock()` value), most
-        uncertain first, within the queue bound. Raises LLMError for a prompt that cannot fit."""
+        uncertain first, within the queue bound. `arrived`: when the request arrived (default now),
+        for telling a deadline too short for the work from one spent waiting. Raises LLMError for
+        a prompt that cannot fit."""
         settings = self.settings
         longest = max((len(s) for s in suffixes), default=0)
         if not suffixes or longest == 0:
@@ -426,7 +428,7 @@ class LLMScheduler:
                 raise LLMError("the LLM scheduler is shutting down")
             now = self.clock()
             worker = self._worker_for(key, now)
-            admission = self._admissible(worker, key, suffixes, deadline, now)
+            admission = self._admissible(worker, key, suffixes, deadline, now, arrived)
             if admission.admitted == 0:
                 return admission
             job = admission.job = LLMJob(prefix, suffixes[: admission.admitted], deadline, user, now, tag)
@@ -445,9 +447,11 @@ class LLMScheduler:
         return min(self.workers, key=lambda w: w.backlog_seconds(now))
 
     def _admissible(self, worker: _Worker, key: tuple[int, ...], suffixes: Sequence[Sequence[int]],
-                    deadline: float | None, now: float) -> Admission:  # fmt: skip
+                    deadline: float | None, now: float, arrived: float | None) -> Admission:  # fmt: skip
         """How many suffixes fit: the queue bound, and the estimated finish before the deadline; and
-        how many of the rest would not fit even an idle LLM (those are late, not overloaded).
+        how many of the rest an idle LLM could not have answered by the deadline had it started at
+        the request's arrival (those are late; the others, refused for lack of room or time, are
+        overloaded).
 
         The estimate decodes the queued tokens back to back, FIFO, after the batch being decoded:
         the planner cuts each batch where the earliest deadline in it would pass, so a candidate
@@ -460,10 +464,11 @@ class LLMScheduler:
         ahead = worker.batch_end(now) - now + worker.queued_tokens() * spt
         cold = key not in worker.cache.entries
         own = len(key) if cold else 0
+        start = min(now, arrived) if arrived is not None else now
         admitted = feasible = 0
         for suffix in suffixes:
             own += len(suffix)
-            if now + own * spt > deadline:
+            if start + own * spt > deadline:
                 break
             feasible += 1
             if admitted == feasible - 1 and admitted < room and now + ahead + own * spt <= deadline:

@@ -277,13 +277,22 @@ class _Worker:
         self.cache = _PrefixCache(settings.prefix_cache_tokens, range(slots))
         self.suffix_seqs = list(range(slots, slots + settings.max_sequences))
         self.queue: deque[LLMJob] = deque()
-        self.seconds_per_token = 0.001
+        self.speed: dict[int, float] = {}  # seconds per token, measured, by thread count
         self.batch_started: float | None = None
         self.batch_tokens = 0
         self.thread: threading.Thread | None = None
         self.condition: threading.Condition | None = None
         self.failure: str | None = None
-        self.threads = settings.threads or default_threads()
+        self.threads = self.applied_threads = settings.threads or default_threads()
+
+    @property
+    def seconds_per_token(self) -> float:
+        """The measured speed at the thread count the next batch decodes with."""
+        return self.speed[self.threads]
+
+    @seconds_per_token.setter
+    def seconds_per_token(self, value: float) -> None:
+        self.speed[self.threads] = value
 
     def queued_tokens(self) -> int:
         """Tokens of the queued jobs not yet in a batch: their suffixes and unstarted prefix parts."""
@@ -365,7 +374,9 @@ class LLMScheduler:
         tokens = tokens[: min(64, self.settings.batch_tokens)]
         started = time.perf_counter()
         worker.context.decode(tokens, range(len(tokens)), [0] * len(tokens), [False] * (len(tokens) - 1) + [True])
-        worker.seconds_per_token = max(1e-6, (time.perf_counter() - started) / len(tokens))
+        measured = max(1e-6, (time.perf_counter() - started) / len(tokens))
+        # with fewer threads, proportionally slower until a batch says otherwise
+        worker.speed = {n: measured * worker.threads / n for n in {worker.threads, self._busy_threads()}}
         worker.context.clear()
 
     def close(self) -> None:
@@ -561,6 +572,7 @@ class LLMScheduler:
         decoded and the candidates of every job whose prefix is ready or completes in this batch,
         as many as the batch holds and the earliest deadline among them allows."""
         now = self.clock()
+        self._choose_threads(worker)
         plan = _Plan(removals=worker.cache.removals)
         worker.cache.removals = []
         for job in list(worker.queue):
@@ -639,7 +651,9 @@ class LLMScheduler:
         prefix tokens decoded in this very batch carry the candidates' sequences too, so that a
         new user's prefix and candidates take one batch, not two."""
         context = worker.context
-        self._choose_threads(worker)
+        if worker.threads != worker.applied_threads:
+            context.set_threads(worker.threads)
+            worker.applied_threads = worker.threads
         for seq in plan.removals:
             context.remove_sequence(seq)
         sharing: dict[int, list[int]] = {}
@@ -681,14 +695,13 @@ class LLMScheduler:
         with self._lock:
             self._record(worker, plan, answers, error, elapsed)
 
+    def _busy_threads(self) -> int:
+        return self.settings.threads_when_busy or self.settings.threads or default_threads()
+
     def _choose_threads(self, worker: _Worker) -> None:
-        settings = self.settings
-        threads = settings.threads or default_threads()
-        if settings.threads_when_busy and self.host_load() > _BUSY_LOAD:
-            threads = settings.threads_when_busy
-        if threads != worker.threads:
-            worker.context.set_threads(threads)
-            worker.threads = threads
+        """The thread count of the next batch (planned with that count's speed)."""
+        busy = self.settings.threads_when_busy and self.host_load() > _BUSY_LOAD
+        worker.threads = self._busy_threads() if busy else self.settings.threads or default_threads()
 
     def _record(self, worker: _Worker, plan: _Plan, answers: list[float], error: str | None, elapsed: float) -> None:
         """Hand the batch's answers to their jobs and finish the jobs that are complete (under the lock)."""
@@ -700,7 +713,7 @@ class LLMScheduler:
             self.decoded_candidates += len(plan.suffixes)
             if plan.tokens >= 16:  # a smoothed measured speed for admission
                 sample = elapsed / plan.tokens
-                worker.seconds_per_token = 0.7 * worker.seconds_per_token + 0.3 * sample
+                worker.speed[worker.threads] = 0.7 * worker.seconds_per_token + 0.3 * sample
         self.observer.batch(plan.tokens, len(plan.suffixes) + len(plan.prefixes), elapsed)
         for entry, chunk, _ in plan.prefixes:
             if error is None:

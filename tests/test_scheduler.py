@@ -264,3 +264,16 @@ def test_prompts_that_cannot_fit_are_refused(model):
             scheduler.submit([1, 2, 3], [[]])
     finally:
         scheduler.close()
+
+
+def test_a_busy_request_side_gets_a_core_back(model):
+    scheduler = LLMScheduler(model, SchedulerSettings(threads=2, threads_when_busy=1), start=False)
+    try:
+        worker = scheduler.workers[0]
+        assert set(worker.speed) == {1, 2} and worker.speed[1] > worker.speed[2]  # slower, until measured
+        for load, threads in ((0.5, 1), (0.0, 2)):
+            scheduler.report_host_load(load)
+            scheduler.submit(*_prompt(model, 1, 2))
+            assert scheduler.step() and worker.applied_threads == threads
+    finally:
+        scheduler.close()

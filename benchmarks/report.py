@@ -276,15 +276,16 @@ def plot(out: Path, results: dict[str, Any]) -> list[Path]:
 
 def _plot_levels(plt: Any, out: Path, levels: list[dict[str, Any]]) -> Path:
     """Requests a second and LLM answers a second at each client count."""
-    clients = [str(level["concurrency"]) for level in levels]
+    x = list(range(len(levels)))
     fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3.4), dpi=90)
-    left.bar(clients, [level["requests_per_second"] for level in levels], color="tab:blue")
+    left.bar(x, [level["requests_per_second"] for level in levels], color="tab:blue")
     left.set_ylabel("requests / s")
-    right.bar(clients, [level["llm_answers_per_second"] for level in levels], color="tab:orange")
+    right.bar(x, [level["llm_answers_per_second"] for level in levels], color="tab:orange")
     right.axhline(levels[0]["llm_answers_per_second"] * 0.8, color="gray", linestyle="--", label="80% of unloaded")
     right.set_ylabel("candidates answered by the LLM / s")
     right.legend(fontsize=8)
     for ax in (left, right):
+        ax.set_xticks(x, [str(level["concurrency"]) for level in levels])
         ax.set_xlabel("clients")
         ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()

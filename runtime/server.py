@@ -6,9 +6,9 @@ never a 5xx.
 
 Predictions never hold a thread while the LLM works: the handler runs the CRM half of a request
 on a few CPU workers, then awaits the LLM scheduler's answer on the event loop. Health, readiness
-and metrics are plain coroutines, so they answer however many predictions are waiting. The HTTP
-threads run at a lower CPU priority than llama.cpp's (`http_nice`), so that a flood of cheap
-requests cannot take the cores the LLM decodes on.
+and metrics are plain coroutines, so they answer however many predictions are waiting. The CPU
+workers run at a lower CPU priority than llama.cpp's threads (`http_nice`), so that a flood of
+cheap requests cannot take the cores the LLM decodes on.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ class ServerSettings(BaseSettings):
                                       "(mode llm: 429)")  # fmt: skip
     limit_concurrency: int = Field(2048, ge=1, description="open connections uvicorn serves before answering 503")
     cpu_workers: int = Field(2, ge=1, le=64, description="threads that encode and score requests with the CRM")
-    http_nice: int = Field(10, ge=0, le=19, description="niceness of the threads that serve HTTP (0: as llama.cpp's): "
+    http_nice: int = Field(10, ge=0, le=19, description="niceness of the CPU workers (0: as llama.cpp's threads): "
                            "a flood of requests then cannot take the cores the LLM decodes on")  # fmt: skip
     load_llm: bool = Field(True, description="load the LLM (False: CRM-only serving)")
     store: Path | None = Field(None, description="live feature store (default: <bundle>/state/store.sqlite)")
@@ -326,18 +326,29 @@ class _CpuWorkers:
         self.waiting = 0
         self.seconds = 0.002  # smoothed time a job takes
         self.report_load = report_load  # called with the share of the workers' time spent working
+        # seconds between two jobs' ends while jobs queue: the workers, at a low CPU priority, may
+        # drain the queue slower than their jobs' own times say
+        self.interval = 0.0
+        self._last_end: float | None = None  # the previous job's end, when jobs were queued then
         self._window = [time.perf_counter(), 0.0]  # start, busy seconds
         self._window_lock = threading.Lock()
 
     def _account(self, seconds: float) -> None:
+        now = time.perf_counter()
         self.seconds = 0.9 * self.seconds + 0.1 * seconds
         with self._window_lock:
+            if self._last_end is not None:
+                self.interval = 0.8 * self.interval + 0.2 * (now - self._last_end)
+            queued = self.waiting > self.workers
+            self._last_end = now if queued else None
+            if not queued:
+                self.interval = 0.0
             self._window[1] += seconds
-            elapsed = time.perf_counter() - self._window[0]
+            elapsed = now - self._window[0]
             if elapsed < _LOAD_WINDOW_S:
                 return
             load = self._window[1] / (elapsed * self.workers)
-            self._window = [time.perf_counter(), 0.0]
+            self._window = [now, 0.0]
         if self.report_load is not None:
             self.report_load(load)
 
@@ -363,7 +374,7 @@ class _CpuWorkers:
             self.waiting -= 1
 
     def expected_wait(self) -> float:
-        return self.waiting * self.seconds / self.workers
+        return self.waiting * max(self.seconds / self.workers, self.interval)
 
     def refuse_if_late(self, deadline: float | None) -> None:
         """OverloadedError when the queue ahead alone outlasts the deadline (the request would wait for nothing)."""
@@ -447,9 +458,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
         app.state.loaded = False
         bundle = await run_in_threadpool(load_bundle, settings.bundle)
         app.state.engine = engine = await run_in_threadpool(Engine, bundle, settings.engine_settings(), metrics)
-        # llama.cpp's threads exist now, at the default priority; the HTTP threads (this loop's, and
-        # the CPU workers) yield the CPU to them
-        lower_thread_priority(settings.http_nice)
+        # the CPU workers yield the cores to llama.cpp's threads; the event loop, whose work is short
+        # (health, answers, reading requests), keeps the default priority so that it stays prompt
         app.state.cpu = _CpuWorkers(settings.cpu_workers, settings.http_nice, engine.report_host_load)
         app.state.loaded = True
         log.info("serving %s (CRM on %s; LLM %s)", settings.bundle, engine.crm.providers[0], engine.llm_status)

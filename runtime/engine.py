@@ -161,7 +161,7 @@ class Pending:
     unknown: np.ndarray  # routed but untitled: no prompt possible, answered by the CRM
     reasons: dict[int, FallbackReason]  # candidates already known to fall back
     deadline: float | None
-    times: dict[str, float]  # perf_counter marks: arrived, encoded, crm
+    times: dict[str, float]  # perf_counter marks: arrived, begun, encoded, crm
     job: LLMJob | None = None
     llm_error: str | None = None
 
@@ -340,7 +340,8 @@ class Engine:
         """Encode, score with the CRM, route, and queue the routed work (the deadline counts from
         `arrived`, a perf_counter value, default now). Raises OverloadedError for a mode "llm"
         request that the LLM cannot take at all."""
-        started = arrived if arrived is not None else time.perf_counter()
+        begun = time.perf_counter()
+        started = arrived if arrived is not None else begun
         candidates = request.candidates
         if not candidates:
             raise ConfigError("a request needs at least one candidate")
@@ -357,7 +358,7 @@ class Engine:
         pending = Pending(
             request, prepared, crm_p, entropy, order[np.argsort(-entropy[order], kind="stable")],
             np.flatnonzero(routed & ~titled), {}, deadline,
-            {"arrived": started, "encoded": encoded, "crm": time.perf_counter()},
+            {"arrived": started, "begun": begun, "encoded": encoded, "crm": time.perf_counter()},
         )  # fmt: skip
         if len(pending.routed):
             self._submit(pending)
@@ -442,7 +443,8 @@ class Engine:
             "fallbacks": dict(fallbacks),
             "llm_error": pending.llm_error,
             "timings_ms": {
-                "encode": 1000 * (times["encoded"] - times["arrived"]),
+                "wait": 1000 * (times["begun"] - times["arrived"]),  # for a CPU worker, in a server
+                "encode": 1000 * (times["encoded"] - times["begun"]),
                 "crm": 1000 * (times["crm"] - times["encoded"]),
                 "llm": 1000 * (llm_done - times["crm"]),
                 **self._job_timings(pending.job),

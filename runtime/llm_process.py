@@ -22,7 +22,7 @@ import logging
 import multiprocessing
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from runtime.scheduler import (
     ItemState,
     LLMJob,
     LLMScheduler,
+    Pausable,
     SchedulerObserver,
     SchedulerSettings,
     saturation,
@@ -161,7 +162,7 @@ def _refresh(scheduler: LLMScheduler, shared: Any, stop: threading.Event) -> Non
 
 
 # ---------------------------------------------------------------------------- the server's side
-class RemoteScheduler:
+class RemoteScheduler(Pausable):
     """`LLMScheduler`'s interface, served by a child process that owns the model and its contexts."""
 
     def __init__(self, path: str | Path, yes_id: int, no_id: int, settings: SchedulerSettings,
@@ -396,11 +397,3 @@ class RemoteScheduler:
 
     def resume(self) -> None:
         self._call("resume")
-
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        self.pause()
-        try:
-            yield
-        finally:
-            self.resume()

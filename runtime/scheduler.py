@@ -36,7 +36,16 @@ import numpy as np
 from runtime.errors import ConfigError
 from runtime.llm import LlamaContext, LlamaModel, LLMError, default_threads
 
-__all__ = ["Admission", "ItemState", "LLMJob", "SchedulerSettings", "SchedulerObserver", "LLMScheduler", "saturation"]
+__all__ = [
+    "Admission",
+    "ItemState",
+    "LLMJob",
+    "SchedulerSettings",
+    "SchedulerObserver",
+    "LLMScheduler",
+    "Pausable",
+    "saturation",
+]
 
 log = logging.getLogger(__name__)
 
@@ -316,7 +325,25 @@ class _Worker:
         return self.batch_end(now) - now + self.queued_tokens() * self.seconds_per_token
 
 
-class LLMScheduler:
+class Pausable:
+    """`paused()`: hold the decode loops for a while (maintenance, tests) through `pause`/`resume`."""
+
+    def pause(self) -> None:
+        raise NotImplementedError
+
+    def resume(self) -> None:
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        self.pause()
+        try:
+            yield
+        finally:
+            self.resume()
+
+
+class LLMScheduler(Pausable):
     """Owns the llama.cpp contexts of one model and decodes all requests' routed work in batches.
 
     `start=False` runs no threads: `step()` then plans and decodes one round on the caller's
@@ -408,14 +435,6 @@ class LLMScheduler:
             self._paused = False
             for worker in self.workers:
                 worker.condition.notify_all()
-
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        self.pause()
-        try:
-            yield
-        finally:
-            self.resume()
 
     # ------------------------------------------------------------------ admission
     def submit(self, prefix: Sequence[int], suffixes: Sequence[Sequence[int]], deadline: float | None = None,

@@ -38,7 +38,7 @@ def test_predict_scores_and_routes(bundle):
         kept = [p for p in answer["predictions"] if p["route"] == "crm"]
         assert min(p["entropy"] for p in routed) >= max(p["entropy"] for p in kept)
         assert answer["known_user"] and answer["history_length"] == 5
-        assert set(answer["timings_ms"]) == {"encode", "crm", "llm", "llm_queued", "llm_decoding", "total"}
+        assert set(answer["timings_ms"]) == {"wait", "encode", "crm", "llm", "llm_queued", "llm_decoding", "total"}
         crm_only = client.post("/v1/predict", json=_body(3, mode="crm")).json()
         assert {p["route"] for p in crm_only["predictions"]} == {"crm"}
         model = client.get("/v1/model").json()

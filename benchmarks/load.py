@@ -117,6 +117,7 @@ class LoadRun:
         # answered at once because the LLM could take none of their routed work
         crm_only = [s.seconds for s in ok if s.routed and not s.llm and s.fallbacks.get("overloaded")]
         refused = [s.seconds for s in self.samples if s.status == 429]
+        refused_llm = [s for s in self.samples if s.status == 429 and s.kind == "llm"]
         outside = [s.seconds - s.server_s for s in self.samples if s.server_s is not None]
         out = {
             "concurrency": self.concurrency, "seconds": self.wall_s, "requests": len(self.samples),
@@ -131,6 +132,10 @@ class LoadRun:
             "refused_429": len(refused), "refused_p99_ms": 1000 * percentile(refused, 99),
             "refused_server_p99_ms": 1000 * percentile([s.server_s for s in self.samples
                                                          if s.status == 429 and s.server_s is not None], 99),
+            "refused_llm": len(refused_llm),
+            "refused_llm_p50_ms": 1000 * percentile([s.seconds for s in refused_llm], 50),
+            "refused_llm_p99_ms": 1000 * percentile([s.seconds for s in refused_llm], 99),
+            "refused_llm_server_p99_ms": 1000 * percentile([s.server_s for s in refused_llm if s.server_s], 99),
             "outside_server_p50_ms": 1000 * percentile(outside, 50),
             "outside_server_p99_ms": 1000 * percentile(outside, 99),
             "healthz_probes": len(self.health_s), "healthz_p99_ms": 1000 * percentile(self.health_s, 99),

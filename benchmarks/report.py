@@ -120,7 +120,7 @@ def _http_headline(http: dict[str, Any]) -> dict[str, Any]:
     overload = http.get("overload")
     if overload:
         out["overload_healthz_p99_ms"] = {"value": overload["healthz_p99_ms"], "goal": "<= 50"}
-        out["overload_429_p99_ms"] = {"value": overload["refused_p99_ms"], "goal": "<= 50"}
+        out["overload_429_mode_llm_p99_ms"] = {"value": overload["refused_llm_p99_ms"], "goal": "<= 50"}
     return out
 
 
@@ -225,7 +225,9 @@ def _http_markdown(http: dict[str, Any]) -> list[str]:
         lines += [f"Overload: {overload['concurrency']} clients for {overload['seconds']:.0f} s, LLM queue "
                   f"{overload['queue_candidates']} candidates, half the requests mode llm: "
                   f"{overload['requests']} answered ({overload['requests_per_second']:.1f}/s), statuses "
-                  f"{overload['statuses']}, 429 p99 {_f(overload['refused_p99_ms'], 1)} ms, /healthz p99 "
+                  f"{overload['statuses']}; 429s of mode llm requests p50 {_f(overload['refused_llm_p50_ms'], 1)} ms, "
+                  f"p99 {_f(overload['refused_llm_p99_ms'], 1)} ms (server-side p99 "
+                  f"{_f(overload['refused_llm_server_p99_ms'], 1)} ms); /healthz p99 "
                   f"{_f(overload['healthz_p99_ms'], 1)} ms over {overload['healthz_probes']} probes.", ""]  # fmt: skip
     return lines
 

@@ -153,7 +153,7 @@ def _overload(bundle: Bundle, engine: Engine, out: Path, config: Any,
     summary = run.summary(config.http_deadline_ms)
     summary["queue_candidates"] = config.overload_queue
     progress(f"overload c={config.overload_concurrency}: {summary['requests_per_second']:.1f} req/s, "
-             f"statuses {summary['statuses']}, 429 p99 {summary['refused_p99_ms']:.0f} ms, "
+             f"statuses {summary['statuses']}, mode llm 429 p99 {summary['refused_llm_p99_ms']:.0f} ms, "
              f"/healthz p99 {summary['healthz_p99_ms']:.0f} ms")  # fmt: skip
     return summary
 

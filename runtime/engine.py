@@ -369,13 +369,14 @@ class Engine:
         deadline_ms = request.deadline_ms if request.deadline_ms is not None else self.settings.default_deadline_ms
         return None if deadline_ms is None else arrived + deadline_ms / 1000.0
 
-    def refuse_if_saturated(self, request: Request, arrived: float, delay: float = 0.0) -> None:
+    def refuse_if_saturated(self, request: Request, arrived: float, delay: float = 0.0, ahead: int = 0) -> None:
         """Raise OverloadedError for a mode "llm" request that the LLM cannot take (no queue room
-        for its candidates, or a backlog that outlasts its deadline once `delay` seconds of waiting
-        for a CPU worker have passed): cheap, before any encoding."""
+        for its candidates after the `ahead` candidates that will reach it first, or a backlog that
+        outlasts its deadline once `delay` seconds of waiting for a CPU worker have passed): cheap,
+        before any encoding."""
         if request.mode != "llm" or self.scheduler is None:
             return
-        wait = self.scheduler.saturated(self.deadline(request, arrived), delay, len(request.candidates))
+        wait = self.scheduler.saturated(self.deadline(request, arrived), delay, len(request.candidates) + ahead)
         if wait is not None:
             raise OverloadedError(f"the LLM queue is full ({self.scheduler.queued_candidates()} candidates "
                                   f"waiting); retry in {wait:.1f} s", wait)  # fmt: skip

@@ -16,12 +16,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import itertools
 import logging
 import math
 import os
+import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -284,10 +285,15 @@ def _api_router(settings: ServerSettings) -> APIRouter:
         engine_request = to_engine_request(body)
         cpu: _CpuWorkers = request.app.state.cpu
         deadline = engine.deadline(engine_request, arrived)
-        # a 429 at once, before any CPU work, when the CRM or the LLM cannot answer in time
-        cpu.refuse_if_late(deadline)
-        engine.refuse_if_saturated(engine_request, arrived, cpu.expected_wait())
-        pending = await cpu.run(engine.begin, engine_request, arrived, deadline=deadline)
+        # a 429 at once, before any CPU work, when the CRM or the LLM cannot answer in time; a mode
+        # llm request goes first, so that the LLM's state it was admitted on is still the state
+        urgent = engine_request.mode == "llm"
+        cpu.refuse_if_late(deadline, urgent)
+        # the mode llm requests ahead in the queue will take the LLM's room first
+        engine.refuse_if_saturated(engine_request, arrived, cpu.expected_wait(urgent), ahead=cpu.urgent_candidates)
+        weight = len(engine_request.candidates) if urgent else 0
+        pending = await cpu.run(engine.begin, engine_request, arrived, deadline=deadline, urgent=urgent,
+                                weight=weight)  # fmt: skip
         await pending.wait_async()
         # serialized as it is: FastAPI's generic encoder would walk every prediction once more
         return JSONResponse(engine.finish(pending))
@@ -317,13 +323,14 @@ _LOAD_WINDOW_S = 0.25
 class _CpuWorkers:
     """The few threads that run request work (encoding, the CRM, store writes): the event loop stays
     free for health checks and answers, and a few threads, not dozens, contend for the GIL.
-    Requests beyond wait idle in the queue; `expected_wait` says for how long, so that a request
-    the LLM will not be able to take by then is refused before it queues."""
+    Requests beyond wait idle in a queue, urgent ones first (a mode "llm" request, whose answer
+    may be a 429 that is only useful at once); `expected_wait` says for how long, so that a request
+    that could not be answered in time is refused before it queues."""
 
     def __init__(self, workers: int, nice: int, report_load: Any = None) -> None:
         self.workers = workers
-        self.executor = ThreadPoolExecutor(workers, "corella-cpu", lower_thread_priority, (nice,))
-        self.waiting = 0
+        self.waiting = [0, 0]  # urgent, other; only the event loop thread changes them
+        self.urgent_candidates = 0  # candidates of the urgent jobs not yet started
         self.seconds = 0.002  # smoothed time a job takes
         self.report_load = report_load  # called with the share of the workers' time spent working
         # seconds between two jobs' ends while jobs queue: the workers, at a low CPU priority, may
@@ -332,6 +339,24 @@ class _CpuWorkers:
         self._last_end: float | None = None  # the previous job's end, when jobs were queued then
         self._window = [time.perf_counter(), 0.0]  # start, busy seconds
         self._window_lock = threading.Lock()
+        self._queue: queue.PriorityQueue = queue.PriorityQueue()
+        self._order = itertools.count()
+        self._threads = [threading.Thread(target=self._work, args=(nice,), name=f"corella-cpu-{i}", daemon=True)
+                         for i in range(workers)]  # fmt: skip
+        for thread in self._threads:
+            thread.start()
+
+    def _work(self, nice: int) -> None:
+        lower_thread_priority(nice)
+        while True:
+            _, _, job, loop, future = self._queue.get()
+            if job is None:
+                return
+            try:
+                result, error = job(), None
+            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting request
+                result, error = None, exc
+            loop.call_soon_threadsafe(_settle, future, result, error)
 
     def _account(self, seconds: float) -> None:
         now = time.perf_counter()
@@ -339,7 +364,7 @@ class _CpuWorkers:
         with self._window_lock:
             if self._last_end is not None:
                 self.interval = 0.8 * self.interval + 0.2 * (now - self._last_end)
-            queued = self.waiting > self.workers
+            queued = sum(self.waiting) > self.workers
             self._last_end = now if queued else None
             if not queued:
                 self.interval = 0.0
@@ -352,14 +377,19 @@ class _CpuWorkers:
         if self.report_load is not None:
             self.report_load(load)
 
-    async def run(self, function: Any, *args: Any, deadline: float | None = None) -> Any:
+    async def run(self, function: Any, *args: Any, deadline: float | None = None, urgent: bool = False,
+                  weight: int = 0) -> Any:  # fmt: skip
         """`function(*args)` on a worker; OverloadedError when the job waited past `deadline` (an
-        answer after its deadline helps nobody; a 429 tells the client to come back)."""
-        self.waiting += 1  # only the event loop thread touches `waiting`
+        answer after its deadline helps nobody; a 429 tells the client to come back). `weight`:
+        the urgent job's candidates, counted in `urgent_candidates` until it starts."""
+        lane = 0 if urgent else 1
+        self.waiting[lane] += 1
+        self.urgent_candidates += weight
         queued = time.perf_counter()
 
         def job() -> Any:
             began = time.perf_counter()
+            self.urgent_candidates -= weight  # a worker thread: a word-sized race, an estimate only
             if deadline is not None and began > deadline and began - queued > _LATE_QUEUE_S:
                 raise OverloadedError(f"the server is saturated: the request waited {began - queued:.1f} s for a "
                                       "CPU worker, past its deadline", self.expected_wait())  # fmt: skip
@@ -368,23 +398,39 @@ class _CpuWorkers:
             finally:
                 self._account(time.perf_counter() - began)
 
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._queue.put((lane, next(self._order), job, loop, future))
         try:
-            return await asyncio.get_running_loop().run_in_executor(self.executor, job)
+            return await future
         finally:
-            self.waiting -= 1
+            self.waiting[lane] -= 1
 
-    def expected_wait(self) -> float:
-        return self.waiting * max(self.seconds / self.workers, self.interval)
+    def expected_wait(self, urgent: bool = False) -> float:
+        ahead = self.waiting[0] if urgent else sum(self.waiting)
+        return ahead * max(self.seconds / self.workers, self.interval)
 
-    def refuse_if_late(self, deadline: float | None) -> None:
+    def refuse_if_late(self, deadline: float | None, urgent: bool = False) -> None:
         """OverloadedError when the queue ahead alone outlasts the deadline (the request would wait for nothing)."""
-        wait = self.expected_wait()
+        wait = self.expected_wait(urgent)
         if deadline is not None and wait > _LATE_QUEUE_S and time.perf_counter() + wait > deadline:
-            raise OverloadedError(f"the server is saturated ({self.waiting} requests waiting for a CPU worker); "
-                                  f"retry in {wait:.1f} s", wait)  # fmt: skip
+            raise OverloadedError(f"the server is saturated ({sum(self.waiting)} requests waiting for a CPU "
+                                  f"worker); retry in {wait:.1f} s", wait)  # fmt: skip
 
     def close(self) -> None:
-        self.executor.shutdown(wait=True)
+        for _ in self._threads:
+            self._queue.put((2, next(self._order), None, None, None))
+        for thread in self._threads:
+            thread.join(timeout=30)
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 def lower_thread_priority(nice: int) -> None:

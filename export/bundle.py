@@ -110,11 +110,13 @@ def _write_store(path: Path, prepared: PreparedData) -> dict[str, int]:
     items = ((str(i), samples.item_text(str(i))) for i in raw.items.index)
     users = ((str(u), {k: v for k, v in rec.items() if isinstance(v, str)})
              for u, rec in zip(raw.users.index, raw.users.to_dict("records"), strict=True))  # fmt: skip
+    before = samples.item_totals  # each interaction's item totals before it, as training saw them
     interactions = (
-        Interaction(str(u), str(i), float(r), int(t))
-        for u, i, r, t in zip(samples.user, samples.item, samples.rating, samples.timestamp, strict=True)
+        Interaction(str(u), str(i), float(r), int(t), int(c), float(total))
+        for u, i, r, t, c, total in zip(samples.user, samples.item, samples.rating, samples.timestamp,
+                                        before[:, 0], before[:, 1], strict=True)  # fmt: skip
     )
-    store = FeatureStore.create(path, items, users, interactions)
+    store = FeatureStore.create(path, items, users, interactions, like_threshold=raw.like_threshold)
     counts = store.counts()
     store.close()
     return counts

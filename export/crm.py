@@ -37,8 +37,8 @@ class _Probability(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, categorical, tags, history_items, history_ratings):  # noqa: ANN001, ANN201
-        return torch.sigmoid(self.model(categorical, tags, history_items, history_ratings))
+    def forward(self, categorical, tags, history_items, history_ratings, stats):  # noqa: ANN001, ANN201
+        return torch.sigmoid(self.model(categorical, tags, history_items, history_ratings, stats))
 
 
 def export_onnx(model: DCNv2, example: Mapping[str, np.ndarray], path: Path) -> dict[str, Any]:

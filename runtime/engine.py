@@ -28,7 +28,7 @@ import numpy as np
 from runtime.bundle import Bundle
 from runtime.crm import CRMSession
 from runtime.errors import ConfigError, OverloadedError, RequestTooLarge
-from runtime.features import normalize_user_attributes
+from runtime.features import UserInteractions, normalize_user_attributes
 from runtime.llm import LlamaModel, LLMError, default_threads, gpu_offload_supported
 from runtime.llm_process import RemoteScheduler
 from runtime.metrics import ServingMetrics
@@ -261,7 +261,9 @@ class Engine:
         return self.crm is not None
 
     # ------------------------------------------------------------------ request pieces
-    def _user(self, request: Request) -> tuple[dict[str, str], list[HistoryItem], bool]:
+    def _user(self, request: Request) -> tuple[dict[str, str], list[HistoryItem], UserInteractions, bool]:
+        """The user's attributes, last interactions, every earlier interaction (the request's own
+        history where it brings one, else the store's) and whether the user is known."""
         profile = self.store.user_attributes(request.user_id) if request.user_id is not None else None
         known = profile is not None
         if request.user_attributes is not None:
@@ -270,20 +272,20 @@ class Engine:
             attributes = profile or {}
         if request.history is not None:
             history = list(request.history)
+            past = self.store.past([h.item_id for h in history], [h.rating for h in history])
         elif request.user_id is not None:
-            history = [
-                HistoryItem(h.item_id, h.rating, h.timestamp)
-                for h in self.store.history(request.user_id, self.spec.history_length, before=request.at)
-            ]
+            stored, past = self.store.user_past(request.user_id, before=request.at)
+            history = [HistoryItem(h.item_id, h.rating, h.timestamp) for h in stored]
         else:
-            history = []
-        return attributes, history[-self.spec.history_length :], known or bool(history)
+            history, past = [], UserInteractions([], [], [], [])
+        return attributes, history[-self.spec.history_length :], past, known or bool(history)
 
     def prepare(self, request: Request) -> Prepared:
         """Resolve the user and the candidates (request first, then the store) and encode them."""
-        attributes, history, known_user = self._user(request)
+        attributes, history, past, known_user = self._user(request)
         candidates = request.candidates
-        catalog = self.store.items([c.item_id for c in candidates])
+        item_ids = [c.item_id for c in candidates]
+        catalog = self.store.items(item_ids)
         items: list[ItemText | None] = []
         for c in candidates:
             stored = catalog.get(c.item_id)
@@ -294,14 +296,17 @@ class Engine:
                 items.append(ItemText(c.title, year, tags, *stats))
             else:
                 items.append(stored)
+        item_tags = [it.tags if it else () for it in items]
+        statistics = self.spec.request_statistics(past, self.store.item_totals(item_ids, before=request.at), item_tags)
         inputs = self.spec.encode_request(
             user_id=request.user_id,
             user_attributes=attributes,
             history_items=[h.item_id for h in history],
             history_ratings=[h.rating for h in history],
-            item_ids=[c.item_id for c in candidates],
+            item_ids=item_ids,
             item_years=[it.year if it else None for it in items],
-            item_tags=[it.tags if it else () for it in items],
+            item_tags=item_tags,
+            statistics=statistics,
         )
         return Prepared(history, items, inputs, known_user)
 

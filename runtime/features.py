@@ -1,9 +1,10 @@
 """The feature contract shared by training and serving (numpy only).
 
-A sample is one (user, candidate item) pair with the user's attributes, the item's attributes and
-the user's last K interactions strictly before the moment of the request. `FeatureSpec.encode`
-turns a batch of raw samples into the four named arrays the CRM reads; training calls the same
-function, so serving encodes exactly as training did.
+A sample is one (user, candidate item) pair with the user's attributes, the item's attributes,
+the user's last K interactions strictly before the moment of the request, and running statistics
+of the user and of the item over every interaction strictly before that moment (count, rating sum,
+likes: `Totals`). `FeatureSpec.encode` turns a batch of raw samples into the five named arrays the
+CRM reads; training calls the same function, so serving encodes exactly as training did.
 
 Index 0 is padding and index 1 is the out-of-vocabulary bucket in every vocabulary: an unknown id
 at serve time maps to 1 and never crashes anything.
@@ -32,15 +33,35 @@ __all__ = [
     "age_bucket",
     "normalize_user_attributes",
     "history_windows",
+    "STAT_NAMES",
+    "TOTALS",
+    "Statistics",
+    "UserInteractions",
+    "running_totals",
 ]
 
-FEATURE_SPEC_VERSION = 1
+#: 2: the running user/item statistics ("stats" input) joined the contract.
+FEATURE_SPEC_VERSION = 2
 PAD = 0
 OOV = 1
 _FIRST = 2
 
 #: Names (and order) of the CRM's inputs: the ONNX graph and the runtime both use these.
-INPUT_NAMES = ("categorical", "tags", "history_items", "history_ratings")
+INPUT_NAMES = ("categorical", "tags", "history_items", "history_ratings", "stats")
+
+#: Columns of a totals array: interactions counted, their rating sum, how many were likes.
+TOTALS = ("count", "rating_sum", "likes")
+
+#: Columns of the "stats" input. Means and shares are shrunk with `prior` pseudo-interactions:
+#: the item's and the user's towards the training split's figures, the genre's towards the user's.
+#: user_bias: the mean of (rating - the item's shrunk mean just before that rating) over the
+#: user's interactions; genre_*: the user's interactions with the target's tags (genres), one
+#: count per shared tag.
+STAT_NAMES = (
+    "item_mean", "item_like", "item_log_count",
+    "user_mean", "user_like", "user_log_count", "user_bias",
+    "genre_mean", "genre_like", "genre_log_count",
+)  # fmt: skip
 
 #: User attributes a data set may have, in the order they appear among the categorical fields.
 USER_ATTRIBUTES = ("age", "gender", "occupation", "zip")
@@ -120,6 +141,31 @@ class Vocabulary:
 
 
 @dataclass(frozen=True)
+class Statistics:
+    """The running totals behind a batch's "stats" input (float64, columns `TOTALS`).
+
+    user: [B, 4] or [1, 4] (one user for every row), `TOTALS` plus the sum of the user's rating
+    deviations from the items' shrunk means; item: [B, 3]; genre: [B, 3], the user's per-tag
+    totals summed over each target's tags.
+    """
+
+    user: np.ndarray
+    item: np.ndarray
+    genre: np.ndarray
+
+
+@dataclass(frozen=True)
+class UserInteractions:
+    """Every interaction of one user strictly before the request (the serving side's view):
+    ratings, each item's totals (count, rating sum) just before that rating, each item's tags."""
+
+    ratings: Sequence[float]
+    item_counts_before: Sequence[float]
+    item_sums_before: Sequence[float]
+    item_tags: Sequence[Sequence[str]]
+
+
+@dataclass(frozen=True)
 class FeatureSpec:
     """Versioned feature contract, saved as features.json beside every model."""
 
@@ -129,6 +175,9 @@ class FeatureSpec:
     max_tags: int
     rating_max: float
     like_threshold: float
+    global_mean: float = 0.0  # mean rating of the training split
+    global_like: float = 0.0  # share of likes in the training split
+    prior: float = 10.0  # pseudo-interactions at the global figures that shrink every mean and share
     version: int = FEATURE_SPEC_VERSION
 
     def __post_init__(self) -> None:
@@ -149,11 +198,13 @@ class FeatureSpec:
         item_tags: Sequence[Sequence[str]],
         history_items: Sequence[Sequence[Any]],
         history_ratings: Sequence[Sequence[float]],
+        statistics: Statistics,
     ) -> dict[str, np.ndarray]:
         """Raw samples -> the CRM's inputs, keyed by `INPUT_NAMES`.
 
         History sequences are oldest first; only the last `history_length` entries are kept and
-        they are left-padded, so position K-1 is always the most recent interaction.
+        they are left-padded, so position K-1 is always the most recent interaction. The
+        statistics count the user's and the item's interactions strictly before the sample.
         """
         batch = len(item_ids)
         columns = {"user_id": user_ids, "item_id": item_ids, "year": item_years}
@@ -172,6 +223,7 @@ class FeatureSpec:
             "tags": self._tags(item_tags),
             "history_items": hist_items,
             "history_ratings": hist_ratings,
+            "stats": self.stats(statistics),
         }
 
     def encode_request(
@@ -184,6 +236,7 @@ class FeatureSpec:
         item_ids: Sequence[Any],
         item_years: Sequence[Any],
         item_tags: Sequence[Sequence[str]],
+        statistics: Statistics,
     ) -> dict[str, np.ndarray]:
         """`encode` of one user's candidates (the serving path): the user's fields and history are
         encoded once and repeated on every row, with the same result as `encode` row by row."""
@@ -202,7 +255,70 @@ class FeatureSpec:
             "tags": self._tags(item_tags),
             "history_items": np.repeat(hist_items, batch, axis=0),
             "history_ratings": np.repeat(hist_ratings, batch, axis=0),
+            "stats": self.stats(statistics),
         }
+
+    # ------------------------------------------------------------------ statistics
+    def shrunk(self, total: np.ndarray, count: np.ndarray, towards: np.ndarray | float) -> np.ndarray:
+        """(total + prior * towards) / (count + prior): a mean or share pulled towards `towards`."""
+        return (total + self.prior * towards) / (np.maximum(count, 0.0) + self.prior)
+
+    def stats(self, statistics: Statistics) -> np.ndarray:
+        """Running totals -> the "stats" input, float32 [B, len(STAT_NAMES)]."""
+        item, user, genre = (np.asarray(t, dtype=np.float64) for t in (statistics.item, statistics.user,
+                                                                         statistics.genre))  # fmt: skip
+        if item.shape[1:] != (3,) or user.shape[1:] != (4,) or genre.shape != item.shape:
+            raise FeatureSpecError(f"statistics of shapes {item.shape}, {user.shape}, {genre.shape}")
+        user_mean = self.shrunk(user[:, 1], user[:, 0], self.global_mean)
+        user_like = self.shrunk(user[:, 2], user[:, 0], self.global_like)
+        columns = [
+            self.shrunk(item[:, 1], item[:, 0], self.global_mean) / self.rating_max,
+            self.shrunk(item[:, 2], item[:, 0], self.global_like),
+            _log_count(item[:, 0]),
+            user_mean / self.rating_max,
+            user_like,
+            _log_count(user[:, 0]),
+            self.shrunk(user[:, 3], user[:, 0], 0.0) / self.rating_max,
+            self.shrunk(genre[:, 1], genre[:, 0], user_mean) / self.rating_max,
+            self.shrunk(genre[:, 2], genre[:, 0], user_like),
+            _log_count(genre[:, 0]),
+        ]
+        return np.stack([np.broadcast_to(c, (len(item),)) for c in columns], axis=1).astype(np.float32)
+
+    def request_statistics(self, history: UserInteractions, item_totals: np.ndarray,
+                           item_tags: Sequence[Sequence[str]]) -> Statistics:  # fmt: skip
+        """One user's statistics for a request's candidates: `history` is every interaction of the
+        user before the request, `item_totals` [B, 3] the candidates' totals. Equal to what
+        `running_statistics` gives a training sample with the same past."""
+        ratings = np.asarray(history.ratings, dtype=np.float64)
+        likes = (ratings >= self.like_threshold).astype(np.float64)
+        means = self.shrunk(np.asarray(history.item_sums_before, dtype=np.float64),
+                            np.asarray(history.item_counts_before, dtype=np.float64), self.global_mean)  # fmt: skip
+        user = np.array([[len(ratings), ratings.sum(), likes.sum(), (ratings - means).sum()]])
+        per_tag: dict[str, np.ndarray] = {}
+        for tags, rating, liked in zip(history.item_tags, ratings, likes, strict=True):
+            for tag in dict.fromkeys(tags):
+                per_tag[tag] = per_tag.get(tag, np.zeros(3)) + (1.0, rating, liked)
+        empty = np.zeros(3)
+        genre = np.array([sum((per_tag.get(t, empty) for t in dict.fromkeys(tags)), np.zeros(3))
+                          for tags in item_tags]).reshape(len(item_tags), 3)  # fmt: skip
+        return Statistics(user=user, item=np.asarray(item_totals, dtype=np.float64).reshape(-1, 3), genre=genre)
+
+    def running_statistics(self, user: np.ndarray, item: np.ndarray, timestamp: np.ndarray, rating: np.ndarray,
+                           item_tags: Sequence[Sequence[str]]) -> Statistics:  # fmt: skip
+        """Every interaction's statistics over the interactions strictly before it (training's
+        view of the whole table at once; no look-ahead)."""
+        rating = np.asarray(rating, dtype=np.float64)
+        item_totals = running_totals(item, timestamp, rating, self.like_threshold)
+        deviation = rating - self.shrunk(item_totals[:, 1], item_totals[:, 0], self.global_mean)
+        user_totals = running_totals(user, timestamp, rating, self.like_threshold)
+        deviation_sum = running_totals(user, timestamp, deviation, np.inf)[:, 1]
+        rows = np.array([i for i, tags in enumerate(item_tags) for _ in dict.fromkeys(tags)], dtype=np.int64)
+        tags = np.array([t for tags in item_tags for t in dict.fromkeys(tags)], dtype=object)
+        keys = np.char.add(np.char.add(np.asarray(user, dtype=str)[rows], "\x1f"), tags.astype(str))
+        genre = np.zeros((len(rating), 3))
+        np.add.at(genre, rows, running_totals(keys, np.asarray(timestamp)[rows], rating[rows], self.like_threshold))
+        return Statistics(user=np.c_[user_totals, deviation_sum], item=item_totals, genre=genre)
 
     def _tags(self, item_tags: Sequence[Sequence[str]]) -> np.ndarray:
         tag_vocab = self.vocabularies["tag"]
@@ -235,6 +351,7 @@ class FeatureSpec:
             "tags": ("batch", self.max_tags),
             "history_items": ("batch", self.history_length),
             "history_ratings": ("batch", self.history_length),
+            "stats": ("batch", len(STAT_NAMES)),
         }
 
     # ------------------------------------------------------------------ persistence
@@ -246,6 +363,8 @@ class FeatureSpec:
             "max_tags": self.max_tags,
             "rating_max": self.rating_max,
             "like_threshold": self.like_threshold,
+            "statistics": {"global_mean": self.global_mean, "global_like": self.global_like,
+                           "prior": self.prior, "names": list(STAT_NAMES)},
             "inputs": {k: list(v) for k, v in self.input_shapes().items()},
             "vocabularies": {name: list(v.values) for name, v in self.vocabularies.items()},
         }
@@ -259,6 +378,13 @@ class FeatureSpec:
                     f"{source}: feature spec version {version} is newer than this corella "
                     f"understands ({FEATURE_SPEC_VERSION}); upgrade corella"
                 )
+            if version < FEATURE_SPEC_VERSION:
+                raise FeatureSpecError(
+                    f"{source}: feature spec version {version} predates this corella's "
+                    f"({FEATURE_SPEC_VERSION}: the CRM now reads running user and item statistics); "
+                    "retrain the CRM (`corella train`) and export a new bundle"
+                )
+            statistics = data["statistics"]
             return cls(
                 categorical_fields=tuple(data["categorical_fields"]),
                 vocabularies={k: Vocabulary(tuple(v)) for k, v in data["vocabularies"].items()},
@@ -266,6 +392,9 @@ class FeatureSpec:
                 max_tags=int(data["max_tags"]),
                 rating_max=float(data["rating_max"]),
                 like_threshold=float(data["like_threshold"]),
+                global_mean=float(statistics["global_mean"]),
+                global_like=float(statistics["global_like"]),
+                prior=float(statistics["prior"]),
                 version=version,
             )
         except (KeyError, TypeError, ValueError) as exc:
@@ -304,3 +433,33 @@ def history_windows(user: np.ndarray, timestamp: np.ndarray, length: int) -> np.
     moment_start = np.maximum.accumulate(np.where(new_moment, positions, 0))
     window = moment_start[:, None] - length + np.arange(length)[None, :]
     return np.where(window >= user_start[:, None], window, -1).astype(np.int64)
+
+
+def running_totals(group: np.ndarray, timestamp: np.ndarray, rating: np.ndarray, like_threshold: float
+                   ) -> np.ndarray:  # fmt: skip
+    """For every interaction, the totals (`TOTALS`) of its group's (a user's, an item's)
+    interactions with a strictly earlier timestamp: interactions that share a timestamp never
+    count each other, and nothing looks ahead. Inputs in any order; float64 [N, 3] in that order.
+    """
+    n = len(group)
+    if n == 0:
+        return np.zeros((0, len(TOTALS)))
+    keys = np.unique(np.asarray(group).astype(str), return_inverse=True)[1]
+    timestamp = np.asarray(timestamp, dtype=np.int64)
+    order = np.lexsort((timestamp, keys))
+    keys, timestamp = keys[order], timestamp[order]
+    rating = np.asarray(rating, dtype=np.float64)[order]
+    new_group = np.r_[True, keys[1:] != keys[:-1]]
+    new_moment = new_group | np.r_[True, timestamp[1:] != timestamp[:-1]]
+    positions = np.arange(n)
+    group_start = np.maximum.accumulate(np.where(new_group, positions, 0))
+    moment_start = np.maximum.accumulate(np.where(new_moment, positions, 0))
+    out = np.empty((n, len(TOTALS)))
+    for j, values in enumerate((np.ones(n), rating, (rating >= like_threshold).astype(np.float64))):
+        before = np.r_[0.0, np.cumsum(values)]  # before[i] = sum of values[:i]
+        out[order, j] = before[moment_start] - before[group_start]
+    return out
+
+
+def _log_count(count: np.ndarray) -> np.ndarray:
+    return np.log1p(np.maximum(count, 0.0)) / 8.0  # ~1 at 3,000 interactions

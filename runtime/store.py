@@ -1,12 +1,15 @@
 """The feature store: item catalog, user profiles and interactions in SQLite (WAL).
 
 Export fills it; the server reads histories from it and appends new interactions through
-POST /v1/events, so histories stay current without re-exporting. The schema lives here only.
+POST /v1/events, so histories stay current without re-exporting. Running totals of every user
+and item (count, rating sum, likes: the CRM's statistics) are kept beside the interactions and
+updated in the same transaction as each append. The schema lives here only.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import threading
 from collections.abc import Iterable, Mapping, Sequence
@@ -14,15 +17,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from runtime.errors import StoreError
-from runtime.features import normalize_user_attributes
+from runtime.features import UserInteractions, normalize_user_attributes
 from runtime.prompt import HistoryEntry, ItemText
 
 __all__ = ["SCHEMA_VERSION", "Interaction", "FeatureStore"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _ITEM_CACHE = 200_000
 _UNSEEN = object()
+_COLUMNS = "user_id, item_id, rating, timestamp, item_count_before, item_sum_before"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -32,8 +38,21 @@ CREATE TABLE IF NOT EXISTS items (
 CREATE TABLE IF NOT EXISTS users (user_id TEXT PRIMARY KEY, attributes TEXT NOT NULL DEFAULT '{}');
 CREATE TABLE IF NOT EXISTS interactions (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, user_id TEXT NOT NULL, item_id TEXT NOT NULL,
-    rating REAL NOT NULL, timestamp INTEGER NOT NULL);
+    rating REAL NOT NULL, timestamp INTEGER NOT NULL,
+    item_count_before INTEGER NOT NULL DEFAULT 0, item_sum_before REAL NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS interactions_by_user ON interactions (user_id, timestamp, seq);
+CREATE INDEX IF NOT EXISTS interactions_by_item ON interactions (item_id, timestamp);
+CREATE TABLE IF NOT EXISTS item_totals (
+    item_id TEXT PRIMARY KEY, count INTEGER NOT NULL, rating_sum REAL NOT NULL, likes INTEGER NOT NULL);
+"""
+
+# every item's totals over the whole store; run after each insert of interactions (same transaction)
+_ADD_TOTALS = """
+INSERT INTO item_totals (item_id, count, rating_sum, likes)
+    SELECT item_id, COUNT(*), SUM(rating), SUM(rating >= :like) FROM interactions
+    WHERE seq > :after GROUP BY item_id
+ON CONFLICT (item_id) DO UPDATE SET count = count + excluded.count,
+    rating_sum = rating_sum + excluded.rating_sum, likes = likes + excluded.likes
 """
 
 
@@ -43,6 +62,9 @@ class Interaction:
     item_id: str
     rating: float
     timestamp: int
+    #: the item's totals (interactions, rating sum) strictly before this one; `append` fills them in
+    item_count_before: int = 0
+    item_sum_before: float = 0.0
 
 
 class FeatureStore:
@@ -60,6 +82,7 @@ class FeatureStore:
                 self._conn.execute("PRAGMA synchronous=NORMAL")
                 self._conn.executescript(_SCHEMA)
             rows = self._conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()
+            like = self._conn.execute("SELECT value FROM meta WHERE key = 'like_threshold'").fetchall()
         except sqlite3.DatabaseError as exc:
             self._conn.close()
             raise StoreError(f"{self.path}: not a corella feature store ({exc})") from exc
@@ -69,6 +92,8 @@ class FeatureStore:
                 f"{self.path}: feature store schema {rows[0][0]}, this corella reads {SCHEMA_VERSION}; "
                 "re-export the bundle (or delete a live copy under BUNDLE/state/ to start from the bundle's)"
             )
+        #: ratings at or above it are likes in the running totals (set by `create`)
+        self.like_threshold = float(like[0][0]) if like else math.inf
 
     @classmethod
     def create(
@@ -77,6 +102,7 @@ class FeatureStore:
         items: Iterable[tuple[str, ItemText]],
         users: Iterable[tuple[str, Mapping[str, Any]]],
         interactions: Iterable[Interaction],
+        like_threshold: float,
     ) -> FeatureStore:
         path = Path(path)
         if path.exists():
@@ -86,6 +112,8 @@ class FeatureStore:
             conn = store._conn
             conn.execute("BEGIN")
             conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            conn.execute("INSERT INTO meta VALUES ('like_threshold', ?)", (repr(float(like_threshold)),))
+            store.like_threshold = float(like_threshold)
             conn.executemany(
                 "INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
@@ -98,9 +126,11 @@ class FeatureStore:
                 ((u, json.dumps(normalize_user_attributes(a))) for u, a in users),
             )
             conn.executemany(
-                "INSERT INTO interactions (user_id, item_id, rating, timestamp) VALUES (?, ?, ?, ?)",
-                ((x.user_id, x.item_id, float(x.rating), int(x.timestamp)) for x in interactions),
-            )
+                f"INSERT INTO interactions ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+                ((x.user_id, x.item_id, float(x.rating), int(x.timestamp), int(x.item_count_before),
+                  float(x.item_sum_before)) for x in interactions),
+            )  # fmt: skip
+            store._add_totals(after=0)
             conn.execute("COMMIT")
         # a single self-contained file in the bundle: fold the WAL back in
         store._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -120,7 +150,7 @@ class FeatureStore:
     def interactions(self, offset: int = 0, limit: int = -1) -> list[Interaction]:
         """Interactions in insertion order (the export writes them in global time order)."""
         rows = self._query(
-            "SELECT user_id, item_id, rating, timestamp FROM interactions ORDER BY seq LIMIT ? OFFSET ?",
+            f"SELECT {_COLUMNS} FROM interactions ORDER BY seq LIMIT ? OFFSET ?",
             (limit, offset),
         )
         return [Interaction(*row) for row in rows]
@@ -169,31 +199,89 @@ class FeatureStore:
         rows = self._query("SELECT attributes FROM users WHERE user_id = ?", (user_id,))
         return json.loads(rows[0][0]) if rows else None
 
-    def history(self, user_id: str, limit: int, before: int | None = None) -> list[Interaction]:
-        """The user's last `limit` interactions (strictly before `before`), oldest first."""
-        sql = "SELECT user_id, item_id, rating, timestamp FROM interactions WHERE user_id = ?"
+    def history(self, user_id: str, limit: int | None = None, before: int | None = None) -> list[Interaction]:
+        """The user's last `limit` interactions (all by default; strictly before `before`), oldest first."""
+        sql = f"SELECT {_COLUMNS} FROM interactions WHERE user_id = ?"
         args: list[Any] = [user_id]
         if before is not None:
             sql += " AND timestamp < ?"
             args.append(int(before))
         sql += " ORDER BY timestamp DESC, seq DESC LIMIT ?"
-        args.append(int(limit))
-        rows = self._query(sql, args)
-        return [Interaction(u, i, r, t) for u, i, r, t in reversed(rows)]
+        args.append(-1 if limit is None else int(limit))
+        return [Interaction(*row) for row in reversed(self._query(sql, args))]
+
+    def user_past(self, user_id: str, before: int | None = None) -> tuple[list[Interaction], UserInteractions]:
+        """Every interaction of the user (strictly before `before`), oldest first, and the same as
+        the statistics read them."""
+        history = self.history(user_id, before=before)
+        return history, self.past(
+            [h.item_id for h in history],
+            [h.rating for h in history],
+            [h.item_count_before for h in history],
+            [h.item_sum_before for h in history],
+        )
+
+    def past(self, item_ids: Sequence[str], ratings: Sequence[float], counts_before: Sequence[float] | None = None,
+             sums_before: Sequence[float] | None = None) -> UserInteractions:  # fmt: skip
+        """A user's past interactions as the statistics read them, with each item's tags from the
+        catalog; without the items' totals before each rating, their current totals stand in."""
+        if counts_before is None or sums_before is None:
+            totals = self.item_totals(item_ids)
+            counts_before, sums_before = totals[:, 0], totals[:, 1]
+        catalog = self.items(item_ids)
+        return UserInteractions(
+            ratings=ratings,
+            item_counts_before=counts_before,
+            item_sums_before=sums_before,
+            item_tags=[entry.tags if (entry := catalog.get(item)) else () for item in item_ids],
+        )
 
     def append(self, events: Sequence[Interaction]) -> int:
         with self._lock:
             self._conn.execute("BEGIN")
             try:
+                (last,) = self._conn.execute("SELECT COALESCE(MAX(seq), 0) FROM interactions").fetchone()
+                # each event sees its item's totals before this batch (a batch is one moment)
+                before = {item: (0, 0.0) for item in {e.item_id for e in events}}
+                marks = ",".join("?" * len(before))
+                before |= {item: (n, total) for item, n, total in self._conn.execute(
+                    f"SELECT item_id, count, rating_sum FROM item_totals WHERE item_id IN ({marks})", list(before))}
                 self._conn.executemany(
-                    "INSERT INTO interactions (user_id, item_id, rating, timestamp) VALUES (?, ?, ?, ?)",
-                    ((e.user_id, e.item_id, float(e.rating), int(e.timestamp)) for e in events),
-                )
+                    f"INSERT INTO interactions ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+                    ((e.user_id, e.item_id, float(e.rating), int(e.timestamp), *before[e.item_id]) for e in events),
+                )  # fmt: skip
+                self._add_totals(after=last)
                 self._conn.execute("COMMIT")
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise
         return len(events)
+
+    def _add_totals(self, after: int) -> None:
+        """Fold the interactions inserted after `seq` into the items' totals (caller holds the
+        lock and the transaction)."""
+        self._conn.execute(_ADD_TOTALS, {"after": after, "like": self.like_threshold})
+
+    def item_totals(self, item_ids: Sequence[str], before: int | None = None) -> np.ndarray:
+        """Totals of each item (float64 [len(item_ids), 3]), zeros for an item never rated."""
+        unique = list(dict.fromkeys(item_ids))
+        found: dict[str, tuple[float, float, float]] = {}
+        for start in range(0, len(unique), 500):
+            chunk = unique[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            if before is None:
+                sql = f"SELECT item_id, count, rating_sum, likes FROM item_totals WHERE item_id IN ({marks})"
+                args: list[Any] = list(chunk)
+            else:
+                sql = ("SELECT item_id, COUNT(*), TOTAL(rating), TOTAL(rating >= ?) FROM interactions "
+                       f"WHERE item_id IN ({marks}) AND timestamp < ? GROUP BY item_id")  # fmt: skip
+                args = [self.like_threshold, *chunk, int(before)]
+            found |= {item: (float(n), float(total), float(likes)) for item, n, total, likes in self._query(sql, args)}
+        out = np.zeros((len(item_ids), 3))
+        for row, item in enumerate(item_ids):
+            if item in found:
+                out[row] = found[item]
+        return out
 
     def history_entries(self, history: Sequence[Interaction]) -> list[HistoryEntry]:
         catalog = self.items([h.item_id for h in history])

@@ -5,11 +5,14 @@ from runtime.errors import FeatureSpecError
 from runtime.features import (
     OOV,
     PAD,
+    STAT_NAMES,
     FeatureSpec,
+    Statistics,
     Vocabulary,
     age_bucket,
     history_windows,
     normalize_user_attributes,
+    running_totals,
 )
 
 
@@ -27,7 +30,18 @@ def _spec(k: int = 3) -> FeatureSpec:
         max_tags=2,
         rating_max=5.0,
         like_threshold=4.0,
+        global_mean=3.5,
+        global_like=0.55,
+        prior=2.0,
     )
+
+
+def _statistics(batch: int, users: int | None = None) -> Statistics:
+    rng = np.random.default_rng(batch)
+    counts = rng.integers(0, 9, size=(batch, 1)).astype(float)
+    item = np.c_[counts, counts * 3.6, np.floor(counts * 0.6)]
+    user = np.array([[7.0, 25.0, 4.0, 1.5]]).repeat(users or 1, axis=0)
+    return Statistics(user=user, item=item, genre=item[::-1].copy())
 
 
 def test_vocabulary_reserves_pad_and_oov():
@@ -48,7 +62,9 @@ def test_encode_left_pads_history_and_maps_unknowns_to_oov():
         item_tags=[("Comedy", "Drama", "Horror"), ()],
         history_items=[["a"], ["a", "b", "c", "zzz"]],
         history_ratings=[[5.0], [1.0, 2.0, 3.0, 4.0]],
+        statistics=_statistics(2, users=2),
     )
+    assert out["stats"].shape == (2, len(STAT_NAMES)) and out["stats"].dtype == np.float32
     assert out["categorical"].tolist() == [[3, 4, 3, 2], [OOV, OOV, PAD, PAD]]
     assert out["tags"].tolist() == [[3, 2], [0, 0]]  # cut to max_tags
     assert out["history_items"].tolist() == [[0, 0, 2], [3, 4, OOV]]  # the last 3, oldest first
@@ -64,21 +80,25 @@ def test_encode_request_equals_encode_row_by_row(user):
     items, years, tags = ["c", "new-item", "a"], ["1995", None, "2001"], [("Comedy",), (), ("Drama", "Comedy", "X")]
     request = spec.encode_request(user_id=user, user_attributes=attributes, history_items=history,
                                   history_ratings=ratings, item_ids=items, item_years=years,
-                                  item_tags=tags)  # fmt: skip
+                                  item_tags=tags, statistics=_statistics(3))  # fmt: skip
     rows = spec.encode(user_ids=[user] * 3, item_ids=items, user_attributes=[attributes] * 3, item_years=years,
-                       item_tags=tags, history_items=[history] * 3, history_ratings=[ratings] * 3)  # fmt: skip
+                       item_tags=tags, history_items=[history] * 3, history_ratings=[ratings] * 3,
+                       statistics=_statistics(3, users=3))  # fmt: skip
     for name in rows:
         assert request[name].dtype == rows[name].dtype and request[name].tolist() == rows[name].tolist(), name
 
 
-def test_spec_round_trips_and_refuses_newer_versions(tmp_path):
+def test_spec_round_trips_and_refuses_other_versions(tmp_path):
     spec = _spec()
     spec.save(tmp_path / "features.json")
     loaded = FeatureSpec.load(tmp_path / "features.json")
-    assert loaded.to_dict() == spec.to_dict()
+    assert loaded.to_dict() == spec.to_dict() and loaded == spec
     data = spec.to_dict() | {"version": 99}
     with pytest.raises(FeatureSpecError, match="newer"):
         FeatureSpec.from_dict(data)
+    old = {k: v for k, v in spec.to_dict().items() if k != "statistics"} | {"version": 1}
+    with pytest.raises(FeatureSpecError, match="version 1 predates .* export a new bundle"):
+        FeatureSpec.from_dict(old)
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(FeatureSpecError, match="bad.json"):
         FeatureSpec.load(tmp_path / "bad.json")
@@ -106,7 +126,8 @@ def test_store_round_trips_items_users_and_histories(tmp_path):
 
     items = [("1", ItemText("Toy Story", "1995", ("Comedy",), 3.9, 120)), ("2", ItemText("Heat", None, ()))]
     events = [Interaction("u", "1", 5, 10), Interaction("u", "2", 2, 20), Interaction("u", "1", 4, 30)]
-    store = FeatureStore.create(tmp_path / "s.sqlite", items, [("u", {"age": 30, "zip": "12345"})], events)
+    store = FeatureStore.create(tmp_path / "s.sqlite", items, [("u", {"age": 30, "zip": "12345"})], events,
+                                like_threshold=4.0)  # fmt: skip
     assert store.items(["1", "2", "3"]) == {"1": items[0][1], "2": items[1][1]}
     assert store.user_attributes("u") == {"age": "25", "zip": "12"}
     assert [h.item_id for h in store.history("u", 2)] == ["2", "1"]  # the last two, oldest first
@@ -151,7 +172,7 @@ def test_a_store_of_another_schema_is_refused(tmp_path):
     from runtime.store import FeatureStore
 
     path = tmp_path / "old.sqlite"
-    FeatureStore.create(path, [], [], []).close()
+    FeatureStore.create(path, [], [], [], like_threshold=4.0).close()
     with sqlite3.connect(path) as conn:
         conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     with pytest.raises(StoreError, match="old.sqlite: feature store schema 1"):
@@ -159,3 +180,96 @@ def test_a_store_of_another_schema_is_refused(tmp_path):
     (tmp_path / "junk.sqlite").write_bytes(b"not a database at all" * 100)
     with pytest.raises(StoreError, match="junk.sqlite: not a corella feature store"):
         FeatureStore(tmp_path / "junk.sqlite")
+
+
+def _interactions(seed: int = 0, n: int = 160):
+    """Generated interactions with ties in time, repeated items and items with no tags."""
+    rng = np.random.default_rng(seed)
+    user = rng.choice(["u1", "u2", "u3", "u4"], size=n)
+    item = rng.choice([f"i{k}" for k in range(9)], size=n)
+    timestamp = rng.integers(0, 40, size=n)  # many ties
+    rating = rng.integers(1, 6, size=n).astype(float)
+    tags = {f"i{k}": (("Drama", "Comedy", "Horror")[k % 3],) * (k % 4 != 0) + (("Action",) if k % 2 else ())
+            for k in range(9)}  # fmt: skip
+    return user, item, timestamp, rating, tags
+
+
+def _brute_force(spec, user, item, timestamp, rating, tags, i):
+    """Statistics of row i from first principles: only rows strictly earlier in time."""
+    like = spec.like_threshold
+
+    def totals(rows):
+        return np.array([len(rows), rating[rows].sum(), (rating[rows] >= like).sum()], dtype=float)
+
+    def item_before(j):
+        return totals([k for k in range(len(item)) if item[k] == item[j] and timestamp[k] < timestamp[j]])
+
+    mine = [j for j in range(len(user)) if user[j] == user[i] and timestamp[j] < timestamp[i]]
+    deviation = sum(rating[j] - spec.shrunk(item_before(j)[1], item_before(j)[0], spec.global_mean) for j in mine)
+    genre = sum((totals([j for j in mine if g in tags[item[j]]]) for g in tags[item[i]]), np.zeros(3))
+    return np.r_[totals(mine), deviation], item_before(i), genre
+
+
+def test_running_statistics_equal_a_brute_force_recomputation_and_never_look_ahead():
+    spec = _spec()
+    user, item, timestamp, rating, tags = _interactions()
+    item_tags = [tags[i] for i in item]
+    stats = spec.running_statistics(user, item, timestamp, rating, item_tags)
+    for i in range(len(user)):
+        expected_user, expected_item, expected_genre = _brute_force(spec, user, item, timestamp, rating, tags, i)
+        assert np.allclose(stats.user[i], expected_user), i
+        assert np.allclose(stats.item[i], expected_item), i
+        assert np.allclose(stats.genre[i], expected_genre), i
+    # a sample's own rating and every later one can change without moving its features
+    moment = np.sort(timestamp)[len(timestamp) // 2]
+    changed = np.where(timestamp >= moment, 6.0 - rating, rating)
+    again = spec.running_statistics(user, item, timestamp, changed, item_tags)
+    at = timestamp == moment
+    for name in ("user", "item", "genre"):
+        # (equal up to float summation order: the running sums are prefix sums over every group)
+        assert np.allclose(getattr(again, name)[at], getattr(stats, name)[at], rtol=0, atol=1e-9), name
+    assert not np.array_equal(again.user, stats.user)  # ... while later samples do see the change
+
+
+def test_training_and_serving_produce_identical_feature_rows(tmp_path):
+    """The store-backed serving path (what a request reads) equals training's vectorized one, for
+    the exported past and after live events."""
+    from runtime.prompt import ItemText
+    from runtime.store import FeatureStore, Interaction
+
+    spec = _spec()
+    user, item, timestamp, rating, tags = _interactions(seed=1)
+    order = np.argsort(timestamp, kind="stable")  # the export writes interactions in time order
+    user, item, timestamp, rating = user[order], item[order], timestamp[order], rating[order]
+    before = running_totals(item, timestamp, rating, spec.like_threshold)
+    catalog = [(i, ItemText(f"title {i}", None, t)) for i, t in tags.items()]
+    events = [Interaction(u, i, r, int(t), int(c), float(s))
+              for u, i, r, t, c, s in zip(user, item, rating, timestamp, before[:, 0], before[:, 1], strict=True)]
+    # what follows t = 30 arrives later through /v1/events, one batch per moment
+    split = int(np.searchsorted(timestamp, 30))
+    store = FeatureStore.create(tmp_path / "s.sqlite", catalog, [], events[:split], like_threshold=4.0)
+    for moment in np.unique(timestamp[split:]):
+        store.append([e for e in events[split:] if e.timestamp == moment])
+    candidates = sorted(tags)
+    # a moment after everything: training's view appends the candidates as samples at t = 1000
+    n = len(user)
+    for who in ("u1", "u2", "u3", "u4", "stranger"):
+        training = spec.running_statistics(
+            np.r_[user, [who] * len(candidates)], np.r_[item, candidates], np.r_[timestamp, [1000] * len(candidates)],
+            np.r_[rating, [3.0] * len(candidates)], [tags[i] for i in item] + [tags[i] for i in candidates],
+        )  # fmt: skip
+        expected = spec.stats(Statistics(training.user[n:], training.item[n:], training.genre[n:]))
+        for at in (None, 1000):
+            _, past = store.user_past(who, before=at)
+            served = spec.stats(spec.request_statistics(past, store.item_totals(candidates, before=at),
+                                                        [tags[i] for i in candidates]))  # fmt: skip
+            assert np.allclose(served, expected, atol=1e-6), (who, at)
+    # and for a moment in the middle of the exported past
+    row = split // 2
+    sample = spec.running_statistics(user, item, timestamp, rating, [tags[i] for i in item])
+    _, past = store.user_past(user[row], before=int(timestamp[row]))
+    served = spec.request_statistics(past, store.item_totals([item[row]], before=int(timestamp[row])),
+                                     [tags[item[row]]])  # fmt: skip
+    assert np.allclose(spec.stats(served), spec.stats(Statistics(sample.user[row : row + 1], sample.item[row : row + 1],
+                                                                 sample.genre[row : row + 1])), atol=1e-6)  # fmt: skip
+    store.close()

@@ -14,7 +14,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from runtime.features import INPUT_NAMES, FeatureSpec
+from runtime.features import INPUT_NAMES, OOV, FeatureSpec
 from runtime.quality import auc, entropy_deciles, summarize
 from training.checkpoint import (
     load_state,
@@ -24,7 +24,7 @@ from training.checkpoint import (
     save_weights,
     write_json,
 )
-from training.dcnv2 import DCNv2, DCNv2Config
+from training.dcnv2 import DCNv2, DCNv2Config, Standardize
 
 __all__ = ["CRMTrainConfig", "set_seed", "to_tensors", "predict", "train_crm", "load_crm"]
 
@@ -36,9 +36,17 @@ class CRMTrainConfig(BaseModel):
 
     epochs: int = Field(20, ge=1, le=1000, description="upper bound on epochs")
     batch_size: int = Field(1024, ge=1, le=1 << 16, description="mini-batch size")
-    learning_rate: float = Field(2e-3, gt=0, le=1.0, description="Adam learning rate")
-    weight_decay: float = Field(0.0, ge=0, description="Adam weight decay")
+    learning_rate: float = Field(5e-4, gt=0, le=1.0, description="Adam learning rate")
+    weight_decay: float = Field(1e-4, ge=0, description="Adam weight decay (L2)")
+    lr_decay: float = Field(
+        0.8, gt=0.0, le=1.0, description="learning rate multiplier after every epoch (1 = constant)"
+    )
     patience: int = Field(2, ge=0, le=100, description="epochs without validation AUC gain before stopping")
+    id_dropout: float = Field(
+        0.3, ge=0.0, lt=1.0,
+        description="share of training rows whose user id is replaced by the out-of-vocabulary id, so that "
+        "the OOV embedding learns what an unseen user (most of a temporal split's test) looks like",
+    )
     seed: int = Field(42, description="seed of every random number generator")
 
 
@@ -63,6 +71,14 @@ def predict(model: DCNv2, inputs: Mapping[str, np.ndarray], batch_size: int = 81
         batch = to_tensors(inputs, slice(start, start + batch_size))
         out[start : start + batch_size] = torch.sigmoid(model(**batch)).double().numpy()
     return out
+
+
+def hide_ids(categorical: torch.Tensor, rate: float) -> torch.Tensor:
+    """A copy of the categorical input with each row's user id (column 0) set to OOV at `rate`."""
+    hidden = categorical.clone()
+    mask = torch.rand(len(hidden)) < rate
+    hidden[mask, 0] = OOV
+    return hidden
 
 
 def _progress(disable: bool) -> Progress:
@@ -106,15 +122,20 @@ def train_crm(
     train_config = train_config or CRMTrainConfig()
     set_seed(train_config.seed)
     model = DCNv2(spec, model_config)
+    if isinstance(model.stats_norm, Standardize):
+        model.stats_norm.fit(torch.from_numpy(np.asarray(train_inputs["stats"], dtype=np.float32)))
     optimizer = torch.optim.Adam(
         model.parameters(), lr=train_config.learning_rate, weight_decay=train_config.weight_decay
     )
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=train_config.lr_decay)
     history: list[dict[str, float]] = []
     start_epoch, best_auc, stale = 0, -1.0, 0
     if resume and state_path.exists():
         state = load_state(state_path)
         load_weights(out_dir / "last.safetensors", model)
         optimizer.load_state_dict(state["optimizer"])
+        if "scheduler" in state:
+            scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         np.random.set_state(state["numpy_rng"])
         start_epoch, best_auc, stale = state["epoch"], state["best_auc"], state["stale"]
@@ -144,12 +165,15 @@ def train_crm(
             for step in range(steps):
                 rows = permutation[step * train_config.batch_size : (step + 1) * train_config.batch_size]
                 batch = to_tensors(train_inputs, rows.numpy())
+                if train_config.id_dropout:
+                    batch["categorical"] = hide_ids(batch["categorical"], train_config.id_dropout)
                 loss = loss_fn(model(**batch), labels[rows])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 running = 0.9 * running + 0.1 * loss.item() if step else loss.item()
                 progress.update(task, advance=1, status=f"loss {running:.4f}")
+            scheduler.step()
             valid_auc = auc(valid_labels, predict(model, valid_inputs))
             record = {"epoch": epoch + 1, "train_loss": running, "valid_auc": valid_auc,
                       "seconds": time.perf_counter() - started}  # fmt: skip
@@ -166,8 +190,8 @@ def train_crm(
             )
             save_weights(out_dir / "last.safetensors", model)
             save_state(state_path, {
-                "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "best_auc": best_auc,
-                "stale": stale, "history": history, "torch_rng": torch.get_rng_state(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
+                "best_auc": best_auc, "stale": stale, "history": history, "torch_rng": torch.get_rng_state(),
                 "numpy_rng": np.random.get_state(),
             })  # fmt: skip
             write_json(out_dir / "history.json", history)

@@ -1,6 +1,6 @@
 """DCNv2 (Wang et al. 2021) over corella's feature contract.
 
-forward takes the four named input tensors of `runtime.features.INPUT_NAMES` and returns the
+forward takes the five named input tensors of `runtime.features.INPUT_NAMES` and returns the
 click logit [B]; ONNX export keeps those names. `forward_with_layers` also returns every cross
 layer's output, which the alignment loss of joint training reads.
 """
@@ -11,9 +11,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from runtime.features import FeatureSpec
+from runtime.features import STAT_NAMES, FeatureSpec
 
-__all__ = ["DCNv2Config", "CrossLayer", "LowRankMixtureCrossLayer", "DCNv2"]
+__all__ = ["DCNv2Config", "CrossLayer", "LowRankMixtureCrossLayer", "Standardize", "DCNv2"]
 
 
 class DCNv2Config(BaseModel):
@@ -26,7 +26,13 @@ class DCNv2Config(BaseModel):
     )
     num_experts: int = Field(4, ge=1, le=16, description="experts per low-rank mixture layer")
     mlp_hidden: list[int] = Field([256, 128], description="hidden sizes of the deep tower")
-    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="dropout in the deep tower")
+    dropout: float = Field(0.3, ge=0.0, lt=1.0, description="dropout in the deep tower")
+    embedding_init_std: float = Field(
+        0.05, gt=0.0, le=1.0,
+        description="standard deviation of the embeddings at initialization (small: the statistics, not "
+        "random embeddings, drive the first steps; 1.0 overfits the ids before the statistics are learned)",
+    )
+    normalize_stats: bool = Field(True, description="standardize the statistics input by its training-split moments")
 
 
 class CrossLayer(nn.Module):
@@ -59,6 +65,24 @@ class LowRankMixtureCrossLayer(nn.Module):
         return (experts * weights).sum(dim=1) + x
 
 
+class Standardize(nn.Module):
+    """(x - mean) / std with fixed moments (buffers saved with the weights), set once from the
+    training split by `fit`: the same in training and inference, whatever the batch size."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    @torch.no_grad()
+    def fit(self, values: torch.Tensor) -> None:
+        self.mean.copy_(values.mean(dim=0))
+        self.std.copy_(values.std(dim=0).clamp(min=1e-6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """values [B, L, D], mask [B, L] (float) -> [B, D]; zero where the mask is empty."""
     total = (values * mask.unsqueeze(-1)).sum(dim=1)
@@ -77,9 +101,15 @@ class DCNv2(nn.Module):
             nn.Embedding(spec.vocabularies[name].size, d, padding_idx=0) for name in self.fields
         )
         self.tag_embedding = nn.Embedding(spec.vocabularies["tag"].size, d, padding_idx=0)
+        for embedding in (*self.embeddings, self.tag_embedding):
+            nn.init.normal_(embedding.weight, std=config.embedding_init_std)
+            with torch.no_grad():
+                embedding.weight[0].zero_()
+        # the statistics vary by hundredths around their means: standardize them to weigh like embeddings
+        self.stats_norm = Standardize(len(STAT_NAMES)) if config.normalize_stats else nn.Identity()
         self.register_buffer("rating_max", torch.tensor(float(spec.rating_max)), persistent=False)
         self.register_buffer("like_threshold", torch.tensor(float(spec.like_threshold)), persistent=False)
-        num_dense = 3  # mean history rating, history fill, share liked
+        num_dense = 3 + len(STAT_NAMES)  # mean history rating, history fill, share liked; the statistics
         self.input_dim = (len(self.fields) + 3) * d + num_dense
         if config.cross_rank is None:
             self.cross = nn.ModuleList(CrossLayer(self.input_dim) for _ in range(config.num_cross_layers))
@@ -106,8 +136,9 @@ class DCNv2(nn.Module):
         tags: torch.Tensor,
         history_items: torch.Tensor,
         history_ratings: torch.Tensor,
+        stats: torch.Tensor,
     ) -> torch.Tensor:
-        """The four inputs -> x0 [B, input_dim]."""
+        """The five inputs -> x0 [B, input_dim]."""
         fields = [emb(categorical[:, j]) for j, emb in enumerate(self.embeddings)]
         tag_mask = (tags > 0).float()
         history_mask = (history_items > 0).float()
@@ -119,6 +150,7 @@ class DCNv2(nn.Module):
                 (history_ratings * history_mask).sum(dim=1, keepdim=True) / filled.clamp(min=1.0) / self.rating_max,
                 filled / history_items.shape[1],
                 liked_mask.sum(dim=1, keepdim=True) / filled.clamp(min=1.0),
+                self.stats_norm(stats),
             ],
             dim=1,
         )
@@ -135,8 +167,9 @@ class DCNv2(nn.Module):
         tags: torch.Tensor,
         history_items: torch.Tensor,
         history_ratings: torch.Tensor,
+        stats: torch.Tensor,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        x0 = self.embed(categorical, tags, history_items, history_ratings)
+        x0 = self.embed(categorical, tags, history_items, history_ratings, stats)
         x, layers = x0, []
         for layer in self.cross:
             x = layer(x0, x)
@@ -150,6 +183,7 @@ class DCNv2(nn.Module):
         tags: torch.Tensor,
         history_items: torch.Tensor,
         history_ratings: torch.Tensor,
+        stats: torch.Tensor,
     ) -> torch.Tensor:
         """Click logit [B]."""
-        return self.forward_with_layers(categorical, tags, history_items, history_ratings)[0]
+        return self.forward_with_layers(categorical, tags, history_items, history_ratings, stats)[0]

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from runtime.features import FeatureSpec, Vocabulary, history_windows
+from runtime.features import FeatureSpec, Statistics, Vocabulary, history_windows, running_totals
 from runtime.prompt import HistoryEntry, ItemText, PromptTemplate
 from training.data.schema import RawDataset
 
@@ -21,6 +21,8 @@ class SampleTable:
 
     history: int64 [N, K], positions (into this table) of the user's last K interactions with a
     strictly earlier timestamp, oldest first, -1 for padding.
+    item_totals: float64 [N, 3], the item's running totals (count, rating sum, likes) over every
+    interaction with a strictly earlier timestamp, any split (the store keeps them per interaction).
     """
 
     raw: RawDataset
@@ -32,6 +34,8 @@ class SampleTable:
     split: np.ndarray
     history: np.ndarray
     item_stats: dict[str, tuple[float, int, float]]  # mean rating, count, share of likes (train split)
+    item_totals: np.ndarray
+    _statistics: tuple[tuple[float, ...], Statistics] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.item)
@@ -63,6 +67,8 @@ class SampleTable:
             max_tags=max_tags,
             rating_max=raw.rating_max,
             like_threshold=raw.like_threshold,
+            global_mean=float(self.rating[train].mean()) if len(train) else 0.0,
+            global_like=float(self.label[train].mean()) if len(train) else 0.0,
         )
 
     def encode(self, spec: FeatureSpec, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
@@ -85,10 +91,26 @@ class SampleTable:
             item_ids=self.item[rows],
             user_attributes=attributes,
             item_years=[y if isinstance(y, str) else None for y in items["year"]],
-            item_tags=[t if isinstance(t, tuple) else () for t in items["tags"]],
+            item_tags=self.item_tags(self.item[rows]),
             history_items=hist_items,
             history_ratings=hist_ratings,
+            statistics=self.statistics(spec, rows),
         )
+
+    def item_tags(self, items: np.ndarray) -> list[tuple[str, ...]]:
+        """Catalog tags of each item (() where the catalog has none)."""
+        tags = self.raw.items["tags"].reindex(items)
+        return [t if isinstance(t, tuple) else () for t in tags]
+
+    def statistics(self, spec: FeatureSpec, rows: np.ndarray) -> Statistics:
+        """The running statistics of `rows` (computed over the whole table once per spec)."""
+        key = (spec.prior, spec.global_mean, spec.global_like, spec.like_threshold)
+        if self._statistics is None or self._statistics[0] != key:
+            tags = self.item_tags(self.item)
+            whole = spec.running_statistics(self.user, self.item, self.timestamp, self.rating, tags)
+            self._statistics = (key, whole)
+        whole = self._statistics[1]
+        return Statistics(user=whole.user[rows], item=whole.item[rows], genre=whole.genre[rows])
 
     # ------------------------------------------------------------------ prompts
     def item_text(self, item: str) -> ItemText:
@@ -150,6 +172,7 @@ def build_samples(
         split=split,
         history=history,
         item_stats=item_stats,
+        item_totals=running_totals(item, timestamp, rating, raw.like_threshold),
     )
 
 

@@ -113,8 +113,9 @@ def _write_store(path: Path, prepared: PreparedData) -> dict[str, int]:
     before = samples.item_totals  # each interaction's item totals before it, as training saw them
     interactions = (
         Interaction(str(u), str(i), float(r), int(t), int(c), float(total))
-        for u, i, r, t, c, total in zip(samples.user, samples.item, samples.rating, samples.timestamp,
-                                        before[:, 0], before[:, 1], strict=True)  # fmt: skip
+        for u, i, r, t, c, total in zip(
+            samples.user, samples.item, samples.rating, samples.timestamp, before[:, 0], before[:, 1], strict=True
+        )  # fmt: skip
     )
     store = FeatureStore.create(path, items, users, interactions, like_threshold=raw.like_threshold)
     counts = store.counts()

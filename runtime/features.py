@@ -363,8 +363,12 @@ class FeatureSpec:
             "max_tags": self.max_tags,
             "rating_max": self.rating_max,
             "like_threshold": self.like_threshold,
-            "statistics": {"global_mean": self.global_mean, "global_like": self.global_like,
-                           "prior": self.prior, "names": list(STAT_NAMES)},
+            "statistics": {
+                "global_mean": self.global_mean,
+                "global_like": self.global_like,
+                "prior": self.prior,
+                "names": list(STAT_NAMES),
+            },
             "inputs": {k: list(v) for k, v in self.input_shapes().items()},
             "vocabularies": {name: list(v.values) for name, v in self.vocabularies.items()},
         }

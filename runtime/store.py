@@ -244,8 +244,12 @@ class FeatureStore:
                 # each event sees its item's totals before this batch (a batch is one moment)
                 before = {item: (0, 0.0) for item in {e.item_id for e in events}}
                 marks = ",".join("?" * len(before))
-                before |= {item: (n, total) for item, n, total in self._conn.execute(
-                    f"SELECT item_id, count, rating_sum FROM item_totals WHERE item_id IN ({marks})", list(before))}
+                before |= {
+                    item: (n, total)
+                    for item, n, total in self._conn.execute(
+                        f"SELECT item_id, count, rating_sum FROM item_totals WHERE item_id IN ({marks})", list(before)
+                    )
+                }
                 self._conn.executemany(
                     f"INSERT INTO interactions ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
                     ((e.user_id, e.item_id, float(e.rating), int(e.timestamp), *before[e.item_id]) for e in events),

@@ -243,8 +243,10 @@ def test_training_and_serving_produce_identical_feature_rows(tmp_path):
     user, item, timestamp, rating = user[order], item[order], timestamp[order], rating[order]
     before = running_totals(item, timestamp, rating, spec.like_threshold)
     catalog = [(i, ItemText(f"title {i}", None, t)) for i, t in tags.items()]
-    events = [Interaction(u, i, r, int(t), int(c), float(s))
-              for u, i, r, t, c, s in zip(user, item, rating, timestamp, before[:, 0], before[:, 1], strict=True)]
+    events = [
+        Interaction(u, i, r, int(t), int(c), float(s))
+        for u, i, r, t, c, s in zip(user, item, rating, timestamp, before[:, 0], before[:, 1], strict=True)
+    ]
     # what follows t = 30 arrives later through /v1/events, one batch per moment
     split = int(np.searchsorted(timestamp, 30))
     store = FeatureStore.create(tmp_path / "s.sqlite", catalog, [], events[:split], like_threshold=4.0)

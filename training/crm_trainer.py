@@ -43,7 +43,9 @@ class CRMTrainConfig(BaseModel):
     )
     patience: int = Field(2, ge=0, le=100, description="epochs without validation AUC gain before stopping")
     id_dropout: float = Field(
-        0.3, ge=0.0, lt=1.0,
+        0.3,
+        ge=0.0,
+        lt=1.0,
         description="share of training rows whose user id is replaced by the out-of-vocabulary id, so that "
         "the OOV embedding learns what an unseen user (most of a temporal split's test) looks like",
     )

@@ -28,7 +28,9 @@ class DCNv2Config(BaseModel):
     mlp_hidden: list[int] = Field([256, 128], description="hidden sizes of the deep tower")
     dropout: float = Field(0.3, ge=0.0, lt=1.0, description="dropout in the deep tower")
     embedding_init_std: float = Field(
-        0.05, gt=0.0, le=1.0,
+        0.05,
+        gt=0.0,
+        le=1.0,
         description="standard deviation of the embeddings at initialization (small: the statistics, not "
         "random embeddings, drive the first steps; 1.0 overfits the ids before the statistics are learned)",
     )

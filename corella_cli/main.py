@@ -168,12 +168,20 @@ def train_corella_command(
     no_stage3: Annotated[bool, typer.Option("--no-stage3", help="ablation: skip the LLM-only stage")] = False,
     llm_alone: Annotated[bool, typer.Option("--llm-alone", help="ablation: the LLM trained alone (TALLRec)")] = False,
     seed: Annotated[int | None, typer.Option(help="seed of subsets and initialisation")] = None,
+    seeds: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="run this many seeds (seed, seed+1, ...) into --out/seed-<s> "
+            "and report the mean and spread of every figure (seeds.md)",
+        ),
+    ] = 1,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
 ) -> None:
     """Stage 1 (CRM), stage 2 (joint with alignment), stage 3 (LLM alone), then the report.
 
     Writes metrics.json, report.md and plots into --out; every stage checkpoints and --resume
-    picks up where a run stopped.
+    picks up where a run stopped. With --seeds N, N runs and seeds.md (mean ± std over them).
     """
     if ctx.invoked_subcommand is not None:
         return
@@ -206,6 +214,9 @@ def train_corella_command(
         overrides["lora"] = {"rank": lora_rank, "alpha": 2.0 * lora_rank}
     try:
         config = preset_config(preset, overrides)
+        if seeds > 1:
+            _train_seeds(out, config, seeds, resume, crm)
+            return
         train_corella(out, config, resume=resume, crm_run=crm)
     except ValidationError as exc:
         raise _fail(CorellaError(str(exc))) from exc
@@ -213,6 +224,25 @@ def train_corella_command(
         raise _fail(exc) from exc
     console.print((out / "report.md").read_text(encoding="utf-8"))
     console.print(f"run folder: {out}")
+
+
+def _train_seeds(out: Path, config: Any, count: int, resume: bool, crm: Path | None) -> None:
+    from training.pipeline import train_corella
+    from training.seeds import finished_metrics, run_headline, run_seeds
+
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise CorellaError(f"{out} already holds runs; pass --resume to continue them or choose another --out")
+
+    def run_one(folder: Path, seed: int) -> dict[str, Any]:
+        seeded = config.model_copy(update={"joint": config.joint.model_copy(update={"seed": seed}),
+                                           "crm_train": config.crm_train.model_copy(update={"seed": seed})})  # fmt: skip
+        console.print(f"[bold]seed {seed}[/bold] -> {folder}")
+        return train_corella(folder, seeded, resume=folder.exists(), crm_run=crm)
+
+    seeds = [config.joint.seed + i for i in range(count)]
+    run_seeds(out, seeds, run_one, run_headline, finished_metrics(Path("metrics.json")), "CoReLLa over seeds")
+    console.print((out / "seeds.md").read_text(encoding="utf-8"))
+    console.print(f"runs: {out}/seed-*  (summary: {out / 'seeds.json'})")
 
 
 @train_app.command("compare")
@@ -240,16 +270,29 @@ def train_crm_command(
     embedding_dim: Annotated[int, typer.Option(help="embedding size")] = 16,
     cross_layers: Annotated[int, typer.Option(help="cross network depth")] = 3,
     cross_rank: Annotated[int | None, typer.Option(help="low-rank mixture rank (default: full rank)")] = None,
-    epochs: Annotated[int, typer.Option(help="maximum epochs")] = 20,
-    batch_size: Annotated[int, typer.Option(help="mini-batch size")] = 1024,
-    learning_rate: Annotated[float, typer.Option(help="Adam learning rate")] = 2e-3,
-    patience: Annotated[int, typer.Option(help="early-stopping patience in epochs")] = 2,
+    epochs: Annotated[int | None, typer.Option(help="maximum epochs [default: 20]")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="mini-batch size [default: 1024]")] = None,
+    learning_rate: Annotated[float | None, typer.Option(help="Adam learning rate [default: 5e-4]")] = None,
+    lr_decay: Annotated[float | None, typer.Option(help="learning-rate multiplier per epoch [default: 0.8]")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="L2 weight decay [default: 1e-4]")] = None,
+    id_dropout: Annotated[
+        float | None, typer.Option(help="share of training rows trained as an unseen user [default: 0.3]")
+    ] = None,
+    patience: Annotated[int | None, typer.Option(help="early-stopping patience in epochs [default: 2]")] = None,
     seed: Annotated[int, typer.Option(help="random seed")] = 42,
+    seeds: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="train this many seeds (seed, seed+1, ...) into --out/seed-<s> and report mean and spread (seeds.md)",
+        ),
+    ] = 1,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
     resume: Annotated[bool, typer.Option(help="continue an interrupted run in --out")] = False,
     skip_malformed: Annotated[bool, typer.Option(help="skip and count malformed lines")] = False,
 ) -> None:
-    """Stage 1: train the DCNv2 CRM, early-stopped on validation AUC, and evaluate it on test."""
+    """Stage 1: train the DCNv2 CRM, early-stopped on validation AUC, and evaluate it on test
+    beside the two-number baseline."""
     from pydantic import ValidationError
 
     from training.crm_trainer import CRMTrainConfig
@@ -258,17 +301,16 @@ def train_crm_command(
 
     try:
         model_config = DCNv2Config(embedding_dim=embedding_dim, num_cross_layers=cross_layers, cross_rank=cross_rank)
-        train_config = CRMTrainConfig(
-            epochs=epochs,
-            batch_size=batch_size,
-            learning_rate=learning_rate,
-            patience=patience,
-            seed=seed,
-        )
+        options = {"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate, "lr_decay": lr_decay,
+                   "weight_decay": weight_decay, "id_dropout": id_dropout, "patience": patience}  # fmt: skip
+        train_config = CRMTrainConfig(seed=seed, **{k: v for k, v in options.items() if v is not None})
     except ValidationError as exc:
         raise _fail(CorellaError(str(exc))) from exc
     data_config = DataConfig(dataset, str(source) if source else None, history_length, skip_malformed)
     try:
+        if seeds > 1:
+            _train_crm_seeds(out, data_config, model_config, train_config, seeds, threads)
+            return
         _, _, metrics = run_crm_stage(out, data_config, model_config, train_config, resume=resume, threads=threads)
     except CorellaError as exc:
         raise _fail(exc) from exc
@@ -276,14 +318,36 @@ def train_crm_command(
     console.print(f"run folder: {out}  (metrics: {out / 'crm' / 'metrics.json'})")
 
 
+def _train_crm_seeds(out: Path, data_config: Any, model_config: Any, train_config: Any, count: int,
+                     threads: int | None) -> None:  # fmt: skip
+    from training.runs import prepare_data, run_crm_stage
+    from training.seeds import crm_headline, finished_metrics, run_seeds
+
+    prepared = prepare_data(data_config)  # once for every seed
+
+    def run_one(folder: Path, seed: int) -> dict[str, Any]:
+        console.print(f"[bold]seed {seed}[/bold] -> {folder}")
+        seeded = train_config.model_copy(update={"seed": seed})
+        return run_crm_stage(folder, data_config, model_config, seeded, resume=folder.exists(), threads=threads,
+                             prepared=prepared)[2]  # fmt: skip
+
+    seeds = [train_config.seed + i for i in range(count)]
+    run_seeds(out, seeds, run_one, crm_headline, finished_metrics(Path("crm/metrics.json")), "CRM over seeds")
+    console.print((out / "seeds.md").read_text(encoding="utf-8"))
+
+
 def print_crm_metrics(metrics: dict[str, Any]) -> None:
     overall = metrics["test"]["overall"]
+    baseline = metrics.get("baseline", {}).get("test", {})
     console.print(
         _table(
             f"CRM on the test split ({metrics['dataset']}, {overall['count']:,} samples, "
             f"{metrics['test_share_unseen_users']:.0%} from users unseen in training)",
-            ["metric", "value"],
-            [["AUC", overall["auc"]], ["LogLoss", overall["logloss"]], ["ACC", overall["acc"]]],
+            ["metric", "CRM", "two-number baseline"],
+            [
+                [name.upper() if name != "logloss" else "LogLoss", overall[name], baseline.get(name, float("nan"))]
+                for name in ("auc", "logloss", "acc")
+            ],  # fmt: skip
         )
     )
     rows = [

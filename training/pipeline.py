@@ -29,8 +29,9 @@ from safetensors.torch import save_file
 
 from runtime import __version__
 from runtime.errors import ConfigError
-from runtime.quality import auc, entropy_deciles, summarize
+from runtime.quality import auc, bootstrap_auc_gain, entropy_deciles, summarize
 from runtime.router import LLMCalibration, binary_entropy, calibrate_threshold, route_by_threshold
+from training.baselines import two_number_baseline
 from training.checkpoint import read_json, save_weights, write_json
 from training.crm_trainer import CRMTrainConfig, load_crm, predict, to_tensors
 from training.data import SampleTable
@@ -363,12 +364,15 @@ def evaluate_full_test(
     llm_raw[widest] = [scored[r] for r in routed_rows.tolist()]
     llm_calibrated = llm_raw.copy()
     llm_calibrated[widest] = calibration.apply(llm_raw[widest])
-    hybrid, hybrid_raw = [], []
+    hybrid, hybrid_raw, answers = [], [], {}
     for fraction in [f for f in config.fractions if f <= config.router_fraction]:
         routed = route_by_threshold(entropy, calibrate_threshold(valid_entropy, fraction))
         row = {"fraction": fraction, "routed": int(routed.sum())}
-        hybrid.append(row | summarize(labels, np.where(routed, llm_calibrated, crm_test)))
-        hybrid_raw.append(row | summarize(labels, np.where(routed, llm_raw, crm_test)))
+        answers = {"calibrated": np.where(routed, llm_calibrated, crm_test), "raw": np.where(routed, llm_raw, crm_test)}
+        hybrid.append(row | summarize(labels, answers["calibrated"]))
+        hybrid_raw.append(row | summarize(labels, answers["raw"]))
+    # the gain at the widest fraction, with a paired bootstrap interval over the test rows
+    gain = {name: bootstrap_auc_gain(labels, crm_test, p, seed=config.joint.seed) for name, p in answers.items()}
     return {
         "description": f"all {len(test_rows)} test samples; the LLM scored on the {int(widest.sum())} the router "
         f"sends at f = {config.router_fraction:g} (entropy above the validation threshold)",
@@ -377,6 +381,11 @@ def evaluate_full_test(
         "crm_only": summarize(labels, crm_test),
         "hybrid": hybrid,
         "hybrid_raw": hybrid_raw,
+        "gain_over_crm": {
+            "fraction": hybrid[-1]["fraction"] if hybrid else None,
+            "interval": "95%, paired bootstrap",
+            **gain,
+        },  # fmt: skip
         "routed": {
             "count": int(widest.sum()),
             "positive_rate": float(labels[widest].mean()) if widest.any() else float("nan"),
@@ -435,6 +444,8 @@ def evaluate_run(
         hybrid.append(row | summarize(labels, np.where(routed, llm_calibrated, crm_p)))
         hybrid_raw.append(row | summarize(labels, np.where(routed, llm_p, crm_p)))
     top = np.argsort(-entropy, kind="stable")[: max(1, int(round(0.1 * len(rows))))]
+    baseline = two_number_baseline(samples)
+    baseline_test = dict(zip(test_rows.tolist(), baseline.pop("probabilities").tolist(), strict=True))
     metrics = {
         "dataset": config.dataset,
         "llm": config.llm,
@@ -444,6 +455,7 @@ def evaluate_run(
             "count": int(len(rows)),
             "sha256": hashlib.sha256(np.asarray(rows, dtype=np.int64).tobytes()).hexdigest(),
         },
+        "baseline": baseline | {"subset": summarize(labels, np.array([baseline_test[r] for r in rows.tolist()]))},
         "crm_full_test": summarize(samples.label[test_rows], crm_test),
         "crm_stage1_full_test": summarize(samples.label[test_rows], predict(crm_stage1, prepared.take(test_rows))),
         "crm_only": summarize(labels, crm_p),

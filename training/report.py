@@ -40,6 +40,34 @@ def _hybrid_table(crm: dict[str, Any], hybrid: list[dict[str, Any]], raw: list[d
     return lines
 
 
+def _baseline_line(metrics: dict[str, Any]) -> list[str]:
+    if "baseline" not in metrics:
+        return []
+    b, crm = metrics["baseline"]["test"], metrics["crm_full_test"]
+    return [
+        f"Two-number baseline (logistic regression on the item's training-split mean rating and the user's "
+        f"running mean, fitted on validation) on the whole test split: AUC {_f(b['auc'])}, LogLoss "
+        f"{_f(b['logloss'])}; the CRM is {crm['auc'] - b['auc']:+.4f} AUC from it."
+    ]
+
+
+def _gain_lines(full: dict[str, Any]) -> list[str]:
+    gain = full.get("gain_over_crm")
+    if not gain or gain.get("fraction") is None:
+        return []
+    return [
+        "",
+        f"Hybrid AUC gain over the CRM at f = {gain['fraction']:g}: "
+        + "; ".join(
+            f"{name} {g['gain']:+.4f} (95% interval {g['low']:+.4f} to {g['high']:+.4f}, {g['resamples']} paired "
+            "bootstrap resamples)"
+            for name, g in gain.items()
+            if isinstance(g, dict)
+        )
+        + ".",
+    ]
+
+
 def markdown(metrics: dict[str, Any]) -> str:
     subset = metrics["eval_subset"]
     lines = [
@@ -50,6 +78,7 @@ def markdown(metrics: dict[str, Any]) -> str:
         f"LogLoss {_f(metrics['crm_full_test']['logloss'])} (stage-1 CRM: AUC "
         f"{_f(metrics['crm_stage1_full_test']['auc'])}); the hybrid uses the "
         f"{metrics['crm_choice']['used']} CRM (chosen on validation AUC).",
+        *_baseline_line(metrics),
         "",
         "The hybrid swaps in the LLM's calibrated probability (Platt map fitted on routed validation "
         f"samples: {_calibration(metrics)}); the raw-swap columns are the paper's uncalibrated swap.",
@@ -57,6 +86,9 @@ def markdown(metrics: dict[str, Any]) -> str:
         *_hybrid_table(metrics["crm_only"], metrics["hybrid"], metrics.get("hybrid_raw")),
     ]
     llm = metrics.get("llm_only_calibrated", metrics["llm_only"])
+    if "baseline" in metrics:
+        b = metrics["baseline"]["subset"]
+        lines.append(f"| two-number baseline | 0 | 0 | {_f(b['auc'])} | {_f(b['logloss'])} | {_f(b['acc'])} | | |")
     lines.append(
         f"| LLM only | 1 | {subset['count']} | {_f(llm['auc'])} | {_f(llm['logloss'])} | {_f(llm['acc'])} "
         f"| {_f(metrics['llm_only']['auc'])} | {_f(metrics['llm_only']['logloss'])} |"
@@ -72,6 +104,7 @@ def markdown(metrics: dict[str, Any]) -> str:
             f"{_f(routed['crm_auc'])}, LLM AUC {_f(routed['llm_auc'])}.",
             "",
             *_hybrid_table(full["crm_only"], full["hybrid"], full["hybrid_raw"]),
+            *_gain_lines(full),
             "",
             f"## Per CRM-entropy decile (evaluation subset, {subset['count']} samples)",
         ]
@@ -114,6 +147,8 @@ def plot(out: Path, metrics: dict[str, Any]) -> list[Path]:
                 label="hybrid (raw swap)")  # fmt: skip
     ax.axhline(metrics["crm_only"]["auc"], color="gray", linestyle="--", label="CRM only")
     ax.axhline(metrics["llm_only"]["auc"], color="tab:red", linestyle=":", label="LLM only")
+    if "baseline" in metrics:
+        ax.axhline(metrics["baseline"]["subset"]["auc"], color="tab:green", linestyle="-.", label="two-number baseline")
     ax.set_xscale("log")
     ax.set_xlabel("share of samples routed to the LLM")
     ax.set_ylabel("test AUC")
@@ -150,12 +185,15 @@ def write_report(out: Path, metrics: dict[str, Any]) -> Path:
     return path
 
 
-def _full_test_columns(m: dict[str, Any]) -> list[float]:
+def _full_test_columns(m: dict[str, Any]) -> list[float | str]:
+    baseline = m.get("baseline", {}).get("test", {}).get("auc", NAN)
     full = m.get("full_test")
     if not full or not full["hybrid"]:
-        return [NAN] * 6
+        return [baseline] + [NAN] * 7
     at = min(full["hybrid"], key=lambda r: abs(r["fraction"] - 0.1))
-    return [full["crm_only"]["auc"], at["auc"], full["crm_only"]["logloss"], at["logloss"],
+    gain = full.get("gain_over_crm", {}).get("calibrated")
+    interval = f"{gain['gain']:+.4f} [{gain['low']:+.4f}, {gain['high']:+.4f}]" if gain else "n/a"
+    return [baseline, full["crm_only"]["auc"], at["auc"], interval, full["crm_only"]["logloss"], at["logloss"],
             full["routed"]["crm_auc"], full["routed"]["llm_auc"]]  # fmt: skip
 
 
@@ -170,7 +208,8 @@ def compare_runs(runs: list[Path]) -> tuple[list[str], list[list[Any]]]:
         )
     columns = ["run", "variant", "CRM AUC", "LLM AUC", "LLM AUC top-10% H", "CRM AUC top-10% H",
                "hybrid@0.1 AUC", "hybrid@0.1 LogLoss", "raw swap@0.1 AUC", "raw swap@0.1 LogLoss",
-               "CRM LogLoss", "full test: CRM AUC", "full test: hybrid@0.1 AUC", "full test: CRM LogLoss",
+               "CRM LogLoss", "full test: baseline AUC", "full test: CRM AUC", "full test: hybrid@0.1 AUC",
+               "full test: gain [95% CI]", "full test: CRM LogLoss",
                "full test: hybrid@0.1 LogLoss", "full test routed: CRM AUC", "full test routed: LLM AUC"]  # fmt: skip
     rows = []
     for path, m in loaded:

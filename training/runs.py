@@ -13,6 +13,7 @@ import torch
 
 from runtime import __version__
 from runtime.features import FeatureSpec
+from training.baselines import two_number_baseline
 from training.checkpoint import read_json, write_json
 from training.crm_trainer import CRMTrainConfig, evaluate_crm, predict, train_crm
 from training.data import SampleTable, build_samples, load_dataset
@@ -103,6 +104,7 @@ def run_crm_stage(
         "test_share_unseen_users": float(1.0 - test_users_seen.mean()),
         "fit": {k: v for k, v in fit.items() if k != "history"},
         "test": evaluate_crm(samples.label[test_rows], test_probabilities),
+        "baseline": {k: v for k, v in two_number_baseline(samples).items() if k != "probabilities"},
         "seconds": time.perf_counter() - started,
     }
     write_json(out / "crm" / "metrics.json", metrics)

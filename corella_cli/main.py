@@ -234,8 +234,8 @@ def _train_seeds(out: Path, config: Any, count: int, resume: bool, crm: Path | N
         raise CorellaError(f"{out} already holds runs; pass --resume to continue them or choose another --out")
 
     def run_one(folder: Path, seed: int) -> dict[str, Any]:
-        seeded = config.model_copy(update={"joint": config.joint.model_copy(update={"seed": seed}),
-                                           "crm_train": config.crm_train.model_copy(update={"seed": seed})})  # fmt: skip
+        joint, crm_train = (part.model_copy(update={"seed": seed}) for part in (config.joint, config.crm_train))
+        seeded = config.model_copy(update={"joint": joint, "crm_train": crm_train})
         console.print(f"[bold]seed {seed}[/bold] -> {folder}")
         return train_corella(folder, seeded, resume=folder.exists(), crm_run=crm)
 

@@ -374,7 +374,17 @@ def print_crm_metrics(metrics: dict[str, Any]) -> None:
 def export_command(
     run: Annotated[Path, typer.Argument(help="training run folder")],
     out: Annotated[Path, typer.Option("--out", "-o", help="bundle folder to write")] = Path("bundles/ml100k"),
-    quant: Annotated[str, typer.Option(help="GGUF quantization shipped: q4_k_m, q8_0, f16 or f32")] = "q4_k_m",
+    quant: Annotated[
+        str,
+        typer.Option(
+            help="GGUF quantization shipped: auto (the smallest of q4_k_m, q8_0, f16 whose routed validation "
+            "AUC is within --quant-bar of f16's), q4_k_m, q8_0, f16 or f32"
+        ),
+    ] = "auto",
+    quant_bar: Annotated[float, typer.Option(help="auto: routed AUC a quantization may lose against f16")] = 0.005,
+    routed_samples: Annotated[
+        int, typer.Option(min=1, help="routed validation samples the quantizations are measured on")
+    ] = 500,
     tensorrt: Annotated[
         bool | None,
         typer.Option("--tensorrt/--no-tensorrt", help="build a TensorRT FP16 engine (default: where possible)"),
@@ -390,16 +400,17 @@ def export_command(
     """Turn a training run into a bundle: crm.onnx (+ crm.plan), llm-QUANT.gguf, store.sqlite, manifest.
 
     Checks ONNX Runtime against PyTorch (max |dp| <= 1e-5) and llama.cpp against the merged PyTorch LLM
-    (mean |dp| <= 0.01), measures q8_0 and q4_k_m against F16, and writes atomically.
+    (mean |dp| <= 0.01), measures the quantizations against F16 on routed validation samples (and with
+    --quant auto keeps the smallest within the bar), and writes atomically.
     """
     from pydantic import ValidationError
 
     from export.bundle import ExportConfig, export_bundle
 
     try:
-        config = ExportConfig(quant=quant, tensorrt=tensorrt, keep_intermediate=keep_intermediate,
-                              converter=converter, eval_samples=eval_samples, threads=threads,
-                              quants_dir=quants_dir)  # fmt: skip
+        config = ExportConfig(quant=quant, quant_bar=quant_bar, routed_samples=routed_samples, tensorrt=tensorrt,
+                              keep_intermediate=keep_intermediate, converter=converter, eval_samples=eval_samples,
+                              threads=threads, quants_dir=quants_dir)  # fmt: skip
         manifest = export_bundle(run, out, config, progress=lambda m: console.print(f"  {m}"))
     except ValidationError as exc:
         raise _fail(CorellaError(str(exc))) from exc
@@ -566,8 +577,8 @@ def quickstart(
     port: Annotated[int, typer.Option(help="port of the demonstration server")] = 8765,
 ) -> None:
     """The whole pipeline on the embedded defaults (MovieLens-100K, Gemma 3 270M, CPU): fetch, train
-    (quick preset), export q4_k_m, serve and answer one real request, and a short bench. A step whose
-    output already exists is skipped."""
+    (quick preset), export (quantization chosen by measurement), serve and answer one real request,
+    and a short bench. A step whose output already exists is skipped."""
     import json
     import threading
     import time
@@ -599,12 +610,12 @@ def quickstart(
         else:
             train_corella(run, preset_config("quick"), resume=run.exists())
         say(f"  report: {run / 'report.md'}")
-        say("[bold]3/5 export[/] (q4_k_m)")
+        say("[bold]3/5 export[/] (quantization chosen on 200 routed validation samples; a plain export uses 500)")
         if (bundle / "manifest.json").exists():
             say(f"  skipped: {bundle} exists")
         else:
             export_bundle(
-                run, bundle, ExportConfig(quant="q4_k_m", quants_dir=quants), progress=lambda m: say(f"  {m}")
+                run, bundle, ExportConfig(routed_samples=200, quants_dir=quants), progress=lambda m: say(f"  {m}")
             )
         say("[bold]4/5 serve[/] one real request over HTTP")
         settings = ServerSettings(bundle=bundle, port=port)

@@ -33,7 +33,7 @@ from runtime.bundle import load_bundle, write_manifest
 from runtime.engine import Engine, EngineSettings
 from runtime.errors import ConfigError
 from runtime.llm import LlamaScorer, LlamaSettings
-from runtime.prompt import PromptTemplate
+from runtime.prompt import HistoryEntry, ItemText, PromptTemplate
 from runtime.quality import auc, log_loss, summarize
 from runtime.router import LLMCalibration, binary_entropy
 from runtime.store import FeatureStore, Interaction
@@ -52,18 +52,32 @@ log = logging.getLogger(__name__)
 class ExportConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    quant: str = Field("q4_k_m", description="quantization of the shipped GGUF: q4_k_m, q8_0, f16 or f32")
+    quant: str = Field(
+        "auto",
+        description="quantization of the shipped GGUF: auto (the smallest of q4_k_m, q8_0, f16 whose routed "
+        "validation AUC is within quant_bar of f16's), q4_k_m, q8_0, f16 or f32",
+    )
+    quant_bar: float = Field(0.005, description="auto: the routed AUC a quantization may lose against f16")
     tensorrt: bool | None = Field(None, description="True: must build; None: build where possible; False: never")
     keep_intermediate: bool = Field(False, description="also ship the un-quantized merged GGUF")
     intermediate: str = Field("f16", description="type of the merged GGUF before quantization: f16 or f32")
     converter: Path | None = Field(None, description="llama.cpp convert_hf_to_gguf.py, for Hugging Face bases")
     parity_prompts: int = Field(64, ge=1, description="validation prompts for the GGUF-vs-PyTorch check")
-    routed_samples: int = Field(200, ge=1, description="routed validation samples for the quantization AUC")
-    compare_quants: list[str] = Field(["q8_0", "q4_k_m"], description="quantizations measured against F16")
+    routed_samples: int = Field(500, ge=1, description="routed validation samples for the quantization AUC")
+    compare_quants: list[str] = Field(
+        ["q8_0", "q4_k_m"],
+        description="quantizations measured against F16 (with a fixed --quant; auto measures "
+        "from the smallest up and stops at the first within the bar)",
+    )
     eval_samples: int | None = Field(None, description="test samples for the export-time hybrid figure")
     quants_dir: Path | None = Field(None, description="also keep the F16 GGUF and every compared quantization here")
     context_size: int = Field(4096, ge=256, description="llama.cpp context of the bundle")
     threads: int | None = Field(None, ge=1)
+
+
+AUTO = "auto"
+#: what --quant auto tries, smallest file first; the intermediate (f16) is kept where none is close enough
+AUTO_ORDER = ("q4_k_m", "q8_0")
 
 
 def _progress(message: str, callback: Callable[[str], None] | None) -> None:
@@ -72,15 +86,8 @@ def _progress(message: str, callback: Callable[[str], None] | None) -> None:
         callback(message)
 
 
-def _prompt_texts(samples: SampleTable, template: PromptTemplate, rows: np.ndarray, count: Callable[[str], int]):  # noqa: ANN202
-    for row in rows:
-        history, target = samples.prompt_parts(int(row))
-        history = template.fit_history(history, count)
-        yield template.prefix(history), template.suffix(target)
-
-
-def _llama_ids(scorer: LlamaScorer, bos: int | None, prefix: str, suffix: str) -> list[int]:
-    return ([bos] if bos is not None else []) + scorer.tokenize(prefix) + scorer.tokenize(suffix)
+def _prompt_parts(samples: SampleTable, rows: np.ndarray) -> list[tuple[list[HistoryEntry], ItemText]]:
+    return [samples.prompt_parts(int(row)) for row in rows]
 
 
 def sample_request(samples: SampleTable, row: int, mode: str = "hybrid") -> dict[str, Any]:
@@ -127,8 +134,8 @@ def export_bundle(run: Path, out: Path, config: ExportConfig | None = None,
                   progress: Callable[[str], None] | None = None) -> dict[str, Any]:  # fmt: skip
     config = config or ExportConfig()
     run, out = Path(run), Path(out)
-    if config.quant not in QUANT_TYPES:
-        raise ConfigError(f"unknown quantization {config.quant!r}; choose one of {', '.join(QUANT_TYPES)}")
+    if config.quant not in (*QUANT_TYPES, AUTO):
+        raise ConfigError(f"unknown quantization {config.quant!r}; choose one of auto, {', '.join(QUANT_TYPES)}")
     if not (run / "run.json").exists():
         raise ConfigError(f"{run}: not a training run (no run.json)")
     final = run / "final"
@@ -262,15 +269,19 @@ def _export_llm(run: Path, llm_info: dict[str, Any], template: PromptTemplate, p
     settings = LlamaSettings(n_ctx=config.context_size, n_threads=config.threads)
     bos = llm_info.get("bos_token_id")
     yes, no = llm_info["yes_token_id"], llm_info["no_token_id"]
-    texts = list(_prompt_texts(samples, template, parity_rows, scorer.count_tokens))
+    texts = _prompt_parts(samples, parity_rows)
 
-    def llama_scores(path: Path, rows_texts: list[tuple[str, str]]) -> np.ndarray:
+    def llama_ids(llama: LlamaScorer, history: list[HistoryEntry], target: ItemText) -> list[int]:
+        prefix, suffixes = template.ids(llama.tokenize, bos, history, [target])
+        return prefix + suffixes[0]
+
+    def llama_scores(path: Path, parts: list[tuple[list[HistoryEntry], ItemText]]) -> np.ndarray:
         with LlamaScorer(path, yes, no, settings) as llama:
-            return np.array([llama.score_full(_llama_ids(llama, bos, p, s)) for p, s in rows_texts])
+            return np.array([llama.score_full(llama_ids(llama, *part)) for part in parts])
 
     with LlamaScorer(merged_path, yes, no, settings) as llama:
-        same_tokens = float(np.mean([_llama_ids(llama, bos, p, s) == torch_cache(int(r))
-                                     for (p, s), r in zip(texts, parity_rows, strict=True)]))  # fmt: skip
+        same_tokens = float(np.mean([llama_ids(llama, *part) == torch_cache(int(r))
+                                     for part, r in zip(texts, parity_rows, strict=True)]))  # fmt: skip
     base_p = llama_scores(merged_path, texts)
     diff = np.abs(base_p - torch_p)
     parity = {"prompts": int(len(diff)), "reference": f"merged PyTorch model ({base.name})",
@@ -287,36 +298,39 @@ def _export_llm(run: Path, llm_info: dict[str, Any], template: PromptTemplate, p
     valid_p = CRMSession(staging / "crm.onnx", ["cpu"]).predict(prepared.take(valid_rows))
     routed = valid_rows[binary_entropy(valid_p) > router["threshold"]]
     routed = np.sort(rng.choice(routed, size=min(config.routed_samples, len(routed)), replace=False))
-    routed_texts = list(_prompt_texts(samples, template, routed, scorer.count_tokens))
+    routed_texts = _prompt_parts(samples, routed)
     labels = samples.label[routed]
     base_routed = llama_scores(merged_path, routed_texts)
     quants: dict[str, Any] = {config.intermediate: {"routed_auc": auc(labels, base_routed),
                                                     "size": merged_path.stat().st_size}}  # fmt: skip
-    shipped = f"llm-{config.quant}.gguf"
-    for quant in dict.fromkeys([*config.compare_quants, config.quant]):
-        if quant in ("f16", "f32"):
-            continue
+    routed_scores = {config.intermediate: base_routed}
+
+    def measure(quant: str) -> float:
+        """Quantize, score the parity and routed prompts; the routed AUC it loses against the intermediate."""
         path = work / f"llm-{quant}.gguf"
         q = quantize_gguf(merged_path, path, quant, config.threads)
-        q_parity = llama_scores(path, texts)
-        q_routed = llama_scores(path, routed_texts)
-        if quant == config.quant:
-            q_shipped_routed = q_routed
-        dp = np.abs(q_parity - base_p)
+        dp = np.abs(llama_scores(path, texts) - base_p)
+        routed_scores[quant] = llama_scores(path, routed_texts)
+        cost = quants[config.intermediate]["routed_auc"] - auc(labels, routed_scores[quant])
         quants[quant] = {
             f"mean_abs_dp_vs_{config.intermediate}": float(dp.mean()),
             f"max_abs_dp_vs_{config.intermediate}": float(dp.max()),
-            "routed_auc": auc(labels, q_routed),
-            "size": q["size"],
-            "quantize_seconds": q["seconds"],
-        }
+            "routed_auc": auc(labels, routed_scores[quant]), "routed_auc_cost": cost,
+            "size": q["size"], "quantize_seconds": q["seconds"],
+        }  # fmt: skip
         _progress(f"{quant}: mean |dp| {dp.mean():.4f} (max {dp.max():.4f}) vs {config.intermediate}; AUC on "
                   f"{len(routed)} routed validation samples {quants[quant]['routed_auc']:.4f} vs "
                   f"{quants[config.intermediate]['routed_auc']:.4f}", progress)  # fmt: skip
+        return cost
+
+    choice = _choose_quant(config, measure, len(routed))
+    quant = choice["kept"]
+    _progress(f"quantization: {quant} ({choice['reason']})", progress)
+    shipped = f"llm-{quant}.gguf"
     # the LLM calibration is refitted on the shipped GGUF's own answers: quantization moves P(yes)
     # by several hundredths (measured above), as much as a small LLM's whole spread
     # (only where training calibrated: a run trained with --calibration-samples 0 keeps the raw swap)
-    shipped_routed = base_routed if config.quant in ("f16", "f32") else q_shipped_routed
+    shipped_routed = routed_scores[quant if quant not in ("f16", "f32") else config.intermediate]
     calibration = LLMCalibration()
     if "llm_calibration" in router:
         calibration = LLMCalibration.fit(shipped_routed, labels)
@@ -328,11 +342,11 @@ def _export_llm(run: Path, llm_info: dict[str, Any], template: PromptTemplate, p
     _progress(f"LLM calibration: P = sigmoid({calibration.slope:.3f} logit(p) + {calibration.intercept:.3f}); "
               f"routed validation LogLoss {calibration_info['routed_logloss_raw']:.4f} raw -> "
               f"{calibration_info['routed_logloss_calibrated']:.4f}", progress)  # fmt: skip
-    if config.quant in ("f16", "f32"):
+    if quant in ("f16", "f32"):
         shutil.copy2(merged_path, staging / shipped)
     else:
         shutil.move(str(work / shipped), staging / shipped)
-    if config.keep_intermediate and config.quant != config.intermediate:
+    if config.keep_intermediate and quant != config.intermediate:
         shutil.copy2(merged_path, staging / merged_path.name)
     if config.quants_dir is not None:
         # beside the bundle, not in it: what `corella bench --gguf` compares the shipped model with
@@ -341,10 +355,32 @@ def _export_llm(run: Path, llm_info: dict[str, Any], template: PromptTemplate, p
             if path.exists():
                 shutil.copy2(path, Path(config.quants_dir) / path.name)
     return {
-        "file": shipped, "quant": config.quant, "base": llm_info["base"], "yes_token_id": yes, "no_token_id": no,
-        "bos_token_id": bos, "context_size": config.context_size, "merge": merge, "parity": parity,
+        "file": shipped, "quant": quant, "quant_choice": choice, "base": llm_info["base"], "yes_token_id": yes,
+        "no_token_id": no, "bos_token_id": bos, "context_size": config.context_size, "merge": merge, "parity": parity,
         "quantizations": quants, "routed_validation_samples": int(len(routed)), "calibration": calibration_info,
     }  # fmt: skip
+
+
+def _choose_quant(config: ExportConfig, measure: Callable[[str], float], routed: int) -> dict[str, Any]:
+    """Which quantization to ship, and why. `measure(quant)` quantizes and returns its routed AUC
+    cost against the intermediate. A fixed --quant measures the compared ones and keeps itself;
+    auto measures from the smallest file up and keeps the first within the bar."""
+    if config.quant != AUTO:
+        costs = {
+            q: measure(q) for q in dict.fromkeys([*config.compare_quants, config.quant]) if q not in ("f16", "f32")
+        }
+        return {"rule": "fixed (--quant)", "tried": costs, "kept": config.quant, "reason": "asked for with --quant"}
+    costs: dict[str, float] = {}
+    for quant in AUTO_ORDER:
+        costs[quant] = measure(quant)
+        if costs[quant] <= config.quant_bar:
+            reason = (f"the smallest whose routed AUC cost vs {config.intermediate} ({costs[quant]:+.4f}) is within "
+                      f"{config.quant_bar} on {routed} routed validation samples")  # fmt: skip
+            return {"rule": "auto", "bar": config.quant_bar, "routed_samples": routed, "tried": costs,
+                    "kept": quant, "reason": reason}  # fmt: skip
+    reason = f"every quantization lost more than {config.quant_bar} routed AUC vs {config.intermediate}"
+    return {"rule": "auto", "bar": config.quant_bar, "routed_samples": routed, "tried": costs,
+            "kept": config.intermediate, "reason": reason}  # fmt: skip
 
 
 def _measure(bundle_dir: Path, work: Path, prepared: PreparedData, config: ExportConfig, run: Path,

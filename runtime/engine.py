@@ -310,25 +310,24 @@ class Engine:
         )
         return Prepared(history, items, inputs, known_user)
 
-    def prompt_texts(self, history: list[HistoryItem], items: list[ItemText]) -> tuple[str, list[str]]:
-        """The shared prefix (the history fitted to the prompt budget) and each item's suffix."""
+    def _entries(self, history: list[HistoryItem]) -> list[HistoryEntry]:
         if self.llm is None:
             raise LLMError("no LLM is loaded")
         catalog = self.store.items([h.item_id for h in history])
-        entries = [
+        return [
             HistoryEntry(catalog.get(h.item_id) or ItemText(title=h.title or f"item {h.item_id}"), h.rating)
             for h in history
         ]
-        tokenize = self.llm.tokenize
-        fitted = self.template.fit_history(entries, lambda text: len(tokenize(text)))
-        return self.template.prefix(fitted), [self.template.suffix(it) for it in items]
+
+    def prompt_texts(self, history: list[HistoryItem], items: list[ItemText]) -> tuple[str, list[str]]:
+        """The shared prefix (the history fitted to the prompt budget) and each item's suffix."""
+        tokenize = self.llm.tokenize if self.llm is not None else None
+        return self.template.texts(self._entries(history), items, lambda text: len(tokenize(text)))
 
     def prompt_ids(self, history: list[HistoryItem], items: list[ItemText]) -> tuple[list[int], list[list[int]]]:
         """Token ids of the shared prefix (after BOS where the model has one) and of each item's suffix."""
-        prefix, suffixes = self.prompt_texts(history, items)
-        bos = self.bundle.llm.get("bos_token_id")
-        tokenize = self.llm.tokenize
-        return ([bos] if bos is not None else []) + tokenize(prefix), [tokenize(s) for s in suffixes]
+        entries = self._entries(history)
+        return self.template.ids(self.llm.tokenize, self.bundle.llm.get("bos_token_id"), entries, items)
 
     def _route(self, request: Request, entropy: np.ndarray) -> np.ndarray:
         n = len(entropy)

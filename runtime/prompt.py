@@ -126,6 +126,19 @@ class PromptTemplate:
     def render(self, history: Sequence[HistoryEntry], target: ItemText) -> str:
         return self.prefix(history) + self.suffix(target)
 
+    def texts(self, history: Sequence[HistoryEntry], targets: Sequence[ItemText],
+              count_tokens: Callable[[str], int] | None) -> tuple[str, list[str]]:  # fmt: skip
+        """The shared prefix (history fitted to the token budget) and each target's suffix."""
+        return self.prefix(self.fit_history(history, count_tokens)), [self.suffix(t) for t in targets]
+
+    def ids(self, tokenize: Callable[[str], Sequence[int]], bos: int | None, history: Sequence[HistoryEntry],
+            targets: Sequence[ItemText]) -> tuple[list[int], list[list[int]]]:  # fmt: skip
+        """What the LLM reads, everywhere (training, export, serving): BOS (where the model has one)
+        + the prefix's tokens, and each suffix's tokens. Prefix and suffix are tokenized apart, so a
+        cached prefix's tokens are the same whatever follows it."""
+        prefix, suffixes = self.texts(history, targets, lambda text: len(tokenize(text)))
+        return ([bos] if bos is not None else []) + list(tokenize(prefix)), [list(tokenize(s)) for s in suffixes]
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from runtime.errors import ConfigError
-from runtime.prompt import PromptTemplate
+from runtime.prompt import HistoryEntry, ItemText, PromptTemplate
 from training.llm import LLMScorer, LoRAConfig, resolve_base_llm
 from training.pipeline import CoReLLaConfig, train_corella
 from training.report import compare_runs
@@ -36,8 +36,9 @@ def _config(synthetic_dir: Path, tiny_gguf: Path, **joint) -> CoReLLaConfig:
 
 def test_two_token_readout_equals_softmax_of_full_logits(tiny_gguf):
     scorer = LLMScorer.load(resolve_base_llm(str(tiny_gguf)), PromptTemplate(), LoRAConfig())
-    prompts = [scorer.prompt_ids("A user rated movies.\n", "Target movie: Movie Number 3\nAnswer:"),
-               scorer.prompt_ids("- (no history)\n", "Answer:")]  # fmt: skip
+    prompts = [scorer.prompt_ids([HistoryEntry(ItemText("Movie Number 1"), 5.0)], ItemText("Movie Number 3")),
+               scorer.prompt_ids([], ItemText("Movie Number 2"))]  # fmt: skip
+    assert prompts[1][0] == scorer.bos_id and len(prompts[0]) > len(prompts[1])
     batch = scorer.collate(prompts)
     assert batch["attention_mask"][1, 0] == 0  # left padded
     with torch.no_grad():

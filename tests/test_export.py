@@ -146,3 +146,35 @@ def test_malformed_calibration_is_refused_naming_the_manifest(bundle, tmp_path):
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match=r"manifest\.json: malformed LLM calibration"):
         load_bundle(copy)
+
+
+def test_quant_auto_keeps_the_smallest_quantization_within_the_bar(trained_run, bundle, tmp_path):
+    """The session bundle measured q8_0 and q4_k_m against f16 on the same routed samples; a bar
+    between their costs makes auto pass q4_k_m by for q8_0, a bar below both keeps f16."""
+    from export.bundle import AUTO_ORDER, _choose_quant
+
+    tried = json.loads((bundle / "manifest.json").read_text())["llm"]["quant_choice"]["tried"]
+    assert set(tried) == {"q8_0", "q4_k_m"} and AUTO_ORDER == ("q4_k_m", "q8_0")
+    measured: list[str] = []
+
+    def measure(quant: str) -> float:
+        measured.append(quant)
+        return {"q4_k_m": 0.02, "q8_0": 0.001}[quant]
+
+    choice = _choose_quant(ExportConfig(quant="auto", quant_bar=0.005), measure, 500)
+    assert choice["kept"] == "q8_0" and measured == ["q4_k_m", "q8_0"] and "within 0.005" in choice["reason"]
+    measured.clear()
+    assert _choose_quant(ExportConfig(quant="auto", quant_bar=0.05), measure, 500)["kept"] == "q4_k_m"
+    assert measured == ["q4_k_m"]  # the smallest passed: nothing larger is measured
+    assert _choose_quant(ExportConfig(quant="auto", quant_bar=-1.0), measure, 500)["kept"] == "f16"
+    # end to end on the tiny model: a bar it trips with q4_k_m and not with q8_0 ships q8_0
+    cost4, cost8 = tried["q4_k_m"], tried["q8_0"]
+    assert cost4 > cost8  # the tiny random model loses ~0.12 routed AUC at q4_k_m, none at q8_0
+    out = tmp_path / "auto"
+    config = ExportConfig(quant="auto", quant_bar=(cost4 + cost8) / 2, parity_prompts=16, routed_samples=20,
+                          eval_samples=10)  # fmt: skip
+    manifest = export_bundle(trained_run, out, config)
+    expected = "q8_0"
+    assert manifest["llm"]["quant"] == expected and (out / f"llm-{expected}.gguf").exists()
+    assert manifest["llm"]["quant_choice"]["rule"] == "auto" and manifest["llm"]["quant_choice"]["kept"] == expected
+    assert load_bundle(out).manifest["llm"]["file"] == f"llm-{expected}.gguf"

@@ -17,7 +17,7 @@ from torch import nn
 
 from runtime.errors import ConfigError
 from runtime.paths import model_cache
-from runtime.prompt import PromptTemplate, resolve_answer_tokens
+from runtime.prompt import HistoryEntry, ItemText, PromptTemplate, resolve_answer_tokens
 
 __all__ = [
     "BaseLLM",
@@ -162,15 +162,16 @@ class LLMScorer(nn.Module):
                 params[name].copy_(value)
 
     # ------------------------------------------------------------------ prompts
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def prompt_ids(self, prefix: str, suffix: str) -> list[int]:
-        """BOS + tokens(prefix) + tokens(suffix): the same ids the runtime feeds llama.cpp."""
-        encode = self.tokenizer
-        ids = encode(prefix, add_special_tokens=False)["input_ids"]
-        ids += encode(suffix, add_special_tokens=False)["input_ids"]
-        return ([self.bos_id] if self.bos_id is not None else []) + ids
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenize(text))
+
+    def prompt_ids(self, history: Sequence[HistoryEntry], target: ItemText) -> list[int]:
+        """The ids the runtime feeds llama.cpp for this sample (`PromptTemplate.ids`), in one list."""
+        prefix, suffixes = self.template.ids(self.tokenize, self.bos_id, history, [target])
+        return prefix + suffixes[0]
 
     def collate(self, prompts: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
         """Left-pad token id lists into input_ids, attention_mask and position_ids."""

@@ -17,6 +17,8 @@ import hashlib
 import logging
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,10 +102,7 @@ class PromptCache:
 
     def __call__(self, row: int) -> list[int]:
         if row not in self.cache:
-            template = self.scorer.template
-            history, target = self.samples.prompt_parts(row)
-            history = template.fit_history(history, self.scorer.count_tokens)
-            self.cache[row] = self.scorer.prompt_ids(template.prefix(history), template.suffix(target))
+            self.cache[row] = self.scorer.prompt_ids(*self.samples.prompt_parts(row))
         return self.cache[row]
 
 
@@ -145,11 +144,27 @@ def preset_config(preset: str, overrides: dict[str, Any] | None = None) -> CoReL
 
 @dataclass
 class _Models:
+    """What the LLM stages train: the stage-1 CRM (kept), its copy for joint training, the LLM
+    scorer, the alignment heads (None without alignment) and the LLM block of each cross layer."""
+
     crm_stage1: DCNv2
     crm: DCNv2
     scorer: LLMScorer
     heads: AlignmentHeads | None
     blocks: list[int]
+
+
+class _Clock:
+    """Stage timings: `with clock("stage2"): ...` records the seconds the block took."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        yield
+        self.seconds[name] = time.perf_counter() - started
 
 
 def train_corella(
@@ -163,54 +178,59 @@ def train_corella(
     out = Path(out)
     if config.threads:
         torch.set_num_threads(config.threads)
-    run_file = out / "run.json"
     if out.exists() and any(out.iterdir()) and not resume:
         raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    if resume and run_file.exists() and "config" in read_json(run_file):
-        config = CoReLLaConfig(**read_json(run_file)["config"])
+    if resume and (out / "run.json").exists() and "config" in read_json(out / "run.json"):
+        config = CoReLLaConfig(**read_json(out / "run.json")["config"])
     torch.manual_seed(config.joint.seed)
-    timings: dict[str, float] = {}
+    clock = _Clock()
     data_config = DataConfig(config.dataset, config.source, config.history_length)
+    with clock("stage1"):
+        crm_stage1, prepared = _stage1(out, config, data_config, resume, crm_run, show_progress)
+    write_json(out / "run.json", {"corella_version": __version__, "config": config.model_dump(),
+                                  "data": data_config.to_dict()})  # fmt: skip
+    with clock("llm_load"):
+        models = _load_models(config, prepared, crm_stage1)
+    prompts = PromptCache(prepared.samples, models.scorer)
+    stages = _llm_stages(out, config, prepared, models, prompts, clock, show_progress)
+    final_crm, valid_probabilities, crm_choice = _choose_crm(prepared, models, config.joint)
+    _save_final(out, config, prepared, final_crm, models.scorer)
+    with clock("calibration"):
+        calibration = _save_router(out / "final", config, prepared, valid_probabilities, models.scorer, prompts)
+    with clock("evaluation"):
+        metrics, predictions = evaluate_run(
+            prepared, final_crm, crm_stage1, models.scorer, prompts, valid_probabilities, config, calibration
+        )
+        np.savez(out / "eval_predictions.npz", **predictions)
+    metrics.update({"stages": stages, "crm_choice": crm_choice, "timings_seconds": clock.seconds,
+                    "alignment_blocks": models.blocks, "ablation": ablation_name(config.joint)})  # fmt: skip
+    write_json(out / "metrics.json", metrics)
+    from training.report import write_report
 
-    # ------------------------------------------------------------------ stage 1
-    started = time.perf_counter()
+    write_report(out, metrics)
+    return metrics
+
+
+def _stage1(out: Path, config: CoReLLaConfig, data_config: DataConfig, resume: bool, crm_run: Path | None,
+            show_progress: bool) -> tuple[DCNv2, PreparedData]:  # fmt: skip
+    """The stage-1 CRM: reused from another run, reloaded when done, else trained."""
     if crm_run is not None:
         crm_stage1, spec = load_crm(Path(crm_run) / "crm")
-        prepared = prepare_data(data_config, spec)
         if not (out / "crm").exists():
             shutil.copytree(Path(crm_run) / "crm", out / "crm")
-    else:
-        crm_done = (out / "crm" / "metrics.json").exists()
-        if crm_done:
-            crm_stage1, spec = load_crm(out / "crm")
-            prepared = prepare_data(data_config, spec)
-        else:
-            crm_stage1, prepared, _ = run_crm_stage(
-                out,
-                data_config,
-                config.crm,
-                config.crm_train,
-                resume=resume,
-                show_progress=show_progress,
-            )
-    timings["stage1"] = time.perf_counter() - started
-    write_json(
-        run_file,
-        {
-            "corella_version": __version__,
-            "config": config.model_dump(),
-            "data": data_config.to_dict(),
-        },
+        return crm_stage1, prepare_data(data_config, spec)
+    if (out / "crm" / "metrics.json").exists():
+        crm_stage1, spec = load_crm(out / "crm")
+        return crm_stage1, prepare_data(data_config, spec)
+    crm_stage1, prepared, _ = run_crm_stage(
+        out, data_config, config.crm, config.crm_train, resume=resume, show_progress=show_progress
     )
-    samples = prepared.samples
+    return crm_stage1, prepared
 
-    # ------------------------------------------------------------------ LLM
-    started = time.perf_counter()
-    base = resolve_base_llm(config.llm)
-    template = samples.prompt_template(config.max_prompt_tokens)
-    scorer = LLMScorer.load(base, template, config.lora)
-    timings["llm_load"] = time.perf_counter() - started
-    prompts = PromptCache(samples, scorer)
+
+def _load_models(config: CoReLLaConfig, prepared: PreparedData, crm_stage1: DCNv2) -> _Models:
+    scorer = LLMScorer.load(resolve_base_llm(config.llm), prepared.samples.prompt_template(config.max_prompt_tokens),
+                            config.lora)  # fmt: skip
     crm = DCNv2(prepared.spec, crm_stage1.config)
     crm.load_state_dict(crm_stage1.state_dict())
     joint = config.joint
@@ -223,91 +243,88 @@ def train_corella(
     heads = None
     if not joint.llm_alone and joint.alignment_weight > 0:
         heads = AlignmentHeads(crm.input_dim, scorer.hidden_size, len(blocks), joint.alignment_dim)
+    return _Models(crm_stage1, crm, scorer, heads, blocks)
 
+
+def _llm_stages(out: Path, config: CoReLLaConfig, prepared: PreparedData, models: _Models, prompts: PromptCache,
+                clock: _Clock, show_progress: bool) -> dict[str, Any]:  # fmt: skip
+    """Stage 2 (joint, with alignment) and stage 3 (the LLM alone) on seeded training subsets."""
+    joint = config.joint
     rng = np.random.default_rng(joint.seed)
     train_rows = rng.permutation(prepared.rows("train"))
-    stage2_rows = train_rows[: joint.stage2_samples]
+    stage2_rows = epoch_order(train_rows[: joint.stage2_samples], joint.stage2_epochs, rng)
     stage3_rows = train_rows[joint.stage2_samples : joint.stage2_samples + joint.stage3_samples]
-    stage2_rows = epoch_order(stage2_rows, joint.stage2_epochs, rng)
     stage3_rows = epoch_order(stage3_rows, joint.stage3_epochs, rng)
 
     def crm_inputs(rows: np.ndarray) -> dict[str, torch.Tensor]:
         return to_tensors(prepared.inputs, rows)
 
-    stages: dict[str, Any] = {}
-    started = time.perf_counter()
-    result = run_stage(
-        "joint", out / "stage2", stage2_rows, samples.label, crm_inputs, prompts, scorer,
-        None if joint.llm_alone else crm, heads, blocks, joint, show_progress,
-    )  # fmt: skip
-    stages["stage2"] = result.model_dump(exclude={"losses"}) | {"loss": summarize_losses(result.losses)}
-    timings["stage2"] = time.perf_counter() - started
+    labels, stages = prepared.samples.label, {}
+    plan = [("stage2", "joint", stage2_rows, None if joint.llm_alone else models.crm, models.heads)]
     if not joint.skip_stage3 and len(stage3_rows):
-        started = time.perf_counter()
-        result = run_stage(
-            "llm", out / "stage3", stage3_rows, samples.label, crm_inputs, prompts, scorer,
-            None, None, blocks, joint, show_progress,
-        )  # fmt: skip
-        stages["stage3"] = result.model_dump(exclude={"losses"}) | {"loss": summarize_losses(result.losses)}
-        timings["stage3"] = time.perf_counter() - started
+        plan.append(("stage3", "llm", stage3_rows, None, None))
+    for name, kind, rows, crm, heads in plan:
+        with clock(name):
+            result = run_stage(kind, out / name, rows, labels, crm_inputs, prompts, models.scorer, crm, heads,
+                               models.blocks, joint, show_progress)  # fmt: skip
+        stages[name] = result.model_dump(exclude={"losses"}) | {"loss": summarize_losses(result.losses)}
+    return stages
 
-    # ------------------------------------------------------------------ the CRM the hybrid uses
+
+def _choose_crm(
+    prepared: PreparedData, models: _Models, joint: JointConfig
+) -> tuple[DCNv2, np.ndarray, dict[str, Any]]:
+    """The CRM the hybrid uses: the jointly trained one where it is at least as good on validation."""
     valid_rows = prepared.rows("valid")
-    valid_stage1 = predict(crm_stage1, prepared.take(valid_rows))
-    valid_joint = predict(crm, prepared.take(valid_rows))
-    crm_choice = {
-        "stage1_valid_auc": auc(samples.label[valid_rows], valid_stage1),
-        "stage2_valid_auc": auc(samples.label[valid_rows], valid_joint),
+    labels = prepared.samples.label[valid_rows]
+    valid_stage1 = predict(models.crm_stage1, prepared.take(valid_rows))
+    valid_joint = predict(models.crm, prepared.take(valid_rows))
+    choice: dict[str, Any] = {
+        "stage1_valid_auc": auc(labels, valid_stage1),
+        "stage2_valid_auc": auc(labels, valid_joint),
     }
-    use_joint = not joint.llm_alone and crm_choice["stage2_valid_auc"] >= crm_choice["stage1_valid_auc"]
-    final_crm = crm if use_joint else crm_stage1
-    crm_choice["used"] = "stage2" if use_joint else "stage1"
-    valid_probabilities = valid_joint if use_joint else valid_stage1
+    use_joint = not joint.llm_alone and choice["stage2_valid_auc"] >= choice["stage1_valid_auc"]
+    choice["used"] = "stage2" if use_joint else "stage1"
+    if use_joint:
+        return models.crm, valid_joint, choice
+    return models.crm_stage1, valid_stage1, choice
 
-    # ------------------------------------------------------------------ artifacts
+
+def _save_final(out: Path, config: CoReLLaConfig, prepared: PreparedData, crm: DCNv2, scorer: LLMScorer) -> None:
+    """final/: the CRM, the LoRA adapter with what export needs about the base, the prompt."""
     final = out / "final"
     (final / "crm").mkdir(parents=True, exist_ok=True)
     (final / "llm").mkdir(parents=True, exist_ok=True)
-    save_weights(final / "crm" / "model.safetensors", final_crm)
+    save_weights(final / "crm" / "model.safetensors", crm)
     shutil.copy2(out / "crm" / "config.json", final / "crm" / "config.json")
     prepared.spec.save(final / "crm" / "features.json")
     save_file(
-        {k: v.contiguous() for k, v in scorer.trainable_state().items()},
-        str(final / "llm" / "adapter.safetensors"),
+        {k: v.contiguous() for k, v in scorer.trainable_state().items()}, str(final / "llm" / "adapter.safetensors")
     )
+    base = scorer.base
     write_json(final / "llm" / "llm.json", {
         "base": config.llm, "base_path": str(base.path), "base_is_gguf": base.is_gguf,
         "lora": config.lora.model_dump(), "yes_token_id": scorer.yes_id, "no_token_id": scorer.no_id,
         "bos_token_id": scorer.bos_id, "num_layers": scorer.num_layers,
     })  # fmt: skip
-    template.save(final / "prompt.json")
+    scorer.template.save(final / "prompt.json")
+
+
+def _save_router(final: Path, config: CoReLLaConfig, prepared: PreparedData, valid_probabilities: np.ndarray,
+                 scorer: LLMScorer, prompts: PromptCache) -> LLMCalibration:  # fmt: skip
+    """router.json: the entropy threshold for the router fraction and the LLM's calibration."""
     threshold = calibrate_threshold(binary_entropy(valid_probabilities), config.router_fraction)
     router: dict[str, Any] = {"fraction": config.router_fraction, "threshold": threshold,
                               "calibrated_on": "validation split, full"}  # fmt: skip
-    started = time.perf_counter()
-    calibration = fit_calibration(prepared, valid_rows, valid_probabilities, threshold, scorer, prompts, config)
+    calibration = fit_calibration(prepared, prepared.rows("valid"), valid_probabilities, threshold, scorer, prompts,
+                                  config)  # fmt: skip
     if calibration.samples:
         router["llm_calibration"] = calibration.to_dict() | {
             "fitted_on": f"{calibration.samples} routed validation samples (seeded), PyTorch model; "
             "corella export refits it on the shipped GGUF"
         }
-        timings["calibration"] = time.perf_counter() - started
     write_json(final / "router.json", router)
-
-    # ------------------------------------------------------------------ evaluation
-    started = time.perf_counter()
-    metrics, predictions = evaluate_run(
-        prepared, final_crm, crm_stage1, scorer, prompts, valid_probabilities, config, calibration
-    )
-    np.savez(out / "eval_predictions.npz", **predictions)
-    timings["evaluation"] = time.perf_counter() - started
-    metrics.update({"stages": stages, "crm_choice": crm_choice, "timings_seconds": timings,
-                    "alignment_blocks": blocks, "ablation": ablation_name(joint)})  # fmt: skip
-    write_json(out / "metrics.json", metrics)
-    from training.report import write_report
-
-    write_report(out, metrics)
-    return metrics
+    return calibration
 
 
 def epoch_order(rows: np.ndarray, epochs: int, rng: np.random.Generator) -> np.ndarray:

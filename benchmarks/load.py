@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -64,8 +65,10 @@ def server_process(command: list[str], ready_url: str, log_path: Path, env: dict
         log.close()
 
 
-def corella_serve_command(bundle: Path, port: int, store: Path, **options: Any) -> list[str]:
-    command = [sys.executable, "-m", "corella_cli", "serve", str(bundle), "--port", str(port), "--store", str(store)]
+def corella_serve_command(bundle: Path, port: int, state: Path, **options: Any) -> list[str]:
+    """`corella serve` on a fresh state folder of the bench's own (never the bundle's live store)."""
+    shutil.rmtree(state, ignore_errors=True)
+    command = [sys.executable, "-m", "corella_cli", "serve", str(bundle), "--port", str(port), "--state", str(state)]
     for name, value in options.items():
         if value is not None:
             command += [f"--{name.replace('_', '-')}", str(value)]

@@ -43,7 +43,11 @@ def run_bench(bundle_path: Path, out: Path, config: BenchConfig,
     config.store_path = out / "store.sqlite"
     config.out = out
     settings = EngineSettings(
-        crm_threads=config.threads, llm_threads=config.threads, default_deadline_ms=None, store_path=config.store_path
+        crm_threads=config.threads,
+        llm_threads=config.threads,
+        default_deadline_ms=None,
+        store_path=config.store_path,
+        state_dir=out / "state",
     )
     engine = Engine(bundle, settings)
     results: dict[str, Any] = {"bundle": str(bundle.path), "machine": machine_info(),

@@ -137,7 +137,7 @@ def _overload(bundle: Bundle, engine: Engine, out: Path, config: Any,
     """256 clients against a small LLM queue; half ask for mode "llm" (10 candidates)."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    command = corella_serve_command(bundle.path, port, out / "overload-store.sqlite", llm_threads=config.threads,
+    command = corella_serve_command(bundle.path, port, out / "overload-state", llm_threads=config.threads,
                                     llm_queue_candidates=config.overload_queue,
                                     deadline_ms=config.http_deadline_ms)  # fmt: skip
     hybrid = UserMix(engine.store.user_ids(), engine.store.item_ids(), config.http_candidates, seed=config.seed + 5,
@@ -163,7 +163,7 @@ def http_suite(bundle: Bundle, engine: Engine, samples: list[Any], config: Any,
     out = Path(config.out) if config.out else Path(".")
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    command = corella_serve_command(bundle.path, port, out / "http-store.sqlite", llm_threads=config.threads,
+    command = corella_serve_command(bundle.path, port, out / "http-state", llm_threads=config.threads,
                                     deadline_ms=config.http_deadline_ms)  # fmt: skip
     result: dict[str, Any] = {"candidates_per_request": config.http_candidates, "llm_fraction": config.http_fraction,
                               "deadline_ms": config.http_deadline_ms, "seconds_per_level": config.http_seconds,

@@ -21,6 +21,7 @@ from runtime.engine import Engine, Request
 from runtime.llm import LlamaScorer, LlamaSettings
 from runtime.quality import auc, summarize
 from runtime.router import binary_entropy, route_by_budget
+from runtime.state import state_dir
 
 __all__ = ["BenchConfig", "machine_info", "crm_suite", "llm_suite", "hybrid_suite", "SUITES"]
 
@@ -121,7 +122,7 @@ def crm_suite(bundle: Bundle, engine: Engine, samples: list[TestSample], config:
     for name, make in PROVIDERS.items():
         provider, _ = make(None)
         if provider in available:
-            session = CRMSession(bundle.crm_file, [name], threads, engine_cache=bundle.path / "trt_cache")
+            session = CRMSession(bundle.crm_file, [name], threads, engine_cache=state_dir(bundle) / "trt_cache")
             runners[f"onnxruntime-{name}"] = lambda x, s=session: s.predict(x, batch_size=1 << 20)
     eager = _torch_eager(bundle, threads)
     if isinstance(eager, str):

@@ -27,7 +27,10 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Fetch and inspect data sets.", no_args_is_help=True)
 train_app = typer.Typer(help="Train the CRM (stage 1) or the whole CoReLLa procedure.", no_args_is_help=True)
+store_app = typer.Typer(help="The live feature store a bundle serves from (its state folder).",
+                        no_args_is_help=True)  # fmt: skip
 app.add_typer(data_app, name="data")
+app.add_typer(store_app, name="store")
 app.add_typer(train_app, name="train", invoke_without_command=True)
 
 console = Console()
@@ -369,6 +372,76 @@ def print_crm_metrics(metrics: dict[str, Any]) -> None:
     )
 
 
+# ---------------------------------------------------------------------------- store
+StateOption = Annotated[
+    Path | None, typer.Option("--state", help="state folder (default: $CORELLA_HOME/state/<bundle id>)")
+]
+
+
+@store_app.command("info")
+def store_info(bundle: Annotated[Path, typer.Argument(help="bundle directory")], state: StateOption = None) -> None:
+    """Where the bundle's live store is, what it holds and whether a replaced bundle left events."""
+    from runtime.bundle import load_bundle
+    from runtime.state import STORE, live_events, replaced_state, state_dir
+    from runtime.store import FeatureStore
+
+    try:
+        loaded = load_bundle(bundle)
+        path = state_dir(loaded, state) / STORE
+        rows = [["bundle id", loaded.id], ["live store", str(path)]]
+        if path.exists():
+            store = FeatureStore(path)
+            rows += [[f"{k}", f"{v:,}"] for k, v in store.counts().items()]
+            store.close()
+            rows.append(["events since export", f"{len(live_events(path)):,}"])
+        else:
+            rows.append(["state", "none yet (made from the bundle's snapshot on the first serve)"])
+        old = replaced_state(loaded)
+        if old is not None:
+            rows.append(["replaced bundle's store", f"{old / STORE} ({len(live_events(old / STORE)):,} events)"])
+    except CorellaError as exc:
+        raise _fail(exc) from exc
+    console.print(_table(f"live store of {bundle}", ["", "value"], rows))
+
+
+@store_app.command("migrate")
+def store_migrate(
+    bundle: Annotated[Path, typer.Argument(help="bundle directory (the new one)")],
+    source: Annotated[
+        Path | None, typer.Option("--from", help="state folder to take events from (default: the replaced bundle's)")
+    ] = None,
+    state: StateOption = None,
+) -> None:
+    """Carry the events posted to another live store (by default the one of the bundle this bundle
+    replaced at export) into this bundle's; events of items its catalog lacks are dropped and counted."""
+    from runtime.bundle import load_bundle
+    from runtime.state import migrate_store
+
+    try:
+        result = migrate_store(load_bundle(bundle), source, state)
+    except CorellaError as exc:
+        raise _fail(exc) from exc
+    console.print(
+        f"migrated {result['kept']:,} of {result['events']:,} events from {result['from']} to "
+        f"{result['to']} ({result['dropped_unknown_items']:,} of items not in the catalog dropped)"
+    )
+
+
+@store_app.command("reset")
+def store_reset(bundle: Annotated[Path, typer.Argument(help="bundle directory")], state: StateOption = None) -> None:
+    """Start this bundle's live store afresh from its snapshot. Nothing is deleted: the current live
+    store is renamed aside, and a replaced bundle's events are marked as set aside."""
+    from runtime.bundle import load_bundle
+    from runtime.state import reset_store
+
+    try:
+        result = reset_store(load_bundle(bundle), state)
+    except CorellaError as exc:
+        raise _fail(exc) from exc
+    for key, value in result.items():
+        console.print(f"{key}: {value}")
+
+
 # ---------------------------------------------------------------------------- export
 @app.command("export")
 def export_command(
@@ -452,6 +525,7 @@ def serve(
     llm: Annotated[
         bool | None, typer.Option("--llm/--no-llm", help="serve with the LLM, or the CRM only [env: CORELLA_LOAD_LLM]")
     ] = None,  # fmt: skip
+    state: Annotated[Path | None, typer.Option(help=_setting("state"))] = None,
     store: Annotated[Path | None, typer.Option(help=_setting("store"))] = None,
 ) -> None:
     """Serve a bundle over HTTP: POST /v1/predict, POST /v1/events, GET /v1/model, /healthz, /readyz,
@@ -462,6 +536,7 @@ def serve(
 
     from runtime.bundle import load_bundle
     from runtime.server import ServerSettings, create_app, uvicorn_config
+    from runtime.state import live_store
 
     try:
         settings = ServerSettings.from_options(
@@ -470,15 +545,16 @@ def serve(
             llm_contexts=llm_contexts, llm_context=llm_context, llm_batch_tokens=llm_batch_tokens,
             llm_prefix_cache_tokens=llm_prefix_cache_tokens, llm_queue_candidates=llm_queue_candidates,
             llm_threads_when_busy=llm_threads_when_busy, cpu_workers=cpu_workers, http_nice=http_nice,
-            load_llm=llm, store=store,
+            load_llm=llm, state=state, store=store,
         )  # fmt: skip
-        load_bundle(bundle)  # refuse a bad bundle here, with its file named, before uvicorn starts
+        # refuse a bad bundle or a live store of another bundle here, named, before uvicorn starts
+        live = live_store(load_bundle(bundle), settings.state, settings.store)
     except ValidationError as exc:
         raise _fail(CorellaError(str(exc))) from exc
     except CorellaError as exc:
         raise _fail(exc) from exc
     base = f"http://{settings.host}:{settings.port}"
-    console.print(f"serving {bundle} on {base}  (docs: {base}/docs)")
+    console.print(f"serving {bundle} on {base}  (docs: {base}/docs; live store: {live})")
     uvicorn.Server(uvicorn_config(create_app(settings), settings)).run()
 
 

@@ -29,10 +29,11 @@ from export.crm import (
     tensorrt_unavailable_reason,
 )
 from export.llm import QUANT_TYPES, convert_hf_directory, quantize_gguf, write_merged_gguf
-from runtime.bundle import load_bundle, write_manifest
+from runtime.bundle import MANIFEST, bundle_id, load_bundle, write_manifest
 from runtime.engine import Engine, EngineSettings
 from runtime.errors import ConfigError
 from runtime.llm import LlamaScorer, LlamaSettings
+from runtime.paths import corella_home
 from runtime.prompt import HistoryEntry, ItemText, PromptTemplate
 from runtime.quality import auc, log_loss, summarize
 from runtime.router import LLMCalibration, binary_entropy
@@ -216,6 +217,8 @@ def export_bundle(run: Path, out: Path, config: ExportConfig | None = None,
             _progress("no LLM in this run: a CRM-only bundle", progress)
 
         # ---------------------------------------------------------------- export-time metrics
+        if (out / MANIFEST).exists():  # the serving state of the bundle replaced stays, under its id
+            manifest["replaces"] = bundle_id(out)
         t = time.perf_counter()
         write_manifest(staging, manifest)  # the engine that measures below loads a verified bundle
         manifest["metrics"] = _measure(staging, work, prepared, config, run, progress)
@@ -226,6 +229,7 @@ def export_bundle(run: Path, out: Path, config: ExportConfig | None = None,
         full = write_manifest(staging, manifest)
         load_bundle(staging)  # verify what was written before it takes the place of --out
         if out.exists():
+            _keep_legacy_state(out, progress)
             backup = out.with_name(f".{out.name}.old")
             if backup.exists():
                 shutil.rmtree(backup)
@@ -361,6 +365,21 @@ def _export_llm(run: Path, llm_info: dict[str, Any], template: PromptTemplate, p
     }  # fmt: skip
 
 
+def _keep_legacy_state(out: Path, progress: Callable[[str], None] | None) -> None:
+    """Corella before 0.4 kept the live store inside the bundle (BUNDLE/state/): move it to the
+    replaced bundle's state folder, where `corella store migrate` finds it, before the folder goes."""
+    legacy = out / "state"
+    if not legacy.is_dir() or not (out / MANIFEST).exists():
+        return
+    target = corella_home() / "state" / bundle_id(out)
+    if target.exists():
+        target = target.with_name(f"{target.name}-legacy-{time.strftime('%Y%m%d-%H%M%S')}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(legacy), str(target))
+    _progress(f"the replaced bundle's live state moved to {target} (carry it over: corella store migrate {out})",
+              progress)  # fmt: skip
+
+
 def _choose_quant(config: ExportConfig, measure: Callable[[str], float], routed: int) -> dict[str, Any]:
     """Which quantization to ship, and why. `measure(quant)` quantizes and returns its routed AUC
     cost against the intermediate. A fixed --quant measures the compared ones and keeps itself;
@@ -390,7 +409,7 @@ def _measure(bundle_dir: Path, work: Path, prepared: PreparedData, config: Expor
     samples = prepared.samples
     bundle = load_bundle(bundle_dir)
     settings = EngineSettings(providers=("cpu",), default_deadline_ms=None, llm_threads=config.threads,
-                              llm_context=config.context_size, store_path=work / "measure-store.sqlite")  # fmt: skip
+                              llm_context=config.context_size, state_dir=work / "measure-state")  # fmt: skip
     engine = Engine(bundle, settings)
     try:
         test_rows = prepared.rows("test")

@@ -1,7 +1,10 @@
 """The bundle: a directory a lean runtime serves with no training code.
 
 manifest.json lists every other file with its sha256 and size. Loading verifies all of them and
-refuses a bundle with a missing, truncated or altered file, or a newer format, naming the file.
+refuses a bundle with a missing, truncated or altered file, a file the runtime opens that the
+manifest does not hash, a name that is not a plain file name inside the bundle, or a newer
+format, naming the file. A bundle is only read: what serving writes (the live store, engine
+caches) lives in a state folder of its own (`runtime.state`).
 """
 
 from __future__ import annotations
@@ -19,7 +22,15 @@ from runtime.features import FeatureSpec
 from runtime.prompt import PromptTemplate
 from runtime.router import LLMCalibration
 
-__all__ = ["BUNDLE_FORMAT_VERSION", "BundleError", "Bundle", "file_digest", "write_manifest", "load_bundle"]
+__all__ = [
+    "BUNDLE_FORMAT_VERSION",
+    "BundleError",
+    "Bundle",
+    "bundle_id",
+    "file_digest",
+    "write_manifest",
+    "load_bundle",
+]
 
 BUNDLE_FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -35,6 +46,12 @@ def file_digest(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 22), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def bundle_id(folder: Path) -> str:
+    """A bundle's identity: the first 16 hex digits of its manifest's sha256 (the manifest hashes
+    every file, so a change to any file makes another id)."""
+    return hashlib.sha256((Path(folder) / MANIFEST).read_bytes()).hexdigest()[:16]
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -62,6 +79,7 @@ class Bundle:
     manifest: dict[str, Any]
     spec: FeatureSpec
     template: PromptTemplate
+    id: str = ""  # `bundle_id`
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -112,7 +130,9 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
             raise BundleError(f"{manifest_path}: malformed manifest (no {key!r} entry)")
     if verify:
         for name, expected in manifest["files"].items():
-            file = path / name
+            file = path / _plain_name(name, manifest_path)
+            if not isinstance(expected, dict):
+                raise BundleError(f"{manifest_path}: malformed entry for {name}")
             if not file.is_file():
                 raise BundleError(f"{file}: missing from the bundle")
             size = file.stat().st_size
@@ -127,9 +147,27 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
         LLMCalibration.from_dict(router.get("llm_calibration"))
     except ConfigError as exc:
         raise BundleError(f"{manifest_path}: {exc}") from exc
-    for key in ("features", "prompt", "store"):
-        if manifest[key] not in manifest["files"]:
-            raise BundleError(f"{manifest_path}: {manifest[key]} is not among the hashed files")
+    for name in _opened_files(manifest, manifest_path):
+        if name not in manifest["files"]:
+            raise BundleError(f"{path / name}: the runtime opens it, but the manifest does not hash it")
     spec = FeatureSpec.load(path / manifest["features"])
     template = PromptTemplate.load(path / manifest["prompt"])
-    return Bundle(path=path, manifest=manifest, spec=spec, template=template)
+    return Bundle(path=path, manifest=manifest, spec=spec, template=template, id=bundle_id(path))
+
+
+def _plain_name(name: Any, manifest_path: Path) -> str:
+    """A file name inside the bundle: no folders, no '..', nothing absolute."""
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name or ":" in name:
+        raise BundleError(f"{manifest_path}: {name!r} is not a plain file name inside the bundle")
+    return name
+
+
+def _opened_files(manifest: dict[str, Any], manifest_path: Path) -> list[str]:
+    """Every file the runtime opens, as the manifest names them."""
+    crm, llm = manifest["crm"], manifest.get("llm")
+    if not isinstance(crm, dict) or "file" not in crm:
+        raise BundleError(f"{manifest_path}: malformed crm entry (needs a file)")
+    if llm is not None and (not isinstance(llm, dict) or "file" not in llm):
+        raise BundleError(f"{manifest_path}: malformed llm entry (needs a file)")
+    names = [crm["file"], manifest["features"], manifest["prompt"], manifest["store"]]
+    return [_plain_name(n, manifest_path) for n in names + ([llm["file"]] if llm else [])]

@@ -14,8 +14,6 @@ whatever is done by the deadline). `predict` is both, waiting in between.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -35,6 +33,7 @@ from runtime.metrics import ServingMetrics
 from runtime.prompt import HistoryEntry, ItemText
 from runtime.router import LLMCalibration, binary_entropy, route_by_budget, route_by_threshold
 from runtime.scheduler import ItemState, LLMJob, LLMScheduler, SchedulerSettings
+from runtime.state import live_store, state_dir
 from runtime.store import FeatureStore, Interaction
 
 __all__ = [
@@ -46,7 +45,6 @@ __all__ = [
     "Mode",
     "FallbackReason",
     "Pending",
-    "live_store",
 ]
 
 log = logging.getLogger(__name__)
@@ -81,7 +79,8 @@ class EngineSettings:
     default_deadline_ms: float | None = 5000.0
     max_candidates: int = 500
     load_llm: bool = True
-    store_path: Path | None = None  # the live feature store; default <bundle>/state/store.sqlite
+    store_path: Path | None = None  # the live feature store; default <state>/store.sqlite
+    state_dir: Path | None = None  # where serving writes; default $CORELLA_HOME/state/<bundle id>
 
     def scheduler_settings(self, gpu: bool) -> SchedulerSettings:
         contexts = self.llm_contexts or 1
@@ -95,22 +94,6 @@ class EngineSettings:
             max_sequences=self.llm_max_sequences, prefix_cache_tokens=self.llm_prefix_cache_tokens,
             queue_candidates=self.llm_queue_candidates, max_prompt_tokens=self.llm_context,
         )  # fmt: skip
-
-
-def live_store(bundle: Bundle, path: Path | None = None) -> Path:
-    """The store the server reads and appends to.
-
-    The bundle's store.sqlite is a verified snapshot and is never written; on first start it is
-    copied to the live location, which then keeps every appended event across restarts.
-    """
-    path = Path(path) if path is not None else bundle.path / "state" / "store.sqlite"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
-        shutil.copy2(bundle.store_file, partial)
-        os.replace(partial, path)
-        log.info("live feature store created at %s", path)
-    return path
 
 
 @dataclass(frozen=True)
@@ -198,10 +181,11 @@ class Engine:
         # Platt map fitted at export on the shipped GGUF's answers to routed validation samples
         self.calibration = LLMCalibration.from_dict(bundle.router.get("llm_calibration"))
         # one thread: a request's few hundred rows take ~0.5 ms; a second thread costs more CPU than it saves
+        self.state = state_dir(bundle, settings.state_dir)
+        self.store = FeatureStore(live_store(bundle, settings.state_dir, settings.store_path))
         self.crm = CRMSession(
-            bundle.crm_file, settings.providers, settings.crm_threads or 1, engine_cache=bundle.path / "trt_cache"
+            bundle.crm_file, settings.providers, settings.crm_threads or 1, engine_cache=self.state / "trt_cache"
         )
-        self.store = FeatureStore(live_store(bundle, settings.store_path))
         self.llm: LlamaModel | None = None
         self.scheduler: LLMScheduler | None = None
         self.llm_load_error: str | None = None

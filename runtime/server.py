@@ -85,7 +85,9 @@ class ServerSettings(BaseSettings):
     http_nice: int = Field(10, ge=0, le=19, description="niceness of the CPU workers (0: as llama.cpp's threads): "
                            "a flood of requests then cannot take the cores the LLM decodes on")  # fmt: skip
     load_llm: bool = Field(True, description="load the LLM (False: CRM-only serving)")
-    store: Path | None = Field(None, description="live feature store (default: <bundle>/state/store.sqlite)")
+    state: Path | None = Field(None, description="state folder: the live feature store and engine caches "
+                               "(default: $CORELLA_HOME/state/<bundle id>; never inside the bundle)")  # fmt: skip
+    store: Path | None = Field(None, description="live feature store (default: <state>/store.sqlite)")
 
     @classmethod
     def from_options(cls, bundle: Path, **options: Any) -> ServerSettings:
@@ -101,7 +103,7 @@ class ServerSettings(BaseSettings):
             llm_context=self.llm_context, llm_gpu_layers=self.llm_gpu_layers, llm_batch_tokens=self.llm_batch_tokens,
             llm_max_sequences=self.llm_max_sequences, llm_prefix_cache_tokens=self.llm_prefix_cache_tokens,
             llm_queue_candidates=self.llm_queue_candidates, default_deadline_ms=self.default_deadline_ms,
-            max_candidates=self.max_candidates, load_llm=self.load_llm, store_path=self.store,
+            max_candidates=self.max_candidates, load_llm=self.load_llm, store_path=self.store, state_dir=self.state,
         )  # fmt: skip
 
 

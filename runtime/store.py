@@ -79,7 +79,9 @@ class FeatureStore:
         try:
             if not readonly:
                 self._conn.execute("PRAGMA journal_mode=WAL")
-                self._conn.execute("PRAGMA synchronous=NORMAL")
+                # FULL: an event acknowledged with 200 is on disk, power cut or not (WAL + NORMAL
+                # could lose the last commits); it costs one fsync per /v1/events batch
+                self._conn.execute("PRAGMA synchronous=FULL")
                 self._conn.executescript(_SCHEMA)
             rows = self._conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()
             like = self._conn.execute("SELECT value FROM meta WHERE key = 'like_threshold'").fetchall()
@@ -90,7 +92,7 @@ class FeatureStore:
             self._conn.close()
             raise StoreError(
                 f"{self.path}: feature store schema {rows[0][0]}, this corella reads {SCHEMA_VERSION}; "
-                "re-export the bundle (or delete a live copy under BUNDLE/state/ to start from the bundle's)"
+                "re-export the bundle; a live store of an older corella can be set aside with `corella store reset`"
             )
         #: ratings at or above it are likes in the running totals (set by `create`)
         self.like_threshold = float(like[0][0]) if like else math.inf
@@ -135,6 +137,14 @@ class FeatureStore:
         # a single self-contained file in the bundle: fold the WAL back in
         store._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return store
+
+    def meta(self, key: str) -> str | None:
+        rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
+        return rows[0][0] if rows else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._lock:
+            self._conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
     def close(self) -> None:
         with self._lock:

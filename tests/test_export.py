@@ -57,6 +57,12 @@ def _copy(bundle: Path, tmp_path: Path) -> Path:
     return target
 
 
+def _edit_manifest(bundle: Path, edit) -> None:  # noqa: ANN001
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    edit(manifest)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
@@ -73,6 +79,22 @@ def _copy(bundle: Path, tmp_path: Path) -> Path:
         ),  # fmt: skip
         (lambda b: (b / "manifest.json").write_text("{oops"), r"manifest\.json: not valid JSON"),
         (lambda b: (b / "manifest.json").unlink(), r"manifest\.json: missing"),
+        # entries left out of the hashed files: each opened file must be verified, or refused
+        (lambda b: _edit_manifest(b, lambda m: m["files"].pop("crm.onnx")), r"crm\.onnx: the runtime opens it"),
+        (lambda b: _edit_manifest(b, lambda m: m["files"].pop("llm-q8_0.gguf")), r"llm-q8_0\.gguf: the runtime opens"),
+        (lambda b: _edit_manifest(b, lambda m: m["files"].pop("store.sqlite")), r"store\.sqlite: the runtime opens"),
+        # names that leave the bundle
+        (
+            lambda b: _edit_manifest(b, lambda m: m["crm"].update(file="../crm.onnx")),
+            r"'\.\./crm\.onnx' is not a plain",
+        ),
+        (lambda b: _edit_manifest(b, lambda m: m.update(store="/etc/passwd")), r"'/etc/passwd' is not a plain"),
+        (
+            lambda b: _edit_manifest(b, lambda m: m["files"].update({"../x": {"sha256": "0", "size": 0}})),
+            r"'\.\./x' is not a plain",
+        ),  # fmt: skip
+        (lambda b: _edit_manifest(b, lambda m: m.pop("router")), r"no 'router' entry"),
+        (lambda b: _edit_manifest(b, lambda m: m["llm"].pop("file")), r"malformed llm entry"),
     ],
 )
 def test_corrupt_bundles_are_refused_naming_the_file(bundle, tmp_path, damage, message):

@@ -26,7 +26,9 @@ PARITY = 2e-3
 
 
 def _engine(bundle: Path, tmp_path: Path, **settings) -> Engine:
-    options = {"providers": ("cpu",), "llm_threads": 1, "store_path": tmp_path / "store.sqlite"} | settings
+    # a live store per bundle: one bundle's store is refused to another
+    options = {"providers": ("cpu",), "llm_threads": 1, "store_path": tmp_path / f"{bundle.name}-store.sqlite"}
+    options |= settings
     return Engine(load_bundle(bundle), EngineSettings(**options))
 
 

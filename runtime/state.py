@@ -1,0 +1,168 @@
+"""Where serving writes: a state folder per bundle, never inside the bundle.
+
+    $CORELLA_HOME/state/<bundle id>/    (or --state DIR)
+      store.sqlite    the live feature store: the bundle's snapshot, then every event of /v1/events
+      trt_cache/      TensorRT engines built for this bundle's CRM
+
+A bundle is only read, so it can sit on a read-only mount, and `corella export` onto an existing
+bundle touches no state. The live store remembers the bundle it was seeded from (`bundle_id`) and
+how many interactions the snapshot held (`seed_interactions`): the rest are live events. Serving a
+bundle against another bundle's live store is refused, and so is the first start of a bundle that
+replaced one whose live store holds events, until they are carried over (`corella store migrate`)
+or set aside (`corella store reset`): nothing is lost silently.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from runtime.bundle import Bundle
+from runtime.errors import StoreError
+from runtime.paths import corella_home
+from runtime.store import FeatureStore, Interaction
+
+__all__ = ["state_dir", "live_store", "live_events", "migrate_store", "reset_store", "replaced_state"]
+
+log = logging.getLogger(__name__)
+
+STORE = "store.sqlite"
+
+
+def state_dir(bundle: Bundle, state: Path | None = None) -> Path:
+    return Path(state) if state is not None else corella_home() / "state" / bundle.id
+
+
+def _how_to(bundle: Bundle) -> str:
+    return (f"carry its events over with `corella store migrate {bundle.path}` (events of items the new catalog "
+            f"lacks are dropped and counted), or set them aside with `corella store reset {bundle.path}`")  # fmt: skip
+
+
+def replaced_state(bundle: Bundle) -> Path | None:
+    """The default state folder of the bundle this one replaced at export, where it exists."""
+    old = bundle.manifest.get("replaces")
+    folder = corella_home() / "state" / old if isinstance(old, str) and old.isalnum() else None
+    return folder if folder is not None and (folder / STORE).exists() else None
+
+
+def live_store(bundle: Bundle, state: Path | None = None, store: Path | None = None) -> Path:
+    """The live store of `bundle` (seeded from its snapshot on first use), checked to belong to it."""
+    path = Path(store) if store is not None else state_dir(bundle, state) / STORE
+    if path.exists():
+        _check_owner(path, bundle)
+        return path
+    # (with a state folder or store of the caller's choosing, what to start from is theirs to say)
+    old = replaced_state(bundle) if state is None and store is None else None
+    if old is not None:
+        pending = _pending_events(old / STORE)
+        if pending:
+            raise StoreError(
+                f"{bundle.path} replaced bundle {bundle.manifest['replaces']}, whose live store {old / STORE} "
+                f"holds {pending} events posted since its export; {_how_to(bundle)}"
+            )
+    _seed(path, bundle)
+    return path
+
+
+def _seed(path: Path, bundle: Bundle) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    shutil.copy2(bundle.store_file, partial)
+    store = FeatureStore(partial)
+    try:
+        store.set_meta("bundle_id", bundle.id)
+        store.set_meta("seed_interactions", str(store.counts()["interactions"]))
+    finally:
+        store.close()
+    os.replace(partial, path)
+    log.info("live feature store for bundle %s created at %s", bundle.id, path)
+
+
+def _check_owner(path: Path, bundle: Bundle) -> None:
+    store = FeatureStore(path)
+    try:
+        owner = store.meta("bundle_id")
+        if owner is None:  # a store made by hand from a snapshot: it becomes this bundle's
+            store.set_meta("bundle_id", bundle.id)
+            store.set_meta("seed_interactions", str(store.counts()["interactions"]))
+    finally:
+        store.close()
+    if owner is not None and owner != bundle.id:
+        raise StoreError(f"{path}: this live store was seeded from bundle {owner}, not from {bundle.path} "
+                         f"(bundle {bundle.id}); {_how_to(bundle)} --from {path.parent}")  # fmt: skip
+
+
+def _pending_events(path: Path) -> int:
+    """Live events of a store not yet migrated or set aside."""
+    store = FeatureStore(path)
+    try:
+        if store.meta("moved_to") is not None:
+            return 0
+        return store.counts()["interactions"] - int(store.meta("seed_interactions") or 0)
+    finally:
+        store.close()
+
+
+def live_events(path: Path) -> list[Interaction]:
+    """The events a live store received after it was seeded, in arrival order."""
+    store = FeatureStore(path)
+    try:
+        return store.interactions(offset=int(store.meta("seed_interactions") or 0))
+    finally:
+        store.close()
+
+
+def migrate_store(bundle: Bundle, source: Path | None = None, state: Path | None = None) -> dict[str, Any]:
+    """Carry the live events of another state folder (default: the replaced bundle's) into this
+    bundle's live store; events of items this bundle's catalog lacks are dropped and counted."""
+    source = Path(source) if source is not None else replaced_state(bundle)
+    if source is None or not (source / STORE).exists():
+        raise StoreError(f"{bundle.path}: no live store to migrate from (name one with --from STATE_DIR)")
+    target = state_dir(bundle, state) / STORE
+    if target.exists() and target.resolve() == (source / STORE).resolve():
+        raise StoreError(f"{target}: already the live store of {bundle.path}")
+    if not target.exists():
+        _seed(target, bundle)
+    _check_owner(target, bundle)
+    events = live_events(source / STORE)
+    store = FeatureStore(target)
+    try:
+        catalog = set(store.items([e.item_id for e in events]))
+        kept = [Interaction(e.user_id, e.item_id, e.rating, e.timestamp) for e in events if e.item_id in catalog]
+        if kept:
+            store.append(kept)
+    finally:
+        store.close()
+    _mark_moved(source / STORE, bundle.id)
+    return {"from": str(source / STORE), "to": str(target), "events": len(events), "kept": len(kept),
+            "dropped_unknown_items": len(events) - len(kept)}  # fmt: skip
+
+
+def reset_store(bundle: Bundle, state: Path | None = None) -> dict[str, Any]:
+    """Start from the bundle's snapshot: the current live store (if any) is renamed aside, never
+    deleted, and a replaced bundle's pending events are marked as set aside."""
+    target = state_dir(bundle, state) / STORE
+    out: dict[str, Any] = {"store": str(target)}
+    if target.exists():
+        aside = target.with_name(f"{STORE}.reset-{time.strftime('%Y%m%d-%H%M%S')}")
+        for suffix in ("", "-wal", "-shm"):
+            if Path(f"{target}{suffix}").exists():
+                os.replace(f"{target}{suffix}", f"{aside}{suffix}")
+        out["set_aside"] = str(aside)
+    old = replaced_state(bundle)
+    if old is not None:
+        _mark_moved(old / STORE, f"reset:{bundle.id}")
+        out["replaced_state_set_aside"] = str(old / STORE)
+    return out
+
+
+def _mark_moved(path: Path, where: str) -> None:
+    store = FeatureStore(path)
+    try:
+        store.set_meta("moved_to", where)
+    finally:
+        store.close()

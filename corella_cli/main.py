@@ -509,6 +509,8 @@ def serve(
     host: Annotated[str | None, typer.Option(help=_setting("host"))] = None,
     port: Annotated[int | None, typer.Option(help=_setting("port"))] = None,
     api_key: Annotated[str | None, typer.Option(help=_setting("api_key"))] = None,
+    api_key_file: Annotated[Path | None, typer.Option(help=_setting("api_key_file"))] = None,
+    events_api_key_file: Annotated[Path | None, typer.Option(help=_setting("events_api_key_file"))] = None,
     deadline_ms: Annotated[float | None, typer.Option(help=_setting("default_deadline_ms"))] = None,
     max_candidates: Annotated[int | None, typer.Option(help=_setting("max_candidates"))] = None,
     providers: Annotated[str | None, typer.Option(help=_setting("providers"))] = None,
@@ -540,7 +542,8 @@ def serve(
 
     try:
         settings = ServerSettings.from_options(
-            bundle, host=host, port=port, api_key=api_key, default_deadline_ms=deadline_ms,
+            bundle, host=host, port=port, api_key=api_key, api_key_file=api_key_file,
+            events_api_key_file=events_api_key_file, default_deadline_ms=deadline_ms,
             max_candidates=max_candidates, providers=providers, crm_threads=crm_threads, llm_threads=llm_threads,
             llm_contexts=llm_contexts, llm_context=llm_context, llm_batch_tokens=llm_batch_tokens,
             llm_prefix_cache_tokens=llm_prefix_cache_tokens, llm_queue_candidates=llm_queue_candidates,

@@ -31,7 +31,7 @@ from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -56,7 +56,16 @@ class ServerSettings(BaseSettings):
     bundle: Path = Field(description="bundle directory to serve")
     host: str = Field("127.0.0.1", description="address to bind; loopback unless told otherwise")
     port: int = Field(8000, ge=1, le=65535, description="TCP port")
-    api_key: str | None = Field(None, description="when set, /v1/* needs 'Authorization: Bearer KEY'")
+    api_key: SecretStr | None = Field(
+        None,
+        description="when set, /v1/* needs 'Authorization: Bearer KEY' "
+        "(prefer CORELLA_API_KEY or --api-key-file: a command line shows in ps)",
+    )
+    api_key_file: Path | None = Field(None, description="file holding the API key (read once, whitespace stripped)")
+    events_api_key: SecretStr | None = Field(
+        None, description="when set, POST /v1/events needs this key instead (a write key apart from the read key)"
+    )
+    events_api_key_file: Path | None = Field(None, description="file holding the events (write) key")
     max_candidates: int = Field(500, ge=1, le=100_000, description="candidates per request; more is a 413")
     max_body_bytes: int = Field(2_000_000, ge=1024, description="request body limit; more is a 413")
     default_deadline_ms: float | None = Field(2000.0, gt=0, description="deadline of a request that sets none, "
@@ -89,6 +98,21 @@ class ServerSettings(BaseSettings):
                                "(default: $CORELLA_HOME/state/<bundle id>; never inside the bundle)")  # fmt: skip
     store: Path | None = Field(None, description="live feature store (default: <state>/store.sqlite)")
 
+    @model_validator(mode="after")
+    def _read_key_files(self) -> ServerSettings:
+        for name in ("api_key", "events_api_key"):
+            path = getattr(self, f"{name}_file")
+            if path is None:
+                continue
+            try:
+                key = Path(path).read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ValueError(f"{name}_file {path}: {exc.strerror}") from exc
+            if not key:
+                raise ValueError(f"{name}_file {path} is empty")
+            setattr(self, name, SecretStr(key))
+        return self
+
     @classmethod
     def from_options(cls, bundle: Path, **options: Any) -> ServerSettings:
         """Settings from command-line options: an option left as None falls back to its CORELLA_
@@ -118,13 +142,18 @@ def uvicorn_config(app: FastAPI, settings: ServerSettings, log_level: str = "inf
 
 # ---------------------------------------------------------------------------- request bodies
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: a JSON false is not a number, 1.5 is not an integer, "5" is not a number
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+#: unix seconds up to the year 9999: past it a timestamp is a mistake (and past 2^63, SQLite's limit)
+_TIMESTAMP = Field(None, ge=0, le=253_402_300_799, description="unix seconds")
 
 
 class HistoryBody(_Strict):
     item_id: str = Field(min_length=1, max_length=256)
     rating: float = Field(ge=0, le=100)
-    timestamp: int | None = None
+    timestamp: int | None = _TIMESTAMP
     title: str | None = Field(None, max_length=512)
 
 
@@ -132,12 +161,14 @@ class CandidateBody(_Strict):
     item_id: str = Field(min_length=1, max_length=256)
     title: str | None = Field(None, max_length=512, description="overrides the catalog; new items need one for the LLM")
     year: str | None = Field(None, max_length=16)
-    tags: list[str] | None = Field(None, max_length=64)
+    tags: list[Annotated[str, Field(max_length=64)]] | None = Field(None, max_length=64)
 
 
 class PredictBody(_Strict):
     user_id: str | None = Field(None, max_length=256, description="known users get profile and history from the store")
-    user_attributes: dict[str, str | int | float] | None = Field(None, description="age, gender, occupation, zip")
+    user_attributes: (
+        dict[Annotated[str, Field(max_length=32)], Annotated[str, Field(max_length=64)] | int | float] | None
+    ) = Field(None, max_length=16, description="age, gender, occupation, zip")
     history: list[HistoryBody] | None = Field(None, max_length=1000, description="oldest first; overrides the store")
     candidates: list[CandidateBody] = Field(min_length=1, description="items to score")
     mode: Literal["hybrid", "crm", "llm"] = "hybrid"
@@ -150,7 +181,7 @@ class EventBody(_Strict):
     user_id: str = Field(min_length=1, max_length=256)
     item_id: str = Field(min_length=1, max_length=256)
     rating: float = Field(ge=0, le=100)
-    timestamp: int | None = Field(None, description="unix seconds; default now")
+    timestamp: int | None = Field(None, ge=0, le=253_402_300_799, description="unix seconds; default now")
 
 
 class EventsBody(_Strict):
@@ -243,11 +274,15 @@ class _Gate:
                 message["headers"] = [*message.get("headers", []), (b"server-timing", timing)]
             await send(message)
 
-        length = dict(scope.get("headers") or []).get(b"content-length", b"")
-        limit = self.settings.max_body_bytes
+        headers = dict(scope.get("headers") or [])
+        length, limit = headers.get(b"content-length", b""), self.settings.max_body_bytes
         try:
+            if not length.isdigit() and b"transfer-encoding" in headers:
+                # a chunked body says no length up front: read it here, counting the bytes as they come
+                body, receive = await _read_body(receive, limit)
+                length = str(len(body)).encode() if body is not None else str(limit + 1).encode()
             if length.isdigit() and int(length) > limit:
-                await _error(413, "payload_too_large", f"request body of {int(length)} bytes exceeds {limit}")(
+                await _error(413, "payload_too_large", f"request body of {int(length)} bytes or more exceeds {limit}")(
                     scope, receive, counted_send
                 )
             else:
@@ -256,6 +291,29 @@ class _Gate:
             labels = (getattr(scope.get("route"), "path", "unmatched"), str(status[0]))
             self.metrics.requests.labels(*labels).inc()
             self.metrics.request_seconds.labels(*labels).observe(time.perf_counter() - arrived)
+
+
+async def _read_body(receive: Any, limit: int) -> tuple[bytes | None, Any]:
+    """The whole body (None once it passes `limit` bytes) and a receive that replays it."""
+    chunks, size, more = [], 0, True
+    while more:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        more = message.get("more_body", False)
+        if size > limit:
+            return None, receive
+    body, sent = b"".join(chunks), [False]
+
+    async def replay() -> dict[str, Any]:
+        if sent[0]:
+            return await receive()  # after the body: a disconnect, when it comes
+        sent[0] = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return body, replay
 
 
 # ---------------------------------------------------------------------------- endpoints
@@ -267,18 +325,26 @@ async def _engine(request: Request) -> Engine:
     return request.app.state.engine
 
 
-def _api_router(settings: ServerSettings) -> APIRouter:
+def _key_check(key: SecretStr | None) -> Any:
+    """A dependency that asks for `Authorization: Bearer KEY` (nothing when no key is set)."""
+
     async def require_key(authorization: Annotated[str | None, Header()] = None) -> None:
-        if settings.api_key is None:
+        if key is None:
             return
         scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), settings.api_key.encode()):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), key.get_secret_value().encode()):
             raise HTTPException(401, "missing or wrong API key (Authorization: Bearer KEY)",
                                 headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
 
-    router = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
+    return Depends(require_key)
 
-    @router.post("/predict")
+
+def _api_router(settings: ServerSettings) -> APIRouter:
+    router = APIRouter(prefix="/v1")
+    read = [_key_check(settings.api_key)]
+    write = [_key_check(settings.events_api_key or settings.api_key)]
+
+    @router.post("/predict", dependencies=read)
     async def predict(body: PredictBody, request: Request, engine: Engine = Depends(_engine)) -> dict[str, Any]:
         """Score one user's candidates; each answer carries its score, route and CRM entropy. Routed
         candidates the LLM cannot answer in time are answered by the CRM (`crm_fallback` with a
@@ -300,7 +366,7 @@ def _api_router(settings: ServerSettings) -> APIRouter:
         # serialized as it is: FastAPI's generic encoder would walk every prediction once more
         return JSONResponse(engine.finish(pending))
 
-    @router.post("/events")
+    @router.post("/events", dependencies=write)
     async def events(body: EventsBody, request: Request, engine: Engine = Depends(_engine)) -> dict[str, Any]:
         """Append interactions; the next prediction for those users reads them."""
         now = int(time.time())
@@ -308,7 +374,7 @@ def _api_router(settings: ServerSettings) -> APIRouter:
                   for e in body.events]  # fmt: skip
         return {"appended": await request.app.state.cpu.run(engine.append_events, events)}
 
-    @router.get("/model")
+    @router.get("/model", dependencies=read)
     def model(engine: Engine = Depends(_engine)) -> dict[str, Any]:
         """What is being served: versions, files, router, parity and export-time metrics."""
         return _model_summary(engine, settings)

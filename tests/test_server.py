@@ -88,6 +88,45 @@ def test_malformed_json_and_limits(bundle):
         response = client.post("/v1/predict", json=big)
         assert response.status_code == 413 and response.json()["error"]["type"] == "payload_too_large"
         assert client.get("/v1/nothing").status_code == 404
+        # a chunked body declares no length: the limit holds on the bytes read
+        chunks = (b"x" * 1024 for _ in range(8))
+        response = client.post("/v1/predict", content=chunks, headers={"content-type": "application/json"})
+        assert response.status_code == 413 and response.json()["error"]["type"] == "payload_too_large"
+        small = (part for part in (json.dumps(_body(2)).encode(),))
+        assert (
+            client.post("/v1/predict", content=small, headers={"content-type": "application/json"}).status_code == 200
+        )
+        # every error in the envelope, 404 and 405 too
+        for response in (client.get("/v1/nothing"), client.get("/v1/predict")):
+            assert response.status_code in (404, 405) and set(response.json()) == {"error"}
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"llm_fraction": False}, "llm_fraction"),  # a JSON boolean is not a number
+        ({"history": [{"item_id": "1", "rating": 5, "timestamp": 1.5}]}, "history.0.timestamp"),
+        ({"history": [{"item_id": "1", "rating": "5"}]}, "history.0.rating"),
+        ({"history": [{"item_id": "1", "rating": 5, "timestamp": 2**63}]}, "history.0.timestamp"),
+        ({"user_attributes": {"age": "x" * 100}}, "user_attributes.age"),
+        ({"candidates": [{"item_id": "1", "tags": ["t" * 100]}]}, "candidates.0.tags.0"),
+    ],
+)
+def test_the_schema_refuses_wrong_types_and_unbounded_values(bundle, body, field):
+    with _client(bundle) as client:
+        response = client.post("/v1/predict", json=_body(2) | body)
+        assert response.status_code == 422, response.text
+        assert any(d["field"].startswith(field) for d in response.json()["error"]["details"]), response.json()
+
+
+def test_an_event_timestamp_past_the_year_9999_is_a_422_not_a_500(bundle, tmp_path):
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    with _client(copy) as client:
+        event = {"user_id": "u", "item_id": "1", "rating": 5, "timestamp": 2**63}
+        response = client.post("/v1/events", json={"events": [event]})
+        assert response.status_code == 422 and response.json()["error"]["type"] == "validation_error"
+        assert 'corella_requests_total{endpoint="/v1/events",status="422"} 1.0' in client.get("/metrics").text
 
 
 def test_deadline_falls_back_to_the_crm(bundle):
@@ -160,6 +199,26 @@ def test_api_key_guards_v1_only(bundle):
         ok = client.post("/v1/predict", json=_body(1), headers={"Authorization": "Bearer s3cret"})
         assert ok.status_code == 200
         assert client.get("/healthz").status_code == 200 and client.get("/metrics").status_code == 200
+
+
+def test_keys_from_files_never_show_and_events_take_their_own_key(bundle, tmp_path):
+    (tmp_path / "read.key").write_text("r3ad\n")
+    (tmp_path / "write.key").write_text("wr1te")
+    settings = ServerSettings(bundle=bundle, api_key_file=tmp_path / "read.key",
+                              events_api_key_file=tmp_path / "write.key")  # fmt: skip
+    assert "r3ad" not in repr(settings) and "wr1te" not in repr(settings) and "r3ad" not in str(settings.model_dump())
+    read, write = {"Authorization": "Bearer r3ad"}, {"Authorization": "Bearer wr1te"}
+    event = {"events": [{"user_id": "u", "item_id": "1", "rating": 5}]}
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    with TestClient(create_app(settings.model_copy(update={"bundle": copy}))) as client:
+        assert client.post("/v1/predict", json=_body(1), headers=read).status_code == 200
+        assert client.post("/v1/predict", json=_body(1), headers=write).status_code == 401
+        assert client.post("/v1/events", json=event, headers=read).status_code == 401  # the read key cannot write
+        assert client.post("/v1/events", json=event, headers=write).status_code == 200
+    with pytest.raises(ValueError, match="empty"):
+        (tmp_path / "empty.key").write_text("  \n")
+        ServerSettings(bundle=bundle, api_key_file=tmp_path / "empty.key")
 
 
 def test_server_imports_without_torch():

@@ -7,6 +7,7 @@ pandas) happen inside the commands that need them, so `corella --help` stays ins
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -70,6 +71,16 @@ def _fail(exc: CorellaError) -> typer.Exit:
     return typer.Exit(code=2)
 
 
+def _stopped(exc: BaseException, out: Path) -> typer.Exit:
+    """A run that stopped on something unforeseen: one line, how to resume, where the details are."""
+    if os.environ.get("CORELLA_DEBUG"):
+        raise exc
+    what = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
+    console.print(f"[bold red]error:[/] the run stopped ({what}); every finished stage is checkpointed: "
+                  f"continue with `--resume --out {out}` (CORELLA_DEBUG=1 shows the traceback)")  # fmt: skip
+    return typer.Exit(code=1)
+
+
 def _table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
     table = Table(title=title)
     for column in columns:
@@ -130,6 +141,15 @@ def data_info(
     )
     if raw.errors.total:
         console.print(f"[yellow]skipped {raw.errors.total} malformed lines[/]: {raw.errors.skipped}")
+    items = raw.items
+    holes = {"without a year": int(items["year"].isna().sum()), "without genres": int((items["tags"] == ()).sum()),
+             "without a title": int((items["title"] == "item " + items.index).sum())}  # fmt: skip
+    unlisted = raw.unlisted_items()
+    console.print(
+        f"catalog: {len(items):,} items; "
+        + ", ".join(f"{n:,} {what}" for what, n in holes.items())
+        + f"; {unlisted:,} interactions with items the catalog does not list (kept, described as 'item <id>')"
+    )
     train_users = set(samples.user[samples.indices("train")])
     rows = []
     for split in SPLITS:
@@ -225,6 +245,8 @@ def train_corella_command(
         raise _fail(CorellaError(str(exc))) from exc
     except CorellaError as exc:
         raise _fail(exc) from exc
+    except (KeyboardInterrupt, Exception) as exc:  # noqa: BLE001 - the run stays resumable: say so in one line
+        raise _stopped(exc, out) from exc
     console.print((out / "report.md").read_text(encoding="utf-8"))
     console.print(f"run folder: {out}")
 
@@ -317,6 +339,8 @@ def train_crm_command(
         _, _, metrics = run_crm_stage(out, data_config, model_config, train_config, resume=resume, threads=threads)
     except CorellaError as exc:
         raise _fail(exc) from exc
+    except (KeyboardInterrupt, Exception) as exc:  # noqa: BLE001
+        raise _stopped(exc, out) from exc
     print_crm_metrics(metrics)
     console.print(f"run folder: {out}  (metrics: {out / 'crm' / 'metrics.json'})")
 

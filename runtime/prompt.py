@@ -59,8 +59,12 @@ class ItemText:
     liked_share: float | None = None  # share of those ratings at or above the like threshold
 
     def describe(self, stats: bool = False) -> str:
-        details = [d for d in (self.year, ", ".join(self.tags)) if d]
-        text = f"{self.title} ({'; '.join(details)})" if details else self.title
+        # the catalog may have holes (no year, no tags, odd values): say what there is
+        tags = ", ".join(t for t in self.tags if isinstance(t, str) and t) if self.tags else ""
+        year = self.year if isinstance(self.year, str) else None
+        details = [d for d in (year, tags) if d]
+        title = self.title if isinstance(self.title, str) and self.title.strip() else "an untitled item"
+        text = f"{title} ({'; '.join(details)})" if details else title
         if stats and self.rating_count and self.liked_share is not None:
             text += f"; {reception(self.liked_share)} ({self.liked_share:.0%} of {self.rating_count})"
         return text

@@ -59,6 +59,32 @@ def test_train_crm_command_writes_metrics(synthetic_dir, tmp_path):
     assert "by CRM entropy decile" in result.output
 
 
+def test_a_run_that_breaks_mid_training_says_one_line_and_resumes(synthetic_dir, tmp_path, monkeypatch):
+    import training.crm_trainer as trainer
+
+    out = tmp_path / "run"
+    args = ["train", "crm", "--from", str(synthetic_dir), "--out", str(out), "--epochs", "3", "--batch-size", "64",
+            "--history-length", "5", "--patience", "5"]  # fmt: skip
+    real_auc, calls = trainer.auc, []
+
+    def breaks_in_epoch_2(labels, scores):  # noqa: ANN001, ANN202 - what a data hole would do in the loop
+        calls.append(1)
+        if len(calls) == 2:
+            raise TypeError("sequence item 0: expected str instance, float found")
+        return real_auc(labels, scores)
+
+    monkeypatch.setattr(trainer, "auc", breaks_in_epoch_2)
+    result = runner.invoke(app, args)
+    said = " ".join(result.output.split())
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "error: the run stopped (TypeError: sequence item 0" in said and f"--resume --out {out}" in said
+    monkeypatch.setattr(trainer, "auc", real_auc)
+    result = runner.invoke(app, [*args, "--resume"])
+    assert result.exit_code == 0, result.output
+    history = json.loads((out / "crm" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3]  # epoch 1 was kept, not trained again
+
+
 def test_serve_reads_corella_variables_and_options_override_them(tmp_path, monkeypatch):
     # an invalid value in the environment is refused: the variable is read, not hidden by a default
     monkeypatch.setenv("CORELLA_LLM_QUEUE_CANDIDATES", "0")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -44,6 +46,13 @@ class RawDataset:
     item_noun: str = "movie"
     errors: LineErrors = field(default_factory=LineErrors)
 
+    def __post_init__(self) -> None:
+        self.items = normalize_catalog(self.items)
+
+    def unlisted_items(self) -> int:
+        """Interactions whose item the catalog does not list (kept: they are served as "item <id>")."""
+        return int((~self.interactions["item"].isin(self.items.index)).sum())
+
     def labels(self) -> np.ndarray:
         return (self.interactions["rating"].to_numpy() >= self.like_threshold).astype(np.float32)
 
@@ -54,4 +63,34 @@ class RawDataset:
         if item not in self.items.index:
             return ItemText(title=f"item {item}")
         row = self.items.loc[item]
-        return ItemText(title=str(row["title"]), year=row["year"] or None, tags=tuple(row["tags"]))
+        return ItemText(title=row["title"], year=row["year"], tags=row["tags"])
+
+
+def _text(value: Any) -> str | None:
+    """A catalog value as stripped text; None for a missing one (None, NaN, empty)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # a year read as 1995.0
+    text = str(value).strip()
+    return text or None
+
+
+def normalize_catalog(items: pd.DataFrame) -> pd.DataFrame:
+    """Every catalog in one shape, holes included: title a non-empty str ("item <id>" where the
+    source has none), year a str or None, tags a tuple of non-empty str (() where missing)."""
+    items = items.copy()
+    items.index = items.index.map(str)
+    items = items[~items.index.duplicated(keep="first")]
+    for column, default in (("title", None), ("year", None), ("tags", ())):
+        if column not in items.columns:
+            items[column] = [default] * len(items)
+    columns = {
+        "title": [_text(t) or f"item {i}" for i, t in zip(items.index, items["title"], strict=True)],
+        "year": [_text(y) for y in items["year"]],
+        "tags": [tuple(t for t in (_text(x) for x in tags) if t) if isinstance(tags, list | tuple) else ()
+                 for tags in items["tags"]],
+    }  # fmt: skip
+    for name, values in columns.items():  # object columns: a missing year stays None, never NaN
+        items[name] = pd.Series(values, index=items.index, dtype=object)
+    return items

@@ -70,3 +70,36 @@ def test_crm_on_movielens_100k_reaches_the_paper_level(ml100k_dir, tmp_path: Pat
     assert metrics["test_share_unseen_users"] == pytest.approx(0.86, abs=0.01)
     deciles = metrics["test"]["entropy_deciles"]
     assert deciles[0]["crm_acc"] > deciles[-1]["crm_acc"]  # confident predictions are right more often
+
+
+class _Payload:
+    """What a hostile run folder could pickle: loading it must not build it."""
+
+    built = False
+
+    def __reduce__(self):  # noqa: ANN204
+        return (_Payload._build, ())
+
+    @staticmethod
+    def _build() -> "_Payload":
+        _Payload.built = True
+        return _Payload()
+
+
+def test_checkpoints_load_plain_values_only(tmp_path):
+    import torch
+
+    from runtime.errors import ConfigError
+    from training.checkpoint import load_state, numpy_rng_state, save_state, set_numpy_rng_state
+
+    np.random.seed(3)
+    save_state(tmp_path / "ok.pt", {"numpy_rng": numpy_rng_state(), "step": 4, "t": torch.ones(2)})
+    expected = np.random.random(3)
+    np.random.seed(99)
+    state = load_state(tmp_path / "ok.pt")
+    set_numpy_rng_state(state["numpy_rng"])
+    assert np.array_equal(np.random.random(3), expected) and state["step"] == 4
+    torch.save({"evil": _Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(ConfigError, match="evil.pt: holds more than tensors"):
+        load_state(tmp_path / "evil.pt")
+    assert not _Payload.built

@@ -1,17 +1,34 @@
-"""Checkpoints: safetensors for weights, JSON for configs, torch.save only for optimizer state."""
+"""Checkpoints: safetensors for weights, JSON for configs, torch.save only for optimizer state.
+
+State files are read with `weights_only=True`: tensors, numbers, strings and plain containers,
+never arbitrary pickled objects, so a run folder from elsewhere cannot run code when resumed.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["write_json", "read_json", "save_weights", "load_weights", "save_state", "load_state"]
+from runtime.errors import ConfigError
+
+__all__ = [
+    "write_json",
+    "read_json",
+    "save_weights",
+    "load_weights",
+    "save_state",
+    "load_state",
+    "numpy_rng_state",
+    "set_numpy_rng_state",
+]
 
 
 def _atomic(path: Path, write) -> None:  # noqa: ANN001 - a writer taking a path
@@ -56,4 +73,22 @@ def save_state(path: Path, state: dict[str, Any]) -> None:
 
 
 def load_state(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ConfigError(
+            f"{path}: holds more than tensors and plain values (written by an older corella?); it is not "
+            "loaded: delete it to run that stage again from its start"
+        ) from exc
+
+
+def numpy_rng_state() -> dict[str, Any]:
+    """numpy's global RNG state as tensors and numbers (loadable with weights_only=True)."""
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}  # fmt: skip
+
+
+def set_numpy_rng_state(state: dict[str, Any]) -> None:
+    keys = state["keys"].numpy().astype(np.uint32)
+    np.random.set_state((state["name"], keys, state["position"], state["has_gauss"], state["cached_gaussian"]))

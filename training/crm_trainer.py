@@ -19,9 +19,11 @@ from runtime.quality import auc, entropy_deciles, summarize
 from training.checkpoint import (
     load_state,
     load_weights,
+    numpy_rng_state,
     read_json,
     save_state,
     save_weights,
+    set_numpy_rng_state,
     write_json,
 )
 from training.dcnv2 import DCNv2, DCNv2Config, Standardize
@@ -139,7 +141,7 @@ def train_crm(
         if "scheduler" in state:
             scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
-        np.random.set_state(state["numpy_rng"])
+        set_numpy_rng_state(state["numpy_rng"])
         start_epoch, best_auc, stale = state["epoch"], state["best_auc"], state["stale"]
         history = state["history"]
         log.info(
@@ -194,7 +196,7 @@ def train_crm(
             save_state(state_path, {
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
                 "best_auc": best_auc, "stale": stale, "history": history, "torch_rng": torch.get_rng_state(),
-                "numpy_rng": np.random.get_state(),
+                "numpy_rng": numpy_rng_state(),
             })  # fmt: skip
             write_json(out_dir / "history.json", history)
             if stale > train_config.patience:

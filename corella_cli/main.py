@@ -548,6 +548,7 @@ def serve(
     llm_queue_candidates: Annotated[int | None, typer.Option(help=_setting("llm_queue_candidates"))] = None,
     cpu_workers: Annotated[int | None, typer.Option(help=_setting("cpu_workers"))] = None,
     http_nice: Annotated[int | None, typer.Option(help=_setting("http_nice"))] = None,
+    max_store_interactions: Annotated[int | None, typer.Option(help=_setting("max_store_interactions"))] = None,
     llm: Annotated[
         bool | None, typer.Option("--llm/--no-llm", help="serve with the LLM, or the CRM only [env: CORELLA_LOAD_LLM]")
     ] = None,  # fmt: skip
@@ -572,7 +573,7 @@ def serve(
             llm_contexts=llm_contexts, llm_context=llm_context, llm_batch_tokens=llm_batch_tokens,
             llm_prefix_cache_tokens=llm_prefix_cache_tokens, llm_queue_candidates=llm_queue_candidates,
             llm_threads_when_busy=llm_threads_when_busy, cpu_workers=cpu_workers, http_nice=http_nice,
-            load_llm=llm, state=state, store=store,
+            load_llm=llm, state=state, store=store, max_store_interactions=max_store_interactions,
         )  # fmt: skip
         # refuse a bad bundle or a live store of another bundle here, named, before uvicorn starts
         live = live_store(load_bundle(bundle), settings.state, settings.store)

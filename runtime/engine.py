@@ -25,7 +25,7 @@ import numpy as np
 
 from runtime.bundle import Bundle
 from runtime.crm import CRMSession
-from runtime.errors import ConfigError, OverloadedError, RequestTooLarge
+from runtime.errors import ConfigError, OverloadedError, RequestTooLarge, StoreFull
 from runtime.features import UserInteractions, normalize_user_attributes
 from runtime.llm import LlamaModel, LLMError, default_threads, gpu_offload_supported
 from runtime.llm_process import RemoteScheduler
@@ -81,6 +81,7 @@ class EngineSettings:
     load_llm: bool = True
     store_path: Path | None = None  # the live feature store; default <state>/store.sqlite
     state_dir: Path | None = None  # where serving writes; default $CORELLA_HOME/state/<bundle id>
+    max_store_interactions: int | None = None  # the live store's bound (StoreFull past it)
 
     def scheduler_settings(self, gpu: bool) -> SchedulerSettings:
         contexts = self.llm_contexts or 1
@@ -499,7 +500,12 @@ class Engine:
             self.scheduler.report_host_load(load)
 
     def append_events(self, events: list[Interaction]) -> int:
-        count = self.store.append(events)
+        """Append (durably) and forget the users' cached prefixes; returns how many were new."""
+        try:
+            count = self.store.append(events, self.settings.max_store_interactions)
+        except StoreFull:
+            self.metrics.events_refused.inc(len(events))
+            raise
         if self.scheduler is not None:
             for user in {e.user_id for e in events}:
                 self.scheduler.invalidate_user(user)

@@ -10,6 +10,7 @@ __all__ = [
     "PromptError",
     "ConfigError",
     "StoreError",
+    "StoreFull",
     "RequestTooLarge",
     "OverloadedError",
 ]
@@ -41,6 +42,10 @@ class ConfigError(CorellaError):
 
 class StoreError(CorellaError):
     """The feature store cannot be opened or is of another schema."""
+
+
+class StoreFull(StoreError):
+    """The live store is at its bound: the batch is refused whole (507), nothing is dropped."""
 
 
 class RequestTooLarge(CorellaError):

@@ -34,6 +34,8 @@ class ServingMetrics(SchedulerObserver):
         self.latency = Histogram("corella_latency_seconds", "Time per request in each path", ["path"],
                                  registry=registry, buckets=_SECONDS)  # fmt: skip
         self.events = Counter("corella_events_total", "Interactions appended", registry=registry)
+        self.events_refused = Counter("corella_events_refused_total", "Interactions refused at the live store's "
+                                      "bound (507)", registry=registry)  # fmt: skip
         self.batch_tokens = Histogram("corella_llm_batch_tokens", "Tokens per llama_decode", registry=registry,
                                       buckets=(16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192))  # fmt: skip
         self.batch_sequences = Histogram("corella_llm_batch_sequences", "Sequences (prefixes and candidates) "

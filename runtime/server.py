@@ -39,7 +39,7 @@ from runtime import __version__
 from runtime.bundle import load_bundle
 from runtime.engine import CandidateItem, Engine, EngineSettings, HistoryItem
 from runtime.engine import Request as EngineRequest
-from runtime.errors import ConfigError, CorellaError, OverloadedError, RequestTooLarge
+from runtime.errors import ConfigError, CorellaError, OverloadedError, RequestTooLarge, StoreFull
 from runtime.metrics import ServingMetrics
 from runtime.store import Interaction
 
@@ -94,6 +94,8 @@ class ServerSettings(BaseSettings):
     http_nice: int = Field(10, ge=0, le=19, description="niceness of the CPU workers (0: as llama.cpp's threads): "
                            "a flood of requests then cannot take the cores the LLM decodes on")  # fmt: skip
     load_llm: bool = Field(True, description="load the LLM (False: CRM-only serving)")
+    max_store_interactions: int = Field(50_000_000, ge=1, description="bound of the live store: a /v1/events batch "
+                                        "that would pass it is refused whole with 507, nothing is dropped")  # fmt: skip
     state: Path | None = Field(None, description="state folder: the live feature store and engine caches "
                                "(default: $CORELLA_HOME/state/<bundle id>; never inside the bundle)")  # fmt: skip
     store: Path | None = Field(None, description="live feature store (default: <state>/store.sqlite)")
@@ -128,6 +130,7 @@ class ServerSettings(BaseSettings):
             llm_max_sequences=self.llm_max_sequences, llm_prefix_cache_tokens=self.llm_prefix_cache_tokens,
             llm_queue_candidates=self.llm_queue_candidates, default_deadline_ms=self.default_deadline_ms,
             max_candidates=self.max_candidates, load_llm=self.load_llm, store_path=self.store, state_dir=self.state,
+            max_store_interactions=self.max_store_interactions,
         )  # fmt: skip
 
 
@@ -182,6 +185,12 @@ class EventBody(_Strict):
     item_id: str = Field(min_length=1, max_length=256)
     rating: float = Field(ge=0, le=100)
     timestamp: int | None = Field(None, ge=0, le=253_402_300_799, description="unix seconds; default now")
+    event_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        description="the client's id for the event: an id the store holds already is not appended again",
+    )
 
 
 class EventsBody(_Strict):
@@ -219,6 +228,7 @@ _HTTP_KINDS = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
 #: corella's error types and the answer each gets; the first match in this order wins
 _ERROR_ANSWERS: tuple[tuple[type[CorellaError], int, str], ...] = (
     (RequestTooLarge, 413, "payload_too_large"),
+    (StoreFull, 507, "store_full"),
     (OverloadedError, 429, "overloaded"),
     (ConfigError, 400, "bad_request"),
     (CorellaError, 500, "internal_error"),
@@ -370,9 +380,10 @@ def _api_router(settings: ServerSettings) -> APIRouter:
     async def events(body: EventsBody, request: Request, engine: Engine = Depends(_engine)) -> dict[str, Any]:
         """Append interactions; the next prediction for those users reads them."""
         now = int(time.time())
-        events = [Interaction(e.user_id, e.item_id, e.rating, e.timestamp if e.timestamp is not None else now)
-                  for e in body.events]  # fmt: skip
-        return {"appended": await request.app.state.cpu.run(engine.append_events, events)}
+        events = [Interaction(e.user_id, e.item_id, e.rating, e.timestamp if e.timestamp is not None else now,
+                              event_id=e.event_id) for e in body.events]  # fmt: skip
+        appended = await request.app.state.cpu.run(engine.append_events, events)
+        return {"appended": appended, "duplicates": len(events) - appended}
 
     @router.get("/model", dependencies=read)
     def model(engine: Engine = Depends(_engine)) -> dict[str, Any]:

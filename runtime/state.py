@@ -132,7 +132,8 @@ def migrate_store(bundle: Bundle, source: Path | None = None, state: Path | None
     store = FeatureStore(target)
     try:
         catalog = set(store.items([e.item_id for e in events]))
-        kept = [Interaction(e.user_id, e.item_id, e.rating, e.timestamp) for e in events if e.item_id in catalog]
+        kept = [Interaction(e.user_id, e.item_id, e.rating, e.timestamp, event_id=e.event_id)
+                for e in events if e.item_id in catalog]  # fmt: skip
         if kept:
             store.append(kept)
     finally:

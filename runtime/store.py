@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.errors import StoreError
+from runtime.errors import StoreError, StoreFull
 from runtime.features import UserInteractions, normalize_user_attributes
 from runtime.prompt import HistoryEntry, ItemText
 
@@ -29,6 +29,7 @@ SCHEMA_VERSION = 3
 _ITEM_CACHE = 200_000
 _UNSEEN = object()
 _COLUMNS = "user_id, item_id, rating, timestamp, item_count_before, item_sum_before"
+_READ = _COLUMNS + ", event_id"  # the columns of `Interaction`, in its order
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -39,7 +40,8 @@ CREATE TABLE IF NOT EXISTS users (user_id TEXT PRIMARY KEY, attributes TEXT NOT 
 CREATE TABLE IF NOT EXISTS interactions (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, user_id TEXT NOT NULL, item_id TEXT NOT NULL,
     rating REAL NOT NULL, timestamp INTEGER NOT NULL,
-    item_count_before INTEGER NOT NULL DEFAULT 0, item_sum_before REAL NOT NULL DEFAULT 0);
+    item_count_before INTEGER NOT NULL DEFAULT 0, item_sum_before REAL NOT NULL DEFAULT 0,
+    event_id TEXT UNIQUE);
 CREATE INDEX IF NOT EXISTS interactions_by_user ON interactions (user_id, timestamp, seq);
 CREATE INDEX IF NOT EXISTS interactions_by_item ON interactions (item_id, timestamp);
 CREATE TABLE IF NOT EXISTS item_totals (
@@ -65,6 +67,8 @@ class Interaction:
     #: the item's totals (interactions, rating sum) strictly before this one; `append` fills them in
     item_count_before: int = 0
     item_sum_before: float = 0.0
+    #: a client's id for the event: appending an id the store holds already does nothing
+    event_id: str | None = None
 
 
 class FeatureStore:
@@ -160,7 +164,7 @@ class FeatureStore:
     def interactions(self, offset: int = 0, limit: int = -1) -> list[Interaction]:
         """Interactions in insertion order (the export writes them in global time order)."""
         rows = self._query(
-            f"SELECT {_COLUMNS} FROM interactions ORDER BY seq LIMIT ? OFFSET ?",
+            f"SELECT {_READ} FROM interactions ORDER BY seq LIMIT ? OFFSET ?",
             (limit, offset),
         )
         return [Interaction(*row) for row in rows]
@@ -211,7 +215,7 @@ class FeatureStore:
 
     def history(self, user_id: str, limit: int | None = None, before: int | None = None) -> list[Interaction]:
         """The user's last `limit` interactions (all by default; strictly before `before`), oldest first."""
-        sql = f"SELECT {_COLUMNS} FROM interactions WHERE user_id = ?"
+        sql = f"SELECT {_READ} FROM interactions WHERE user_id = ?"
         args: list[Any] = [user_id]
         if before is not None:
             sql += " AND timestamp < ?"
@@ -246,11 +250,19 @@ class FeatureStore:
             item_tags=[entry.tags if (entry := catalog.get(item)) else () for item in item_ids],
         )
 
-    def append(self, events: Sequence[Interaction]) -> int:
+    def append(self, events: Sequence[Interaction], max_interactions: int | None = None) -> int:
+        """Append in one transaction (on disk when it returns); events whose `event_id` the store
+        holds already are skipped (a retried POST counts once). Returns how many were new. With
+        `max_interactions`, a batch that would take the store past it is refused whole (StoreFull)."""
         with self._lock:
             self._conn.execute("BEGIN")
             try:
-                (last,) = self._conn.execute("SELECT COALESCE(MAX(seq), 0) FROM interactions").fetchone()
+                (last, total) = self._conn.execute(
+                    "SELECT COALESCE(MAX(seq), 0), COUNT(*) FROM interactions"
+                ).fetchone()
+                if max_interactions is not None and total + len(events) > max_interactions:
+                    raise StoreFull(f"the live store holds {total:,} interactions; {len(events):,} more would pass "
+                                    f"its bound of {max_interactions:,} (--max-store-interactions)")  # fmt: skip
                 # each event sees its item's totals before this batch (a batch is one moment)
                 before = {item: (0, 0.0) for item in {e.item_id for e in events}}
                 marks = ",".join("?" * len(before))
@@ -261,15 +273,17 @@ class FeatureStore:
                     )
                 }
                 self._conn.executemany(
-                    f"INSERT INTO interactions ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
-                    ((e.user_id, e.item_id, float(e.rating), int(e.timestamp), *before[e.item_id]) for e in events),
+                    f"INSERT OR IGNORE INTO interactions ({_COLUMNS}, event_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    ((e.user_id, e.item_id, float(e.rating), int(e.timestamp), *before[e.item_id], e.event_id)
+                     for e in events),
                 )  # fmt: skip
+                (added,) = self._conn.execute("SELECT COUNT(*) FROM interactions WHERE seq > ?", (last,)).fetchone()
                 self._add_totals(after=last)
                 self._conn.execute("COMMIT")
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise
-        return len(events)
+        return int(added)
 
     def _add_totals(self, after: int) -> None:
         """Fold the interactions inserted after `seq` into the items' totals (caller holds the

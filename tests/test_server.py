@@ -279,3 +279,85 @@ def test_real_server_under_32_concurrent_clients(bundle):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def _start_server(bundle: Path, port: int, *args: str) -> subprocess.Popen:
+    server = subprocess.Popen(
+        [sys.executable, "-m", "corella_cli", "serve", str(bundle), "--port", str(port), *args],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    for _ in range(300):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        if server.poll() is not None:
+            pytest.fail(server.stdout.read())
+        time.sleep(0.1)
+    server.kill()
+    pytest.fail("server did not become ready in 30 s")
+
+
+def test_acknowledged_events_survive_a_kill_9_and_retries_count_once(bundle, tmp_path):
+    """Clients post events with ids while the server is killed with SIGKILL: after a restart on the
+    same state, every event that got a 200 is in the store; posting them again appends nothing."""
+    from runtime.store import FeatureStore
+
+    port, state = _free_port(), tmp_path / "state"
+    server = _start_server(bundle, port, "--no-llm", "--state", str(state))
+    acknowledged: list[str] = []
+    lock = threading.Lock()
+
+    def poster(worker: int) -> None:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as http:
+            for i in range(10_000):
+                event = {"user_id": f"crash-{worker}", "item_id": str(1 + i % 40), "rating": 4,
+                         "timestamp": 2_000_000_000 + i}  # fmt: skip
+                batch = [event | {"event_id": f"w{worker}-{i}-{j}"} for j in range(3)]
+                try:
+                    response = http.post("/v1/events", json={"events": batch})
+                except httpx.HTTPError:
+                    return  # the server is gone
+                if response.status_code == 200:
+                    with lock:
+                        acknowledged.extend(e["event_id"] for e in batch)
+
+    threads = [threading.Thread(target=poster, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    while len(acknowledged) < 150:
+        time.sleep(0.01)
+    server.kill()  # SIGKILL: no shutdown, no checkpoint of the WAL
+    server.wait()
+    for t in threads:
+        t.join()
+    store = FeatureStore(state / "store.sqlite")
+    found = {row.event_id for row in store.interactions() if row.event_id}
+    store.close()
+    assert set(acknowledged) <= found and len(acknowledged) >= 150
+    server = _start_server(bundle, port, "--no-llm", "--state", str(state))
+    try:
+        retry = [{"user_id": "crash-0", "item_id": "1", "rating": 4, "timestamp": 2_000_000_000, "event_id": "w0-0-0"},
+                 {"user_id": "crash-0", "item_id": "2", "rating": 4, "event_id": "brand-new"}]  # fmt: skip
+        answer = httpx.post(f"http://127.0.0.1:{port}/v1/events", json={"events": retry}, timeout=5).json()
+        assert answer == {"appended": 1, "duplicates": 1}
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_the_live_store_bound_refuses_a_batch_whole(bundle, tmp_path):
+    from runtime.bundle import load_bundle
+    from runtime.store import FeatureStore
+
+    held = FeatureStore(bundle / "store.sqlite", readonly=True).counts()["interactions"]
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    with _client(copy, max_store_interactions=held + 2) as client:
+        events = [{"user_id": "u", "item_id": "1", "rating": 5, "timestamp": 2_000_000_000 + i} for i in range(3)]
+        response = client.post("/v1/events", json={"events": events})
+        assert response.status_code == 507 and response.json()["error"]["type"] == "store_full"
+        assert client.post("/v1/events", json={"events": events[:2]}).json()["appended"] == 2
+        assert "corella_events_refused_total 3.0" in client.get("/metrics").text
+    assert load_bundle(copy).id  # the bundle itself untouched and valid

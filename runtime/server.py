@@ -27,11 +27,12 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import annotated_types
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -149,14 +150,19 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+def _integral(value: Any) -> Any:
+    """JSON has one number type: 1700000000.0 is an integer to a JSON Schema, 1.5 is not."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 #: unix seconds up to the year 9999: past it a timestamp is a mistake (and past 2^63, SQLite's limit)
-_TIMESTAMP = Field(None, ge=0, le=253_402_300_799, description="unix seconds")
+Timestamp = Annotated[int, annotated_types.Ge(0), annotated_types.Le(253_402_300_799), BeforeValidator(_integral)]
 
 
 class HistoryBody(_Strict):
     item_id: str = Field(min_length=1, max_length=256)
     rating: float = Field(ge=0, le=100)
-    timestamp: int | None = _TIMESTAMP
+    timestamp: Timestamp | None = Field(None, description="unix seconds")
     title: str | None = Field(None, max_length=512)
 
 
@@ -184,7 +190,7 @@ class EventBody(_Strict):
     user_id: str = Field(min_length=1, max_length=256)
     item_id: str = Field(min_length=1, max_length=256)
     rating: float = Field(ge=0, le=100)
-    timestamp: int | None = Field(None, ge=0, le=253_402_300_799, description="unix seconds; default now")
+    timestamp: Timestamp | None = Field(None, description="unix seconds; default now")
     event_id: str | None = Field(
         None,
         min_length=1,
@@ -223,7 +229,27 @@ def _error(status: int, kind: str, message: str, details: Any = None, headers: d
     return JSONResponse(status_code=status, content=body, headers=headers)
 
 
-_HTTP_KINDS = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
+class ErrorDetail(BaseModel):
+    type: str = Field(description="what went wrong, e.g. validation_error, payload_too_large, overloaded")
+    message: str
+    details: list[dict[str, Any]] | None = None
+
+
+class ErrorBody(BaseModel):
+    """Every error answer: {"error": {"type", "message", "details"?}}."""
+
+    error: ErrorDetail
+
+
+def _documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the error answers a route gives (all in the envelope)."""
+    described = {400: "the body is not JSON (or not UTF-8)", 401: "missing or wrong API key", 413: "request too large",
+                 422: "request does not match the schema", 429: "overloaded: retry after Retry-After seconds",
+                 503: "models still loading", 507: "the live store is at its bound"}  # fmt: skip
+    return {status: {"model": ErrorBody, "description": described[status]} for status in statuses}
+
+
+_HTTP_KINDS = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
                503: "not_ready"}  # fmt: skip
 #: corella's error types and the answer each gets; the first match in this order wins
 _ERROR_ANSWERS: tuple[tuple[type[CorellaError], int, str], ...] = (
@@ -354,7 +380,7 @@ def _api_router(settings: ServerSettings) -> APIRouter:
     read = [_key_check(settings.api_key)]
     write = [_key_check(settings.events_api_key or settings.api_key)]
 
-    @router.post("/predict", dependencies=read)
+    @router.post("/predict", dependencies=read, responses=_documented(400, 401, 413, 422, 429, 503))
     async def predict(body: PredictBody, request: Request, engine: Engine = Depends(_engine)) -> dict[str, Any]:
         """Score one user's candidates; each answer carries its score, route and CRM entropy. Routed
         candidates the LLM cannot answer in time are answered by the CRM (`crm_fallback` with a
@@ -376,7 +402,7 @@ def _api_router(settings: ServerSettings) -> APIRouter:
         # serialized as it is: FastAPI's generic encoder would walk every prediction once more
         return JSONResponse(engine.finish(pending))
 
-    @router.post("/events", dependencies=write)
+    @router.post("/events", dependencies=write, responses=_documented(400, 401, 413, 422, 503, 507))
     async def events(body: EventsBody, request: Request, engine: Engine = Depends(_engine)) -> dict[str, Any]:
         """Append interactions; the next prediction for those users reads them."""
         now = int(time.time())
@@ -385,7 +411,7 @@ def _api_router(settings: ServerSettings) -> APIRouter:
         appended = await request.app.state.cpu.run(engine.append_events, events)
         return {"appended": appended, "duplicates": len(events) - appended}
 
-    @router.get("/model", dependencies=read)
+    @router.get("/model", dependencies=read, responses=_documented(401, 503))
     def model(engine: Engine = Depends(_engine)) -> dict[str, Any]:
         """What is being served: versions, files, router, parity and export-time metrics."""
         return _model_summary(engine, settings)
@@ -552,7 +578,7 @@ def _ops_router() -> APIRouter:
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @router.get("/readyz")
+    @router.get("/readyz", responses={503: {"description": "not ready yet: the models are loading"}})
     async def readyz(request: Request) -> JSONResponse:
         """200 once the models are loaded. An LLM that failed to load leaves the server ready with
         "degraded": true: the CRM answers, routed candidates fall back (reason llm_unavailable)."""
@@ -565,7 +591,11 @@ def _ops_router() -> APIRouter:
                 content["llm_error"] = engine.llm_failure
         return JSONResponse(status_code=200 if ready else 503, content=content)
 
-    @router.get("/metrics")
+    @router.get(
+        "/metrics",
+        response_class=PlainTextResponse,
+        responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
+    )
     async def prometheus(request: Request) -> PlainTextResponse:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 

@@ -282,10 +282,14 @@ def test_real_server_under_32_concurrent_clients(bundle):
 
 
 def _start_server(bundle: Path, port: int, *args: str) -> subprocess.Popen:
-    server = subprocess.Popen(
-        [sys.executable, "-m", "corella_cli", "serve", str(bundle), "--port", str(port), *args],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+    """`corella serve` in its own process, its log in a file (a pipe nobody reads would fill and
+    stall the server after a few hundred access-log lines)."""
+    log = bundle.parent / f"serve-{port}.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "corella_cli", "serve", str(bundle), "--port", str(port), *args],
+            cwd=REPO, stdout=out, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
     for _ in range(300):
         try:
             if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
@@ -293,7 +297,7 @@ def _start_server(bundle: Path, port: int, *args: str) -> subprocess.Popen:
         except httpx.HTTPError:
             pass
         if server.poll() is not None:
-            pytest.fail(server.stdout.read())
+            pytest.fail(log.read_text())
         time.sleep(0.1)
     server.kill()
     pytest.fail("server did not become ready in 30 s")

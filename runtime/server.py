@@ -249,8 +249,8 @@ def _documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorBody, "description": described[status]} for status in statuses}
 
 
-_HTTP_KINDS = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
-               503: "not_ready"}  # fmt: skip
+_HTTP_KINDS = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+               413: "payload_too_large", 503: "not_ready"}  # fmt: skip
 #: corella's error types and the answer each gets; the first match in this order wins
 _ERROR_ANSWERS: tuple[tuple[type[CorellaError], int, str], ...] = (
     (RequestTooLarge, 413, "payload_too_large"),

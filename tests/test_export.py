@@ -94,6 +94,15 @@ def _edit_manifest(bundle: Path, edit) -> None:  # noqa: ANN001
             r"'\.\./x' is not a plain",
         ),  # fmt: skip
         (lambda b: _edit_manifest(b, lambda m: m.pop("router")), r"no 'router' entry"),
+        (lambda b: _edit_manifest(b, lambda m: m.pop("features")), r"no 'features' entry"),
+        (lambda b: _edit_manifest(b, lambda m: m["files"].pop("prompt.json")), r"prompt\.json: the runtime opens"),
+        (lambda b: _edit_manifest(b, lambda m: m["files"].update({"crm.onnx": "x"})), r"malformed entry for crm\.onnx"),
+        (lambda b: _edit_manifest(b, lambda m: m.update(files=[])), r"malformed manifest \(no file list\)"),
+        (lambda b: (b / "prompt.json").write_text("{}"), r"prompt\.json: size"),
+        (
+            lambda b: (b / "store.sqlite").write_bytes(b"\0" * (b / "store.sqlite").stat().st_size),
+            r"store\.sqlite: sha256",
+        ),  # fmt: skip
         (lambda b: _edit_manifest(b, lambda m: m["llm"].pop("file")), r"malformed llm entry"),
     ],
 )

@@ -179,8 +179,9 @@ class PredictBody(_Strict):
         dict[Annotated[str, Field(max_length=32)], Annotated[str, Field(max_length=64)] | int | float] | None
     ) = Field(None, max_length=16, description="age, gender, occupation, zip")
     history: list[HistoryBody] | None = Field(None, max_length=1000, description="oldest first; overrides the store")
-    candidates: list[CandidateBody] = Field(min_length=1, max_length=100_000, description="items to score "
-                                            "(the server's --max-candidates is the tighter bound: 413 past it)")  # fmt: skip
+    candidates: list[CandidateBody] = Field(
+        min_length=1, max_length=100_000, description="items to score (past --max-candidates: 413)"
+    )
     mode: Literal["hybrid", "crm", "llm"] = "hybrid"
     llm_fraction: float | None = Field(None, ge=0, le=1, description="route this share of the candidates to the LLM")
     deadline_ms: float | None = Field(None, gt=0, le=600_000, description="answer this long after arrival at the "

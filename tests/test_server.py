@@ -180,7 +180,7 @@ def test_events_persist_across_a_restart(bundle, tmp_path, corella_home):
         assert before["history_length"] == 0
         events = [{"user_id": "fresh-user", "item_id": str(i), "rating": 5, "timestamp": 2_000_000_000 + i}
                   for i in (2, 3, 4)]  # fmt: skip
-        assert client.post("/v1/events", json={"events": events}).json() == {"appended": 3}
+        assert client.post("/v1/events", json={"events": events}).json() == {"appended": 3, "duplicates": 0}
         assert client.post("/v1/events", json={"events": [{"user_id": "u"}]}).status_code == 422
     with _client(**settings) as client:  # a new app on the same bundle: a restart
         after = client.post("/v1/predict", json={"user_id": "fresh-user", "candidates": [{"item_id": "1"}]}).json()

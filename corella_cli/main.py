@@ -676,6 +676,29 @@ def bench(
 
 # ---------------------------------------------------------------------------- quickstart
 @app.command()
+def _outdated(run_spec: Path, bundle_spec: Path) -> list[str]:
+    """A run or bundle of an older feature contract is renamed aside (kept, never deleted) so that
+    quickstart makes it anew; returns what it did."""
+    import time
+
+    from runtime.errors import FeatureSpecError
+    from runtime.features import FeatureSpec
+
+    done = []
+    for spec, folder in ((run_spec, run_spec.parent.parent), (bundle_spec, bundle_spec.parent)):
+        if not spec.exists():
+            continue
+        try:
+            FeatureSpec.load(spec)
+        except FeatureSpecError as exc:
+            aside = folder.with_name(f"{folder.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+            folder.rename(aside)
+            done.append(f"{folder} was made by an older corella ({exc}); kept as {aside}, made anew")
+    if done and (quants := bundle_spec.parent.with_name(bundle_spec.parent.name + "-quants")).exists():
+        quants.rename(quants.with_name(f"{quants.name}.old-{time.strftime('%Y%m%d-%H%M%S')}"))
+    return done
+
+
 def quickstart(
     workdir: Annotated[Path, typer.Option(help="where runs/, bundles/ and bench/ go")] = Path("."),
     port: Annotated[int, typer.Option(help="port of the demonstration server")] = 8765,
@@ -709,6 +732,8 @@ def quickstart(
             folder, origin = fetch_dataset("movielens-100k")
             say(f"  movielens-100k from {origin} -> {folder}")
         say("[bold]2/5 train[/] (quick preset: CRM, joint stage, LLM stage, report)")
+        for stale in _outdated(run / "crm" / "features.json", bundle / "features.json"):
+            say(f"  {stale}")
         if (run / "metrics.json").exists():
             say(f"  skipped: {run / 'metrics.json'} exists")
         else:

@@ -343,6 +343,12 @@ def _export_llm(run: Path, llm_info: dict[str, Any], template: PromptTemplate, p
         }
     calibration_info = {"routed_logloss_raw": log_loss(labels, shipped_routed),
                         "routed_logloss_calibrated": log_loss(labels, calibration.apply(shipped_routed))}  # fmt: skip
+    if "llm_calibration" in router and calibration.slope <= 0:
+        warning = (
+            "warning: the LLM's answers carry no signal on the routed validation samples (calibration "
+            "slope 0): routed candidates will be answered with a constant; consider a larger LLM"
+        )
+        _progress(warning, progress)
     _progress(f"LLM calibration: P = sigmoid({calibration.slope:.3f} logit(p) + {calibration.intercept:.3f}); "
               f"routed validation LogLoss {calibration_info['routed_logloss_raw']:.4f} raw -> "
               f"{calibration_info['routed_logloss_calibrated']:.4f}", progress)  # fmt: skip

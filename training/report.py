@@ -18,7 +18,12 @@ def _calibration(metrics: dict[str, Any]) -> str:
     c = metrics.get("llm_calibration") or {"slope": 1.0, "intercept": 0.0, "samples": 0}
     if not c.get("samples"):
         return "none fitted, identity"
-    return f"sigmoid({c['slope']:.3f} logit(p) + {c['intercept']:.3f}) from {c['samples']} samples"
+    text = f"sigmoid({c['slope']:.3f} logit(p) + {c['intercept']:.3f}) from {c['samples']} samples"
+    if c["slope"] <= 0:
+        text += (" — **slope 0: the LLM's answers carried no signal on routed validation samples, so the "
+                 "calibrated hybrid answers routed candidates with a constant; its figures measure that "
+                 "constant, not the LLM**")  # fmt: skip
+    return text
 
 
 def _f(value: float) -> str:

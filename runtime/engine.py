@@ -14,8 +14,9 @@ whatever is done by the deadline). `predict` is both, waiting in between.
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -26,7 +27,7 @@ import numpy as np
 from runtime.bundle import Bundle
 from runtime.crm import CRMSession
 from runtime.errors import ConfigError, OverloadedError, RequestTooLarge, StoreFull
-from runtime.features import UserInteractions, normalize_user_attributes
+from runtime.features import UserInteractions, UserSummary, normalize_user_attributes
 from runtime.llm import LlamaModel, LLMError, default_threads, gpu_offload_supported
 from runtime.llm_process import RemoteScheduler
 from runtime.metrics import ServingMetrics
@@ -48,6 +49,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+_USER_CACHE = 100_000  # users whose past summary is remembered (a few KB each)
 
 Mode = Literal["hybrid", "crm", "llm"]
 
@@ -184,6 +187,10 @@ class Engine:
         # one thread: a request's few hundred rows take ~0.5 ms; a second thread costs more CPU than it saves
         self.state = state_dir(bundle, settings.state_dir)
         self.store = FeatureStore(live_store(bundle, settings.state_dir, settings.store_path))
+        # user -> (events posted when read, last interactions, summary); see _stored_user
+        self._users: OrderedDict[str, tuple[int | None, list[HistoryItem], UserSummary]] = OrderedDict()
+        self._posted: dict[str, int] = {}
+        self._users_lock = threading.Lock()
         self.crm = CRMSession(
             bundle.crm_file, settings.providers, settings.crm_threads or 1, engine_cache=self.state / "trt_cache"
         )
@@ -246,9 +253,9 @@ class Engine:
         return self.crm is not None
 
     # ------------------------------------------------------------------ request pieces
-    def _user(self, request: Request) -> tuple[dict[str, str], list[HistoryItem], UserInteractions, bool]:
-        """The user's attributes, last interactions, every earlier interaction (the request's own
-        history where it brings one, else the store's) and whether the user is known."""
+    def _user(self, request: Request) -> tuple[dict[str, str], list[HistoryItem], UserSummary, bool]:
+        """The user's attributes, last interactions, the summary of every earlier interaction (the
+        request's own history where it brings one, else the store's) and whether the user is known."""
         profile = self.store.user_attributes(request.user_id) if request.user_id is not None else None
         known = profile is not None
         if request.user_attributes is not None:
@@ -257,17 +264,36 @@ class Engine:
             attributes = profile or {}
         if request.history is not None:
             history = list(request.history)
-            past = self.store.past([h.item_id for h in history], [h.rating for h in history])
+            summary = self.spec.user_summary(self.store.past([h.item_id for h in history], [h.rating for h in history]))
         elif request.user_id is not None:
-            stored, past = self.store.user_past(request.user_id, before=request.at)
-            history = [HistoryItem(h.item_id, h.rating, h.timestamp) for h in stored]
+            history, summary = self._stored_user(request.user_id, request.at)
         else:
-            history, past = [], UserInteractions([], [], [], [])
-        return attributes, history[-self.spec.history_length :], past, known or bool(history)
+            history, summary = [], self.spec.user_summary(UserInteractions([], [], [], []))
+        return attributes, history[-self.spec.history_length :], summary, known or bool(history)
+
+    def _stored_user(self, user_id: str, at: int | None) -> tuple[list[HistoryItem], UserSummary]:
+        """A user's past from the store: remembered (for requests of now) until the user's next
+        event, so a returning user costs no scan of their whole past."""
+        if at is None:
+            with self._users_lock:
+                cached = self._users.get(user_id)
+                if cached is not None and cached[0] == self._posted.get(user_id):
+                    self._users.move_to_end(user_id)
+                    return cached[1], cached[2]
+        posted = self._posted.get(user_id)  # read before the store: an event meanwhile makes this stale
+        stored, past = self.store.user_past(user_id, before=at)
+        history = [HistoryItem(h.item_id, h.rating, h.timestamp) for h in stored[-self.spec.history_length :]]
+        summary = self.spec.user_summary(past)
+        if at is None:
+            with self._users_lock:
+                self._users[user_id] = (posted, history, summary)
+                if len(self._users) > _USER_CACHE:
+                    self._users.popitem(last=False)
+        return history, summary
 
     def prepare(self, request: Request) -> Prepared:
         """Resolve the user and the candidates (request first, then the store) and encode them."""
-        attributes, history, past, known_user = self._user(request)
+        attributes, history, summary, known_user = self._user(request)
         candidates = request.candidates
         item_ids = [c.item_id for c in candidates]
         catalog = self.store.items(item_ids)
@@ -282,7 +308,9 @@ class Engine:
             else:
                 items.append(stored)
         item_tags = [it.tags if it else () for it in items]
-        statistics = self.spec.request_statistics(past, self.store.item_totals(item_ids, before=request.at), item_tags)
+        statistics = self.spec.request_statistics(
+            summary, self.store.item_totals(item_ids, before=request.at), item_tags
+        )
         inputs = self.spec.encode_request(
             user_id=request.user_id,
             user_attributes=attributes,
@@ -501,6 +529,9 @@ class Engine:
 
     def append_events(self, events: list[Interaction]) -> int:
         """Append (durably) and forget the users' cached prefixes; returns how many were new."""
+        with self._users_lock:  # before the write: a summary read meanwhile is stale
+            for user in {e.user_id for e in events}:
+                self._posted[user] = self._posted.get(user, 0) + 1
         try:
             count = self.store.append(events, self.settings.max_store_interactions)
         except StoreFull:

@@ -37,6 +37,7 @@ __all__ = [
     "TOTALS",
     "Statistics",
     "UserInteractions",
+    "UserSummary",
     "running_totals",
 ]
 
@@ -166,6 +167,15 @@ class UserInteractions:
 
 
 @dataclass(frozen=True)
+class UserSummary:
+    """A user's past reduced to what the statistics read: (count, rating sum, likes, deviation
+    sum) and, per tag, (count, rating sum, likes)."""
+
+    totals: tuple[float, float, float, float]
+    per_tag: Mapping[str, tuple[float, float, float]]
+
+
+@dataclass(frozen=True)
 class FeatureSpec:
     """Versioned feature contract, saved as features.json beside every model."""
 
@@ -285,24 +295,35 @@ class FeatureSpec:
         ]
         return np.stack([np.broadcast_to(c, (len(item),)) for c in columns], axis=1).astype(np.float32)
 
-    def request_statistics(self, history: UserInteractions, item_totals: np.ndarray,
-                           item_tags: Sequence[Sequence[str]]) -> Statistics:  # fmt: skip
-        """One user's statistics for a request's candidates: `history` is every interaction of the
-        user before the request, `item_totals` [B, 3] the candidates' totals. Equal to what
-        `running_statistics` gives a training sample with the same past."""
+    def user_summary(self, history: UserInteractions) -> UserSummary:
+        """What the statistics need of a user's past: the totals and the per-tag totals (what a
+        server may cache per user until the user's next event)."""
         ratings = np.asarray(history.ratings, dtype=np.float64)
-        likes = (ratings >= self.like_threshold).astype(np.float64)
+        likes = ratings >= self.like_threshold
         means = self.shrunk(np.asarray(history.item_sums_before, dtype=np.float64),
                             np.asarray(history.item_counts_before, dtype=np.float64), self.global_mean)  # fmt: skip
-        user = np.array([[len(ratings), ratings.sum(), likes.sum(), (ratings - means).sum()]])
-        per_tag: dict[str, np.ndarray] = {}
-        for tags, rating, liked in zip(history.item_tags, ratings, likes, strict=True):
+        totals = (float(len(ratings)), float(ratings.sum()), float(likes.sum()), float((ratings - means).sum()))
+        per_tag: dict[str, list[float]] = {}
+        for tags, rating, liked in zip(history.item_tags, ratings.tolist(), likes.tolist(), strict=True):
             for tag in dict.fromkeys(tags):
-                per_tag[tag] = per_tag.get(tag, np.zeros(3)) + (1.0, rating, liked)
-        empty = np.zeros(3)
-        genre = np.array([sum((per_tag.get(t, empty) for t in dict.fromkeys(tags)), np.zeros(3))
-                          for tags in item_tags]).reshape(len(item_tags), 3)  # fmt: skip
-        return Statistics(user=user, item=np.asarray(item_totals, dtype=np.float64).reshape(-1, 3), genre=genre)
+                entry = per_tag.setdefault(tag, [0.0, 0.0, 0.0])
+                entry[0] += 1.0
+                entry[1] += rating
+                entry[2] += liked
+        return UserSummary(totals, {tag: tuple(v) for tag, v in per_tag.items()})
+
+    def request_statistics(self, summary: UserSummary, item_totals: np.ndarray,
+                           item_tags: Sequence[Sequence[str]]) -> Statistics:  # fmt: skip
+        """One user's statistics for a request's candidates: `summary` of every interaction of the
+        user before the request, `item_totals` [B, 3] the candidates' totals. Equal to what
+        `running_statistics` gives a training sample with the same past."""
+        genre = np.zeros((len(item_tags), 3))
+        for row, tags in enumerate(item_tags):
+            for tag in dict.fromkeys(tags):
+                if (entry := summary.per_tag.get(tag)) is not None:
+                    genre[row] += entry
+        item = np.asarray(item_totals, dtype=np.float64).reshape(-1, 3)
+        return Statistics(user=np.array([summary.totals]), item=item, genre=genre)
 
     def running_statistics(self, user: np.ndarray, item: np.ndarray, timestamp: np.ndarray, rating: np.ndarray,
                            item_tags: Sequence[Sequence[str]]) -> Statistics:  # fmt: skip

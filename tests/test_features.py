@@ -263,15 +263,16 @@ def test_training_and_serving_produce_identical_feature_rows(tmp_path):
         expected = spec.stats(Statistics(training.user[n:], training.item[n:], training.genre[n:]))
         for at in (None, 1000):
             _, past = store.user_past(who, before=at)
-            served = spec.stats(spec.request_statistics(past, store.item_totals(candidates, before=at),
-                                                        [tags[i] for i in candidates]))  # fmt: skip
+            totals = store.item_totals(candidates, before=at)
+            served = spec.stats(spec.request_statistics(spec.user_summary(past), totals, [tags[i] for i in candidates]))
             assert np.allclose(served, expected, atol=1e-6), (who, at)
     # and for a moment in the middle of the exported past
     row = split // 2
     sample = spec.running_statistics(user, item, timestamp, rating, [tags[i] for i in item])
     _, past = store.user_past(user[row], before=int(timestamp[row]))
-    served = spec.request_statistics(past, store.item_totals([item[row]], before=int(timestamp[row])),
-                                     [tags[item[row]]])  # fmt: skip
+    served = spec.request_statistics(
+        spec.user_summary(past), store.item_totals([item[row]], before=int(timestamp[row])), [tags[item[row]]]
+    )
     assert np.allclose(spec.stats(served), spec.stats(Statistics(sample.user[row : row + 1], sample.item[row : row + 1],
                                                                  sample.genre[row : row + 1])), atol=1e-6)  # fmt: skip
     store.close()

@@ -235,3 +235,21 @@ def test_a_dead_llm_process_is_answered_by_the_crm_and_started_again(bundle, tmp
         assert {p["route"] for p in engine.predict(_request(2, 6, mode="llm"))["predictions"]} == {"llm"}
     finally:
         engine.close()
+
+
+def test_a_users_remembered_past_is_forgotten_at_their_next_event(bundle, tmp_path):
+    from runtime.store import Interaction
+
+    engine = _engine(bundle, tmp_path, load_llm=False)
+    try:
+        request = Request(candidates=[CandidateItem(str(i)) for i in range(1, 9)], user_id="7", mode="crm")
+        first = engine.predict(request)
+        assert engine.predict(request)["predictions"] == first["predictions"]  # served from the remembered past
+        engine.append_events([Interaction("7", str(i), 1.0, 2_000_000_000 + i) for i in range(1, 6)])
+        after = engine.predict(request)
+        assert [p["score"] for p in after["predictions"]] != [p["score"] for p in first["predictions"]]
+        prepared = engine.prepare(request)  # the same as a store read from scratch
+        engine._users.clear()
+        assert np.array_equal(engine.prepare(request).inputs["stats"], prepared.inputs["stats"])
+    finally:
+        engine.close()

@@ -331,27 +331,42 @@ def _export_llm(run: Path, llm_info: dict[str, Any], template: PromptTemplate, p
     quant = choice["kept"]
     _progress(f"quantization: {quant} ({choice['reason']})", progress)
     shipped = f"llm-{quant}.gguf"
-    # the LLM calibration is refitted on the shipped GGUF's own answers: quantization moves P(yes)
-    # by several hundredths (measured above), as much as a small LLM's whole spread
-    # (only where training calibrated: a run trained with --calibration-samples 0 keeps the raw swap)
     shipped_routed = routed_scores[quant if quant not in ("f16", "f32") else config.intermediate]
+    calibration_info = _refit_calibration(router, shipped_routed, labels, shipped, progress)
+    _place_ggufs(config, quant, merged_path, work, staging)
+    return {
+        "file": shipped, "quant": quant, "quant_choice": choice, "base": llm_info["base"], "yes_token_id": yes,
+        "no_token_id": no, "bos_token_id": bos, "context_size": config.context_size, "merge": merge, "parity": parity,
+        "quantizations": quants, "routed_validation_samples": int(len(routed)), "calibration": calibration_info,
+    }  # fmt: skip
+
+
+def _refit_calibration(router: dict[str, Any], scores: np.ndarray, labels: np.ndarray, shipped: str,
+                       progress: Callable[[str], None] | None) -> dict[str, float]:  # fmt: skip
+    """Refit the LLM's Platt map on the shipped GGUF's own answers to the routed validation samples
+    (quantization moves P(yes) by several hundredths, as much as a small LLM's whole spread); only
+    where training calibrated: a run trained with --calibration-samples 0 keeps the raw swap."""
     calibration = LLMCalibration()
     if "llm_calibration" in router:
-        calibration = LLMCalibration.fit(shipped_routed, labels)
+        calibration = LLMCalibration.fit(scores, labels)
         router["llm_calibration"] = calibration.to_dict() | {
-            "fitted_on": f"{len(routed)} routed validation samples scored by llama.cpp with {shipped}"
+            "fitted_on": f"{len(labels)} routed validation samples scored by llama.cpp with {shipped}"
         }
-    calibration_info = {"routed_logloss_raw": log_loss(labels, shipped_routed),
-                        "routed_logloss_calibrated": log_loss(labels, calibration.apply(shipped_routed))}  # fmt: skip
-    if "llm_calibration" in router and calibration.slope <= 0:
-        warning = (
-            "warning: the LLM's answers carry no signal on the routed validation samples (calibration "
-            "slope 0): routed candidates will be answered with a constant; consider a larger LLM"
-        )
-        _progress(warning, progress)
+        if calibration.slope <= 0:
+            _progress("warning: the LLM's answers carry no signal on the routed validation samples (calibration "
+                      "slope 0): routed candidates will be answered with a constant; consider a larger LLM",
+                      progress)  # fmt: skip
+    info = {"routed_logloss_raw": log_loss(labels, scores),
+            "routed_logloss_calibrated": log_loss(labels, calibration.apply(scores))}  # fmt: skip
     _progress(f"LLM calibration: P = sigmoid({calibration.slope:.3f} logit(p) + {calibration.intercept:.3f}); "
-              f"routed validation LogLoss {calibration_info['routed_logloss_raw']:.4f} raw -> "
-              f"{calibration_info['routed_logloss_calibrated']:.4f}", progress)  # fmt: skip
+              f"routed validation LogLoss {info['routed_logloss_raw']:.4f} raw -> "
+              f"{info['routed_logloss_calibrated']:.4f}", progress)  # fmt: skip
+    return info
+
+
+def _place_ggufs(config: ExportConfig, quant: str, merged_path: Path, work: Path, staging: Path) -> None:
+    """The shipped GGUF into the bundle; the intermediate and the compared ones where asked for."""
+    shipped = f"llm-{quant}.gguf"
     if quant in ("f16", "f32"):
         shutil.copy2(merged_path, staging / shipped)
     else:
@@ -364,11 +379,6 @@ def _export_llm(run: Path, llm_info: dict[str, Any], template: PromptTemplate, p
         for path in [merged_path, *work.glob("llm-*.gguf"), staging / shipped]:
             if path.exists():
                 shutil.copy2(path, Path(config.quants_dir) / path.name)
-    return {
-        "file": shipped, "quant": quant, "quant_choice": choice, "base": llm_info["base"], "yes_token_id": yes,
-        "no_token_id": no, "bos_token_id": bos, "context_size": config.context_size, "merge": merge, "parity": parity,
-        "quantizations": quants, "routed_validation_samples": int(len(routed)), "calibration": calibration_info,
-    }  # fmt: skip
 
 
 def _keep_legacy_state(out: Path, progress: Callable[[str], None] | None) -> None:

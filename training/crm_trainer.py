@@ -6,6 +6,7 @@ import logging
 import random
 import time
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -135,48 +136,22 @@ def train_crm(
     history: list[dict[str, float]] = []
     start_epoch, best_auc, stale = 0, -1.0, 0
     if resume and state_path.exists():
-        state = load_state(state_path)
-        load_weights(out_dir / "last.safetensors", model)
-        optimizer.load_state_dict(state["optimizer"])
-        if "scheduler" in state:
-            scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        set_numpy_rng_state(state["numpy_rng"])
-        start_epoch, best_auc, stale = state["epoch"], state["best_auc"], state["stale"]
-        history = state["history"]
-        log.info(
-            "resuming CRM training at epoch %d (best validation AUC %.4f)",
-            start_epoch + 1,
-            best_auc,
-        )
+        start_epoch, best_auc, stale, history = _resume(out_dir, model, optimizer, scheduler)
     write_json(
         out_dir / "config.json",
         {"model": model_config.model_dump(), "train": train_config.model_dump()},
     )
     spec.save(out_dir / "features.json")
 
-    n = len(train_labels)
     labels = torch.from_numpy(train_labels.astype(np.float32))
-    loss_fn = torch.nn.BCEWithLogitsLoss()
-    steps = (n + train_config.batch_size - 1) // train_config.batch_size
+    steps = (len(train_labels) + train_config.batch_size - 1) // train_config.batch_size
     done = stale > train_config.patience or start_epoch >= train_config.epochs
     with _progress(not show_progress) as progress:
         for epoch in range(start_epoch, train_config.epochs if not done else start_epoch):
             task = progress.add_task(f"CRM epoch {epoch + 1}", total=steps, status="")
-            model.train()
-            permutation = torch.from_numpy(np.random.permutation(n))
-            started, running = time.perf_counter(), 0.0
-            for step in range(steps):
-                rows = permutation[step * train_config.batch_size : (step + 1) * train_config.batch_size]
-                batch = to_tensors(train_inputs, rows.numpy())
-                if train_config.id_dropout:
-                    batch["categorical"] = hide_ids(batch["categorical"], train_config.id_dropout)
-                loss = loss_fn(model(**batch), labels[rows])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                running = 0.9 * running + 0.1 * loss.item() if step else loss.item()
-                progress.update(task, advance=1, status=f"loss {running:.4f}")
+            started = time.perf_counter()
+            report = partial(_advance, progress, task)
+            running = _train_epoch(model, optimizer, train_inputs, labels, train_config, report)
             scheduler.step()
             valid_auc = auc(valid_labels, predict(model, valid_inputs))
             record = {"epoch": epoch + 1, "train_loss": running, "valid_auc": valid_auc,
@@ -204,6 +179,46 @@ def train_crm(
     load_weights(out_dir / "model.safetensors", model)
     model.eval()
     return model, {"best_valid_auc": best_auc, "epochs_run": len(history), "history": history}
+
+
+def _advance(progress: Progress, task: Any, loss: float) -> None:
+    progress.update(task, advance=1, status=f"loss {loss:.4f}")
+
+
+def _train_epoch(model: DCNv2, optimizer: torch.optim.Optimizer, inputs: Mapping[str, np.ndarray],
+                 labels: torch.Tensor, config: CRMTrainConfig, report: Any) -> float:  # fmt: skip
+    """One pass over the training rows in a fresh random order; the smoothed loss at its end."""
+    model.train()
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    permutation = torch.from_numpy(np.random.permutation(len(labels)))
+    running = 0.0
+    for step, start in enumerate(range(0, len(labels), config.batch_size)):
+        rows = permutation[start : start + config.batch_size]
+        batch = to_tensors(inputs, rows.numpy())
+        if config.id_dropout:
+            batch["categorical"] = hide_ids(batch["categorical"], config.id_dropout)
+        loss = loss_fn(model(**batch), labels[rows])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        running = 0.9 * running + 0.1 * loss.item() if step else loss.item()
+        report(running)
+    return running
+
+
+def _resume(out_dir: Path, model: DCNv2, optimizer: torch.optim.Optimizer, scheduler: Any
+            ) -> tuple[int, float, int, list[dict[str, float]]]:  # fmt: skip
+    """Weights, optimizer, schedule and RNG states of the last finished epoch."""
+    state = load_state(out_dir / "state.pt")
+    load_weights(out_dir / "last.safetensors", model)
+    optimizer.load_state_dict(state["optimizer"])
+    if "scheduler" in state:
+        scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    set_numpy_rng_state(state["numpy_rng"])
+    log.info("resuming CRM training at epoch %d (best validation AUC %.4f)", state["epoch"] + 1,
+             state["best_auc"])  # fmt: skip
+    return state["epoch"], state["best_auc"], state["stale"], state["history"]
 
 
 def load_crm(folder: Path) -> tuple[DCNv2, FeatureSpec]:

@@ -382,7 +382,7 @@ def _place_ggufs(config: ExportConfig, quant: str, merged_path: Path, work: Path
 
 
 def _keep_legacy_state(out: Path, progress: Callable[[str], None] | None) -> None:
-    """Corella before 0.4 kept the live store inside the bundle (BUNDLE/state/): move it to the
+    """An older corella kept the live store inside the bundle (BUNDLE/state/): move it to the
     replaced bundle's state folder, where `corella store migrate` finds it, before the folder goes."""
     legacy = out / "state"
     if not legacy.is_dir() or not (out / MANIFEST).exists():

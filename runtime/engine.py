@@ -334,8 +334,8 @@ class Engine:
 
     def prompt_texts(self, history: list[HistoryItem], items: list[ItemText]) -> tuple[str, list[str]]:
         """The shared prefix (the history fitted to the prompt budget) and each item's suffix."""
-        tokenize = self.llm.tokenize if self.llm is not None else None
-        return self.template.texts(self._entries(history), items, lambda text: len(tokenize(text)))
+        entries = self._entries(history)  # raises when no LLM is loaded
+        return self.template.texts(entries, items, lambda text: len(self.llm.tokenize(text)))
 
     def prompt_ids(self, history: list[HistoryItem], items: list[ItemText]) -> tuple[list[int], list[list[int]]]:
         """Token ids of the shared prefix (after BOS where the model has one) and of each item's suffix."""

@@ -51,6 +51,9 @@ FromOption = Annotated[
         help="read the raw files from this folder (or zip, for fetch) instead of the cache",
     ),
 ]
+DeviceOption = Annotated[
+    str, typer.Option(help="auto (CUDA where torch sees a card, else the CPU), cpu, cuda or cuda:N")
+]
 
 
 @app.callback()
@@ -200,6 +203,16 @@ def train_corella_command(
         ),
     ] = 1,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
+    device: DeviceOption = "auto",
+    dtype: Annotated[
+        str, typer.Option(help="the LLM's weights: auto (bfloat16 on CUDA, float32 on the CPU), float32, bfloat16")
+    ] = "auto",
+    grad_accumulation: Annotated[
+        int | None, typer.Option(help="split each step's batch into this many micro-batches (less memory)")
+    ] = None,
+    gradient_checkpointing: Annotated[
+        bool, typer.Option(help="recompute the LLM's activations in the backward pass (less memory, ~30% slower)")
+    ] = False,
 ) -> None:
     """Stage 1 (CRM), stage 2 (joint with alignment), stage 3 (LLM alone), then the report.
 
@@ -216,6 +229,7 @@ def train_corella_command(
         "stage2_samples": stage2_samples, "stage3_samples": stage3_samples, "batch_size": batch_size,
         "stage2_epochs": stage2_epochs, "stage3_epochs": stage3_epochs,
         "llm_learning_rate": llm_learning_rate, "alignment_weight": alignment_weight, "seed": seed,
+        "grad_accumulation": grad_accumulation, "gradient_checkpointing": gradient_checkpointing or None,
     }.items() if v is not None}  # fmt: skip
     if no_stage3:
         joint["skip_stage3"] = True
@@ -225,6 +239,8 @@ def train_corella_command(
         "dataset": dataset,
         "source": str(source) if source else None,
         "llm": llm,
+        "device": device,
+        "dtype": dtype,
     }
     for key, value in (("max_prompt_tokens", max_prompt_tokens), ("eval_samples", eval_samples),
                        ("router_fraction", router_fraction), ("threads", threads),
@@ -313,6 +329,7 @@ def train_crm_command(
         ),
     ] = 1,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
+    device: DeviceOption = "auto",
     resume: Annotated[bool, typer.Option(help="continue an interrupted run in --out")] = False,
     skip_malformed: Annotated[bool, typer.Option(help="skip and count malformed lines")] = False,
 ) -> None:
@@ -322,21 +339,26 @@ def train_crm_command(
 
     from training.crm_trainer import CRMTrainConfig
     from training.dcnv2 import DCNv2Config
+    from training.device import resolve_compute
     from training.runs import DataConfig, run_crm_stage
 
     try:
+        target = resolve_compute(device).device
         model_config = DCNv2Config(embedding_dim=embedding_dim, num_cross_layers=cross_layers, cross_rank=cross_rank)
         options = {"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate, "lr_decay": lr_decay,
                    "weight_decay": weight_decay, "id_dropout": id_dropout, "patience": patience}  # fmt: skip
         train_config = CRMTrainConfig(seed=seed, **{k: v for k, v in options.items() if v is not None})
     except ValidationError as exc:
         raise _fail(CorellaError(str(exc))) from exc
+    except CorellaError as exc:
+        raise _fail(exc) from exc
     data_config = DataConfig(dataset, str(source) if source else None, history_length, skip_malformed)
     try:
         if seeds > 1:
-            _train_crm_seeds(out, data_config, model_config, train_config, seeds, threads)
+            _train_crm_seeds(out, data_config, model_config, train_config, seeds, threads, target)
             return
-        _, _, metrics = run_crm_stage(out, data_config, model_config, train_config, resume=resume, threads=threads)
+        _, _, metrics = run_crm_stage(out, data_config, model_config, train_config, resume=resume, threads=threads,
+                                      device=target)  # fmt: skip
     except CorellaError as exc:
         raise _fail(exc) from exc
     except (KeyboardInterrupt, Exception) as exc:  # noqa: BLE001
@@ -346,7 +368,7 @@ def train_crm_command(
 
 
 def _train_crm_seeds(out: Path, data_config: Any, model_config: Any, train_config: Any, count: int,
-                     threads: int | None) -> None:  # fmt: skip
+                     threads: int | None, device: Any) -> None:  # fmt: skip
     from training.runs import prepare_data, run_crm_stage
     from training.seeds import crm_headline, finished_metrics, run_seeds
 
@@ -356,7 +378,7 @@ def _train_crm_seeds(out: Path, data_config: Any, model_config: Any, train_confi
         console.print(f"[bold]seed {seed}[/bold] -> {folder}")
         seeded = train_config.model_copy(update={"seed": seed})
         return run_crm_stage(folder, data_config, model_config, seeded, resume=folder.exists(), threads=threads,
-                             prepared=prepared)[2]  # fmt: skip
+                             prepared=prepared, device=device)[2]  # fmt: skip
 
     seeds = [train_config.seed + i for i in range(count)]
     run_seeds(out, seeds, run_one, crm_headline, finished_metrics(Path("crm/metrics.json")), "CRM over seeds")

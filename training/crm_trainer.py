@@ -61,20 +61,30 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def to_tensors(inputs: Mapping[str, np.ndarray], rows: np.ndarray | slice | None = None) -> dict[str, torch.Tensor]:
+def to_tensors(inputs: Mapping[str, np.ndarray], rows: np.ndarray | slice | None = None,
+               device: torch.device | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The model's input tensors of `rows` (all rows by default), on `device` (default: the CPU)."""
     sel = slice(None) if rows is None else rows
-    return {name: torch.from_numpy(np.ascontiguousarray(inputs[name][sel])) for name in INPUT_NAMES}
+    tensors = {name: torch.from_numpy(np.ascontiguousarray(inputs[name][sel])) for name in INPUT_NAMES}
+    if device is None or device.type == "cpu":
+        return tensors
+    return {name: tensor.to(device, non_blocking=True) for name, tensor in tensors.items()}
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 @torch.no_grad()
 def predict(model: DCNv2, inputs: Mapping[str, np.ndarray], batch_size: int = 8192) -> np.ndarray:
-    """P(click) for every row of `inputs`."""
+    """P(click) for every row of `inputs`, computed on the model's device."""
     model.eval()
+    device = model_device(model)
     n = len(inputs["categorical"])
     out = np.empty(n, dtype=np.float64)
     for start in range(0, n, batch_size):
-        batch = to_tensors(inputs, slice(start, start + batch_size))
-        out[start : start + batch_size] = torch.sigmoid(model(**batch)).double().numpy()
+        batch = to_tensors(inputs, slice(start, start + batch_size), device)
+        out[start : start + batch_size] = torch.sigmoid(model(**batch)).double().cpu().numpy()
     return out
 
 
@@ -109,8 +119,10 @@ def train_crm(
     train_config: CRMTrainConfig | None = None,
     resume: bool = False,
     show_progress: bool = True,
+    device: torch.device | None = None,
 ) -> tuple[DCNv2, dict[str, Any]]:
-    """Train, checkpoint after every epoch, keep the best weights by validation AUC.
+    """Train on `device` (default: the CPU), checkpoint after every epoch, keep the best weights by
+    validation AUC.
 
     `out_dir` receives config.json, features.json, model.safetensors (the best epoch),
     last.safetensors + state.pt (to resume) and history.json.
@@ -129,6 +141,7 @@ def train_crm(
     model = DCNv2(spec, model_config)
     if isinstance(model.stats_norm, Standardize):
         model.stats_norm.fit(torch.from_numpy(np.asarray(train_inputs["stats"], dtype=np.float32)))
+    model.to(device or torch.device("cpu"))
     optimizer = torch.optim.Adam(
         model.parameters(), lr=train_config.learning_rate, weight_decay=train_config.weight_decay
     )
@@ -143,7 +156,7 @@ def train_crm(
     )
     spec.save(out_dir / "features.json")
 
-    labels = torch.from_numpy(train_labels.astype(np.float32))
+    labels = torch.from_numpy(train_labels.astype(np.float32)).to(model_device(model))
     steps = (len(train_labels) + train_config.batch_size - 1) // train_config.batch_size
     done = stale > train_config.patience or start_epoch >= train_config.epochs
     with _progress(not show_progress) as progress:
@@ -189,15 +202,17 @@ def _train_epoch(model: DCNv2, optimizer: torch.optim.Optimizer, inputs: Mapping
                  labels: torch.Tensor, config: CRMTrainConfig, report: Any) -> float:  # fmt: skip
     """One pass over the training rows in a fresh random order; the smoothed loss at its end."""
     model.train()
+    device = model_device(model)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     permutation = torch.from_numpy(np.random.permutation(len(labels)))
     running = 0.0
     for step, start in enumerate(range(0, len(labels), config.batch_size)):
         rows = permutation[start : start + config.batch_size]
         batch = to_tensors(inputs, rows.numpy())
-        if config.id_dropout:
+        if config.id_dropout:  # drawn on the CPU whatever the device: the same draws as a CPU run
             batch["categorical"] = hide_ids(batch["categorical"], config.id_dropout)
-        loss = loss_fn(model(**batch), labels[rows])
+        batch = {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
+        loss = loss_fn(model(**batch), labels[rows.to(device)])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -221,13 +236,14 @@ def _resume(out_dir: Path, model: DCNv2, optimizer: torch.optim.Optimizer, sched
     return state["epoch"], state["best_auc"], state["stale"], state["history"]
 
 
-def load_crm(folder: Path) -> tuple[DCNv2, FeatureSpec]:
-    """The best CRM of a training folder (config.json, features.json, model.safetensors)."""
+def load_crm(folder: Path, device: torch.device | None = None) -> tuple[DCNv2, FeatureSpec]:
+    """The best CRM of a training folder (config.json, features.json, model.safetensors), on `device`."""
     folder = Path(folder)
     spec = FeatureSpec.load(folder / "features.json")
     config = DCNv2Config(**read_json(folder / "config.json")["model"])
     model = DCNv2(spec, config)
     load_weights(folder / "model.safetensors", model)
+    model.to(device or torch.device("cpu"))
     model.eval()
     return model, spec
 

@@ -53,6 +53,13 @@ class JointConfig(BaseModel):
     )
     skip_stage3: bool = Field(False, description="ablation: no LLM-only stage")
     llm_alone: bool = Field(False, description="ablation (TALLRec): train the LLM alone on the same samples, no CRM")
+    grad_accumulation: int = Field(
+        1, ge=1, le=256,
+        description="micro-batches each step's batch is split into, gradients summed: the same step in less memory",
+    )  # fmt: skip
+    gradient_checkpointing: bool = Field(
+        False, description="recompute the LLM's activations in the backward pass (less memory, more compute)"
+    )
     checkpoint_every: int = Field(25, ge=1, description="optimizer steps between checkpoints")
     seed: int = Field(42, description="seed of subsets, dropout and initialisation")
 
@@ -84,7 +91,7 @@ class AlignmentHeads(nn.Module):
 
     def forward(self, crm_layers: Sequence[torch.Tensor], llm_layers: Sequence[torch.Tensor]) -> torch.Tensor:
         """Sum over pairs of the batch-mean L2 distance between the projected states."""
-        total = torch.zeros(())
+        total = crm_layers[0].new_zeros(())
         for g_crm, g_llm, t, s in zip(self.crm, self.llm, crm_layers, llm_layers, strict=True):
             total = total + torch.linalg.vector_norm(g_crm(t) - g_llm(s.float()), dim=-1).mean()
         return total
@@ -107,6 +114,36 @@ def _progress() -> Progress:
         TimeRemainingColumn(),
         TextColumn("{task.fields[status]}"),
     )
+
+
+class _LossWeights:
+    """a * L_llm + b * L_crm + g * L_align of one (micro-)batch, with each part for the log."""
+
+    def __init__(self, config: JointConfig, joint: bool, use_alignment: bool) -> None:
+        self.config, self.joint, self.use_alignment = config, joint, use_alignment
+        self.bce = nn.BCEWithLogitsLoss()
+
+    def loss(self, batch_rows: np.ndarray, labels: np.ndarray,
+             crm_inputs: Callable[[np.ndarray], dict[str, torch.Tensor]], prompt_ids: Callable[[int], list[int]],
+             scorer: LLMScorer, crm: DCNv2 | None, heads: AlignmentHeads | None, blocks: Sequence[int],
+             ) -> tuple[torch.Tensor, dict[str, float]]:  # fmt: skip
+        config = self.config
+        target = torch.from_numpy(labels[batch_rows].astype(np.float32)).to(scorer.device)
+        batch = scorer.collate([prompt_ids(int(r)) for r in batch_rows])
+        llm_logit, llm_hidden = scorer(**batch, layers=blocks if self.use_alignment else ())
+        loss_llm = self.bce(llm_logit, target)
+        parts = {"llm": loss_llm.item()}
+        loss = config.llm_weight * loss_llm
+        if self.joint:
+            crm_logit, crm_layers = crm.forward_with_layers(**crm_inputs(batch_rows))
+            loss_crm = self.bce(crm_logit, target)
+            loss = loss + config.crm_weight * loss_crm
+            parts["crm"] = loss_crm.item()
+            if self.use_alignment:
+                loss_align = heads(crm_layers, llm_hidden)
+                loss = loss + config.alignment_weight * loss_align
+                parts["align"] = loss_align.item()
+        return loss, parts
 
 
 def run_stage(
@@ -144,7 +181,6 @@ def run_stage(
             }
         )
     optimizer = torch.optim.AdamW(groups)
-    bce = nn.BCEWithLogitsLoss()
     steps = (len(rows) + config.batch_size - 1) // config.batch_size
     state_path = folder / "state.pt"
     start, losses, elapsed = 0, [], 0.0
@@ -157,6 +193,8 @@ def run_stage(
             heads.load_state_dict(state["heads"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and scorer.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], scorer.device)
         start, losses, elapsed = state["step"], state["losses"], state["seconds"]
         if start < steps:
             log.info("resuming stage %s at step %d of %d", stage, start + 1, steps)
@@ -167,6 +205,7 @@ def run_stage(
             "heads": heads.state_dict() if use_alignment else None,
             "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(), "step": step,
             "losses": losses, "seconds": elapsed + time.perf_counter() - started,
+            "cuda_rng": torch.cuda.get_rng_state(scorer.device) if scorer.device.type == "cuda" else None,
         })  # fmt: skip
 
     started = time.perf_counter()
@@ -174,27 +213,20 @@ def run_stage(
     if joint:
         crm.train()
     title = {"joint": "stage 2 joint", "llm": "stage 3 LLM"}[stage]
+    weights = _LossWeights(config, joint, use_alignment)
     with _progress() as progress:
         task = progress.add_task(title, total=steps, completed=start, status="", visible=show_progress)
         for step in range(start, steps):
             batch_rows = rows[step * config.batch_size : (step + 1) * config.batch_size]
-            target = torch.from_numpy(labels[batch_rows].astype(np.float32))
-            batch = scorer.collate([prompt_ids(int(r)) for r in batch_rows])
-            llm_logit, llm_hidden = scorer(**batch, layers=blocks if use_alignment else ())
-            loss_llm = bce(llm_logit, target)
-            record = {"step": step + 1, "llm": loss_llm.item()}
-            loss = config.llm_weight * loss_llm
-            if joint:
-                crm_logit, crm_layers = crm.forward_with_layers(**crm_inputs(batch_rows))
-                loss_crm = bce(crm_logit, target)
-                loss = loss + config.crm_weight * loss_crm
-                record["crm"] = loss_crm.item()
-                if use_alignment:
-                    loss_align = heads(crm_layers, llm_hidden)
-                    loss = loss + config.alignment_weight * loss_align
-                    record["align"] = loss_align.item()
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            record: dict[str, float] = {"step": step + 1}
+            for micro in np.array_split(batch_rows, min(config.grad_accumulation, len(batch_rows))):
+                # each micro-batch's mean loss weighted by its share: the gradient of the whole batch's mean
+                share = len(micro) / len(batch_rows)
+                loss, parts = weights.loss(micro, labels, crm_inputs, prompt_ids, scorer, crm, heads, blocks)
+                (loss * share).backward()
+                for key, value in parts.items():
+                    record[key] = record.get(key, 0.0) + value * share
             optimizer.step()
             losses.append(record)
             recent = losses[-20:]

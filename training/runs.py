@@ -69,8 +69,10 @@ def run_crm_stage(
     show_progress: bool = True,
     threads: int | None = None,
     prepared: PreparedData | None = None,
+    device: torch.device | None = None,
 ) -> tuple[DCNv2, PreparedData, dict[str, Any]]:
-    """Stage 1 into `out/crm`: train, evaluate on the test split, write `out/crm/metrics.json`."""
+    """Stage 1 into `out/crm` on `device` (default: the CPU): train, evaluate on the test split,
+    write `out/crm/metrics.json`."""
     if threads:
         torch.set_num_threads(threads)
     out = Path(out)
@@ -95,6 +97,7 @@ def run_crm_stage(
         train_config,
         resume=resume,
         show_progress=show_progress,
+        device=device,
     )
     test_probabilities = predict(model, prepared.take(test_rows))
     test_users_seen = np.isin(samples.user[test_rows], samples.user[train_rows])

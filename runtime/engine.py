@@ -191,9 +191,13 @@ class Engine:
         self._users: OrderedDict[str, tuple[int | None, list[HistoryItem], UserSummary]] = OrderedDict()
         self._posted: dict[str, int] = {}
         self._users_lock = threading.Lock()
+        largest = min(settings.max_candidates, 4096)  # a request's rows, at most one predict chunk
         self.crm = CRMSession(
-            bundle.crm_file, settings.providers, settings.crm_threads or 1, engine_cache=self.state / "trt_cache"
-        )
+            bundle.crm_file, settings.providers, settings.crm_threads or 1,
+            engine_cache=self.state / "trt_cache", batches=(1, min(100, largest), largest),
+        )  # fmt: skip
+        # before the server says ready: TensorRT builds or loads its engine now, not on a first request
+        log.info("CRM on %s, warmed up: %s", self.crm.providers[0], self.crm.warm_up()["seconds_by_batch"])
         self.llm: LlamaModel | None = None
         self.scheduler: LLMScheduler | None = None
         self.llm_load_error: str | None = None

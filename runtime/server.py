@@ -559,7 +559,7 @@ def _model_summary(engine: Engine, settings: ServerSettings) -> dict[str, Any]:
         "bundle": str(engine.bundle.path),
         "format_version": manifest["format_version"],
         "created_at": manifest.get("created_at"),
-        "crm": {"file": manifest["crm"]["file"], "providers": engine.crm.providers,
+        "crm": {"file": manifest["crm"]["file"], "providers": engine.crm.providers, "warmup": engine.crm.warmup,
                 "parity": manifest["crm"].get("parity"), "tensorrt": manifest["crm"].get("tensorrt")},
         "llm": {"file": llm.get("file"), "quant": llm.get("quant"), "status": engine.llm_status,
                 "loaded": engine.llm_status == "serving",

@@ -129,6 +129,27 @@ def test_explicit_tensorrt_without_gpu_fails_with_the_reason(trained_run, tmp_pa
     assert not list(tmp_path.glob(".trt*"))  # nothing half-written left behind
 
 
+def test_tensorrt_gets_a_batch_profile_and_an_engine_cache_keyed_by_the_model(bundle, tmp_path):
+    from runtime.crm import CRMSession, model_digest, tensorrt_options
+
+    crm = load_bundle(bundle).crm_file
+    options = tensorrt_options(crm, tmp_path / "trt", (1, 50, 300))
+    session = CRMSession(crm, ["cpu"])
+    names = [i.name for i in session.session.get_inputs()]
+    for key, batch in (("min", 1), ("opt", 50), ("max", 300)):
+        shapes = dict(part.split(":") for part in options[f"trt_profile_{key}_shapes"].split(","))
+        assert sorted(shapes) == sorted(names)  # every input, each with its batch first
+        assert all(shape.split("x")[0] == str(batch) for shape in shapes.values())
+    folder = Path(options["trt_engine_cache_path"])
+    assert folder == tmp_path / "trt" / model_digest(crm) and folder.is_dir()
+    other = tmp_path / "other.onnx"
+    other.write_bytes(crm.read_bytes() + b"\0")  # another model never shares the cache folder
+    assert model_digest(other) != model_digest(crm)
+    # the warm-up runs every profile batch before the server says ready
+    warm = CRMSession(crm, ["cpu"], batches=(1, 7, 33)).warm_up()
+    assert warm["provider"] == "CPUExecutionProvider" and list(warm["seconds_by_batch"]) == ["1", "7", "33"]
+
+
 def test_crm_only_run_exports_a_crm_bundle(tmp_path, synthetic_dir):
     from training.crm_trainer import CRMTrainConfig
     from training.runs import DataConfig, run_crm_stage

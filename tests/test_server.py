@@ -46,6 +46,8 @@ def test_predict_scores_and_routes(bundle):
         assert {p["route"] for p in crm_only["predictions"]} == {"crm"}
         model = client.get("/v1/model").json()
         assert model["llm"]["loaded"] and model["router"]["fraction"] == 0.1
+        # warmed up before ready: one candidate, a typical request, the largest request (max_candidates)
+        assert list(model["crm"]["warmup"]["seconds_by_batch"]) == ["1", "100", "500"]
         metrics = client.get("/metrics").text
         assert 'corella_candidates_total{route="llm"} 10.0' in metrics
 

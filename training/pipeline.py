@@ -125,7 +125,7 @@ def score_llm(
     scorer: LLMScorer,
     prompts: PromptCache,
     rows: np.ndarray,
-    batch_size: int,
+    batch_size: int = 8,
     description: str = "scoring LLM",
 ) -> np.ndarray:
     """P(yes) for each row; prompts of similar length are batched together."""

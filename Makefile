@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # otherwise pull a multi-GB CUDA build. Override with TORCH_SPEC=... elsewhere.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: quickstart test lint format clean
+.PHONY: quickstart test lint format clean install-gpu test-gpu
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,26 @@ quickstart: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# A GPU box: llama.cpp rebuilt with CUDA for the card that is there, onnxruntime-gpu instead of
+# onnxruntime, TensorRT where pip has it for this CUDA; then `corella doctor` says what works.
+# CUDA_ARCH is read from nvidia-smi (9.0 -> 90); LLAMA_CMAKE_EXTRA adds CMake options.
+CUDA_ARCH ?= $(shell nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d '. ')
+LLAMA_CMAKE_EXTRA ?=
+install-gpu: $(STAMP)
+	@command -v nvidia-smi >/dev/null || { echo "install-gpu: no nvidia-smi: is this a GPU box with the driver loaded?"; exit 1; }
+	@command -v nvcc >/dev/null || { echo "install-gpu: no nvcc: install the CUDA toolkit (llama.cpp is compiled here)"; exit 1; }
+	$(BIN)/python -m pip uninstall -y onnxruntime
+	$(BIN)/python -m pip install "onnxruntime-gpu>=1.18"
+	CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=$(CUDA_ARCH) $(LLAMA_CMAKE_EXTRA)" \
+	  CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/python -m pip install --force-reinstall --no-deps \
+	  --no-binary llama-cpp-python --no-cache-dir "llama-cpp-python==$$($(BIN)/python -c 'import llama_cpp; print(llama_cpp.__version__)')"
+	-$(BIN)/python -m pip install tensorrt || echo "install-gpu: no TensorRT wheel for this CUDA; the CUDA provider serves the CRM"
+	$(BIN)/corella doctor
+
+# The tests that need a card (skipped, with the reason, elsewhere).
+test-gpu: $(STAMP)
+	$(BIN)/python -m pytest -q -m gpu -rs
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -696,8 +696,39 @@ def bench(
     console.print(f"results: {out / 'results.md'}")
 
 
-# ---------------------------------------------------------------------------- quickstart
+# ---------------------------------------------------------------------------- doctor
 @app.command()
+def doctor(
+    bundle: Annotated[
+        Path | None, typer.Argument(help="also load this bundle's CRM through every provider and its LLM")
+    ] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="the checks as JSON")] = False,
+) -> None:
+    """What this box offers corella: CPU, NVIDIA driver and card, CUDA compiler, torch's CUDA
+    (training), llama.cpp's GPU offload, onnxruntime's execution providers; with a bundle, whether
+    they load its models. Each with a verdict, and the fix where one fails. Exit 1 on a failure."""
+    import json
+
+    from corella_cli.doctor import FAIL, run_checks
+
+    if bundle is not None and not (bundle / "manifest.json").is_file():
+        raise _fail(CorellaError(f"{bundle}: not a bundle (no manifest.json)"))
+    checks = run_checks(bundle)
+    if json_output:
+        print(json.dumps([c.to_dict() for c in checks], indent=1))
+    else:
+        colour = {"ok": "green", "warn": "yellow", "fail": "red", "n/a": "dim"}
+        table = Table(title="corella doctor", show_lines=False)
+        for column in ("check", "verdict", "detail", "fix"):
+            table.add_column(column, overflow="fold")
+        for c in checks:
+            table.add_row(c.name, f"[{colour[c.status]}]{c.status}[/]", c.detail, c.fix)
+        console.print(table)
+    if any(c.status == FAIL for c in checks):
+        raise typer.Exit(code=1)
+
+
+# ---------------------------------------------------------------------------- quickstart
 def _outdated(run_spec: Path, bundle_spec: Path) -> list[str]:
     """A run or bundle of an older feature contract is renamed aside (kept, never deleted) so that
     quickstart makes it anew; returns what it did."""
@@ -721,6 +752,7 @@ def _outdated(run_spec: Path, bundle_spec: Path) -> list[str]:
     return done
 
 
+@app.command()
 def quickstart(
     workdir: Annotated[Path, typer.Option(help="where runs/, bundles/ and bench/ go")] = Path("."),
     port: Annotated[int, typer.Option(help="port of the demonstration server")] = 8765,

@@ -134,19 +134,29 @@ def write_merged_gguf(base_path: Path, scorer: LLMScorer, out_path: Path, dtype:
             "seconds": time.perf_counter() - started}  # fmt: skip
 
 
-def quantize_gguf(source: Path, target: Path, quant: str, threads: int | None = None) -> dict[str, Any]:
-    """llama.cpp's own quantizer (llama_model_quantize)."""
-    import llama_cpp
+def quantize_gguf(source: Path, target: Path, quant: str, threads: int | None = None,
+                  in_process: bool = False) -> dict[str, Any]:  # fmt: skip
+    """llama.cpp's own quantizer (llama_model_quantize), in a child process unless `in_process`.
 
+    A child process, because a process that quantized and then loaded a model on an H200 crashed in
+    llama_model_load_from_file (issue 12; tests/llama_conditions.py replays it): export quantizes,
+    then loads what it wrote for its parity checks, beside torch. The child costs ~0.5 s."""
     if quant not in QUANT_TYPES:
         raise ExportError(f"unknown quantization {quant!r}; choose one of {', '.join(QUANT_TYPES)}")
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = QUANT_TYPES[quant]
-    params.nthread = threads or 0
     started = time.perf_counter()
-    status = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params)
-    if status != 0:
-        raise ExportError(f"llama.cpp failed to quantize {source.name} to {quant} (status {status})")
+    if in_process:
+        from runtime.llm import quantize
+
+        status, detail = quantize(source, target, QUANT_TYPES[quant], threads or 0), ""
+    else:
+        import runtime
+
+        command = [sys.executable, "-m", "runtime.llm", str(source), str(target), str(QUANT_TYPES[quant]),
+                   str(threads or 0)]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True, cwd=Path(runtime.__file__).parents[1])
+        status, detail = result.returncode, (result.stderr.strip().splitlines() or [""])[-1]
+    if status != 0 or not target.is_file():
+        raise ExportError(f"llama.cpp failed to quantize {source.name} to {quant} (status {status}) {detail}".strip())
     return {"file": target.name, "quant": quant, "seconds": time.perf_counter() - started,
             "size": target.stat().st_size}  # fmt: skip
 

@@ -12,8 +12,38 @@ runner = CliRunner(env={"COLUMNS": "200"})
 def test_help_lists_the_commands():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("data", "train", "quickstart"):
-        assert command in result.output
+    import typer
+
+    listed = set(typer.main.get_command(app).commands)
+    # every command the README names, and no private helper exposed as a command
+    assert {"data", "train", "export", "serve", "predict", "bench", "store", "doctor", "quickstart"} <= listed
+    assert not [name for name in listed if name.startswith(("-", "_"))]
+    for command in ("quickstart", "doctor"):
+        assert runner.invoke(app, [command, "--help"]).exit_code == 0
+
+
+def test_doctor_says_what_this_box_offers_and_loads_the_bundle(bundle, tmp_path):
+    result = runner.invoke(app, ["doctor", "--json"])
+    assert result.exit_code == 0, result.output
+    checks = {c["name"]: c for c in json.loads(result.output)}
+    assert {"machine", "NVIDIA driver", "torch (training)", "llama.cpp", "onnxruntime"} <= set(checks)
+    assert checks["llama.cpp"]["status"] == "ok" and checks["onnxruntime"]["status"] == "ok"
+    assert all(c["status"] in {"ok", "warn", "n/a"} for c in checks.values())
+    with_bundle = runner.invoke(app, ["doctor", str(bundle), "--json"])
+    assert with_bundle.exit_code == 0, with_bundle.output
+    checks = {c["name"]: c for c in json.loads(with_bundle.output)}
+    assert checks["CRM on cpu"]["status"] == "ok" and "batch 1024" in checks["CRM on cpu"]["detail"]
+    assert checks["LLM of the bundle"]["status"] == "ok" and "P(yes)" in checks["LLM of the bundle"]["detail"]
+    # a damaged bundle is a failure with the file named, exit 1; not a bundle at all is a usage error
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(bundle, damaged)
+    gguf = next(damaged.glob("*.gguf"))
+    gguf.write_bytes(gguf.read_bytes()[:1000])
+    failed = runner.invoke(app, ["doctor", str(damaged)])
+    assert failed.exit_code == 1 and gguf.name in failed.output and "Traceback" not in failed.output
+    assert runner.invoke(app, ["doctor", str(tmp_path)]).exit_code == 2
 
 
 def test_data_fetch_and_info_from_shared_copy(ml100k_dir, corella_home):

@@ -510,6 +510,9 @@ def export_command(
     ] = None,
     keep_intermediate: Annotated[bool, typer.Option(help="also ship the un-quantized merged GGUF")] = False,
     converter: Annotated[Path | None, typer.Option(help="llama.cpp convert_hf_to_gguf.py (Hugging Face bases)")] = None,
+    fetch_converter: Annotated[
+        bool, typer.Option(help="Hugging Face bases: take the converter out of llama-cpp-python's sdist (via pip)")
+    ] = False,
     eval_samples: Annotated[int | None, typer.Option(help="test samples for the export-time hybrid figure")] = None,
     quants_dir: Annotated[
         Path | None, typer.Option(help="also keep the F16 GGUF and the compared quantizations here (for bench)")
@@ -529,7 +532,7 @@ def export_command(
     try:
         config = ExportConfig(quant=quant, quant_bar=quant_bar, routed_samples=routed_samples, tensorrt=tensorrt,
                               keep_intermediate=keep_intermediate, converter=converter, eval_samples=eval_samples,
-                              threads=threads, quants_dir=quants_dir)  # fmt: skip
+                              threads=threads, quants_dir=quants_dir, fetch_converter=fetch_converter)  # fmt: skip
         manifest = export_bundle(run, out, config, progress=lambda m: console.print(f"  {m}"))
     except ValidationError as exc:
         raise _fail(CorellaError(str(exc))) from exc

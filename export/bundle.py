@@ -63,6 +63,9 @@ class ExportConfig(BaseModel):
     keep_intermediate: bool = Field(False, description="also ship the un-quantized merged GGUF")
     intermediate: str = Field("f16", description="type of the merged GGUF before quantization: f16 or f32")
     converter: Path | None = Field(None, description="llama.cpp convert_hf_to_gguf.py, for Hugging Face bases")
+    fetch_converter: bool = Field(
+        False, description="no --converter: take the converter out of the installed llama-cpp-python's sdist"
+    )
     parity_prompts: int = Field(64, ge=1, description="validation prompts for the GGUF-vs-PyTorch check")
     routed_samples: int = Field(500, ge=1, description="routed validation samples for the quantization AUC")
     compare_quants: list[str] = Field(
@@ -258,7 +261,13 @@ def _export_llm(run: Path, llm_info: dict[str, Any], template: PromptTemplate, p
     if base.is_gguf:
         merge = write_merged_gguf(base.path, scorer, merged_path, config.intermediate)
     else:
-        merge = convert_hf_directory(scorer, work, merged_path, config.converter, config.intermediate)
+        converter = config.converter
+        if converter is None and config.fetch_converter:
+            from export.converter import fetch_converter
+
+            converter = fetch_converter()
+            _progress(f"converter: {converter}", progress)
+        merge = convert_hf_directory(scorer, work, merged_path, converter, config.intermediate)
     _progress(f"merged LoRA into {merge.get('merged_tensors', 'all')} tensors -> {merged_path.name}", progress)
 
     # parity: llama.cpp on the merged F16/F32 GGUF vs the merged PyTorch model

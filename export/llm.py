@@ -167,8 +167,8 @@ def convert_hf_directory(
     """A Hugging Face base: save the merged model, then llama.cpp's convert_hf_to_gguf.py."""
     if converter is None or not Path(converter).is_file():
         raise ExportError(
-            "a Hugging Face directory base needs llama.cpp's convert_hf_to_gguf.py: pass --converter PATH "
-            "(it ships in the llama.cpp source tree and in the llama-cpp-python sdist under vendor/llama.cpp)"
+            "a Hugging Face directory base needs llama.cpp's convert_hf_to_gguf.py: pass --fetch-converter (corella "
+            "takes it out of the installed llama-cpp-python's sdist, ~75 MB through pip) or --converter PATH"
         )
     merged_dir = work / "merged-hf"
     model = scorer.model.merge_and_unload()

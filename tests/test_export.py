@@ -150,6 +150,31 @@ def test_tensorrt_gets_a_batch_profile_and_an_engine_cache_keyed_by_the_model(bu
     assert warm["provider"] == "CPUExecutionProvider" and list(warm["seconds_by_batch"]) == ["1", "7", "33"]
 
 
+def test_fetch_converter_takes_the_installed_versions_converter_out_of_its_sdist(corella_home, monkeypatch):
+    """Through pip, from the index pip is configured with (~75 MB, ~30 s here): the converter, the
+    `conversion` package and the gguf-py it needs, matched to the installed llama-cpp-python."""
+    import importlib.metadata
+    import subprocess
+    import sys
+
+    from export.converter import fetch_converter
+
+    version = importlib.metadata.version("llama-cpp-python")
+    script = fetch_converter()
+    assert script == corella_home / "tools" / f"llama.cpp-{version}" / "convert_hf_to_gguf.py"
+    assert (script.parent / "conversion" / "__init__.py").is_file()
+    assert (script.parent / "gguf-py" / "gguf" / "__init__.py").is_file()
+    assert not list(script.parent.parent.glob("*.partial"))
+    shown = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 0 and "--outtype" in shown.stdout, shown.stderr[-500:]
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("downloaded again")
+
+    monkeypatch.setattr(subprocess, "run", no_download)
+    assert fetch_converter() == script  # kept: the second export does not download
+
+
 def test_crm_only_run_exports_a_crm_bundle(tmp_path, synthetic_dir):
     from training.crm_trainer import CRMTrainConfig
     from training.runs import DataConfig, run_crm_stage

@@ -146,6 +146,46 @@ class _LossWeights:
         return loss, parts
 
 
+class _Trained:
+    """What a stage trains (the LoRA adapters; the CRM in joint training; the alignment heads where
+    they are used), its optimizer, and the checkpoint of both."""
+
+    def __init__(self, scorer: LLMScorer, crm: DCNv2 | None, heads: AlignmentHeads | None,
+                 config: JointConfig) -> None:  # fmt: skip
+        self.scorer, self.crm, self.heads = scorer, crm, heads
+        lora = [p for p in scorer.parameters() if p.requires_grad]
+        groups = [{"params": lora, "lr": config.llm_learning_rate, "weight_decay": 0.0}]
+        if crm is not None:
+            groups.append({"params": list(crm.parameters()), "lr": config.crm_learning_rate, "weight_decay": 0.0})
+        if heads is not None:
+            groups.append({"params": list(heads.parameters()), "lr": config.align_learning_rate, "weight_decay": 0.0})
+        self.optimizer = torch.optim.AdamW(groups)
+
+    def save(self, path: Path, step: int, losses: list[dict[str, float]], seconds: float) -> None:
+        device = self.scorer.device
+        save_state(path, {
+            "lora": self.scorer.trainable_state(), "crm": self.crm.state_dict() if self.crm else None,
+            "heads": self.heads.state_dict() if self.heads else None,
+            "optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state(), "step": step,
+            "losses": losses, "seconds": seconds,
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        })  # fmt: skip
+
+    def load(self, path: Path) -> tuple[int, list[dict[str, float]], float]:
+        """Weights, optimizer and RNG state of the last checkpoint: (steps done, losses, seconds)."""
+        state = load_state(path)
+        self.scorer.load_trainable_state(state["lora"])
+        if self.crm is not None:
+            self.crm.load_state_dict(state["crm"])
+        if self.heads is not None:
+            self.heads.load_state_dict(state["heads"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and self.scorer.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.scorer.device)
+        return state["step"], state["losses"], state["seconds"]
+
+
 def run_stage(
     stage: str,
     folder: Path,
@@ -168,45 +208,15 @@ def run_stage(
     folder.mkdir(parents=True, exist_ok=True)
     joint = stage == "joint" and crm is not None
     use_alignment = joint and heads is not None and config.alignment_weight > 0
-    lora_params = [p for p in scorer.parameters() if p.requires_grad]
-    groups = [{"params": lora_params, "lr": config.llm_learning_rate, "weight_decay": 0.0}]
-    if joint:
-        groups.append({"params": list(crm.parameters()), "lr": config.crm_learning_rate, "weight_decay": 0.0})
-    if use_alignment:
-        groups.append(
-            {
-                "params": list(heads.parameters()),
-                "lr": config.align_learning_rate,
-                "weight_decay": 0.0,
-            }
-        )
-    optimizer = torch.optim.AdamW(groups)
+    trained = _Trained(scorer, crm if joint else None, heads if use_alignment else None, config)
     steps = (len(rows) + config.batch_size - 1) // config.batch_size
     state_path = folder / "state.pt"
-    start, losses, elapsed = 0, [], 0.0
-    if state_path.exists():
-        state = load_state(state_path)
-        scorer.load_trainable_state(state["lora"])
-        if joint:
-            crm.load_state_dict(state["crm"])
-        if use_alignment:
-            heads.load_state_dict(state["heads"])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        if state.get("cuda_rng") is not None and scorer.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"], scorer.device)
-        start, losses, elapsed = state["step"], state["losses"], state["seconds"]
-        if start < steps:
-            log.info("resuming stage %s at step %d of %d", stage, start + 1, steps)
+    start, losses, elapsed = trained.load(state_path) if state_path.exists() else (0, [], 0.0)
+    if 0 < start < steps:
+        log.info("resuming stage %s at step %d of %d", stage, start + 1, steps)
 
     def checkpoint(step: int) -> None:
-        save_state(state_path, {
-            "lora": scorer.trainable_state(), "crm": crm.state_dict() if joint else None,
-            "heads": heads.state_dict() if use_alignment else None,
-            "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(), "step": step,
-            "losses": losses, "seconds": elapsed + time.perf_counter() - started,
-            "cuda_rng": torch.cuda.get_rng_state(scorer.device) if scorer.device.type == "cuda" else None,
-        })  # fmt: skip
+        trained.save(state_path, step, losses, elapsed + time.perf_counter() - started)
 
     started = time.perf_counter()
     scorer.train()
@@ -218,7 +228,7 @@ def run_stage(
         task = progress.add_task(title, total=steps, completed=start, status="", visible=show_progress)
         for step in range(start, steps):
             batch_rows = rows[step * config.batch_size : (step + 1) * config.batch_size]
-            optimizer.zero_grad(set_to_none=True)
+            trained.optimizer.zero_grad(set_to_none=True)
             record: dict[str, float] = {"step": step + 1}
             for micro in np.array_split(batch_rows, min(config.grad_accumulation, len(batch_rows))):
                 # each micro-batch's mean loss weighted by its share: the gradient of the whole batch's mean
@@ -227,7 +237,7 @@ def run_stage(
                 (loss * share).backward()
                 for key, value in parts.items():
                     record[key] = record.get(key, 0.0) + value * share
-            optimizer.step()
+            trained.optimizer.step()
             losses.append(record)
             recent = losses[-20:]
             status = " ".join(

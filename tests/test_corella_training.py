@@ -13,7 +13,7 @@ from training.llm import LLMScorer, LoRAConfig, resolve_base_llm
 from training.pipeline import CoReLLaConfig, train_corella
 from training.report import compare_runs
 
-from .tiny_llm import write_tiny_llama_gguf
+from .tiny_llm import write_tiny_hf_directory, write_tiny_llama_gguf
 
 
 @pytest.fixture(scope="session")
@@ -143,3 +143,27 @@ def test_ablations_share_the_evaluation_subset(synthetic_dir, tiny_gguf, tmp_pat
     train_corella(tmp_path / "other", other, crm_run=tmp_path / "full", show_progress=False)
     with pytest.raises(ConfigError, match="different test subsets"):
         compare_runs([tmp_path / "full", tmp_path / "other"])
+
+
+def test_a_hugging_face_directory_base_trains_the_same_way(synthetic_dir, tiny_gguf, tmp_path):
+    hf = write_tiny_hf_directory(tmp_path / "tiny-hf", tiny_gguf)
+    config = _config(synthetic_dir, tiny_gguf, stage2_samples=8, stage3_samples=4).model_copy(update={"llm": str(hf)})
+    metrics = train_corella(tmp_path / "run", config, show_progress=False)
+    llm = json.loads((tmp_path / "run" / "final" / "llm" / "llm.json").read_text())
+    assert llm["base_is_gguf"] is False and llm["base_path"] == str(hf.resolve())
+    assert metrics["stages"]["stage2"]["steps"] == 2 and np.isfinite(metrics["llm_only"]["auc"])
+    # the same answers as the GGUF it was made from: one model, two formats
+    gguf_scorer = LLMScorer.load(resolve_base_llm(str(tiny_gguf)), PromptTemplate(), None)
+    hf_scorer = LLMScorer.load(resolve_base_llm(str(hf)), PromptTemplate(), None)
+    ids = gguf_scorer.prompt_ids([], ItemText("Movie Number 3"))
+    assert hf_scorer.prompt_ids([], ItemText("Movie Number 3")) == ids
+    with torch.no_grad():
+        a, _ = gguf_scorer(**gguf_scorer.collate([ids]))
+        b, _ = hf_scorer(**hf_scorer.collate([ids]))
+    assert torch.allclose(a, b, atol=1e-5)
+    # its export needs llama.cpp's converter, and says how to get it
+    from export.bundle import ExportConfig, export_bundle
+    from export.crm import ExportError
+
+    with pytest.raises(ExportError, match="--fetch-converter"):
+        export_bundle(tmp_path / "run", tmp_path / "bundle", ExportConfig(quant="q8_0", parity_prompts=4))

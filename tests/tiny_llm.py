@@ -135,3 +135,20 @@ def write_tiny_llama_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def write_tiny_hf_directory(folder: Path, gguf_path: Path) -> Path:
+    """The tiny GGUF as a Hugging Face model directory (config.json, safetensors, tokenizer.json),
+    the way a LLaMA-family checkpoint is shipped: the base of an HF-directory training run."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    source = dict(gguf_file=gguf_path.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), **source)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), **source)
+    config = loaded.config.to_dict()
+    config.pop("quantization_config", None)  # a plain checkpoint, not "quantized with gguf"
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**config))
+    model.load_state_dict(loaded.state_dict())
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return folder

@@ -119,8 +119,7 @@ def crm_suite(bundle: Bundle, engine: Engine, samples: list[TestSample], config:
     results: dict[str, Any] = {"threads": threads, "backends": {}}
     available = set(ort.get_available_providers())
     runners: dict[str, Callable[[dict[str, np.ndarray]], object]] = {}
-    for name, make in PROVIDERS.items():
-        provider, _ = make(None)
+    for name, (provider, _) in PROVIDERS.items():
         if provider in available:
             session = CRMSession(bundle.crm_file, [name], threads, engine_cache=state_dir(bundle) / "trt_cache")
             runners[f"onnxruntime-{name}"] = lambda x, s=session: s.predict(x, batch_size=1 << 20)

@@ -225,32 +225,8 @@ def train_corella_command(
 
     from training.pipeline import preset_config, train_corella
 
-    joint = {k: v for k, v in {
-        "stage2_samples": stage2_samples, "stage3_samples": stage3_samples, "batch_size": batch_size,
-        "stage2_epochs": stage2_epochs, "stage3_epochs": stage3_epochs,
-        "llm_learning_rate": llm_learning_rate, "alignment_weight": alignment_weight, "seed": seed,
-        "grad_accumulation": grad_accumulation, "gradient_checkpointing": gradient_checkpointing or None,
-    }.items() if v is not None}  # fmt: skip
-    if no_stage3:
-        joint["skip_stage3"] = True
-    if llm_alone:
-        joint["llm_alone"] = True
-    overrides: dict[str, Any] = {
-        "dataset": dataset,
-        "source": str(source) if source else None,
-        "llm": llm,
-        "device": device,
-        "dtype": dtype,
-    }
-    for key, value in (("max_prompt_tokens", max_prompt_tokens), ("eval_samples", eval_samples),
-                       ("router_fraction", router_fraction), ("threads", threads),
-                       ("calibration_samples", calibration_samples)):  # fmt: skip
-        if value is not None:
-            overrides[key] = value
-    if joint:
-        overrides["joint"] = joint
-    if lora_rank is not None:
-        overrides["lora"] = {"rank": lora_rank, "alpha": 2.0 * lora_rank}
+    given = {k: v for k, v in locals().items() if v is not None and v is not False}
+    overrides = _corella_overrides(given)
     try:
         config = preset_config(preset, overrides)
         if seeds > 1:
@@ -265,6 +241,28 @@ def train_corella_command(
         raise _stopped(exc, out) from exc
     console.print((out / "report.md").read_text(encoding="utf-8"))
     console.print(f"run folder: {out}")
+
+
+#: `corella train` options -> where they go in CoReLLaConfig (the joint stages, or the top level)
+_JOINT_OPTIONS = ("stage2_samples", "stage3_samples", "batch_size", "stage2_epochs", "stage3_epochs",
+                  "llm_learning_rate", "alignment_weight", "seed", "grad_accumulation",
+                  "gradient_checkpointing")  # fmt: skip
+_TOP_OPTIONS = ("dataset", "llm", "device", "dtype", "max_prompt_tokens", "eval_samples", "router_fraction",
+                "threads", "calibration_samples")  # fmt: skip
+
+
+def _corella_overrides(given: dict[str, Any]) -> dict[str, Any]:
+    """The options a user gave to `corella train` (None and False left out) as config overrides."""
+    overrides: dict[str, Any] = {k: given[k] for k in _TOP_OPTIONS if k in given}
+    overrides["source"] = str(given["source"]) if "source" in given else None
+    joint = {k: given[k] for k in _JOINT_OPTIONS if k in given}
+    joint |= {"skip_stage3": True} if given.get("no_stage3") else {}
+    joint |= {"llm_alone": True} if given.get("llm_alone") else {}
+    if joint:
+        overrides["joint"] = joint
+    if "lora_rank" in given:
+        overrides["lora"] = {"rank": given["lora_rank"], "alpha": 2.0 * given["lora_rank"]}
+    return overrides
 
 
 def _train_seeds(out: Path, config: Any, count: int, resume: bool, crm: Path | None) -> None:

@@ -132,3 +132,26 @@ def test_serve_reads_corella_variables_and_options_override_them(tmp_path, monke
                                            llm_queue_candidates=9)  # fmt: skip
     assert (settings.port, settings.default_deadline_ms, settings.load_llm) == (9001, 750.0, False)
     assert settings.llm_queue_candidates == 9
+
+
+def test_train_options_reach_the_run_config(synthetic_dir, tmp_path):
+    from .tiny_llm import write_tiny_llama_gguf
+
+    gguf = write_tiny_llama_gguf(tmp_path / "tiny.gguf")
+    out = tmp_path / "run"
+    args = ["train", "--from", str(synthetic_dir), "--llm", str(gguf), "--out", str(out), "--device", "cpu",
+            "--dtype", "float32", "--stage2-samples", "8", "--stage3-samples", "4", "--batch-size", "4",
+            "--grad-accumulation", "2", "--gradient-checkpointing", "--no-stage3", "--lora-rank", "4",
+            "--eval-samples", "30", "--calibration-samples", "10", "--max-prompt-tokens", "400",
+            "--seed", "5"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "run.json").read_text())
+    config, joint = saved["config"], saved["config"]["joint"]
+    assert saved["compute"] == {"device": "cpu", "llm_dtype": "float32"}
+    assert (config["source"], config["llm"], config["eval_samples"]) == (str(synthetic_dir), str(gguf), 30)
+    assert (config["calibration_samples"], config["max_prompt_tokens"], config["lora"]["rank"]) == (10, 400, 4)
+    assert config["lora"]["alpha"] == 8.0 and config["router_fraction"] == 0.1  # not given: the preset's
+    assert (joint["stage2_samples"], joint["stage3_samples"], joint["batch_size"], joint["seed"]) == (8, 4, 4, 5)
+    assert joint["grad_accumulation"] == 2 and joint["gradient_checkpointing"] and joint["skip_stage3"]
+    assert not joint["llm_alone"] and not (out / "stage3").exists()

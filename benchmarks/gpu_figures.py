@@ -88,9 +88,7 @@ def crm_figures(crm: Path, repeats: int) -> dict[str, Any]:
         session = CRMSession(crm, [name], engine_cache=Path("/tmp/corella-trt"), batches=(1, 100, 1024))
         out[name] = {"provider": session.providers[0], "warmup": session.warm_up()}
         for batch in (1, 1024):
-            feed = {i.name: np.zeros([batch, *(int(d) for d in i.shape[1:])],
-                                     dtype=np.float32 if "float" in i.type else np.int64)
-                    for i in session.session.get_inputs()}  # fmt: skip
+            feed = session.zeros(batch)
             out[name][f"batch_{batch}_ms"] = _ms(lambda s=session, f=feed: s.session.run(None, f), repeats * 10)
     return out
 

@@ -124,15 +124,18 @@ class CRMSession:
         self.batches = tuple(batches)
         self.warmup: dict[str, Any] | None = None
 
+    def zeros(self, batch: int) -> dict[str, np.ndarray]:
+        """An all-zero input of `batch` rows (warm-ups and timings: its values do not matter)."""
+        return {spec.name: np.zeros([batch, *(int(d) for d in spec.shape[1:])],
+                                    dtype=np.float32 if "float" in spec.type else np.int64)
+                for spec in self.session.get_inputs()}  # fmt: skip
+
     def warm_up(self) -> dict[str, Any]:
         """One run at each batch size of the profile: TensorRT builds (or loads from its cache) its
         engine here, and CUDA allocates, so that no request pays for it. Seconds per run."""
         seconds = {}
         for batch in self.batches:
-            feed = {}
-            for spec in self.session.get_inputs():
-                dtype = np.float32 if "float" in spec.type else np.int64
-                feed[spec.name] = np.zeros([batch, *(int(d) for d in spec.shape[1:])], dtype=dtype)
+            feed = self.zeros(batch)
             started = time.perf_counter()
             self.session.run([self.output], feed)
             seconds[str(batch)] = round(time.perf_counter() - started, 4)

@@ -251,24 +251,9 @@ def export_bundle(run: Path, out: Path, config: ExportConfig | None = None,
 def _export_llm(run: Path, llm_info: dict[str, Any], template: PromptTemplate, prepared: PreparedData, staging: Path,
                 work: Path, router: dict[str, Any], config: ExportConfig,
                 progress: Callable[[str], None] | None) -> dict[str, Any]:  # fmt: skip
-    from safetensors.torch import load_file
-
     samples = prepared.samples
-    base = resolve_base_llm(llm_info["base"])
-    scorer = LLMScorer.load(base, template, LoRAConfig(**llm_info["lora"]))
-    scorer.load_trainable_state(load_file(str(run / "final" / "llm" / "adapter.safetensors")))
-    merged_path = work / f"llm-{config.intermediate}.gguf"
-    if base.is_gguf:
-        merge = write_merged_gguf(base.path, scorer, merged_path, config.intermediate)
-    else:
-        converter = config.converter
-        if converter is None and config.fetch_converter:
-            from export.converter import fetch_converter
-
-            converter = fetch_converter()
-            _progress(f"converter: {converter}", progress)
-        merge = convert_hf_directory(scorer, work, merged_path, converter, config.intermediate)
-    _progress(f"merged LoRA into {merge.get('merged_tensors', 'all')} tensors -> {merged_path.name}", progress)
+    scorer, merged_path, merge = _merge_llm(run, llm_info, template, work, config, progress)
+    base = scorer.base
 
     # parity: llama.cpp on the merged F16/F32 GGUF vs the merged PyTorch model
     rng = np.random.default_rng(0)
@@ -348,6 +333,30 @@ def _export_llm(run: Path, llm_info: dict[str, Any], template: PromptTemplate, p
         "no_token_id": no, "bos_token_id": bos, "context_size": config.context_size, "merge": merge, "parity": parity,
         "quantizations": quants, "routed_validation_samples": int(len(routed)), "calibration": calibration_info,
     }  # fmt: skip
+
+
+def _merge_llm(run: Path, llm_info: dict[str, Any], template: PromptTemplate, work: Path, config: ExportConfig,
+               progress: Callable[[str], None] | None) -> tuple[LLMScorer, Path, dict[str, Any]]:  # fmt: skip
+    """The base with the run's LoRA adapters, and its merged GGUF (written by us for a GGUF base, by
+    llama.cpp's converter for a Hugging Face directory)."""
+    from safetensors.torch import load_file
+
+    base = resolve_base_llm(llm_info["base"])
+    scorer = LLMScorer.load(base, template, LoRAConfig(**llm_info["lora"]))
+    scorer.load_trainable_state(load_file(str(run / "final" / "llm" / "adapter.safetensors")))
+    merged_path = work / f"llm-{config.intermediate}.gguf"
+    if base.is_gguf:
+        merge = write_merged_gguf(base.path, scorer, merged_path, config.intermediate)
+    else:
+        converter = config.converter
+        if converter is None and config.fetch_converter:
+            from export.converter import fetch_converter
+
+            converter = fetch_converter()
+            _progress(f"converter: {converter}", progress)
+        merge = convert_hf_directory(scorer, work, merged_path, converter, config.intermediate)
+    _progress(f"merged LoRA into {merge.get('merged_tensors', 'all')} tensors -> {merged_path.name}", progress)
+    return scorer, merged_path, merge
 
 
 def _refit_calibration(router: dict[str, Any], scores: np.ndarray, labels: np.ndarray, shipped: str,

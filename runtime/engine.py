@@ -13,6 +13,7 @@ whatever is done by the deadline). `predict` is both, waiting in between.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -51,6 +52,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _USER_CACHE = 100_000  # users whose past summary is remembered (a few KB each)
+TOKEN_CACHE_TEXTS = 4096  # prompt texts whose token ids are remembered (at most ~10 KB each)
 
 Mode = Literal["hybrid", "crm", "llm"]
 
@@ -191,6 +193,9 @@ class Engine:
         self._users: OrderedDict[str, tuple[int | None, list[HistoryItem], UserSummary]] = OrderedDict()
         self._posted: dict[str, int] = {}
         self._users_lock = threading.Lock()
+        # token ids by text: a repeat user's prefix and every catalog item's suffix are tokenized
+        # once (~1.5 ms of a 10-candidate request's 1.7 ms here); bounded, thread-safe, immutable values
+        self._tokens = functools.lru_cache(maxsize=TOKEN_CACHE_TEXTS)(lambda text: tuple(self.llm.tokenize(text)))
         largest = min(settings.max_candidates, 4096)  # a request's rows, at most one predict chunk
         self.crm = CRMSession(
             bundle.crm_file, settings.providers, settings.crm_threads or 1,
@@ -339,12 +344,12 @@ class Engine:
     def prompt_texts(self, history: list[HistoryItem], items: list[ItemText]) -> tuple[str, list[str]]:
         """The shared prefix (the history fitted to the prompt budget) and each item's suffix."""
         entries = self._entries(history)  # raises when no LLM is loaded
-        return self.template.texts(entries, items, lambda text: len(self.llm.tokenize(text)))
+        return self.template.texts(entries, items, lambda text: len(self._tokens(text)))
 
     def prompt_ids(self, history: list[HistoryItem], items: list[ItemText]) -> tuple[list[int], list[list[int]]]:
         """Token ids of the shared prefix (after BOS where the model has one) and of each item's suffix."""
         entries = self._entries(history)
-        return self.template.ids(self.llm.tokenize, self.bundle.llm.get("bos_token_id"), entries, items)
+        return self.template.ids(self._tokens, self.bundle.llm.get("bos_token_id"), entries, items)
 
     def _route(self, request: Request, entropy: np.ndarray) -> np.ndarray:
         n = len(entropy)

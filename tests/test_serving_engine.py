@@ -207,12 +207,16 @@ def test_an_event_drops_the_users_cached_prefix(bundle, tmp_path):
         hits = engine.metrics.value("corella_llm_prefix_cache_total", result="hit")
         assert hits == 1 and engine.scheduler.cached_prefixes() == 1
         assert engine.metrics.value("corella_llm_prefix_cache_hit_ratio") == 0.5
+        # the repeat tokenized nothing: its prefix and its 5 suffixes were remembered by text
+        tokenized = engine._tokens.cache_info()
+        assert tokenized.misses == 6 and tokenized.hits >= 6
         event = {"user_id": "4", "item_id": "9", "rating": 5, "timestamp": 2_000_000_000}
         assert httpx.post(f"{base}/v1/events", json={"events": [event]}, timeout=10).status_code == 200
         assert engine.scheduler.cached_prefixes() == 0
         answer = httpx.post(f"{base}/v1/predict", json=body, timeout=60).json()
         assert {p["route"] for p in answer["predictions"]} == {"llm"}
         assert engine.metrics.value("corella_llm_prefix_cache_total", result="miss") == 2
+        assert engine._tokens.cache_info().misses == 7  # the new history is a new prefix text; suffixes known
 
 
 def test_a_dead_llm_process_is_answered_by_the_crm_and_started_again(bundle, tmp_path):

@@ -32,6 +32,7 @@ from export.llm import QUANT_TYPES, convert_hf_directory, quantize_gguf, write_m
 from runtime.bundle import MANIFEST, bundle_id, load_bundle, write_manifest
 from runtime.engine import Engine, EngineSettings
 from runtime.errors import ConfigError
+from runtime.features import FeatureSpec
 from runtime.llm import LlamaScorer, LlamaSettings
 from runtime.paths import corella_home
 from runtime.prompt import HistoryEntry, ItemText, PromptTemplate
@@ -41,6 +42,7 @@ from runtime.store import FeatureStore, Interaction
 from training.checkpoint import read_json
 from training.crm_trainer import load_crm
 from training.data import SampleTable
+from training.dcnv2 import DCNv2
 from training.llm import LLMScorer, LoRAConfig, resolve_base_llm
 from training.pipeline import PromptCache, evaluation_rows
 from training.runs import DataConfig, PreparedData, prepare_data
@@ -161,33 +163,8 @@ def export_bundle(run: Path, out: Path, config: ExportConfig | None = None,
     try:
         # ---------------------------------------------------------------- CRM
         t = time.perf_counter()
-        onnx_info = export_onnx(crm, prepared.inputs, staging / "crm.onnx")
         valid_rows = prepared.rows("valid")
-        parity = onnx_parity(crm, staging / "crm.onnx", prepared.take(valid_rows))
-        _progress(f"crm.onnx: ONNX Runtime vs PyTorch on {parity['samples']} validation samples, "
-                  f"max |dp| {parity['max_abs_dp']:.2e}", progress)  # fmt: skip
-        if parity["max_abs_dp"] > 1e-5:
-            raise ExportError(f"ONNX parity failed: max |dp| {parity['max_abs_dp']:.2e} > 1e-5")
-        manifest["crm"] = {**onnx_info, "inputs": {k: list(v) for k, v in spec.input_shapes().items()},
-                           "parity": parity, "load_time": optimized_load_time(staging / "crm.onnx")}  # fmt: skip
-        reason = tensorrt_unavailable_reason()
-        if config.tensorrt is False:
-            manifest["crm"]["tensorrt"] = {"status": "skipped", "reason": "disabled with --no-tensorrt"}
-        elif reason is not None:
-            if config.tensorrt:
-                raise ExportError(f"--tensorrt was asked for, but {reason}")
-            manifest["crm"]["tensorrt"] = {"status": "skipped", "reason": reason}
-        else:
-            info = build_tensorrt_engine(staging / "crm.onnx", staging / "crm.plan", prepared.inputs)
-            from runtime.crm import CRMSession
-
-            reference = CRMSession(staging / "crm.onnx", ["cpu"]).predict(prepared.take(valid_rows))
-            info["parity"] = tensorrt_parity(staging / "crm.plan", prepared.take(valid_rows), reference)
-            if info["parity"]["max_abs_dp"] > 1e-3:
-                raise ExportError(f"TensorRT parity failed: max |dp| {info['parity']['max_abs_dp']:.2e} > 1e-3")
-            manifest["crm"]["tensorrt"] = {"status": "built", **info}
-        _progress(f"TensorRT: {manifest['crm']['tensorrt']['status']} "
-                  f"({manifest['crm']['tensorrt'].get('reason', '')})", progress)  # fmt: skip
+        manifest["crm"] = _export_crm(crm, spec, prepared, staging, config, progress)
         timings["crm"] = time.perf_counter() - t
 
         # ---------------------------------------------------------------- router, features, prompt
@@ -231,21 +208,58 @@ def export_bundle(run: Path, out: Path, config: ExportConfig | None = None,
         }
         full = write_manifest(staging, manifest)
         load_bundle(staging)  # verify what was written before it takes the place of --out
-        if out.exists():
-            _keep_legacy_state(out, progress)
-            backup = out.with_name(f".{out.name}.old")
-            if backup.exists():
-                shutil.rmtree(backup)
-            os.replace(out, backup)
-            os.replace(staging, out)
-            shutil.rmtree(backup)
-        else:
-            os.replace(staging, out)
+        _take_place(staging, out, progress)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return full
+
+
+def _export_crm(crm: DCNv2, spec: FeatureSpec, prepared: PreparedData, staging: Path, config: ExportConfig,
+                progress: Callable[[str], None] | None) -> dict[str, Any]:  # fmt: skip
+    """crm.onnx checked against PyTorch on the validation split, and crm.plan where TensorRT can."""
+    valid_rows = prepared.rows("valid")
+    onnx_info = export_onnx(crm, prepared.inputs, staging / "crm.onnx")
+    parity = onnx_parity(crm, staging / "crm.onnx", prepared.take(valid_rows))
+    _progress(f"crm.onnx: ONNX Runtime vs PyTorch on {parity['samples']} validation samples, "
+              f"max |dp| {parity['max_abs_dp']:.2e}", progress)  # fmt: skip
+    if parity["max_abs_dp"] > 1e-5:
+        raise ExportError(f"ONNX parity failed: max |dp| {parity['max_abs_dp']:.2e} > 1e-5")
+    info = {**onnx_info, "inputs": {k: list(v) for k, v in spec.input_shapes().items()},
+            "parity": parity, "load_time": optimized_load_time(staging / "crm.onnx")}  # fmt: skip
+    reason = tensorrt_unavailable_reason()
+    if config.tensorrt is False:
+        info["tensorrt"] = {"status": "skipped", "reason": "disabled with --no-tensorrt"}
+    elif reason is not None:
+        if config.tensorrt:
+            raise ExportError(f"--tensorrt was asked for, but {reason}")
+        info["tensorrt"] = {"status": "skipped", "reason": reason}
+    else:
+        plan = build_tensorrt_engine(staging / "crm.onnx", staging / "crm.plan", prepared.inputs)
+        from runtime.crm import CRMSession
+
+        reference = CRMSession(staging / "crm.onnx", ["cpu"]).predict(prepared.take(valid_rows))
+        plan["parity"] = tensorrt_parity(staging / "crm.plan", prepared.take(valid_rows), reference)
+        if plan["parity"]["max_abs_dp"] > 1e-3:
+            raise ExportError(f"TensorRT parity failed: max |dp| {plan['parity']['max_abs_dp']:.2e} > 1e-3")
+        info["tensorrt"] = {"status": "built", **plan}
+    _progress(f"TensorRT: {info['tensorrt']['status']} ({info['tensorrt'].get('reason', '')})", progress)
+    return info
+
+
+def _take_place(staging: Path, out: Path, progress: Callable[[str], None] | None) -> None:
+    """The verified bundle in `staging` becomes `out`; a bundle already there is swapped out whole."""
+    if not out.exists():
+        os.replace(staging, out)
+        return
+    _keep_legacy_state(out, progress)
+    backup = out.with_name(f".{out.name}.old")
+    if backup.exists():
+        shutil.rmtree(backup)
+    os.replace(out, backup)
+    os.replace(staging, out)
+    shutil.rmtree(backup)
 
 
 def _export_llm(run: Path, llm_info: dict[str, Any], template: PromptTemplate, prepared: PreparedData, staging: Path,

@@ -317,11 +317,14 @@ class FeatureSpec:
         """One user's statistics for a request's candidates: `summary` of every interaction of the
         user before the request, `item_totals` [B, 3] the candidates' totals. Equal to what
         `running_statistics` gives a training sample with the same past."""
-        genre = np.zeros((len(item_tags), 3))
-        for row, tags in enumerate(item_tags):
+        per_tag, rows = summary.per_tag, []
+        for tags in item_tags:  # plain floats, summed in the order a numpy row would be: the same values
+            count = total = likes = 0.0
             for tag in dict.fromkeys(tags):
-                if (entry := summary.per_tag.get(tag)) is not None:
-                    genre[row] += entry
+                if (entry := per_tag.get(tag)) is not None:
+                    count, total, likes = count + entry[0], total + entry[1], likes + entry[2]
+            rows.append((count, total, likes))
+        genre = np.array(rows, dtype=np.float64).reshape(-1, 3)
         item = np.asarray(item_totals, dtype=np.float64).reshape(-1, 3)
         return Statistics(user=np.array([summary.totals]), item=item, genre=genre)
 

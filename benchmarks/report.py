@@ -39,7 +39,11 @@ def run_bench(bundle_path: Path, out: Path, config: BenchConfig,
         raise ConfigError(f"unknown suites {unknown}; choose from {', '.join(SUITES)}")
     bundle = load_bundle(bundle_path)
     out.mkdir(parents=True, exist_ok=True)
-    # the bench appends nothing, but never opens the bundle's own live store either
+    # the bench never opens the bundle's own live store: its stores are scratch copies in --out, made
+    # anew from the bundle's snapshot at every run (an earlier run's may belong to another bundle)
+    for scratch in (out / "store.sqlite", out / "http-state" / "store.sqlite"):
+        for path in (scratch, *(scratch.with_name(scratch.name + s) for s in ("-wal", "-shm", ".partial"))):
+            path.unlink(missing_ok=True)
     config.store_path = out / "store.sqlite"
     config.out = out
     settings = EngineSettings(

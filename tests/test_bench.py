@@ -59,3 +59,16 @@ def test_all_suites_on_tiny_models(bundle, tmp_path):
     assert (out / "store.sqlite").exists()  # the bench's own copy of the store, not the bundle's
     with pytest.raises(ConfigError, match="unknown suites"):
         run_bench(bundle, out, BenchConfig(suites=("gpu-magic",)))
+
+
+def test_a_bench_folder_of_an_earlier_bundle_is_benched_afresh(bundle, tmp_path):
+    """Its scratch stores are made anew from the bundle's snapshot (quickstart re-benches into the
+    same folder after a retrain; the old stores belonged to the old bundle)."""
+    out = tmp_path / "bench"
+    for old in (out / "store.sqlite", out / "http-state" / "store.sqlite"):
+        old.parent.mkdir(parents=True, exist_ok=True)
+        old.write_bytes(b"an older corella's store, not this bundle's")
+    results = run_bench(bundle, out, BenchConfig(suites=("crm",), crm_batches=(1,), crm_iterations=10,
+                                                 quality_samples=20))  # fmt: skip
+    assert "onnxruntime-cpu" in results["suites"]["crm"]["backends"]
+    assert not (out / "http-state" / "store.sqlite").exists()  # no http suite: nothing made there

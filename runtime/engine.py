@@ -410,7 +410,10 @@ class Engine:
     def _submit(self, pending: Pending) -> None:
         routed = pending.routed
         if self.scheduler is None or not self.scheduler.alive:
-            reason = FallbackReason.LLM_UNAVAILABLE if self.llm_failure else FallbackReason.LLM_DISABLED
+            # a scheduler that is not alive is an LLM that was asked for and is down (its process
+            # dying or starting again, its failure perhaps not yet recorded): unavailable, not disabled
+            down = self.scheduler is not None or self.llm_failure
+            reason = FallbackReason.LLM_UNAVAILABLE if down else FallbackReason.LLM_DISABLED
             pending.reasons.update(dict.fromkeys(routed.tolist(), reason))
             pending.llm_error = self.llm_failure
             return

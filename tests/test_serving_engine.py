@@ -244,6 +244,19 @@ def test_a_dead_llm_process_is_answered_by_the_crm_and_started_again(bundle, tmp
         engine.close()
 
 
+def test_an_llm_down_before_its_failure_is_recorded_is_unavailable_not_disabled(bundle, tmp_path, monkeypatch):
+    engine = _engine(bundle, tmp_path, default_deadline_ms=None)
+    try:
+        # the moment between the LLM process dying and the server recording why (or restarting it)
+        monkeypatch.setattr(type(engine.scheduler), "alive", property(lambda self: False))
+        assert engine.llm_failure is None
+        answer = engine.predict(_request(2, 6, mode="llm"))
+        assert set(answer["fallbacks"]) == {"llm_unavailable"}
+    finally:
+        monkeypatch.undo()
+        engine.close()
+
+
 def test_a_users_remembered_past_is_forgotten_at_their_next_event(bundle, tmp_path):
     from runtime.store import Interaction
 

@@ -516,6 +516,9 @@ def export_command(
         Path | None, typer.Option(help="also keep the F16 GGUF and the compared quantizations here (for bench)")
     ] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads")] = None,
+    device: Annotated[
+        str, typer.Option(help="where the merged LLM's PyTorch reference runs: auto (CUDA where torch sees it), cpu")
+    ] = "auto",
 ) -> None:
     """Turn a training run into a bundle: crm.onnx (+ crm.plan), llm-QUANT.gguf, store.sqlite, manifest.
 
@@ -530,7 +533,8 @@ def export_command(
     try:
         config = ExportConfig(quant=quant, quant_bar=quant_bar, routed_samples=routed_samples, tensorrt=tensorrt,
                               keep_intermediate=keep_intermediate, converter=converter, eval_samples=eval_samples,
-                              threads=threads, quants_dir=quants_dir, fetch_converter=fetch_converter)  # fmt: skip
+                              threads=threads, quants_dir=quants_dir, fetch_converter=fetch_converter,
+                              device=device)  # fmt: skip
         manifest = export_bundle(run, out, config, progress=lambda m: console.print(f"  {m}"))
     except ValidationError as exc:
         raise _fail(CorellaError(str(exc))) from exc

@@ -43,6 +43,7 @@ from training.checkpoint import read_json
 from training.crm_trainer import load_crm
 from training.data import SampleTable
 from training.dcnv2 import DCNv2
+from training.device import resolve_compute
 from training.llm import LLMScorer, LoRAConfig, resolve_base_llm
 from training.pipeline import PromptCache, evaluation_rows
 from training.runs import DataConfig, PreparedData, prepare_data
@@ -79,6 +80,11 @@ class ExportConfig(BaseModel):
     quants_dir: Path | None = Field(None, description="also keep the F16 GGUF and every compared quantization here")
     context_size: int = Field(4096, ge=256, description="llama.cpp context of the bundle")
     threads: int | None = Field(None, ge=1)
+    device: str = Field(
+        "auto",
+        description="where the merged LLM's PyTorch reference runs (float32): auto (CUDA where torch "
+        "sees a card), cpu, cuda or cuda:N",
+    )
 
 
 AUTO = "auto"
@@ -144,6 +150,7 @@ def export_bundle(run: Path, out: Path, config: ExportConfig | None = None,
         raise ConfigError(f"unknown quantization {config.quant!r}; choose one of auto, {', '.join(QUANT_TYPES)}")
     if not (run / "run.json").exists():
         raise ConfigError(f"{run}: not a training run (no run.json)")
+    resolve_compute(config.device, "float32")  # an unusable --device is refused before any work
     final = run / "final"
     crm_dir = final / "crm" if (final / "crm").exists() else run / "crm"
     if not (crm_dir / "model.safetensors").exists():
@@ -356,7 +363,8 @@ def _merge_llm(run: Path, llm_info: dict[str, Any], template: PromptTemplate, wo
     from safetensors.torch import load_file
 
     base = resolve_base_llm(llm_info["base"])
-    scorer = LLMScorer.load(base, template, LoRAConfig(**llm_info["lora"]))
+    device = resolve_compute(config.device, "float32").device  # float32: the reference parity is judged against
+    scorer = LLMScorer.load(base, template, LoRAConfig(**llm_info["lora"]), device=device)
     scorer.load_trainable_state(load_file(str(run / "final" / "llm" / "adapter.safetensors")))
     merged_path = work / f"llm-{config.intermediate}.gguf"
     if base.is_gguf:

@@ -10,6 +10,7 @@ import pytest
 from export.bundle import ExportConfig, export_bundle
 from export.crm import ExportError
 from runtime.bundle import BundleError, load_bundle
+from runtime.errors import ConfigError
 from runtime.llm import LlamaScorer
 
 
@@ -120,6 +121,15 @@ def test_newer_format_is_refused(bundle, tmp_path):
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="newer"):
         load_bundle(copy)
+
+
+def test_an_unusable_device_is_refused_before_any_work(trained_run, tmp_path):
+    from training.device import cuda_reason
+
+    device = "cuda" if cuda_reason() is not None else "cuda:99"
+    with pytest.raises(ConfigError, match="cuda"):
+        export_bundle(trained_run, tmp_path / "b", ExportConfig(device=device))
+    assert not (tmp_path / "b").exists() and not list(tmp_path.iterdir())
 
 
 def test_explicit_tensorrt_without_gpu_fails_with_the_reason(trained_run, tmp_path):

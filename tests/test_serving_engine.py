@@ -236,7 +236,10 @@ def test_a_dead_llm_process_is_answered_by_the_crm_and_started_again(bundle, tmp
             if scheduler.alive:
                 break
             answer = engine.predict(_request(2, 6, mode="llm"))
-            assert set(answer["fallbacks"]) <= {"llm_unavailable", "llm_error"} and answer["fallbacks"]
+            if not answer["fallbacks"]:  # it came back between the check above and this request
+                assert scheduler.alive and scheduler._restarts == 1
+                break
+            assert set(answer["fallbacks"]) <= {"llm_unavailable", "llm_error"}
             time.sleep(0.05)
         assert scheduler.alive and scheduler._restarts == 1
         assert {p["route"] for p in engine.predict(_request(2, 6, mode="llm"))["predictions"]} == {"llm"}

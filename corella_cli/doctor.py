@@ -200,10 +200,11 @@ def check_bundle_llm(bundle: Path) -> list[Check]:
 
 
 def run_checks(bundle: Path | None = None) -> list[Check]:
-    gpu_box = check_nvidia()[0].status == OK
+    nvidia = check_nvidia()  # run once: the GPU checks below read its verdict
+    gpu_box = nvidia[0].status == OK
     steps: list[Callable[[], list[Check]]] = [
         check_machine,
-        check_nvidia,
+        lambda: nvidia,
         lambda: check_torch(gpu_box),
         lambda: check_llama(gpu_box),
         lambda: check_onnxruntime(gpu_box),

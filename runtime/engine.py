@@ -402,7 +402,7 @@ class Engine:
         before any encoding."""
         if request.mode != "llm" or self.scheduler is None:
             return
-        wait = self.scheduler.saturated(self.deadline(request, arrived), delay, len(request.candidates) + ahead)
+        wait = self.scheduler.saturated(self.deadline(request, arrived), delay, len(request.candidates), ahead)
         if wait is not None:
             raise OverloadedError(f"the LLM queue is full ({self.scheduler.queued_candidates()} candidates "
                                   f"waiting); retry in {wait:.1f} s", wait)  # fmt: skip

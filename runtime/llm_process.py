@@ -38,6 +38,7 @@ from runtime.scheduler import (
     Pausable,
     SchedulerObserver,
     SchedulerSettings,
+    queue_full,
     saturation,
 )
 
@@ -358,19 +359,18 @@ class RemoteScheduler(Pausable):
         return p, state
 
     # ------------------------------------------------------------------ state
-    def _snapshot(self) -> tuple[float, float, bool]:
-        """(now, seconds of backlog, queue full) from the shared array, aged to now."""
+    def _snapshot(self) -> tuple[float, float]:
+        """(now, seconds of backlog) from the shared array, aged to now."""
         now = self.clock()
         shared = self._shared
-        wait = max(0.0, shared[_WAIT] - (now - shared[_STAMP]))
-        return now, wait, shared[_QUEUED] >= self.settings.queue_candidates
+        return now, max(0.0, shared[_WAIT] - (now - shared[_STAMP]))
 
-    def saturated(self, deadline: float | None, delay: float = 0.0, candidates: int = 1) -> float | None:
+    def saturated(self, deadline: float | None, delay: float = 0.0, candidates: int = 1,
+                  ahead: int = 0) -> float | None:  # fmt: skip
         if not self.alive:
             return None  # answered by the CRM with the LLM's failure, not refused
-        now, wait, _ = self._snapshot()
-        bound = self.settings.queue_candidates
-        full = self._shared[_QUEUED] + min(candidates, bound) > bound
+        now, wait = self._snapshot()
+        full = queue_full(int(self._shared[_QUEUED]), candidates, ahead, self.settings.queue_candidates)
         return saturation(now, wait, full, deadline, delay)
 
     def retry_after(self) -> float:

@@ -44,6 +44,7 @@ __all__ = [
     "SchedulerObserver",
     "LLMScheduler",
     "Pausable",
+    "queue_full",
     "saturation",
 ]
 
@@ -515,14 +516,15 @@ class LLMScheduler(Pausable):
             now = self.clock()
             return min(w.backlog_seconds(now) for w in self.workers)
 
-    def saturated(self, deadline: float | None, delay: float = 0.0, candidates: int = 1) -> float | None:
+    def saturated(self, deadline: float | None, delay: float = 0.0, candidates: int = 1,
+                  ahead: int = 0) -> float | None:  # fmt: skip
         """Seconds until the LLM could take new work, when it cannot take `candidates` that reach
-        it `delay` seconds from now: no room for them in the queue, or every context's backlog
-        outlasts `deadline`; None when it can."""
+        it `delay` seconds from now, after `ahead` candidates of other requests: no room for them
+        in the queue, or every context's backlog outlasts `deadline`; None when it can."""
         with self._lock:
             now = self.clock()
             wait = min(w.backlog_seconds(now) for w in self.workers)
-            full = self._queued + min(candidates, self.settings.queue_candidates) > self.settings.queue_candidates
+            full = queue_full(self._queued, candidates, ahead, self.settings.queue_candidates)
             return saturation(now, wait, full, deadline, delay)
 
     def queued_candidates(self) -> int:
@@ -803,6 +805,13 @@ class LLMScheduler(Pausable):
                 "decodes": self.decodes,
                 "decoded_tokens": self.decoded_tokens,
             }
+
+
+def queue_full(queued: int, candidates: int, ahead: int, bound: int) -> bool:
+    """No room in a queue of `bound` candidates, `queued` of them taken, for a request's
+    `candidates` (at most a whole queue's worth: a larger request is admitted in part) once the
+    `ahead` candidates of requests that reach the queue first are in."""
+    return queued + ahead + min(candidates, bound) > bound
 
 
 def saturation(now: float, wait: float, full: bool, deadline: float | None, delay: float) -> float | None:

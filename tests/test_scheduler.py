@@ -238,6 +238,26 @@ def test_admission_holds_the_queue_bound_and_the_deadline(model):
         scheduler.close()
 
 
+def test_saturation_counts_the_candidates_ahead(model):
+    """A mode "llm" request is refused at arrival when the requests ahead of it (still waiting for a
+    CPU worker) will take the queue's room first, even while the queue itself is empty; a request
+    larger than the queue fits an empty one (it is admitted in part)."""
+    clock = FakeClock()
+    scheduler = LLMScheduler(model, SchedulerSettings(threads=1, queue_candidates=32), clock=clock, start=False)
+    try:
+        deadline = clock.now + 10
+        assert scheduler.saturated(deadline, candidates=10) is None
+        assert scheduler.saturated(deadline, candidates=100) is None
+        assert scheduler.saturated(deadline, candidates=10, ahead=22) is None
+        assert scheduler.saturated(deadline, candidates=10, ahead=23) is not None
+        assert scheduler.saturated(deadline, candidates=100, ahead=1) is not None
+        scheduler.submit(*_prompt(model, 1, 20), deadline=deadline)
+        assert scheduler.saturated(deadline, candidates=10, ahead=2) is None
+        assert scheduler.saturated(deadline, candidates=10, ahead=3) is not None
+    finally:
+        scheduler.close()
+
+
 def test_long_requests_span_several_decodes_and_score_as_alone(model, reference):
     recorder = Recorder()
     # 70 candidates and a prefix longer than one batch: several prefix rounds, then 8 candidates a decode

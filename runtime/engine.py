@@ -205,6 +205,7 @@ class Engine:
         log.info("CRM on %s, warmed up: %s", self.crm.providers[0], self.crm.warm_up()["seconds_by_batch"])
         self.llm: LlamaModel | None = None
         self.scheduler: LLMScheduler | None = None
+        self._head: tuple[int, ...] = ()  # see _shift_head
         self.llm_load_error: str | None = None
         if bundle.llm and settings.load_llm:
             self._load_llm()
@@ -227,6 +228,7 @@ class Engine:
             else:
                 self.llm = LlamaModel(path, yes, no, settings.llm_gpu_layers)
                 self.scheduler = LLMScheduler(self.llm, scheduler_settings, observer=self.metrics)
+            self._head = self._suffix_head()
         except LLMError as exc:
             # the server still answers with the CRM; routed candidates fall back, reason llm_unavailable
             self.llm_load_error = str(exc)
@@ -351,6 +353,25 @@ class Engine:
         entries = self._entries(history)
         return self.template.ids(self._tokens, self.bundle.llm.get("bos_token_id"), entries, items)
 
+    def _suffix_head(self) -> tuple[int, ...]:
+        """The token ids every candidate's suffix starts with (the template's words before the item,
+        "Target movie:"), read off two unlike items."""
+        first, second = (self.llm.tokenize(self.template.suffix(ItemText(title))) for title in ("Alpha", "Zulu 9"))
+        n = 0
+        while n < min(len(first), len(second)) - 1 and first[n] == second[n]:
+            n += 1
+        return tuple(first[:n])
+
+    def _shift_head(self, prefix: list[int], suffixes: list[list[int]]) -> tuple[list[int], list[list[int]]]:
+        """The suffixes' common head moved to the end of the prefix: decoded (and cached) once per
+        user instead of once per candidate. The same tokens at the same positions, so the same
+        answers; a request whose suffixes do not all start with it is left as it is."""
+        head = self._head
+        n = len(head)
+        if not n or any(len(s) <= n or tuple(s[:n]) != head for s in suffixes):
+            return prefix, suffixes
+        return [*prefix, *head], [s[n:] for s in suffixes]
+
     def _route(self, request: Request, entropy: np.ndarray) -> np.ndarray:
         n = len(entropy)
         if request.mode == "crm":
@@ -419,7 +440,7 @@ class Engine:
             return
         prepared = pending.prepared
         try:
-            prefix, suffixes = self.prompt_ids(prepared.history, [prepared.items[i] for i in routed])
+            prefix, suffixes = self._shift_head(*self.prompt_ids(prepared.history, [prepared.items[i] for i in routed]))
             admission = self.scheduler.submit(prefix, suffixes, pending.deadline, user=pending.request.user_id,
                                               arrived=pending.times["arrived"])  # fmt: skip
         except LLMError as exc:
@@ -522,7 +543,7 @@ class Engine:
         for start in range(0, len(prompts), wave):
             jobs = []
             for prefix, suffixes in prompts[start : start + wave]:
-                job = self.scheduler.submit(prefix, suffixes, None).job
+                job = self.scheduler.submit(*self._shift_head(prefix, suffixes), None).job
                 if job is None or job.size < len(suffixes):
                     raise OverloadedError("the LLM queue is full", self.scheduler.retry_after())
                 jobs.append(job)

@@ -88,6 +88,32 @@ def test_concurrent_answers_equal_sequential_ones(bundle, tmp_path):
         assert dp.max() <= PARITY_Q8
 
 
+def test_the_suffixes_common_head_is_decoded_once_per_user(bundle, tmp_path):
+    """The words every candidate's suffix starts with ("Target movie:") go into the user's cached
+    prefix: a repeat request decodes only what differs, and answers as the whole prompts do."""
+    from runtime.llm import LlamaScorer, LlamaSettings
+
+    engine = _engine(bundle, tmp_path, llm_process=False, default_deadline_ms=None)
+    try:
+        head = engine._head
+        assert len(head) >= 2
+        request = _request(3, 6, mode="llm")
+        engine.predict(request)
+        prepared = engine.prepare(request)
+        prefix, suffixes = engine.prompt_ids(prepared.history, prepared.items)
+        assert all(tuple(s[: len(head)]) == head for s in suffixes)
+        before = engine.scheduler.decoded_tokens
+        answer = engine.predict(request)
+        assert engine.scheduler.decoded_tokens - before == sum(len(s) - len(head) for s in suffixes)
+        llm = engine.bundle.llm
+        with LlamaScorer(engine.bundle.llm_file, llm["yes_token_id"], llm["no_token_id"],
+                         LlamaSettings(n_threads=1)) as scorer:  # fmt: skip
+            whole = [scorer.score_full(prefix + s) for s in suffixes]
+    finally:
+        engine.close()
+    assert [p["llm_score"] for p in answer["predictions"]] == pytest.approx(whole, abs=PARITY_Q8)
+
+
 def test_the_default_route_follows_the_bundle_threshold(bundle, tmp_path):
     copy = tmp_path / "bundle"
     shutil.copytree(bundle, copy)

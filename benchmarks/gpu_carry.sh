@@ -16,7 +16,7 @@ for n in 28 27 24 17; do platforms+=(--platform "manylinux_2_${n}_x86_64"); done
 $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   "${platforms[@]}" --platform manylinux2014_x86_64 -d .gpu/wheels \
   fastapi starlette pydantic pydantic-core pydantic-settings python-dotenv typing-inspection \
-  annotated-types uvicorn gguf diskcache
+  annotated-types uvicorn httptools uvloop orjson gguf diskcache
 version=$($PY -c 'import llama_cpp; print(llama_cpp.__version__)')
 $PY -m pip download -q --no-deps --no-binary :all: -d .gpu/sdist "llama-cpp-python==$version"
 tmp=$(mktemp -d)

@@ -224,6 +224,21 @@ def test_overload_answers_at_once(bundle, tmp_path):
         assert {p["route"] for p in first.result().json()["predictions"]} == {"llm"}
 
 
+def test_the_server_keeps_what_loading_made_out_of_full_collections(bundle, tmp_path):
+    """The collector's full passes would walk every object the bundle and the engine made (~100 ms
+    each under load on 2 cores, the whole process waiting); the server freezes them once loaded."""
+    import gc
+
+    gc.unfreeze()
+    try:
+        with _serving(bundle, tmp_path):
+            assert gc.get_freeze_count() > 0
+            assert gc.get_threshold()[0] >= 10_000
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(700, 10, 10)
+
+
 def test_an_event_drops_the_users_cached_prefix(bundle, tmp_path):
     with _serving(bundle, tmp_path) as (base, app):
         engine = app.state.engine

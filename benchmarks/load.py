@@ -252,16 +252,23 @@ async def _post(connection: Connection, path: str, body: dict[str, Any], kind: s
 
 
 def closed_loop(base: str, concurrency: int, duration_s: float, make_body: Callable[[], tuple[str, dict[str, Any]]],
-                probe_interval_s: float = 0.05, timeout_s: float = 120) -> LoadRun:  # fmt: skip
+                probe_interval_s: float = 0.05, timeout_s: float = 120,
+                ramp_s: float | None = None) -> LoadRun:  # fmt: skip
     """`concurrency` clients, each sending its next request as soon as the last is answered (after
     a 429, once its Retry-After has passed), for `duration_s`; meanwhile a prober in a process of
     its own times GET /healthz (the clients' event loop, busy with hundreds of answers, would add
-    its own delays to the probe's)."""
-    return asyncio.run(_closed_loop(base, concurrency, duration_s, make_body, probe_interval_s, timeout_s))
+    its own delays to the probe's).
+
+    The clients start one after another over `ramp_s` (default: a tenth of the run, at most 1 s),
+    as load tools ramp up their users: 256 first requests sent in the same millisecond measure
+    the herd, not the server (on 2 cores their parsing alone queued the last ones ~300 ms). Every
+    request counts, the ramp's included."""
+    ramp = min(1.0, duration_s / 10) if ramp_s is None else ramp_s
+    return asyncio.run(_closed_loop(base, concurrency, duration_s, make_body, probe_interval_s, timeout_s, ramp))
 
 
 async def _closed_loop(base: str, concurrency: int, duration_s: float, make_body: Callable, probe_interval_s: float,
-                       timeout_s: float) -> LoadRun:  # fmt: skip
+                       timeout_s: float, ramp_s: float) -> LoadRun:  # fmt: skip
     samples: list[Sample] = []
     # every client connects before the clock starts: a burst of hundreds of connects is a test of
     # the kernel's accept queue, not of the server
@@ -273,7 +280,8 @@ async def _closed_loop(base: str, concurrency: int, duration_s: float, make_body
     started = time.perf_counter()
     stop = started + duration_s
 
-    async def worker(connection: Connection) -> None:
+    async def worker(connection: Connection, delay: float) -> None:
+        await asyncio.sleep(delay)
         while time.perf_counter() < stop:
             kind, body = make_body()
             samples.append(sample := await _post(connection, "/v1/predict", body, kind))
@@ -282,7 +290,7 @@ async def _closed_loop(base: str, concurrency: int, duration_s: float, make_body
         connection.close()
 
     try:
-        await asyncio.gather(*(worker(c) for c in connections))
+        await asyncio.gather(*(worker(c, ramp_s * k / concurrency) for k, c in enumerate(connections)))
         wall = time.perf_counter() - started
         output, _ = await asyncio.to_thread(probe.communicate, timeout=duration_s + 60)
     finally:

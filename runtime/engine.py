@@ -418,12 +418,14 @@ class Engine:
 
     def refuse_if_saturated(self, request: Request, arrived: float, delay: float = 0.0, ahead: int = 0) -> None:
         """Raise OverloadedError for a mode "llm" request that the LLM cannot take (no queue room
-        for its candidates after the `ahead` candidates that will reach it first, or a backlog that
-        outlasts its deadline once `delay` seconds of waiting for a CPU worker have passed): cheap,
-        before any encoding."""
+        for its candidates after the `ahead` candidates that will reach it first, or a backlog that,
+        with the request's own least work, outlasts its deadline once `delay` seconds of waiting for
+        a CPU worker have passed): cheap, before any encoding."""
         if request.mode != "llm" or self.scheduler is None:
             return
-        wait = self.scheduler.saturated(self.deadline(request, arrived), delay, len(request.candidates), ahead)
+        wait = self.scheduler.saturated(
+            self.deadline(request, arrived), delay, len(request.candidates), ahead, request.user_id
+        )
         if wait is not None:
             raise OverloadedError(f"the LLM queue is full ({self.scheduler.queued_candidates()} candidates "
                                   f"waiting); retry in {wait:.1f} s", wait)  # fmt: skip

@@ -38,6 +38,7 @@ from runtime.scheduler import (
     Pausable,
     SchedulerObserver,
     SchedulerSettings,
+    WorkEstimate,
     queue_full,
     saturation,
 )
@@ -48,7 +49,7 @@ log = logging.getLogger(__name__)
 
 # the shared array: what the event loop reads without a round trip (written by the LLM process),
 # and how busy the HTTP side is (written by the server's process)
-_QUEUED, _WAIT, _STAMP, _HOST_LOAD, _HOST_STAMP = range(5)
+_QUEUED, _WAIT, _STAMP, _HOST_LOAD, _HOST_STAMP, _SPT = range(6)
 _LOAD_FRESH_S = 1.0
 _REFRESH_S = 0.002
 _START_TIMEOUT_S = 600
@@ -158,6 +159,7 @@ def _refresh(scheduler: LLMScheduler, shared: Any, stop: threading.Event) -> Non
         stats = scheduler.stats()
         shared[_QUEUED] = stats["queued_candidates"]
         shared[_WAIT] = stats["backlog_seconds_min"]
+        shared[_SPT] = stats["seconds_per_token"]
         shared[_STAMP] = time.perf_counter()
         stop.wait(_REFRESH_S)
 
@@ -181,6 +183,7 @@ class RemoteScheduler(Pausable):
         self._jobs: dict[int, LLMJob] = {}
         self._closing = False
         self._restarts = 0
+        self.estimate = WorkEstimate(settings.prefix_cache_tokens * settings.contexts)
         self.gpu_layers = 0
         self.failure: str | None = None
         self._start()
@@ -308,6 +311,7 @@ class RemoteScheduler(Pausable):
             with self._lock:
                 self._jobs.pop(call, None)
             raise
+        self.estimate.seen(user, len(prefix), [len(s) for s in suffixes], admitted > 0)
         with self._lock:
             if not admitted:
                 self._jobs.pop(call, None)
@@ -365,13 +369,13 @@ class RemoteScheduler(Pausable):
         shared = self._shared
         return now, max(0.0, shared[_WAIT] - (now - shared[_STAMP]))
 
-    def saturated(self, deadline: float | None, delay: float = 0.0, candidates: int = 1,
-                  ahead: int = 0) -> float | None:  # fmt: skip
+    def saturated(self, deadline: float | None, delay: float = 0.0, candidates: int = 1, ahead: int = 0,
+                  user: str | None = None) -> float | None:  # fmt: skip
         if not self.alive:
             return None  # answered by the CRM with the LLM's failure, not refused
         now, wait = self._snapshot()
         full = queue_full(int(self._shared[_QUEUED]), candidates, ahead, self.settings.queue_candidates)
-        return saturation(now, wait, full, deadline, delay)
+        return saturation(now, wait, full, deadline, delay, self.estimate.tokens(user) * self._shared[_SPT])
 
     def retry_after(self) -> float:
         return self._snapshot()[1]
@@ -384,6 +388,7 @@ class RemoteScheduler(Pausable):
         self._shared[_HOST_STAMP] = time.perf_counter()
 
     def invalidate_user(self, user: str) -> int:
+        self.estimate.forget(user)
         return self._call("invalidate", user)
 
     def cached_prefixes(self) -> int:

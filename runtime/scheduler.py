@@ -43,6 +43,7 @@ __all__ = [
     "SchedulerSettings",
     "SchedulerObserver",
     "LLMScheduler",
+    "WorkEstimate",
     "Pausable",
     "queue_full",
     "saturation",
@@ -326,6 +327,41 @@ class _Worker:
         return self.batch_end(now) - now + self.queued_tokens() * self.seconds_per_token
 
 
+class WorkEstimate:
+    """The least a request will cost the LLM, guessed before it is tokenized, so that a mode "llm"
+    request the LLM cannot take is refused at arrival, not after its CPU work: its user's prefix,
+    unless that user was admitted lately (the prefix is then likely cached), and one suffix, at the
+    lengths recently seen."""
+
+    def __init__(self, cache_tokens: int) -> None:
+        self.cache_tokens = cache_tokens
+        self.prefix_tokens = self.suffix_tokens = 0.0  # smoothed; nothing is guessed before a first request
+        self._recent: OrderedDict[str, None] = OrderedDict()  # users admitted lately, oldest first
+        self._lock = threading.Lock()
+
+    def seen(self, user: str | None, prefix: int, suffixes: Sequence[int], admitted: bool) -> None:
+        with self._lock:
+            first = not self.prefix_tokens
+            self.prefix_tokens = prefix if first else 0.9 * self.prefix_tokens + 0.1 * prefix
+            suffix = sum(suffixes) / max(1, len(suffixes))
+            self.suffix_tokens = suffix if first else 0.9 * self.suffix_tokens + 0.1 * suffix
+            if admitted and user is not None:
+                self._recent[user] = None
+                self._recent.move_to_end(user)
+                # as many users as the cache holds prefixes of the usual length
+                while len(self._recent) > max(2, int(self.cache_tokens / max(1.0, self.prefix_tokens))):
+                    self._recent.popitem(last=False)
+
+    def forget(self, user: str) -> None:
+        with self._lock:
+            self._recent.pop(user, None)
+
+    def tokens(self, user: str | None) -> float:
+        with self._lock:
+            warm = user is not None and user in self._recent
+            return (0.0 if warm else self.prefix_tokens) + self.suffix_tokens
+
+
 class Pausable:
     """`paused()`: hold the decode loops for a while (maintenance, tests) through `pause`/`resume`."""
 
@@ -365,6 +401,7 @@ class LLMScheduler(Pausable):
         self._paused = False
         self._closing = False
         self._queued = 0  # candidates waiting, all workers
+        self.estimate = WorkEstimate(settings.prefix_cache_tokens * settings.contexts)
         self.decoded_tokens = 0
         self.decoded_candidates = 0
         self.decodes = 0
@@ -460,6 +497,7 @@ class LLMScheduler(Pausable):
             now = self.clock()
             worker = self._worker_for(key, now)
             admission = self._admissible(worker, key, suffixes, deadline, now, arrived)
+            self.estimate.seen(user, len(prefix), [len(s) for s in suffixes], admission.admitted > 0)
             if admission.admitted == 0:
                 return admission
             job = admission.job = LLMJob(prefix, suffixes[: admission.admitted], deadline, user, now, tag)
@@ -516,16 +554,19 @@ class LLMScheduler(Pausable):
             now = self.clock()
             return min(w.backlog_seconds(now) for w in self.workers)
 
-    def saturated(self, deadline: float | None, delay: float = 0.0, candidates: int = 1,
-                  ahead: int = 0) -> float | None:  # fmt: skip
-        """Seconds until the LLM could take new work, when it cannot take `candidates` that reach
-        it `delay` seconds from now, after `ahead` candidates of other requests: no room for them
-        in the queue, or every context's backlog outlasts `deadline`; None when it can."""
+    def saturated(self, deadline: float | None, delay: float = 0.0, candidates: int = 1, ahead: int = 0,
+                  user: str | None = None) -> float | None:  # fmt: skip
+        """Seconds until the LLM could take new work, when it cannot take `candidates` of `user`
+        that reach it `delay` seconds from now, after `ahead` candidates of other requests: no room
+        for them in the queue, or every context's backlog and the request's least work (see
+        `WorkEstimate`) outlast `deadline`; None when it can."""
+        own = self.estimate.tokens(user)
         with self._lock:
             now = self.clock()
             wait = min(w.backlog_seconds(now) for w in self.workers)
+            spt = min(w.seconds_per_token for w in self.workers)
             full = queue_full(self._queued, candidates, ahead, self.settings.queue_candidates)
-            return saturation(now, wait, full, deadline, delay)
+            return saturation(now, wait, full, deadline, delay, own * spt)
 
     def queued_candidates(self) -> int:
         return self._queued
@@ -550,6 +591,7 @@ class LLMScheduler(Pausable):
 
     def invalidate_user(self, user: str) -> int:
         """Drop the cached prefixes this user's requests used (their history changed)."""
+        self.estimate.forget(user)
         with self._lock:
             return sum(worker.cache.invalidate(user) for worker in self.workers)
 
@@ -814,9 +856,11 @@ def queue_full(queued: int, candidates: int, ahead: int, bound: int) -> bool:
     return queued + ahead + min(candidates, bound) > bound
 
 
-def saturation(now: float, wait: float, full: bool, deadline: float | None, delay: float) -> float | None:
-    """`LLMScheduler.saturated` from its parts: the seconds to wait, or None when new work fits."""
+def saturation(now: float, wait: float, full: bool, deadline: float | None, delay: float,
+               own: float = 0.0) -> float | None:  # fmt: skip
+    """`LLMScheduler.saturated` from its parts: the seconds to wait, or None when new work fits.
+    `own`: the seconds of the request's own least work."""
     # a deadline too short for an idle LLM is the request's to bear (a deadline fallback), not overload
     busy = wait > 0 or delay > 0
-    late = deadline is not None and busy and now < deadline <= now + delay + wait * _MARGIN
+    late = deadline is not None and busy and now + own * _MARGIN < deadline <= now + delay + (wait + own) * _MARGIN
     return wait + delay if full or late else None

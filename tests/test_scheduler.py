@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from runtime.llm import LlamaModel, LlamaScorer, LlamaSettings, LLMError
-from runtime.scheduler import ItemState, LLMScheduler, SchedulerObserver, SchedulerSettings
+from runtime.scheduler import _MARGIN, ItemState, LLMScheduler, SchedulerObserver, SchedulerSettings
 
 from .tiny_llm import write_tiny_llama_gguf
 
@@ -254,6 +254,31 @@ def test_saturation_counts_the_candidates_ahead(model):
         scheduler.submit(*_prompt(model, 1, 20), deadline=deadline)
         assert scheduler.saturated(deadline, candidates=10, ahead=2) is None
         assert scheduler.saturated(deadline, candidates=10, ahead=3) is not None
+    finally:
+        scheduler.close()
+
+
+def test_saturation_counts_a_cold_users_prefix_before_tokenizing(model):
+    """At arrival, before its prompt is tokenized, a request of a user not admitted lately is
+    reckoned to need a prefix decoded too: refused at once where a user with a likely cached
+    prefix still fits; an event for the user makes them cold again."""
+    clock = FakeClock()
+    scheduler = LLMScheduler(model, SchedulerSettings(threads=1), clock=clock, start=False)
+    try:
+        scheduler.workers[0].seconds_per_token = spt = 0.01
+        prefix, suffixes = _prompt(model, 1, 5)
+        assert scheduler.submit(prefix, suffixes, deadline=clock.now + 60, user="1").admitted == 5
+        assert scheduler.estimate.prefix_tokens == len(prefix)
+        wait = scheduler.retry_after()
+        warm, cold = (scheduler.estimate.tokens(u) * spt for u in ("1", "2"))
+        assert cold - warm == pytest.approx(len(prefix) * spt)
+        deadline = clock.now + (wait + (warm + cold) / 2) * _MARGIN
+        assert scheduler.saturated(deadline, user="1") is None
+        assert scheduler.saturated(deadline, user="2") is not None
+        scheduler.invalidate_user("1")
+        assert scheduler.saturated(deadline, user="1") is not None
+        # a deadline that the request's own work alone outlasts is a deadline fallback, not overload
+        assert scheduler.saturated(clock.now + cold / 2, user="2") is None
     finally:
         scheduler.close()
 

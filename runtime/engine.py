@@ -440,10 +440,16 @@ class Engine:
             pending.reasons.update(dict.fromkeys(routed.tolist(), reason))
             pending.llm_error = self.llm_failure
             return
+        request = pending.request
+        if request.mode != "llm" and self.scheduler.saturated(pending.deadline, user=request.user_id) is not None:
+            # the LLM could not take even one candidate in time: answered by the CRM at once, neither
+            # tokenized nor sent (under load most requests; their work took CPU from those it can take)
+            pending.reasons.update(dict.fromkeys(routed.tolist(), FallbackReason.OVERLOADED))
+            return
         prepared = pending.prepared
         try:
             prefix, suffixes = self._shift_head(*self.prompt_ids(prepared.history, [prepared.items[i] for i in routed]))
-            admission = self.scheduler.submit(prefix, suffixes, pending.deadline, user=pending.request.user_id,
+            admission = self.scheduler.submit(prefix, suffixes, pending.deadline, user=request.user_id,
                                               arrived=pending.times["arrived"])  # fmt: skip
         except LLMError as exc:
             log.warning("LLM refused a request, answering with the CRM: %s", exc)
@@ -451,7 +457,7 @@ class Engine:
             pending.llm_error = str(exc)
             return
         admitted, feasible = admission.admitted, admission.feasible
-        if admitted == 0 and feasible > 0 and pending.request.mode == "llm":
+        if admitted == 0 and feasible > 0 and request.mode == "llm":
             retry = self.scheduler.retry_after()
             raise OverloadedError(f"the LLM queue is full ({self.scheduler.queued_candidates()} candidates "
                                   f"waiting); retry in {retry:.1f} s", retry)  # fmt: skip

@@ -210,12 +210,17 @@ def test_overload_answers_at_once(bundle, tmp_path):
             refused = httpx.post(f"{base}/v1/predict", json=waiting | {"user_id": "2"}, timeout=10)
             assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
             assert refused.json()["error"]["type"] == "overloaded"
+            tokenized = engine._tokens.cache_info().misses
             hybrid = httpx.post(
                 f"{base}/v1/predict",
                 timeout=10,
                 json={"user_id": "3", "candidates": [{"item_id": str(i)} for i in range(1, 11)], "llm_fraction": 0.5},
             )
             assert hybrid.status_code == 200 and hybrid.json()["fallbacks"] == {"overloaded": 5}
+            # neither the refused request nor the hybrid one was tokenized or sent to the LLM
+            assert engine._tokens.cache_info().misses == tokenized
+            lookups = [engine.metrics.value("corella_llm_prefix_cache_total", result=r) for r in ("hit", "miss")]
+            assert sum(lookups) == 1
             metrics = httpx.get(f"{base}/metrics", timeout=5).text
             assert 'corella_requests_total{endpoint="/v1/predict",status="429"} 1.0' in metrics
             assert 'corella_llm_fallbacks_total{reason="overloaded"} 5.0' in metrics

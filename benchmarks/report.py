@@ -129,6 +129,12 @@ def _http_headline(http: dict[str, Any]) -> dict[str, Any]:
     if overload:
         out["overload_healthz_p99_ms"] = {"value": overload["healthz_p99_ms"], "goal": "<= 50"}
         out["overload_429_mode_llm_p99_ms"] = {"value": overload["refused_llm_p99_ms"], "goal": "<= 50"}
+    soak = {level["concurrency"]: level for level in http.get("soak", {}).get("levels", [])}
+    for c in (32, 64):
+        if c in soak and c != min(soak):
+            out[f"soak_llm_goodput_c{c}_vs_unloaded"] = {"value": soak[c]["llm_goodput_vs_unloaded"], "goal": ">= 0.8"}
+            if soak[c]["crm_only_requests"]:
+                out[f"soak_crm_only_answers_p50_ms_c{c}"] = {"value": soak[c]["crm_only_p50_ms"], "goal": "<= 50"}
     return out
 
 
@@ -199,17 +205,13 @@ def _http_markdown(http: dict[str, Any]) -> list[str]:
     lines = [f"## HTTP on loopback: `corella serve` in its own process ({http['candidates_per_request']} candidates "
              f"a request, hybrid at f = {http['llm_fraction']:g}, deadline {http['deadline_ms']:.0f} ms, "
              f"{http['repeat_share']:.0%} of requests from users seen in the last minute, "
-             f"{http['seconds_per_level']:.0f} s a level)", "",
-             "| clients | requests | req/s | p50 ms | p99 ms | LLM answers/s | vs unloaded | fallbacks | "
-             "CRM-only p50 ms | 5xx | /healthz p99 ms |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]  # fmt: skip
-    for r in http["levels"]:
-        fallbacks = ", ".join(f"{k} {v}" for k, v in sorted(r["fallbacks"].items())) or "none"
-        lines.append(f"| {r['concurrency']} | {r['requests']} | {r['requests_per_second']:.1f} | {r['p50_ms']:.0f} | "
-                     f"{r['p99_ms']:.0f} | {r['llm_answers_per_second']:.2f} | {_f(r['llm_goodput_vs_unloaded'])} | "
-                     f"{fallbacks} | {_f(r['crm_only_p50_ms'], 0)} | {r['server_errors']} | "
-                     f"{_f(r['healthz_p99_ms'], 1)} |")  # fmt: skip
-    lines.append("")
+             f"{http['seconds_per_level']:.0f} s a level)", "", *_levels_table(http["levels"])]  # fmt: skip
+    soak = http.get("soak")
+    if soak:
+        lines += [f"The issue's soak, on a fresh server: random users, {soak['candidates_per_request']} candidates a "
+                  f"request routed at the bundle's threshold, deadline {soak['deadline_ms']:.0f} ms, 1 client for "
+                  f"{soak['seconds'] / 2:.0f} s, then {soak['seconds']:.0f} s a level:", "",
+                  *_levels_table(soak["levels"])]  # fmt: skip
     repeat = http.get("repeat_vs_cold")
     if repeat:
         lines += [f"Repeat vs cold user ({repeat['users']} users, LLM part of a request): cold "
@@ -238,6 +240,19 @@ def _http_markdown(http: dict[str, Any]) -> list[str]:
                   f"{_f(overload['refused_llm_server_p99_ms'], 1)} ms); /healthz p99 "
                   f"{_f(overload['healthz_p99_ms'], 1)} ms over {overload['healthz_probes']} probes.", ""]  # fmt: skip
     return lines
+
+
+def _levels_table(levels: list[dict[str, Any]]) -> list[str]:
+    lines = ["| clients | requests | req/s | p50 ms | p99 ms | LLM answers/s | vs unloaded | fallbacks | "
+             "CRM-only p50 ms | 5xx | /healthz p99 ms |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]  # fmt: skip
+    for r in levels:
+        fallbacks = ", ".join(f"{k} {v}" for k, v in sorted(r["fallbacks"].items())) or "none"
+        lines.append(f"| {r['concurrency']} | {r['requests']} | {r['requests_per_second']:.1f} | {r['p50_ms']:.0f} | "
+                     f"{r['p99_ms']:.0f} | {r['llm_answers_per_second']:.2f} | {_f(r['llm_goodput_vs_unloaded'])} | "
+                     f"{fallbacks} | {_f(r['crm_only_p50_ms'], 0)} | {r['server_errors']} | "
+                     f"{_f(r['healthz_p99_ms'], 1)} |")  # fmt: skip
+    return [*lines, ""]
 
 
 def plot(out: Path, results: dict[str, Any]) -> list[Path]:

@@ -9,7 +9,9 @@ What it measures, each on the bundle's own GGUF and thread count:
 - the peer: llama-cpp-python's server (one completion per candidate) in its answer-token mode
   and its log-probability mode, against `corella serve` with mode "llm", at the same concurrency;
 - overload: 256 clients against a server with a small LLM queue, half of them asking for mode
-  "llm": answers keep coming, 429s come at once, /healthz stays quick.
+  "llm": answers keep coming, 429s come at once, /healthz stays quick;
+- soak: the issue's own goodput scenario on a fresh server (random users, 20 candidates a request
+  at the bundle's threshold): LLM answers a second at 32 and 64 clients against 1 client.
 """
 
 from __future__ import annotations
@@ -158,6 +160,34 @@ def _overload(bundle: Bundle, engine: Engine, out: Path, config: Any,
     return summary
 
 
+def _soak(bundle: Bundle, engine: Engine, out: Path, config: Any, progress: Callable[[str], None]) -> dict[str, Any]:
+    """The issue's soak on a fresh server: random users (few prefixes to reuse), 20 candidates a
+    request routed at the bundle's threshold; one client (the unloaded rate), then each load."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    command = corella_serve_command(bundle.path, port, out / "soak-state", llm_threads=config.threads,
+                                    deadline_ms=config.http_deadline_ms)  # fmt: skip
+    mix = UserMix(engine.store.user_ids(), engine.store.item_ids(), config.soak_candidates, repeat_share=0.0,
+                  seed=config.seed + 9)  # fmt: skip
+    levels = []
+    with server_process(command, f"{base}/readyz", out / "soak-server.log"):
+        for concurrency in config.soak_concurrency:
+            seconds = config.soak_seconds / 2 if concurrency == 1 else config.soak_seconds
+            before = _llm_answers(base)
+            run = closed_loop(base, concurrency, seconds, lambda: ("hybrid", mix.body()))
+            level = run.summary(config.http_deadline_ms)
+            level["server_llm_answers"] = _llm_answers(base) - before
+            levels.append(level)
+    unloaded = levels[0]["llm_answers_per_second"]
+    for level in levels:
+        level["llm_goodput_vs_unloaded"] = level["llm_answers_per_second"] / unloaded if unloaded else float("nan")
+        progress(f"soak c={level['concurrency']}: {level['requests_per_second']:.1f} req/s, LLM answers "
+                 f"{level['llm_answers_per_second']:.2f}/s ({level['llm_goodput_vs_unloaded']:.2f} of unloaded), "
+                 f"CRM-only p50 {level['crm_only_p50_ms']:.0f} ms")  # fmt: skip
+    return {"candidates_per_request": config.soak_candidates, "deadline_ms": config.http_deadline_ms,
+            "seconds": config.soak_seconds, "levels": levels}  # fmt: skip
+
+
 def http_suite(bundle: Bundle, engine: Engine, samples: list[Any], config: Any,
                progress: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
     out = Path(config.out) if config.out else Path(".")
@@ -184,5 +214,7 @@ def http_suite(bundle: Bundle, engine: Engine, samples: list[Any], config: Any,
         result["server_counters"] = {k: v for k, v in scrape(base).items() if k.startswith("corella_llm")}
     if config.overload_seconds and engine.llm is not None:
         result["overload"] = _overload(bundle, engine, out, config, progress)
+    if config.soak_seconds and engine.llm is not None:
+        result["soak"] = _soak(bundle, engine, out, config, progress)
     result["wall_seconds"] = time.perf_counter() - started
     return result

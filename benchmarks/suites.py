@@ -54,6 +54,11 @@ class BenchConfig:
     overload_concurrency: int = 256
     overload_seconds: float = 20.0  # 0: skip the overload run
     overload_queue: int = 32  # the overloaded server's LLM queue, in candidates
+    # the soak: random users, 20 candidates at the bundle's threshold; 1 client for half the
+    # time, then each loaded level for the whole of it (0: skip it)
+    soak_seconds: float = 60.0
+    soak_candidates: int = 20
+    soak_concurrency: tuple[int, ...] = (1, 32, 64)
     out: Path | None = None
     threads: int | None = None
     seed: int = 0

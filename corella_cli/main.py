@@ -674,6 +674,9 @@ def bench(
         int, typer.Option(help="users (x 10 candidates) for the comparison with llama-cpp-python's server; 0 skips it")
     ] = 6,  # fmt: skip
     overload_seconds: Annotated[float, typer.Option(help="seconds of the 256-client overload run; 0 skips it")] = 20.0,
+    soak_seconds: Annotated[
+        float, typer.Option(help="seconds a loaded level of the soak (random users, 20 candidates); 0 skips it")
+    ] = 60.0,  # fmt: skip
     llm_requests: Annotated[int, typer.Option(help="requests (of 16 candidates) in the LLM suite")] = 4,
     threads: Annotated[int | None, typer.Option(help="CPU threads for ONNX Runtime, PyTorch and llama.cpp")] = None,
 ) -> None:
@@ -690,7 +693,7 @@ def bench(
         suites=tuple(s.strip() for s in suites.split(",") if s.strip()), ggufs=list(gguf or []),
         quality_samples=quality_samples, hybrid_requests=hybrid_requests, http_seconds=http_seconds,
         http_concurrency=levels, peer_users=peer_users,
-        overload_seconds=overload_seconds, llm_requests=llm_requests, threads=threads,
+        overload_seconds=overload_seconds, soak_seconds=soak_seconds, llm_requests=llm_requests, threads=threads,
     )  # fmt: skip
     try:
         results = run_bench(bundle, out, config, progress=lambda m: console.print(f"  {m}"))
@@ -827,7 +830,7 @@ def quickstart(
             f"{answer['timings_ms']['total']:.0f} ms; top 5: " + json.dumps(top)[:600])  # fmt: skip
         say("[bold]5/5 bench[/] (short)")
         config = BenchConfig(quality_samples=300, hybrid_requests=3, http_concurrency=(1, 8), http_seconds=10,
-                             peer_users=0, overload_seconds=0, llm_requests=2, crm_iterations=100,
+                             peer_users=0, overload_seconds=0, soak_seconds=0, llm_requests=2, crm_iterations=100,
                              ggufs=sorted(quants.glob("llm-*.gguf")))  # fmt: skip
         results = run_bench(bundle, bench_dir, config, progress=lambda m: say(f"  {m}"))
     except CorellaError as exc:

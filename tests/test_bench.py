@@ -28,7 +28,7 @@ def test_all_suites_on_tiny_models(bundle, tmp_path):
         crm_batches=(1, 32), crm_iterations=10, llm_requests=2, llm_candidates=4, quality_samples=60,
         hybrid_requests=2, hybrid_candidates=10, http_concurrency=(1, 4), http_seconds=2, http_candidates=5,
         http_fraction=0.4, cold_users=2, peer_users=2, peer_logprob_users=1, overload_concurrency=16,
-        overload_seconds=2, overload_queue=4, ggufs=[],
+        overload_seconds=2, overload_queue=4, soak_seconds=2, soak_candidates=5, soak_concurrency=(1, 4), ggufs=[],
     )  # fmt: skip
     results = run_bench(bundle, out, config)
     suites = results["suites"]
@@ -51,6 +51,9 @@ def test_all_suites_on_tiny_models(bundle, tmp_path):
     assert peer["peer_logprobs"]["candidates"] == 10
     assert http["overload"]["requests"] > 0 and http["overload"]["server_errors"] == 0
     assert set(http["overload"]["statuses"]) <= {"200", "429"}
+    soak = http["soak"]["levels"]
+    assert [level["concurrency"] for level in soak] == [1, 4] and soak[0]["llm_goodput_vs_unloaded"] == 1.0
+    assert all(level["server_errors"] == 0 and level["requests"] > 0 for level in soak)
     saved = json.loads((out / "results.json").read_text())
     assert saved["machine"]["cores"] >= 1 and "cached_batched_vs_full_prompt" in saved["headline"]
     assert "llm_goodput_c32_vs_unloaded" not in saved["headline"] and "overload_healthz_p99_ms" in saved["headline"]

@@ -186,13 +186,10 @@ def llm_suite(bundle: Bundle, engine: Engine, samples: list[TestSample], config:
               progress: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
     if engine.llm is None:
         return {"skipped": "the bundle has no LLM, or it did not load"}
-    llm_info = bundle.llm
     requests = random_requests(engine.store, config.llm_requests, config.llm_candidates, seed=config.seed)
     prompts = [_prompts(engine, request) for request in requests]
-    candidates = sum(len(s) for _, s in prompts)
     # routed test samples: the most uncertain 10% of the quality samples by CRM entropy
-    inputs = _encode_samples(engine, samples)
-    entropy = binary_entropy(engine.crm.predict(inputs))
+    entropy = binary_entropy(engine.crm.predict(_encode_samples(engine, samples)))
     routed = [samples[i] for i in np.flatnonzero(route_by_budget(entropy, 0.1))]
     routed_prompts = [_prompts(engine, s.request()) for s in routed]
     labels = np.array([s.label for s in routed])
@@ -200,57 +197,68 @@ def llm_suite(bundle: Bundle, engine: Engine, samples: list[TestSample], config:
     for extra in map(Path, config.ggufs):
         paths.setdefault(_quant_name(extra), extra)  # the shipped model is measured once, from the bundle
     settings = LlamaSettings(n_ctx=engine.settings.llm_context, n_threads=config.threads)
-    results: dict[str, Any] = {"requests": len(requests), "candidates": candidates,
+    results: dict[str, Any] = {"requests": len(requests), "candidates": sum(len(s) for _, s in prompts),
                                "routed_test_samples": len(routed), "models": {}}  # fmt: skip
     for name, path in paths.items():
         before = _rss_mb()
-        scorer = LlamaScorer(path, llm_info["yes_token_id"], llm_info["no_token_id"], settings)
-        loaded = _rss_mb()
-        try:
-            row: dict[str, Any] = {"file": str(path), "size_mb": path.stat().st_size / 1e6,
-                                   "rss_increase_mb": loaded - before, "gpu_layers": scorer.gpu_layers}  # fmt: skip
-            started = time.perf_counter()
-            full = [scorer.score_full(p + s) for p, suffixes in prompts for s in suffixes]
-            full_s = time.perf_counter() - started
-            tokens = sum(len(p) + len(s) for p, suffixes in prompts for s in suffixes)
-            started = time.perf_counter()
-            for p, suffixes in prompts:
-                scorer.score_shared(p, suffixes, max_chunk=1)
-            cached_s = time.perf_counter() - started
-            started = time.perf_counter()
-            batched = [scorer.score_shared(p, suffixes) for p, suffixes in prompts]
-            batched_s = time.perf_counter() - started
-            row |= {
-                "full_prompt_ms_per_candidate": 1000 * full_s / candidates,
-                "cached_prefix_ms_per_candidate": 1000 * cached_s / candidates,
-                "cached_batched_ms_per_candidate": 1000 * batched_s / candidates,
-                "prompt_tokens_per_second": tokens / full_s,
-                "cache_speedup": full_s / batched_s,
-                "max_abs_dp_full_vs_batched": float(np.abs(np.array(full) - np.concatenate(batched)).max()),
-            }
-            routed_p = np.array([scorer.score_shared(p, s)[0] for p, s in routed_prompts])
-            row["routed_auc"] = auc(labels, routed_p)
-            row["_p"] = np.concatenate(batched)
-            row["_routed_p"] = routed_p
-        finally:
-            scorer.close()
-        results["models"][name] = row
+        with LlamaScorer(path, bundle.llm["yes_token_id"], bundle.llm["no_token_id"], settings) as scorer:
+            row = results["models"][name] = _measure_llm(scorer, path, prompts, routed_prompts, labels)
+            row["rss_increase_mb"] = row.pop("rss_mb") - before
         progress(f"llm {name}: full {row['full_prompt_ms_per_candidate']:.1f} ms/candidate, cached+batched "
                  f"{row['cached_batched_ms_per_candidate']:.1f} ms ({row['cache_speedup']:.1f}x)")  # fmt: skip
-    reference = next((n for n in ("f16", "f32") if n in results["models"]), None)
-    for name, row in results["models"].items():
+    results["reference"] = _against_reference(results["models"])
+    return results
+
+
+Prompts = list[tuple[list[int], list[list[int]]]]  # (prefix, suffixes) per request
+
+
+def _measure_llm(scorer: LlamaScorer, path: Path, prompts: Prompts, routed_prompts: Prompts,
+                 labels: np.ndarray) -> dict[str, Any]:  # fmt: skip
+    """One GGUF: each candidate's whole prompt, then prefix cached one by one, then cached and
+    batched; its answers to the routed test samples."""
+    candidates = sum(len(s) for _, s in prompts)
+    row: dict[str, Any] = {"file": str(path), "size_mb": path.stat().st_size / 1e6,
+                           "rss_mb": _rss_mb(), "gpu_layers": scorer.gpu_layers}  # fmt: skip
+    started = time.perf_counter()
+    full = [scorer.score_full(p + s) for p, suffixes in prompts for s in suffixes]
+    full_s = time.perf_counter() - started
+    tokens = sum(len(p) + len(s) for p, suffixes in prompts for s in suffixes)
+    started = time.perf_counter()
+    for p, suffixes in prompts:
+        scorer.score_shared(p, suffixes, max_chunk=1)
+    cached_s = time.perf_counter() - started
+    started = time.perf_counter()
+    batched = np.concatenate([scorer.score_shared(p, suffixes) for p, suffixes in prompts])
+    batched_s = time.perf_counter() - started
+    routed_p = np.array([scorer.score_shared(p, s)[0] for p, s in routed_prompts])
+    return row | {
+        "full_prompt_ms_per_candidate": 1000 * full_s / candidates,
+        "cached_prefix_ms_per_candidate": 1000 * cached_s / candidates,
+        "cached_batched_ms_per_candidate": 1000 * batched_s / candidates,
+        "prompt_tokens_per_second": tokens / full_s,
+        "cache_speedup": full_s / batched_s,
+        "max_abs_dp_full_vs_batched": float(np.abs(np.array(full) - batched).max()),
+        "routed_auc": auc(labels, routed_p),
+        "_p": batched,
+        "_routed_p": routed_p,
+    }
+
+
+def _against_reference(models: dict[str, dict[str, Any]]) -> str | None:
+    """Each quantization against F16 (or F32) where one was measured: answers, routed AUC, speed."""
+    reference = next((n for n in ("f16", "f32") if n in models), None)
+    for name, row in models.items():
         if reference and name != reference:
-            ref = results["models"][reference]
+            ref = models[reference]
             row[f"mean_abs_dp_vs_{reference}"] = float(np.abs(row["_p"] - ref["_p"]).mean())
             row[f"routed_auc_minus_{reference}"] = row["routed_auc"] - ref["routed_auc"]
-            row[f"speedup_vs_{reference}"] = (
-                ref["cached_batched_ms_per_candidate"] / row["cached_batched_ms_per_candidate"]
-            )
-    for row in results["models"].values():
+            speed = ref["cached_batched_ms_per_candidate"] / row["cached_batched_ms_per_candidate"]
+            row[f"speedup_vs_{reference}"] = speed
+    for row in models.values():
         row.pop("_p")
         row.pop("_routed_p")
-    results["reference"] = reference
-    return results
+    return reference
 
 
 # ---------------------------------------------------------------------------- hybrid

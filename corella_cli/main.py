@@ -760,6 +760,34 @@ def _outdated(run_spec: Path, bundle_spec: Path) -> list[str]:
     return done
 
 
+def _serve_one_request(bundle: Path, port: int) -> dict:
+    """`corella serve` in this process for one real 100-candidate request, then stopped."""
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+
+    from runtime.server import ServerSettings, create_app, uvicorn_config
+
+    settings = ServerSettings(bundle=bundle, port=port)
+    server = uvicorn.Server(uvicorn_config(create_app(settings), settings, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        body = {"user_id": "1", "candidates": [{"item_id": str(i)} for i in range(1, 101)], "llm_fraction": 0.1}
+        return httpx.post(f"http://127.0.0.1:{port}/v1/predict", json=body, timeout=120).json()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
 @app.command()
 def quickstart(
     workdir: Annotated[Path, typer.Option(help="where runs/, bundles/ and bench/ go")] = Path("."),
@@ -769,17 +797,11 @@ def quickstart(
     (quick preset), export (quantization chosen by measurement), serve and answer one real request,
     and a short bench. A step whose output already exists is skipped."""
     import json
-    import threading
-    import time
-
-    import httpx
-    import uvicorn
 
     from benchmarks.report import run_bench
     from benchmarks.suites import BenchConfig
     from export.bundle import ExportConfig, export_bundle
     from runtime.paths import data_cache
-    from runtime.server import ServerSettings, create_app, uvicorn_config
     from training.data.registry import fetch_dataset
     from training.pipeline import preset_config, train_corella
 
@@ -809,22 +831,7 @@ def quickstart(
                 run, bundle, ExportConfig(routed_samples=200, quants_dir=quants), progress=lambda m: say(f"  {m}")
             )
         say("[bold]4/5 serve[/] one real request over HTTP")
-        settings = ServerSettings(bundle=bundle, port=port)
-        server = uvicorn.Server(uvicorn_config(create_app(settings), settings, log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        try:
-            for _ in range(600):
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.2)
-            body = {"user_id": "1", "candidates": [{"item_id": str(i)} for i in range(1, 101)], "llm_fraction": 0.1}
-            answer = httpx.post(f"http://127.0.0.1:{port}/v1/predict", json=body, timeout=120).json()
-        finally:
-            server.should_exit = True
-            thread.join(timeout=30)
+        answer = _serve_one_request(bundle, port)
         top = sorted(answer["predictions"], key=lambda p: -p["score"])[:5]
         say(f"  POST /v1/predict user 1, 100 candidates: {answer['routed']} routed to the LLM, "
             f"{answer['timings_ms']['total']:.0f} ms; top 5: " + json.dumps(top)[:600])  # fmt: skip

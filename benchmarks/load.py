@@ -2,7 +2,9 @@
 
 The server under test runs in a process of its own (`corella serve`, or the peer's server), so
 that the load generator's Python does not share its interpreter; the clients are coroutines on one
-event loop, so that 256 of them cost little more than 8. Every loop is bounded in time.
+event loop, so that 256 of them cost little more than 8; bodies and answers go through orjson (the
+standard library's json took 0.16 ms of the ~0.55 ms of CPU the generator spent on a 100-candidate
+request, orjson 0.03). Every loop is bounded in time.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 
 from benchmarks.stats import percentile
 
@@ -238,12 +241,12 @@ class Connection:
 
 async def _post(connection: Connection, path: str, body: dict[str, Any], kind: str) -> Sample:
     started = time.perf_counter()
-    status, headers, payload = await connection.request("POST", path, json.dumps(body).encode())
+    status, headers, payload = await connection.request("POST", path, orjson.dumps(body))
     elapsed = time.perf_counter() - started
     answer = None
     if status and headers.get("content-type", "").startswith("application/json"):
         with contextlib.suppress(ValueError):
-            answer = json.loads(payload)
+            answer = orjson.loads(payload)
     sample = _sample(kind, status, elapsed, answer, _server_seconds(headers))
     sample.sent = started
     with contextlib.suppress(ValueError):
@@ -334,9 +337,9 @@ async def _send_all(base: str, path: str, bodies: list[dict[str, Any]], groups: 
         while queue:
             for index in queue.pop(0):
                 t = time.perf_counter()
-                status, _, payload = await connection.request("POST", path, json.dumps(bodies[index]).encode())
+                status, _, payload = await connection.request("POST", path, orjson.dumps(bodies[index]))
                 try:
-                    results[index] = (status, time.perf_counter() - t, json.loads(payload) if status else None)
+                    results[index] = (status, time.perf_counter() - t, orjson.loads(payload) if status else None)
                 except ValueError:
                     results[index] = (0, time.perf_counter() - t, None)
         connection.close()

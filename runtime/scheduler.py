@@ -54,8 +54,11 @@ log = logging.getLogger(__name__)
 #: decode times are estimated this much above the measured average: a batch that ends a little
 #: early costs little, one that ends after its deadline decodes for nobody
 _MARGIN = 1.15
-#: the HTTP workers busier than this share of their time make the contexts decode with fewer threads
-_BUSY_LOAD = 0.1
+#: a request side using more CPU than this (cores) makes the contexts decode with fewer threads,
+#: until it has stayed below for _QUIET_S: a starved request side reads as quiet for a moment, and
+#: an LLM that then took every core starved it for a whole batch (20 switches in a 20 s overload)
+_BUSY_LOAD = 0.2
+_QUIET_S = 2.0
 _LOAD_FRESH_S = 1.0
 
 
@@ -396,7 +399,8 @@ class LLMScheduler(Pausable):
         self.clock = clock
         self.gpu_layers = model.gpu_layers
         self.alive, self.failure = True, None  # as RemoteScheduler's, whose process may die
-        self._host_load = (0.0, -math.inf)  # (share of the HTTP workers' time, when reported)
+        self._host_load = (0.0, -math.inf)  # (the request side's CPU use in cores, when reported)
+        self._quiet_since: float | None = -math.inf  # since when the request side is quiet; None: busy
         self._lock = threading.Lock()
         self._paused = False
         self._closing = False
@@ -572,8 +576,9 @@ class LLMScheduler(Pausable):
         return self._queued
 
     def report_host_load(self, load: float) -> None:
-        """How busy the HTTP side is (the share of its CPU workers' time): above `_BUSY_LOAD`, each
-        context decodes with `threads_when_busy`, leaving the rest of the cores to the requests."""
+        """How busy the request side is (its CPU use, in cores): above `_BUSY_LOAD`, each context
+        decodes with `threads_when_busy`, leaving the rest of the cores to the requests. Reported
+        every 0.1 s by the server; none for a second (no server) reads as idle."""
         self._host_load = (load, time.perf_counter())
 
     def host_load(self) -> float:
@@ -763,7 +768,12 @@ class LLMScheduler(Pausable):
 
     def _choose_threads(self, worker: _Worker) -> None:
         """The thread count of the next batch (planned with that count's speed)."""
-        busy = self.settings.threads_when_busy and self.host_load() > _BUSY_LOAD
+        now = self.clock()
+        if self.settings.threads_when_busy and self.host_load() > _BUSY_LOAD:
+            self._quiet_since = None
+        elif self._quiet_since is None:
+            self._quiet_since = now
+        busy = self._quiet_since is None or now - self._quiet_since < _QUIET_S
         worker.threads = self._busy_threads() if busy else self.settings.threads or default_threads()
 
     def _record(self, worker: _Worker, plan: _Plan, answers: list[float], error: str | None, elapsed: float) -> None:

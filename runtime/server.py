@@ -78,7 +78,7 @@ class ServerSettings(BaseSettings):
     llm_threads: int | None = Field(None, ge=1, le=256, description="llama.cpp threads per context "
                                     "(default: the cores split between the contexts)")  # fmt: skip
     llm_threads_when_busy: int | None = Field(None, ge=1, le=256, description="llama.cpp threads per context "
-                                              "while requests keep the CPU workers busy (default on a CPU: one "
+                                              "while the server is busy (default on a CPU: one "
                                               "fewer than llm_threads, leaving a core to the requests)")  # fmt: skip
     llm_contexts: int | None = Field(None, ge=1, le=64, description="llama.cpp contexts, each with its own "
                                      "decode loop and KV cache (default 1)")  # fmt: skip
@@ -427,7 +427,35 @@ def _api_router(settings: ServerSettings) -> APIRouter:
 #: a request that waited at least this long for a CPU worker, and past its deadline, is refused:
 #: overload, not a deadline too short for its own work (that one is answered by the CRM)
 _LATE_QUEUE_S = 0.05
-_LOAD_WINDOW_S = 0.25
+_LOAD_INTERVAL_S = 0.1
+
+
+class _LoadReporter:
+    """Tells the LLM how busy the request side is, every `_LOAD_INTERVAL_S` from a thread of its
+    own: the larger of this process's CPU use (in cores: the event loop's work counts) and the
+    share of the time some request ran on or waited for a CPU worker (a starved process uses little
+    CPU but keeps requests waiting). The workers' busy share alone, reported at their jobs' ends,
+    read as idle whenever the event loop did the work or the workers were starved; the LLM then
+    took every core for a batch and the whole request side stalled (4 times in a 20 s overload
+    run, 0.3-1.4 s each)."""
+
+    def __init__(self, workers: _CpuWorkers, report: Any) -> None:
+        self.workers, self.report = workers, report
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="corella-load", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        wall, cpu, occupied = time.perf_counter(), time.process_time(), self.workers.occupied_seconds()
+        while not self._stop.wait(_LOAD_INTERVAL_S):
+            now, used, busy = time.perf_counter(), time.process_time(), self.workers.occupied_seconds()
+            elapsed = max(1e-6, now - wall)
+            self.report(max((used - cpu) / elapsed, (busy - occupied) / elapsed))
+            wall, cpu, occupied = now, used, busy
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
 
 
 class _CpuWorkers:
@@ -437,18 +465,17 @@ class _CpuWorkers:
     may be a 429 that is only useful at once); `expected_wait` says for how long, so that a request
     that could not be answered in time is refused before it queues."""
 
-    def __init__(self, workers: int, nice: int, report_load: Any = None) -> None:
+    def __init__(self, workers: int, nice: int) -> None:
         self.workers = workers
         self.waiting = [0, 0]  # urgent, other; only the event loop thread changes them
         self.urgent_candidates = 0  # candidates of the urgent jobs not yet started
         self.seconds = 0.002  # smoothed time a job takes
-        self.report_load = report_load  # called with the share of the workers' time spent working
         # seconds between two jobs' ends while jobs queue: the workers, at a low CPU priority, may
         # drain the queue slower than their jobs' own times say
         self.interval = 0.0
         self._last_end: float | None = None  # the previous job's end, when jobs were queued then
-        self._window = [time.perf_counter(), 0.0]  # start, busy seconds
-        self._window_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._occupied, self._occupied_from = 0.0, 0.0  # see occupied_seconds
         self._queue: queue.PriorityQueue = queue.PriorityQueue()
         self._order = itertools.count()
         self._threads = [threading.Thread(target=self._work, args=(nice,), name=f"corella-cpu-{i}", daemon=True)
@@ -471,21 +498,13 @@ class _CpuWorkers:
     def _account(self, seconds: float) -> None:
         now = time.perf_counter()
         self.seconds = 0.9 * self.seconds + 0.1 * seconds
-        with self._window_lock:
+        with self._lock:
             if self._last_end is not None:
                 self.interval = 0.8 * self.interval + 0.2 * (now - self._last_end)
             queued = sum(self.waiting) > self.workers
             self._last_end = now if queued else None
             if not queued:
                 self.interval = 0.0
-            self._window[1] += seconds
-            elapsed = now - self._window[0]
-            if elapsed < _LOAD_WINDOW_S:
-                return
-            load = self._window[1] / (elapsed * self.workers)
-            self._window = [now, 0.0]
-        if self.report_load is not None:
-            self.report_load(load)
 
     async def run(self, function: Any, *args: Any, deadline: float | None = None, urgent: bool = False,
                   weight: int = 0) -> Any:  # fmt: skip
@@ -493,9 +512,11 @@ class _CpuWorkers:
         answer after its deadline helps nobody; a 429 tells the client to come back). `weight`:
         the urgent job's candidates, counted in `urgent_candidates` until it starts."""
         lane = 0 if urgent else 1
+        queued = time.perf_counter()
+        if not sum(self.waiting):
+            self._occupied_from = queued
         self.waiting[lane] += 1
         self.urgent_candidates += weight
-        queued = time.perf_counter()
 
         def job() -> Any:
             began = time.perf_counter()
@@ -515,6 +536,14 @@ class _CpuWorkers:
             return await future
         finally:
             self.waiting[lane] -= 1
+            if not sum(self.waiting):
+                self._occupied += time.perf_counter() - self._occupied_from
+
+    def occupied_seconds(self) -> float:
+        """Seconds so far during which some request was running on or waiting for a worker: the
+        request side's demand for CPU, which a starved process does not lose (its CPU use does)."""
+        ongoing = time.perf_counter() - self._occupied_from if sum(self.waiting) else 0.0
+        return self._occupied + ongoing
 
     def expected_wait(self, urgent: bool = False) -> float:
         ahead = self.waiting[0] if urgent else sum(self.waiting)
@@ -620,7 +649,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
         app.state.engine = engine = await run_in_threadpool(Engine, bundle, settings.engine_settings(), metrics)
         # the CPU workers yield the cores to llama.cpp's threads; the event loop, whose work is short
         # (health, answers, reading requests), keeps the default priority so that it stays prompt
-        app.state.cpu = _CpuWorkers(settings.cpu_workers, settings.http_nice, engine.report_host_load)
+        app.state.cpu = _CpuWorkers(settings.cpu_workers, settings.http_nice)
+        app.state.load = _LoadReporter(app.state.cpu, engine.report_host_load)
         # what loading made lives as long as the server: out of the collector's full passes, which
         # otherwise walk its ~200k objects under load about once a second for ~100 ms each, the
         # whole process (event loop and workers) waiting (measured at 256 clients on 2 cores)
@@ -633,6 +663,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
             yield
         finally:
             app.state.loaded = False
+            app.state.load.close()
             app.state.cpu.close()
             await run_in_threadpool(engine.close)
 

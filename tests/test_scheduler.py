@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from runtime.llm import LlamaModel, LlamaScorer, LlamaSettings, LLMError
-from runtime.scheduler import _MARGIN, ItemState, LLMScheduler, SchedulerObserver, SchedulerSettings
+from runtime.scheduler import _MARGIN, _QUIET_S, ItemState, LLMScheduler, SchedulerObserver, SchedulerSettings
 
 from .tiny_llm import write_tiny_llama_gguf
 
@@ -312,13 +312,18 @@ def test_prompts_that_cannot_fit_are_refused(model):
 
 
 def test_a_busy_request_side_gets_a_core_back(model):
-    scheduler = LLMScheduler(model, SchedulerSettings(threads=2, threads_when_busy=1), start=False)
+    """Busy: a core goes back to the requests at once; quiet: the LLM takes it again only once the
+    requests have stayed quiet for _QUIET_S (a starved request side looks quiet for a moment)."""
+    clock = FakeClock()
+    scheduler = LLMScheduler(model, SchedulerSettings(threads=2, threads_when_busy=1), clock=clock, start=False)
     try:
         worker = scheduler.workers[0]
         assert set(worker.speed) == {1, 2} and worker.speed[1] > worker.speed[2]  # slower, until measured
-        for load, threads in ((0.5, 1), (0.0, 2)):
+        for load, wait, threads in ((0.0, 0.0, 2), (0.5, 0.0, 1), (0.0, 0.0, 1), (0.0, _QUIET_S / 2, 1),
+                                    (0.0, _QUIET_S / 2, 2), (0.5, 0.0, 1)):  # fmt: skip
+            clock.now += wait
             scheduler.report_host_load(load)
             scheduler.submit(*_prompt(model, 1, 2))
-            assert scheduler.step() and worker.applied_threads == threads
+            assert scheduler.step() and worker.applied_threads == threads, (load, wait, threads)
     finally:
         scheduler.close()

@@ -244,6 +244,28 @@ def test_the_server_keeps_what_loading_made_out_of_full_collections(bundle, tmp_
         gc.set_threshold(700, 10, 10)
 
 
+def test_the_request_side_reads_busy_while_requests_wait_even_without_cpu():
+    """The LLM's thread count follows the request side's demand: a request that holds a CPU worker
+    (here asleep, as a starved one would be) reads busy, though the process uses no CPU."""
+    import asyncio
+
+    from runtime.server import _CpuWorkers, _LoadReporter
+
+    reports: list[float] = []
+    workers = _CpuWorkers(1, 0)
+    reporter = _LoadReporter(workers, reports.append)
+    try:
+        time.sleep(0.35)
+        quiet = list(reports)
+        asyncio.run(workers.run(time.sleep, 0.6))
+        busy = reports[len(quiet) + 1 : len(quiet) + 4]  # reports wholly inside the request's 0.6 s
+    finally:
+        reporter.close()
+        workers.close()
+    assert len(quiet) >= 2 and max(quiet) < 0.2
+    assert len(busy) == 3 and min(busy) > 0.9
+
+
 def test_an_event_drops_the_users_cached_prefix(bundle, tmp_path):
     with _serving(bundle, tmp_path) as (base, app):
         engine = app.state.engine

@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 _MARGIN = 1.15
 #: a request side using more CPU than this (cores) makes the contexts decode with fewer threads,
 #: until it has stayed below for _QUIET_S: a starved request side reads as quiet for a moment, and
-#: an LLM that then took every core starved it for a whole batch (20 switches in a 20 s overload)
+#: an LLM that then took every core starved it for a whole batch (4-10 times in a 20 s overload)
 _BUSY_LOAD = 0.2
 _QUIET_S = 2.0
 _LOAD_FRESH_S = 1.0

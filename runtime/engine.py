@@ -565,7 +565,7 @@ class Engine:
         return out
 
     def report_host_load(self, load: float) -> None:
-        """How busy the request side is (its CPU use, in cores), for the LLM's thread count."""
+        """How busy the request side is (see server._LoadReporter), for the LLM's thread count."""
         if self.scheduler is not None:
             self.scheduler.report_host_load(load)
 

@@ -54,9 +54,10 @@ log = logging.getLogger(__name__)
 #: decode times are estimated this much above the measured average: a batch that ends a little
 #: early costs little, one that ends after its deadline decodes for nobody
 _MARGIN = 1.15
-#: a request side using more CPU than this (cores) makes the contexts decode with fewer threads,
-#: until it has stayed below for _QUIET_S: a starved request side reads as quiet for a moment, and
-#: an LLM that then took every core starved it for a whole batch (4-10 times in a 20 s overload)
+#: a request side busier than this (cores, or share of time holding a worker) makes the contexts
+#: decode with fewer threads, until it has stayed below for _QUIET_S: a starved request side reads
+#: as quiet for a moment, and an LLM that then took every core starved it for a whole batch (4-10
+#: times in a 20 s overload)
 _BUSY_LOAD = 0.2
 _QUIET_S = 2.0
 _LOAD_FRESH_S = 1.0
@@ -399,7 +400,7 @@ class LLMScheduler(Pausable):
         self.clock = clock
         self.gpu_layers = model.gpu_layers
         self.alive, self.failure = True, None  # as RemoteScheduler's, whose process may die
-        self._host_load = (0.0, -math.inf)  # (the request side's CPU use in cores, when reported)
+        self._host_load = (0.0, -math.inf)  # (how busy the request side is, when reported)
         self._quiet_since: float | None = -math.inf  # since when the request side is quiet; None: busy
         self._lock = threading.Lock()
         self._paused = False
@@ -576,9 +577,10 @@ class LLMScheduler(Pausable):
         return self._queued
 
     def report_host_load(self, load: float) -> None:
-        """How busy the request side is (its CPU use, in cores): above `_BUSY_LOAD`, each context
-        decodes with `threads_when_busy`, leaving the rest of the cores to the requests. Reported
-        every 0.1 s by the server; none for a second (no server) reads as idle."""
+        """How busy the request side is (the larger of its CPU use in cores and the share of time
+        its requests held a CPU worker): above `_BUSY_LOAD`, each context decodes with
+        `threads_when_busy`, leaving the rest of the cores to the requests. Reported every 0.1 s
+        by the server; none for a second (no server) reads as idle."""
         self._host_load = (load, time.perf_counter())
 
     def host_load(self) -> float:

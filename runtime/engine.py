@@ -79,6 +79,7 @@ class EngineSettings:
     llm_batch_tokens: int | None = None  # tokens per llama_decode; default 512 on a CPU, 2048 on a GPU
     llm_max_sequences: int = 64  # candidates decoded together
     llm_prefix_cache_tokens: int = 8192  # KV cells kept for users' prefixes, per context
+    llm_prefix_host_mib: int = 512  # host memory for idle users' prefixes, per context
     llm_queue_candidates: int = 512  # routed candidates waiting for the LLM
     llm_process: bool = True  # decode in a process of its own (no GIL shared with the HTTP server)
     default_deadline_ms: float | None = 5000.0
@@ -98,7 +99,7 @@ class EngineSettings:
             contexts=contexts, threads=threads, threads_when_busy=min(busy, threads),
             batch_tokens=self.llm_batch_tokens or (2048 if gpu else 512),
             max_sequences=self.llm_max_sequences, prefix_cache_tokens=self.llm_prefix_cache_tokens,
-            queue_candidates=self.llm_queue_candidates, max_prompt_tokens=self.llm_context,
+            prefix_host_mib=self.llm_prefix_host_mib, queue_candidates=self.llm_queue_candidates, max_prompt_tokens=self.llm_context,
         )  # fmt: skip
 
 

@@ -258,6 +258,24 @@ class LlamaContext:
     def clear(self) -> None:
         self._lib.llama_memory_clear(self._memory, True)
 
+    def sequence_bytes(self, seq: int) -> int:
+        """The size of `save_sequence`'s copy of this sequence."""
+        return int(self._lib.llama_state_seq_get_size(self._ctx, seq))
+
+    def save_sequence(self, seq: int) -> ctypes.Array:
+        """A copy of one sequence's KV cells (its tokens' keys and values, positions and all) in host
+        memory, for `restore_sequence` to put back in place of decoding those tokens again."""
+        size = self.sequence_bytes(seq)
+        data = (ctypes.c_uint8 * size)()
+        if size == 0 or int(self._lib.llama_state_seq_get_data(self._ctx, data, size, seq)) != size:
+            raise LLMError(f"llama.cpp could not copy sequence {seq} out of the KV cache{_native_error()}")
+        return data
+
+    def restore_sequence(self, data: ctypes.Array, seq: int) -> None:
+        """Put saved cells back as sequence `seq` (which must be empty), on any free cells."""
+        if int(self._lib.llama_state_seq_set_data(self._ctx, data, ctypes.sizeof(data), seq)) == 0:
+            raise LLMError(f"llama.cpp could not restore a saved prefix into the KV cache{_native_error()}")
+
 
 @dataclass(frozen=True)
 class LlamaSettings:

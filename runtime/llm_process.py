@@ -95,7 +95,7 @@ def _serve(conn: Connection, path: str, yes_id: int, no_id: int, gpu_layers: int
         send(("failed", str(exc)))
         return
     scheduler.host_load = lambda: _host_load(shared)  # type: ignore[method-assign]
-    send(("ready", {"gpu_layers": model.gpu_layers}))
+    send(("ready", {"gpu_layers": model.gpu_layers, "cache_tokens": scheduler.estimate.cache_tokens}))
     jobs: dict[int, LLMJob] = {}
     stop = threading.Event()
     threading.Thread(target=_refresh, args=(scheduler, shared, stop), daemon=True).start()
@@ -206,6 +206,7 @@ class RemoteScheduler(Pausable):
             self._process.join(timeout=30)
             raise LLMError(detail)
         self.gpu_layers = detail["gpu_layers"]
+        self.estimate.cache_tokens = detail["cache_tokens"]
         self.failure = None
         self._reader = threading.Thread(target=self._read, name="corella-llm-reader", daemon=True)
         self._reader.start()

@@ -89,6 +89,9 @@ class ServerSettings(BaseSettings):
     llm_max_sequences: int = Field(64, ge=1, le=200, description="candidates decoded together")
     llm_prefix_cache_tokens: int = Field(8192, ge=256, le=1_048_576, description="KV cells kept for users' "
                                          "prefixes (instruction + history), per context")  # fmt: skip
+    llm_prefix_host_mib: int = Field(512, ge=0, le=1_048_576, description="host memory (MiB) for the KV cells of "
+                                     "prefixes no request is using, per context: they leave the KV cache, "
+                                     "which then decodes faster, and come back by a copy (0: they stay)")  # fmt: skip
     llm_queue_candidates: int = Field(512, ge=1, le=1_000_000, description="routed candidates that may wait "
                                       "for the LLM; beyond, they are answered by the CRM at once "
                                       "(mode llm: 429)")  # fmt: skip
@@ -131,7 +134,7 @@ class ServerSettings(BaseSettings):
             llm_threads_when_busy=self.llm_threads_when_busy, llm_contexts=self.llm_contexts,
             llm_context=self.llm_context, llm_gpu_layers=self.llm_gpu_layers, llm_batch_tokens=self.llm_batch_tokens,
             llm_max_sequences=self.llm_max_sequences, llm_prefix_cache_tokens=self.llm_prefix_cache_tokens,
-            llm_queue_candidates=self.llm_queue_candidates, default_deadline_ms=self.default_deadline_ms,
+            llm_prefix_host_mib=self.llm_prefix_host_mib, llm_queue_candidates=self.llm_queue_candidates, default_deadline_ms=self.default_deadline_ms,
             max_candidates=self.max_candidates, load_llm=self.load_llm, store_path=self.store, state_dir=self.state,
             max_store_interactions=self.max_store_interactions,
         )  # fmt: skip

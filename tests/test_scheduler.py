@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import threading
 from collections import Counter
 from pathlib import Path
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from runtime.llm import LlamaModel, LlamaScorer, LlamaSettings, LLMError
-from runtime.scheduler import _MARGIN, _QUIET_S, ItemState, LLMScheduler, SchedulerObserver, SchedulerSettings
+from runtime.scheduler import _MARGIN, _QUIET_S, ItemState, _PrefixCache, LLMScheduler, SchedulerObserver, SchedulerSettings
 
 from .tiny_llm import write_tiny_llama_gguf
 
@@ -170,6 +171,65 @@ def test_prefix_is_reused_across_requests_and_dropped_by_an_event(model):
         assert recorder.lookups == {"miss": 2, "hit": 1}
     finally:
         scheduler.close()
+
+
+def test_idle_prefixes_leave_the_kv_cache_and_come_back_by_a_restore(model, reference):
+    recorder = Recorder()
+    scheduler = LLMScheduler(model, SchedulerSettings(threads=1, prefix_host_mib=4), observer=recorder)
+    cache = scheduler.workers[0].cache
+    context = scheduler.workers[0].context
+    try:
+        (prefix, suffixes), (other, others) = _prompt(model, 5, 4), _prompt(model, 6, 3)
+        first = _answers(scheduler, scheduler.submit(prefix, suffixes, None, user="5").job)[0]
+        entry = cache.entries[tuple(prefix)]
+        seq = entry.seq
+        assert entry.saved is None and context.sequence_bytes(seq) > 0  # idle, not yet moved
+        # the next decode first moves the idle prefix out: a copy in host memory, its cells cleared
+        _answers(scheduler, scheduler.submit(other, others, None, user="6").job)
+        assert entry.seq is None and entry.saved is not None
+        assert scheduler.stats()["parked_prefix_bytes"] == ctypes.sizeof(entry.saved) > 0
+        assert int(model._lib.llama_memory_seq_pos_max(context._memory, seq)) == -1
+        # a repeat restores it: a hit, only the suffixes decoded, the same answers
+        before = scheduler.decoded_tokens
+        again = _answers(scheduler, scheduler.submit(prefix, suffixes, None, user="5").job)[0]
+        assert scheduler.decoded_tokens - before == sum(len(s) for s in suffixes)
+        assert recorder.lookups == {"miss": 2, "hit": 1} and scheduler.stats()["restored_prefixes"] == 1
+        assert np.abs(again - first).max() <= PARITY
+        assert np.abs(again - reference(prefix, suffixes)).max() <= PARITY
+        # an event drops the user's prefix from host memory too
+        assert scheduler.invalidate_user("6") == 1 and tuple(other) not in cache.entries
+        assert scheduler.stats()["parked_prefix_bytes"] == ctypes.sizeof(entry.saved)  # user 5's copy alone
+    finally:
+        scheduler.close()
+
+
+def test_host_memory_for_parked_prefixes_is_bounded_least_recently_used_first():
+    cache = _PrefixCache(10_000, range(8), host_bytes=1000)
+    entries = []
+    for k in range(4):
+        entry, _ = cache.acquire((k,) * 100, user=str(k))
+        assert cache.allocate(entry)
+        entry.filled = entry.planned = 100
+        cache.release(entry)
+        entries.append(entry)
+    taken = cache.take_parking()
+    assert taken == entries and all(e.busy for e in taken)
+    for entry in taken:
+        cache.parked(entry, (ctypes.c_uint8 * 400)())
+    # 1,000 bytes hold two copies of 400: the two least recently used are forgotten
+    assert [e.key[0] for e in cache.entries.values()] == [2, 3]
+    assert cache.host_used == 800 and cache.used == 0 and len(cache.free) == 8
+    assert all(e.parked for e in cache.entries.values())
+    # an event forgets a parked prefix and frees its copy
+    assert cache.invalidate("3") == 1 and cache.host_used == 400
+    # a prefix whose copy failed is forgotten, not kept half there
+    entry, _ = cache.acquire((9,) * 100, user="9")
+    assert cache.allocate(entry)
+    entry.filled = entry.planned = 100
+    cache.release(entry)
+    [taken] = cache.take_parking()
+    cache.parked(taken, None)
+    assert (9,) * 100 not in cache.entries and cache.used == 0 and len(cache.free) == 8
 
 
 def test_expired_work_is_never_decoded(model):

@@ -99,7 +99,8 @@ class EngineSettings:
             contexts=contexts, threads=threads, threads_when_busy=min(busy, threads),
             batch_tokens=self.llm_batch_tokens or (2048 if gpu else 512),
             max_sequences=self.llm_max_sequences, prefix_cache_tokens=self.llm_prefix_cache_tokens,
-            prefix_host_mib=self.llm_prefix_host_mib, queue_candidates=self.llm_queue_candidates, max_prompt_tokens=self.llm_context,
+            prefix_host_mib=self.llm_prefix_host_mib, queue_candidates=self.llm_queue_candidates,
+            max_prompt_tokens=self.llm_context,
         )  # fmt: skip
 
 

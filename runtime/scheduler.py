@@ -882,7 +882,7 @@ class LLMScheduler(Pausable):
                 sample = elapsed / plan.tokens
                 worker.speed[worker.threads] = 0.7 * worker.seconds_per_token + 0.3 * sample
         self.observer.batch(plan.tokens, len(plan.suffixes) + len(plan.prefixes), elapsed)
-        for entry, saved in zip(plan.parkings, plan.saved):
+        for entry, saved in zip(plan.parkings, plan.saved, strict=True):
             worker.cache.parked(entry, saved)
         for entry in plan.restores:
             worker.cache.restores += error is None

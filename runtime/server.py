@@ -134,7 +134,8 @@ class ServerSettings(BaseSettings):
             llm_threads_when_busy=self.llm_threads_when_busy, llm_contexts=self.llm_contexts,
             llm_context=self.llm_context, llm_gpu_layers=self.llm_gpu_layers, llm_batch_tokens=self.llm_batch_tokens,
             llm_max_sequences=self.llm_max_sequences, llm_prefix_cache_tokens=self.llm_prefix_cache_tokens,
-            llm_prefix_host_mib=self.llm_prefix_host_mib, llm_queue_candidates=self.llm_queue_candidates, default_deadline_ms=self.default_deadline_ms,
+            llm_prefix_host_mib=self.llm_prefix_host_mib, llm_queue_candidates=self.llm_queue_candidates,
+            default_deadline_ms=self.default_deadline_ms,
             max_candidates=self.max_candidates, load_llm=self.load_llm, store_path=self.store, state_dir=self.state,
             max_store_interactions=self.max_store_interactions,
         )  # fmt: skip

@@ -11,7 +11,15 @@ import numpy as np
 import pytest
 
 from runtime.llm import LlamaModel, LlamaScorer, LlamaSettings, LLMError
-from runtime.scheduler import _MARGIN, _QUIET_S, ItemState, _PrefixCache, LLMScheduler, SchedulerObserver, SchedulerSettings
+from runtime.scheduler import (
+    _MARGIN,
+    _QUIET_S,
+    ItemState,
+    LLMScheduler,
+    SchedulerObserver,
+    SchedulerSettings,
+    _PrefixCache,
+)
 
 from .tiny_llm import write_tiny_llama_gguf
 

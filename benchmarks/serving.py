@@ -83,6 +83,33 @@ def _repeat_vs_cold(base: str, engine: Engine, users: list[str], config: Any,
     return result
 
 
+def _returning_users(base: str, engine: Engine, users: list[str], config: Any,
+                     progress: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
+    """Many users come back: each user's request once, in turn, then each again after all the
+    others (more prefixes between a user's two visits than the KV cache holds; the host memory
+    tier holds them). The LLM part of each round, and the prefix cache's hits in the second."""
+    items = engine.store.item_ids()
+    rng = np.random.default_rng(config.seed + 5)
+    bodies = [{"user_id": user, "candidates": [{"item_id": items[i]} for i in
+                                               rng.choice(len(items), size=config.http_candidates, replace=False)],
+               "llm_fraction": config.http_fraction, "deadline_ms": 600_000} for user in users]  # fmt: skip
+    hits = 'corella_llm_prefix_cache_total{result="hit"}'
+    rounds = []
+    for _ in range(2):
+        before = scrape(base).get(hits, 0.0)
+        answers, _ = send_all(base, "/v1/predict", bodies, 1)
+        ms = [answer["timings_ms"]["llm"] for status, _, answer in answers if status == 200]
+        rounds.append({"requests": len(ms), "llm_ms": float(np.mean(ms)) if ms else float("nan"),
+                       "prefix_hits": scrape(base).get(hits, 0.0) - before})  # fmt: skip
+    result = {"users": len(users), "first": rounds[0], "second": rounds[1],
+              "second_over_first": rounds[1]["llm_ms"] / rounds[0]["llm_ms"]}  # fmt: skip
+    progress(
+        f"{len(users)} returning users: LLM part {rounds[0]['llm_ms']:.0f} ms, then {rounds[1]['llm_ms']:.0f} ms "
+        f"({result['second_over_first']:.0%}), {rounds[1]['prefix_hits']:.0f} prefix hits"
+    )
+    return result
+
+
 def _peer_requests(engine: Engine, users: list[str], config: Any) -> list[Request]:
     items = engine.store.item_ids()
     rng = np.random.default_rng(config.seed + 4)
@@ -202,9 +229,12 @@ def http_suite(bundle: Bundle, engine: Engine, samples: list[Any], config: Any,
     # users for the cold measurements, disjoint, drawn before the levels can cache anyone
     users = list(np.random.default_rng(config.seed + 8).permutation(engine.store.user_ids()))
     cold, peer = users[: config.cold_users], users[config.cold_users : config.cold_users + config.peer_users]
+    returning = users[len(cold) + len(peer) :][: config.returning_users]
     with server_process(command, f"{base}/readyz", out / "http-server.log"):
         if engine.llm is not None:
             result["repeat_vs_cold"] = _repeat_vs_cold(base, engine, cold, config, progress)
+            if returning:
+                result["returning_users"] = _returning_users(base, engine, returning, config, progress)
             if config.peer_users:
                 result["peer"] = _peer(bundle, engine, base, peer, out, config, progress)
         result["levels"] = _levels(base, engine, config, progress)

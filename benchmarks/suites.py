@@ -48,6 +48,7 @@ class BenchConfig:
     http_deadline_ms: float = 2000.0
     http_repeat_share: float = 0.7  # of requests from users seen in the last minute
     cold_users: int = 4  # repeat vs cold user
+    returning_users: int = 40  # each asks twice, the round between: more prefixes than the KV cache holds (0: skip)
     peer_users: int = 16  # users x 10 candidates for the peer comparison (0: skip it)
     peer_concurrency: int = 8
     peer_logprob_users: int = 2  # of them, scored by the peer in its (slow) log-probability mode

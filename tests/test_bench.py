@@ -27,7 +27,7 @@ def test_all_suites_on_tiny_models(bundle, tmp_path):
     config = BenchConfig(
         crm_batches=(1, 32), crm_iterations=10, llm_requests=2, llm_candidates=4, quality_samples=60,
         hybrid_requests=2, hybrid_candidates=10, http_concurrency=(1, 4), http_seconds=2, http_candidates=5,
-        http_fraction=0.4, cold_users=2, peer_users=2, peer_logprob_users=1, overload_concurrency=16,
+        http_fraction=0.4, cold_users=2, returning_users=3, peer_users=2, peer_logprob_users=1, overload_concurrency=16,
         overload_seconds=2, overload_queue=4, soak_seconds=2, soak_candidates=5, soak_concurrency=(1, 4), ggufs=[],
     )  # fmt: skip
     results = run_bench(bundle, out, config)
@@ -46,6 +46,8 @@ def test_all_suites_on_tiny_models(bundle, tmp_path):
     assert all(level["server_errors"] == 0 and level["requests"] > 0 for level in http["levels"])
     assert http["levels"][0]["llm_answers"] > 0  # 5 candidates at f = 0.4: two routed a request
     assert http["repeat_vs_cold"]["users"] == 2 and http["repeat_vs_cold"]["cold_llm_ms"] > 0
+    back = http["returning_users"]  # three new users, then the same three: every prefix found again
+    assert back["first"]["prefix_hits"] == 0 and back["second"]["prefix_hits"] == 3 == back["second"]["requests"]
     peer = http["peer"]
     assert peer["corella"]["candidates"] == 20 and peer["peer_answer_token"]["candidates"] == 20
     assert peer["peer_logprobs"]["candidates"] == 10

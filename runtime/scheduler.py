@@ -832,7 +832,8 @@ class LLMScheduler(Pausable):
                 context.restore_sequence(entry.saved, entry.seq)
             for job, _, seq in plan.suffixes:
                 context.copy_sequence(job._entry.seq, seq)
-            context.decode(tokens, positions, seqs, flags)
+            if tokens:  # none when a restored prefix's candidates could not fit in time after all
+                context.decode(tokens, positions, seqs, flags)
             answers = [context.answer(row) for row in outputs]
         except LLMError as exc:
             error = str(exc)

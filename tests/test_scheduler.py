@@ -211,6 +211,32 @@ def test_idle_prefixes_leave_the_kv_cache_and_come_back_by_a_restore(model, refe
         scheduler.close()
 
 
+def test_a_restored_prefix_whose_candidates_come_too_late_decodes_nothing_and_stays(model):
+    clock, recorder = FakeClock(), Recorder()
+    scheduler = LLMScheduler(model, SchedulerSettings(threads=1), observer=recorder, clock=clock, start=False)
+    worker = scheduler.workers[0]
+    try:
+        worker.seconds_per_token = 1e-4
+        prefix, suffixes = _prompt(model, 5, 3)
+        for user in (5, 6):  # the second decode parks the first user's prefix
+            scheduler.submit(*_prompt(model, user, 3), None, user=str(user))
+            assert scheduler.step()
+        entry = worker.cache.entries[tuple(prefix)]
+        assert entry.parked
+        job = scheduler.submit(prefix, suffixes, deadline=clock.now + 1.0, user="5").job
+        worker.seconds_per_token = 1.0  # now no candidate fits before the deadline: the restore alone is planned
+        decodes = scheduler.decodes
+        assert scheduler.step()
+        assert job.done and (job.state == ItemState.EXPIRED).all() and recorder.dropped_counts == {"too_late": 3}
+        assert scheduler.stats()["restored_prefixes"] == 1 and entry.error is None
+        assert worker.cache.entries[tuple(prefix)] is entry and entry.ready  # kept, back in the KV cache
+        assert scheduler.decodes == decodes + 1 and scheduler.decoded_tokens == sum(
+            len(p) + sum(len(x) for x in s) for p, s in (_prompt(model, u, 3) for u in (5, 6))
+        )
+    finally:
+        scheduler.close()
+
+
 def test_host_memory_for_parked_prefixes_is_bounded_least_recently_used_first():
     cache = _PrefixCache(10_000, range(8), host_bytes=1000)
     entries = []

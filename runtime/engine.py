@@ -215,6 +215,8 @@ class Engine:
                            lambda: float(self.llm_status == "serving"))  # fmt: skip
         self.metrics.watch("corella_llm_queue_candidates", "Routed candidates waiting for the LLM",
                            lambda: self.scheduler.queued_candidates() if self.scheduler else 0)  # fmt: skip
+        self.metrics.watch("corella_llm_prefix_host_bytes", "Host memory holding copies of cached prefixes",
+                           lambda: self.scheduler.prefix_host_bytes() if self.scheduler else 0)  # fmt: skip
 
     def _load_llm(self) -> None:
         info, settings = self.bundle.llm, self.settings

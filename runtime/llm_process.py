@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 # the shared array: what the event loop reads without a round trip (written by the LLM process),
 # and how busy the HTTP side is (written by the server's process)
-_QUEUED, _WAIT, _STAMP, _HOST_LOAD, _HOST_STAMP, _SPT = range(6)
+_QUEUED, _WAIT, _STAMP, _HOST_LOAD, _HOST_STAMP, _SPT, _HOST_BYTES = range(7)
 _LOAD_FRESH_S = 1.0
 _REFRESH_S = 0.002
 _START_TIMEOUT_S = 600
@@ -160,6 +160,7 @@ def _refresh(scheduler: LLMScheduler, shared: Any, stop: threading.Event) -> Non
         shared[_QUEUED] = stats["queued_candidates"]
         shared[_WAIT] = stats["backlog_seconds_min"]
         shared[_SPT] = stats["seconds_per_token"]
+        shared[_HOST_BYTES] = stats["parked_prefix_bytes"]
         shared[_STAMP] = time.perf_counter()
         stop.wait(_REFRESH_S)
 
@@ -394,6 +395,9 @@ class RemoteScheduler(Pausable):
 
     def cached_prefixes(self) -> int:
         return self._call("cached") if self.alive else 0
+
+    def prefix_host_bytes(self) -> int:
+        return int(self._shared[_HOST_BYTES]) if self.alive else 0
 
     def stats(self) -> dict[str, float]:
         return self._call("stats")

@@ -675,6 +675,11 @@ class LLMScheduler(Pausable):
         with self._lock:
             return sum(len(w.cache.entries) for w in self.workers)
 
+    def prefix_host_bytes(self) -> int:
+        """Host memory taken by copies of cached prefixes, all contexts."""
+        with self._lock:
+            return sum(w.cache.host_used for w in self.workers)
+
     # ------------------------------------------------------------------ the loop
     def _loop(self, worker: _Worker, warmed: threading.Event) -> None:
         try:
@@ -952,7 +957,6 @@ class LLMScheduler(Pausable):
                 "queued_jobs": sum(len(w.queue) for w in self.workers),
                 "cached_prefixes": sum(len(w.cache.entries) for w in self.workers),
                 "cached_prefix_tokens": sum(w.cache.used for w in self.workers),
-                "parked_prefixes": sum(e.parked for w in self.workers for e in w.cache.entries.values()),
                 "parked_prefix_bytes": sum(w.cache.host_used for w in self.workers),
                 "restored_prefixes": sum(w.cache.restores for w in self.workers),
                 "backlog_seconds": max(w.backlog_seconds(now) for w in self.workers),

@@ -285,6 +285,22 @@ def test_an_event_drops_the_users_cached_prefix(bundle, tmp_path):
         assert {p["route"] for p in answer["predictions"]} == {"llm"}
         assert engine.metrics.value("corella_llm_prefix_cache_total", result="miss") == 2
         assert engine._tokens.cache_info().misses == 7  # the new history is a new prefix text; suffixes known
+        # the next user's request moves user 4's idle prefix out of the KV cache, into host memory
+        assert httpx.post(f"{base}/v1/predict", json=dict(body, user_id="5"), timeout=60).status_code == 200
+        assert _within(5.0, lambda: engine.metrics.value("corella_llm_prefix_host_bytes") > 0)
+        event = dict(event, item_id="10")
+        assert httpx.post(f"{base}/v1/events", json={"events": [event]}, timeout=10).status_code == 200
+        assert _within(5.0, lambda: engine.metrics.value("corella_llm_prefix_host_bytes") == 0)  # its copy dropped
+
+
+def _within(seconds: float, condition) -> bool:  # noqa: ANN001
+    """Whether `condition()` holds within `seconds` (the LLM process reports every 2 ms)."""
+    end = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def test_a_dead_llm_process_is_answered_by_the_crm_and_started_again(bundle, tmp_path):

@@ -675,6 +675,12 @@ def bench(
     peer_users: Annotated[
         int, typer.Option(help="users (x 10 candidates) for the comparison with llama-cpp-python's server; 0 skips it")
     ] = 6,  # fmt: skip
+    returning_users: Annotated[
+        int,
+        typer.Option(
+            help="users who each come back after all the others (prefixes kept past the KV cache); 0 skips it"
+        ),
+    ] = 40,  # fmt: skip
     overload_seconds: Annotated[float, typer.Option(help="seconds of the 256-client overload run; 0 skips it")] = 20.0,
     soak_seconds: Annotated[
         float, typer.Option(help="seconds a loaded level of the soak (random users, 20 candidates); 0 skips it")
@@ -694,7 +700,7 @@ def bench(
     config = BenchConfig(
         suites=tuple(s.strip() for s in suites.split(",") if s.strip()), ggufs=list(gguf or []),
         quality_samples=quality_samples, hybrid_requests=hybrid_requests, http_seconds=http_seconds,
-        http_concurrency=levels, peer_users=peer_users,
+        http_concurrency=levels, peer_users=peer_users, returning_users=returning_users,
         overload_seconds=overload_seconds, soak_seconds=soak_seconds, llm_requests=llm_requests, threads=threads,
     )  # fmt: skip
     try:

@@ -233,10 +233,10 @@ class Engine:
                 self.llm = LlamaModel(path, yes, no, settings.llm_gpu_layers)
                 self.scheduler = LLMScheduler(self.llm, scheduler_settings, observer=self.metrics)
             self._head = self._suffix_head()
-            chosen = scheduler_settings
+            held = self.scheduler.settings
             log.info("LLM on %s, %d context(s) of %d threads: prefixes in use in %d KV cells, idle ones in up to "
                      "%d MiB of host memory (~%d prefix tokens in all)", "the GPU" if gpu else "the CPU",
-                     chosen.contexts, chosen.threads, chosen.prefix_cache_tokens, chosen.prefix_host_mib,
+                     held.contexts, held.threads, held.prefix_cache_tokens, held.prefix_host_mib,
                      self.scheduler.estimate.cache_tokens)  # fmt: skip
         except LLMError as exc:
             # the server still answers with the CRM; routed candidates fall back, reason llm_unavailable

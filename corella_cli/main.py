@@ -186,6 +186,10 @@ def train_corella_command(
     ] = None,
     lora_rank: Annotated[int | None, typer.Option(help="LoRA rank")] = None,
     max_prompt_tokens: Annotated[int | None, typer.Option(help="prompt token budget")] = None,
+    prompt_version: Annotated[
+        int | None, typer.Option(help="prompt rendering: 4 (default: ~17 tokens a candidate) or 3 (~36, the "
+                                      "bundles before it)")
+    ] = None,
     eval_samples: Annotated[int | None, typer.Option(help="test samples the LLM is scored on")] = None,
     router_fraction: Annotated[float | None, typer.Option(help="share routed to the LLM")] = None,
     calibration_samples: Annotated[
@@ -247,8 +251,8 @@ def train_corella_command(
 _JOINT_OPTIONS = ("stage2_samples", "stage3_samples", "batch_size", "stage2_epochs", "stage3_epochs",
                   "llm_learning_rate", "alignment_weight", "seed", "grad_accumulation",
                   "gradient_checkpointing")  # fmt: skip
-_TOP_OPTIONS = ("dataset", "llm", "device", "dtype", "max_prompt_tokens", "eval_samples", "router_fraction",
-                "threads", "calibration_samples")  # fmt: skip
+_TOP_OPTIONS = ("dataset", "llm", "device", "dtype", "max_prompt_tokens", "prompt_version", "eval_samples",
+                "router_fraction", "threads", "calibration_samples")  # fmt: skip
 
 
 def _corella_overrides(given: dict[str, Any]) -> dict[str, Any]:

@@ -165,6 +165,52 @@ def test_reception_words_follow_the_share_of_likes():
     assert ItemText("New", liked_share=None).describe(stats=True) == "New"  # not in the catalog: no verdict
 
 
+def test_each_prompt_version_renders_its_own_text():
+    """Version 3 must render exactly what its bundles were trained on; version 4 asks the question in
+    the shared prefix and names the target in fewer words."""
+    from runtime.errors import PromptError
+    from runtime.prompt import PROMPT_VERSION, HistoryEntry, ItemText, PromptTemplate
+
+    history = [HistoryEntry(ItemText("Heat", "1995", ("Action",), 3.9, 120, 0.72), 4.0),
+               HistoryEntry(ItemText("Fargo", "1996", ("Crime",)), 2.0)]  # fmt: skip
+    target = ItemText("Toy Story", "1995", ("Animation", "Comedy"), 3.9, 374, 0.71)
+    v3 = PromptTemplate(item_stats=True, like_threshold=4.0, version=3)
+    assert v3.render(history, target) == (
+        "A user rated movies from 1 to 5 stars. Please predict whether the user will like the target movie based "
+        "on the rating history. You should ONLY answer no or yes.\nThe user's rating history, oldest first:\n"
+        "- Heat (1995; Action): 4 stars\n- Fargo (1996; Crime): 2 stars\nThe user liked 1 of these 2 movies.\n"
+        "Target movie: Toy Story (1995; Animation, Comedy); most people liked it (71% of 374)\n"
+        "Will the user like it?\nAnswer:"
+    )
+    v4 = PromptTemplate(item_stats=True, like_threshold=4.0)
+    assert v4.version == PROMPT_VERSION == 4
+    assert v4.prefix(history).endswith("The user liked 1 of these 2 movies.\nWill the user like the target movie?\n"
+                                       "Target movie:")  # fmt: skip
+    assert v4.suffix(target) == " Toy Story (Animation, Comedy); most people liked it\nAnswer:"
+    assert v4.suffix(ItemText("New")) == " New\nAnswer:"  # not in the catalog: no verdict
+    assert PromptTemplate(version=4).suffix(target) == " Toy Story (Animation, Comedy)\nAnswer:"
+    with pytest.raises(PromptError, match="prompt version 2, but this corella renders versions 3, 4"):
+        PromptTemplate(version=2)
+
+
+def test_a_resumed_run_keeps_the_prompt_version_it_started_with(tmp_path):
+    """A run folder from before prompt versions were recorded was trained on version 3: resuming it
+    must not switch its prompt halfway."""
+    from training.checkpoint import write_json
+    from training.pipeline import CoReLLaConfig, recorded_config
+
+    assert recorded_config(tmp_path) is None
+    config = CoReLLaConfig().model_dump()
+    assert config["prompt_version"] == 4
+    write_json(tmp_path / "run.json", {"config": config})
+    assert recorded_config(tmp_path).prompt_version == 4
+    del config["prompt_version"]
+    write_json(tmp_path / "run.json", {"config": config})
+    assert recorded_config(tmp_path).prompt_version == 3
+    with pytest.raises(ValueError, match="prompt version 9"):
+        CoReLLaConfig(prompt_version=9)
+
+
 def test_a_store_of_another_schema_is_refused(tmp_path):
     import sqlite3
 

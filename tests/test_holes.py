@@ -67,4 +67,4 @@ def test_catalogs_with_holes_load_encode_and_render(tmp_path_factory, movies, ra
     for row in range(len(samples)):
         history, target = samples.prompt_parts(row)
         prompt = template.render(history, target)
-        assert prompt.count("Target movie: ") == 1 and target.describe(stats=True) in prompt
+        assert prompt.count("Target movie: ") == 1 and prompt.endswith(f" {target.brief(stats=True)}\nAnswer:")

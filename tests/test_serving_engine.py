@@ -89,11 +89,22 @@ def test_concurrent_answers_equal_sequential_ones(bundle, tmp_path):
 
 
 def test_the_suffixes_common_head_is_decoded_once_per_user(bundle, tmp_path):
-    """The words every candidate's suffix starts with ("Target movie:") go into the user's cached
-    prefix: a repeat request decodes only what differs, and answers as the whole prompts do."""
+    """In a prompt version 3 bundle, the words every candidate's suffix starts with ("Target movie:")
+    go into the user's cached prefix: a repeat request decodes only what differs, and answers as the
+    whole prompts do. (Version 4 has those words in its prefix text: no head to move.)"""
+    from runtime.bundle import write_manifest
     from runtime.llm import LlamaScorer, LlamaSettings
 
-    engine = _engine(bundle, tmp_path, llm_process=False, default_deadline_ms=None)
+    engine = _engine(bundle, tmp_path, llm_process=False)
+    engine.close()
+    assert engine._head == ()
+    v3 = tmp_path / "v3"
+    shutil.copytree(bundle, v3)
+    template = json.loads((v3 / "prompt.json").read_text()) | {"version": 3}
+    (v3 / "prompt.json").write_text(json.dumps(template))
+    manifest = json.loads((v3 / "manifest.json").read_text())
+    write_manifest(v3, {k: v for k, v in manifest.items() if k not in ("files", "format_version", "created_at")})
+    engine = _engine(v3, tmp_path, llm_process=False, default_deadline_ms=None)
     try:
         head = engine._head
         assert len(head) >= 2

@@ -25,12 +25,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from rich.progress import Progress
 from safetensors.torch import save_file
 
 from runtime import __version__
 from runtime.errors import ConfigError
+from runtime.prompt import PROMPT_VERSION, PROMPT_VERSIONS
 from runtime.quality import auc, bootstrap_auc_gain, entropy_deciles, summarize
 from runtime.router import LLMCalibration, binary_entropy, calibrate_threshold, route_by_threshold
 from training.baselines import two_number_baseline
@@ -64,6 +65,8 @@ class CoReLLaConfig(BaseModel):
     history_length: int = Field(10, ge=1, le=200)
     llm: str = Field("gemma3-270m", description="base LLM: a name, a .gguf path or an HF directory")
     max_prompt_tokens: int = Field(320, ge=64, le=8192, description="prompt budget; history is cut oldest first")
+    prompt_version: int = Field(PROMPT_VERSION, description="the prompt's rendering (runtime/prompt.py): "
+                                f"{' or '.join(map(str, PROMPT_VERSIONS))}")  # fmt: skip
     crm: DCNv2Config = DCNv2Config()
     crm_train: CRMTrainConfig = CRMTrainConfig()
     lora: LoRAConfig = LoRAConfig()
@@ -84,6 +87,13 @@ class CoReLLaConfig(BaseModel):
     dtype: str = Field("auto", description="the LLM's weights: auto (bfloat16 on CUDA, float32 on the CPU), "
                        "float32, bfloat16 or float16")  # fmt: skip
     score_batch_size: int = Field(8, ge=1, le=4096, description="prompts per forward pass when scoring the LLM")
+
+    @field_validator("prompt_version")
+    @classmethod
+    def _known_prompt(cls, version: int) -> int:
+        if version not in PROMPT_VERSIONS:
+            raise ValueError(f"prompt version {version} is not one of {', '.join(map(str, PROMPT_VERSIONS))}")
+        return version
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -184,6 +194,14 @@ class _Clock:
         self.seconds[name] = time.perf_counter() - started
 
 
+def recorded_config(out: Path) -> CoReLLaConfig | None:
+    """The configuration a run folder was started with (for --resume), or None where it has none. A
+    run from before prompt versions were recorded was trained on version 3."""
+    if not (out / "run.json").exists() or "config" not in (recorded := read_json(out / "run.json")):
+        return None
+    return CoReLLaConfig(**{"prompt_version": 3} | recorded["config"])
+
+
 def train_corella(
     out: Path,
     config: CoReLLaConfig,
@@ -197,8 +215,8 @@ def train_corella(
         torch.set_num_threads(config.threads)
     if out.exists() and any(out.iterdir()) and not resume:
         raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    if resume and (out / "run.json").exists() and "config" in read_json(out / "run.json"):
-        config = CoReLLaConfig(**read_json(out / "run.json")["config"])
+    if resume:
+        config = recorded_config(out) or config
     compute = resolve_compute(config.device, config.dtype)
     log.info("training on %s", compute.describe())
     torch.manual_seed(config.joint.seed)
@@ -249,7 +267,8 @@ def _stage1(out: Path, config: CoReLLaConfig, data_config: DataConfig, resume: b
 
 
 def _load_models(config: CoReLLaConfig, prepared: PreparedData, crm_stage1: DCNv2, compute: Compute) -> _Models:
-    scorer = LLMScorer.load(resolve_base_llm(config.llm), prepared.samples.prompt_template(config.max_prompt_tokens),
+    scorer = LLMScorer.load(resolve_base_llm(config.llm), prepared.samples.prompt_template(config.max_prompt_tokens,
+                                                                                        version=config.prompt_version),
                             config.lora, dtype=compute.llm_dtype, device=compute.device,
                             gradient_checkpointing=config.joint.gradient_checkpointing)  # fmt: skip
     crm = DCNv2(prepared.spec, crm_stage1.config)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from runtime.features import FeatureSpec, Statistics, Vocabulary, history_windows, running_totals
-from runtime.prompt import HistoryEntry, ItemText, PromptTemplate
+from runtime.prompt import PROMPT_VERSION, HistoryEntry, ItemText, PromptTemplate
 from training.data.schema import RawDataset
 
 __all__ = ["SPLITS", "SampleTable", "build_samples"]
@@ -124,13 +124,15 @@ class SampleTable:
         entries = [HistoryEntry(self.item_text(self.item[h]), float(self.rating[h])) for h in history]
         return entries, self.item_text(self.item[row])
 
-    def prompt_template(self, max_prompt_tokens: int = 320, item_stats: bool = True) -> PromptTemplate:
+    def prompt_template(self, max_prompt_tokens: int = 320, item_stats: bool = True,
+                        version: int = PROMPT_VERSION) -> PromptTemplate:  # fmt: skip
         return PromptTemplate(
             item_noun=self.raw.item_noun,
             rating_max=self.raw.rating_max,
             max_prompt_tokens=max_prompt_tokens,
             item_stats=item_stats,
             like_threshold=self.raw.like_threshold,
+            version=version,
         )
 
 

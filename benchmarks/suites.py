@@ -47,7 +47,7 @@ class BenchConfig:
     http_fraction: float = 0.1
     http_deadline_ms: float = 2000.0
     http_repeat_share: float = 0.7  # of requests from users seen in the last minute
-    cold_users: int = 4  # repeat vs cold user
+    cold_users: int = 8  # repeat vs cold user (each: a new request, the same again, another)
     returning_users: int = 40  # each asks twice, the round between: more prefixes than the KV cache holds (0: skip)
     peer_users: int = 16  # users x 10 candidates for the peer comparison (0: skip it)
     peer_concurrency: int = 8

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from runtime.prompt import reception
 from training.data import build_samples, load_dataset
 
 
@@ -50,7 +51,7 @@ def test_prompt_parts_follow_history(samples):
     history, target = samples.prompt_parts(row)
     assert len(history) == int((samples.history[row] >= 0).sum())
     prompt = samples.prompt_template().render(history, target)
-    assert prompt.endswith("Answer:") and target.title in prompt.splitlines()[-3]
+    assert prompt.endswith("Answer:") and target.title in prompt.splitlines()[-2]
 
 
 def test_item_statistics_come_from_the_training_split(samples):
@@ -64,10 +65,11 @@ def test_item_statistics_come_from_the_training_split(samples):
     assert only_later and not (only_later & set(samples.item_stats))  # nothing learnt from the future
     row = int(samples.indices("test")[0])
     history, target = samples.prompt_parts(row)
-    suffix = samples.prompt_template().suffix(target)
     _, count, liked = samples.item_stats[samples.item[row]]
-    assert f"({liked:.0%} of {count})" in suffix and "people" in suffix
+    assert samples.prompt_template().suffix(target).endswith(f"; {reception(liked)}\nAnswer:")
+    assert f"({liked:.0%} of {count})" in samples.prompt_template(version=3).suffix(target)
     prefix = samples.prompt_template().prefix(history)
     assert "people" not in prefix  # the shared prefix stays short: no catalog statistics in the history
     liked_in_history = sum(h.rating >= samples.raw.like_threshold for h in history)
-    assert prefix.endswith(f"The user liked {liked_in_history} of these {len(history)} movies.\n")
+    assert prefix.endswith(f"The user liked {liked_in_history} of these {len(history)} movies.\n"
+                           "Will the user like the target movie?\nTarget movie:")  # fmt: skip

@@ -252,8 +252,9 @@ class LlamaContext:
     def copy_sequence(self, source: int, target: int) -> None:
         self._quick.llama_memory_seq_cp(self._memory, source, target, -1, -1)
 
-    def remove_sequence(self, seq: int) -> None:
-        self._quick.llama_memory_seq_rm(self._memory, seq, -1, -1)
+    def remove_sequence(self, seq: int, start: int = -1) -> None:
+        """Drop the sequence from its cells, all of them or those from position `start` on."""
+        self._quick.llama_memory_seq_rm(self._memory, seq, start, -1)
 
     def clear(self) -> None:
         self._lib.llama_memory_clear(self._memory, True)

@@ -421,3 +421,32 @@ def test_a_busy_request_side_gets_a_core_back(model):
             assert scheduler.step() and worker.applied_threads == threads, (load, wait, threads)
     finally:
         scheduler.close()
+
+
+def test_a_candidates_cells_leave_and_its_prefix_stays(model: LlamaModel, reference):
+    """`remove_sequence(seq, start)` drops a candidate's own cells and keeps those it shares with its
+    prefix: the same suffix decoded again answers as the whole prompt does (the bench's
+    benchmarks/suffix_cost.py decodes a batch of suffixes again and again that way)."""
+    from runtime.llm import LlamaContext
+
+    prefix, suffixes = _prompt(model, 3, 2)
+    context = LlamaContext(model, 512, 128, 3, threads=1)
+    try:
+        context.decode(prefix, list(range(len(prefix))), [(0, 1, 2)] * len(prefix), [False] * len(prefix))
+        answers = []
+        for _ in range(2):
+            tokens = [*suffixes[0], *suffixes[1]]
+            positions = [len(prefix) + j for s in suffixes for j in range(len(s))]
+            seqs = [1 + k for k, s in enumerate(suffixes) for _ in s]
+            last = [j == len(s) - 1 for s in suffixes for j in range(len(s))]
+            context.decode(tokens, positions, seqs, last)
+            answers.append([context.answer(len(suffixes[0]) - 1), context.answer(len(tokens) - 1)])
+            for k in range(len(suffixes)):
+                context.remove_sequence(k + 1, len(prefix))
+        context.remove_sequence(1)
+        context.remove_sequence(2)
+        assert context.sequence_bytes(0) > 0
+    finally:
+        context.close()
+    assert answers[0] == pytest.approx(answers[1], abs=1e-6)
+    assert answers[1] == pytest.approx(reference(prefix, suffixes), abs=2e-3)

@@ -187,8 +187,8 @@ def train_corella_command(
     lora_rank: Annotated[int | None, typer.Option(help="LoRA rank")] = None,
     max_prompt_tokens: Annotated[int | None, typer.Option(help="prompt token budget")] = None,
     prompt_version: Annotated[
-        int | None, typer.Option(help="prompt rendering: 4 (default: ~17 tokens a candidate) or 3 (~36, the "
-                                      "bundles before it)")
+        int | None,
+        typer.Option(help="prompt rendering: 4 (default: ~17 tokens a candidate) or 3 (~36, the bundles before it)"),
     ] = None,
     eval_samples: Annotated[int | None, typer.Option(help="test samples the LLM is scored on")] = None,
     router_fraction: Annotated[float | None, typer.Option(help="share routed to the LLM")] = None,

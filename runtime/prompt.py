@@ -161,7 +161,9 @@ class PromptTemplate:
         kept = list(history)
         if count_tokens is None:
             return kept
-        budget = self.max_prompt_tokens - (suffix_budget or (48 if self.version == 3 else 32))
+        if suffix_budget is None:
+            suffix_budget = 48 if self.version == 3 else 32
+        budget = self.max_prompt_tokens - suffix_budget
         while kept and count_tokens(self.prefix(kept)) > budget:
             kept.pop(0)
         return kept

@@ -12,7 +12,7 @@ import json
 import math
 import sqlite3
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,8 +26,8 @@ from runtime.prompt import HistoryEntry, ItemText
 __all__ = ["SCHEMA_VERSION", "Interaction", "FeatureStore"]
 
 SCHEMA_VERSION = 3
-_ITEM_CACHE = 200_000
-_UNSEEN = object()
+#: catalog entries, item totals and user profiles remembered in memory, each up to this many
+_CACHE = 200_000
 _COLUMNS = "user_id, item_id, rating, timestamp, item_count_before, item_sum_before"
 _READ = _COLUMNS + ", event_id"  # the columns of `Interaction`, in its order
 
@@ -72,7 +72,12 @@ class Interaction:
 
 
 class FeatureStore:
-    """A thread-safe handle on store.sqlite (one connection, serialized by a lock)."""
+    """A thread-safe handle on store.sqlite (one connection, serialized by a lock).
+
+    What a request reads of the store besides the user's past (catalog entries, item totals, user
+    profiles) is remembered in memory: the catalog and the profiles never change while serving, and
+    `append` forgets the totals of the items it moves. The handle that appends is the store's only
+    writer while it serves (as the engine's cache of users' pasts assumes too)."""
 
     def __init__(self, path: str | Path, readonly: bool = False) -> None:
         self.path = Path(path)
@@ -80,6 +85,8 @@ class FeatureStore:
         self._conn = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
         self._lock = threading.Lock()
         self._item_cache: dict[str, ItemText | None] = {}
+        self._totals_cache: dict[str, tuple[float, float, float] | None] = {}
+        self._user_cache: dict[str, dict[str, str] | None] = {}
         try:
             if not readonly:
                 self._conn.execute("PRAGMA journal_mode=WAL")
@@ -158,6 +165,22 @@ class FeatureStore:
         with self._lock:
             return self._conn.execute(sql, args).fetchall()
 
+    def _remembered(self, cache: dict[str, Any], keys: Sequence[str],
+                    fetch: Callable[[list[str]], dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
+        """The entries of `keys` that exist, from `cache`, with the ones it lacks fetched by `fetch`
+        (called with the lock held; a key it does not return is remembered as absent). Filled under
+        the lock, so a fill never puts back what an `append` has just made stale."""
+        with self._lock:
+            missing = [key for key in dict.fromkeys(keys) if key not in cache]
+            if missing:
+                fetched = {}
+                for start in range(0, len(missing), 500):
+                    fetched |= fetch(missing[start : start + 500])
+                if len(cache) + len(missing) > _CACHE:
+                    cache.clear()
+                cache.update({key: fetched.get(key) for key in missing})
+            return {key: value for key in keys if (value := cache[key]) is not None}
+
     def counts(self) -> dict[str, int]:
         return {t: self._query(f"SELECT COUNT(*) FROM {t}")[0][0] for t in ("items", "users", "interactions")}
 
@@ -179,39 +202,27 @@ class FeatureStore:
         return [i for (i,) in self._query("SELECT item_id FROM items ORDER BY item_id")]
 
     def items(self, item_ids: Sequence[str]) -> dict[str, ItemText]:
-        """Catalog entries of the known items among `item_ids` (the catalog never changes while
-        serving, so entries, and misses, are remembered in memory, up to `_ITEM_CACHE` of them)."""
-        cache, found, missing = self._item_cache, {}, []
-        for item_id in dict.fromkeys(item_ids):
-            entry = cache.get(item_id, _UNSEEN)
-            if entry is _UNSEEN:
-                missing.append(item_id)
-            elif entry is not None:
-                found[item_id] = entry
-        if missing:
-            fetched = self._fetch_items(missing)
-            if len(cache) + len(missing) > _ITEM_CACHE:
-                cache.clear()
-            cache.update({i: fetched.get(i) for i in missing})
-            found |= fetched
-        return found
+        """Catalog entries of the known items among `item_ids`."""
+        return self._remembered(self._item_cache, item_ids, self._fetch_items)
 
-    def _fetch_items(self, unique: Sequence[str]) -> dict[str, ItemText]:
-        found: dict[str, ItemText] = {}
-        for start in range(0, len(unique), 500):
-            chunk = unique[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            for item_id, title, year, tags, mean, count, liked in self._query(
-                "SELECT item_id, title, year, tags, rating_mean, rating_count, liked_share FROM items "
-                f"WHERE item_id IN ({marks})",
-                chunk,
-            ):
-                found[item_id] = ItemText(title, year, tuple(json.loads(tags)), mean, count, liked)
-        return found
+    def _fetch_items(self, chunk: list[str]) -> dict[str, ItemText]:
+        marks = ",".join("?" * len(chunk))
+        rows = self._conn.execute(
+            "SELECT item_id, title, year, tags, rating_mean, rating_count, liked_share FROM items "
+            f"WHERE item_id IN ({marks})",
+            chunk,
+        )
+        return {item_id: ItemText(title, year, tuple(json.loads(tags)), mean, count, liked)
+                for item_id, title, year, tags, mean, count, liked in rows}  # fmt: skip
 
     def user_attributes(self, user_id: str) -> dict[str, str] | None:
-        rows = self._query("SELECT attributes FROM users WHERE user_id = ?", (user_id,))
-        return json.loads(rows[0][0]) if rows else None
+        found = self._remembered(self._user_cache, [user_id], self._fetch_users)
+        return dict(found[user_id]) if user_id in found else None
+
+    def _fetch_users(self, chunk: list[str]) -> dict[str, dict[str, str]]:
+        marks = ",".join("?" * len(chunk))
+        rows = self._conn.execute(f"SELECT user_id, attributes FROM users WHERE user_id IN ({marks})", chunk)
+        return {user_id: json.loads(attributes) for user_id, attributes in rows}
 
     def history(self, user_id: str, limit: int | None = None, before: int | None = None) -> list[Interaction]:
         """The user's last `limit` interactions (all by default; strictly before `before`), oldest first."""
@@ -283,6 +294,8 @@ class FeatureStore:
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise
+            for item in before:
+                self._totals_cache.pop(item, None)
         return int(added)
 
     def _add_totals(self, after: int) -> None:
@@ -292,24 +305,30 @@ class FeatureStore:
 
     def item_totals(self, item_ids: Sequence[str], before: int | None = None) -> np.ndarray:
         """Totals of each item (float64 [len(item_ids), 3]), zeros for an item never rated."""
-        unique = list(dict.fromkeys(item_ids))
-        found: dict[str, tuple[float, float, float]] = {}
-        for start in range(0, len(unique), 500):
-            chunk = unique[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            if before is None:
-                sql = f"SELECT item_id, count, rating_sum, likes FROM item_totals WHERE item_id IN ({marks})"
-                args: list[Any] = list(chunk)
-            else:
+        if before is None:
+            found = self._remembered(self._totals_cache, item_ids, self._fetch_totals)
+        else:
+            found = {}
+            unique = list(dict.fromkeys(item_ids))
+            for start in range(0, len(unique), 500):
+                chunk = unique[start : start + 500]
+                marks = ",".join("?" * len(chunk))
                 sql = ("SELECT item_id, COUNT(*), TOTAL(rating), TOTAL(rating >= ?) FROM interactions "
                        f"WHERE item_id IN ({marks}) AND timestamp < ? GROUP BY item_id")  # fmt: skip
-                args = [self.like_threshold, *chunk, int(before)]
-            found |= {item: (float(n), float(total), float(likes)) for item, n, total, likes in self._query(sql, args)}
+                rows = self._query(sql, [self.like_threshold, *chunk, int(before)])
+                found |= {item: (float(n), float(total), float(likes)) for item, n, total, likes in rows}
         out = np.zeros((len(item_ids), 3))
         for row, item in enumerate(item_ids):
             if item in found:
                 out[row] = found[item]
         return out
+
+    def _fetch_totals(self, chunk: list[str]) -> dict[str, tuple[float, float, float]]:
+        marks = ",".join("?" * len(chunk))
+        rows = self._conn.execute(
+            f"SELECT item_id, count, rating_sum, likes FROM item_totals WHERE item_id IN ({marks})", chunk
+        )
+        return {item: (float(n), float(total), float(likes)) for item, n, total, likes in rows}
 
     def history_entries(self, history: Sequence[Interaction]) -> list[HistoryEntry]:
         catalog = self.items([h.item_id for h in history])

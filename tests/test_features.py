@@ -137,6 +137,44 @@ def test_store_round_trips_items_users_and_histories(tmp_path):
     store.close()
 
 
+def test_remembered_item_totals_follow_every_append(tmp_path):
+    """Totals, catalog entries and profiles are read from memory after the first time; an append
+    must move the totals it changes, also while other threads are reading them."""
+    import threading
+
+    from runtime.prompt import ItemText
+    from runtime.store import FeatureStore, Interaction
+
+    items = [(str(i), ItemText(f"movie {i}")) for i in range(20)]
+    store = FeatureStore.create(tmp_path / "s.sqlite", items, [("u", {"age": 30})],
+                                [Interaction("u", "1", 5, 1)], like_threshold=4.0)  # fmt: skip
+    ids = [str(i) for i in range(20)]
+    assert store.item_totals(["1", "2"]).tolist() == [[1, 5, 1], [0, 0, 0]]
+    store.append([Interaction("v", "2", 4, 2), Interaction("v", "1", 1, 2)])
+    assert store.item_totals(["1", "2"]).tolist() == [[2, 6, 1], [1, 4, 1]]
+    store.user_attributes("u")["age"] = "changed by a caller"
+    assert store.user_attributes("u") == {"age": "25"} and store.user_attributes("nobody") is None
+
+    stop = threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            store.item_totals(ids)
+
+    readers = [threading.Thread(target=read) for _ in range(3)]
+    for thread in readers:
+        thread.start()
+    for t in range(200):
+        store.append([Interaction(f"w{t}", str(t % 20), 1 + t % 5, 10 + t)])
+    stop.set()
+    for thread in readers:
+        thread.join()
+    # what memory says equals what the interactions add up to (the uncached path)
+    assert store.item_totals(ids).tolist() == store.item_totals(ids, before=10**9).tolist()
+    assert store.item_totals(ids)[:, 0].sum() == 203
+    store.close()
+
+
 def test_prompt_of_another_version_is_refused(tmp_path):
     import json
 

@@ -99,6 +99,7 @@ class Sample:
     seconds: float
     routed: int = 0
     llm: int = 0
+    recalled: int = 0  # of the llm answers, those the server's answer memo gave
     fallbacks: dict[str, int] = field(default_factory=dict)
     llm_ms: float | None = None
     server_s: float | None = None  # from the answer's Server-Timing header
@@ -134,6 +135,7 @@ class LoadRun:
             "max_ms": 1000 * max(seconds, default=float("nan")),
             "routed_candidates": sum(s.routed for s in ok), "llm_answers": sum(s.llm for s in ok),
             "llm_answers_per_second": sum(s.llm for s in ok) / self.wall_s, "fallbacks": dict(fallbacks),
+            "llm_recalled": sum(s.recalled for s in ok),
             "crm_only_requests": len(crm_only), "crm_only_p50_ms": 1000 * percentile(crm_only, 50),
             "refused_429": len(refused), "refused_p99_ms": 1000 * percentile(refused, 99),
             "refused_server_p99_ms": 1000 * percentile([s.server_s for s in self.samples
@@ -192,8 +194,8 @@ def _sample(kind: str, status: int, seconds: float, answer: dict[str, Any] | Non
     if not answer or status != 200 or "predictions" not in answer:
         return Sample(kind, status, seconds, server_s=server_s)
     llm = sum(p["route"] == "llm" for p in answer["predictions"])
-    return Sample(kind, status, seconds, answer.get("routed", 0), llm, answer.get("fallbacks", {}),
-                  answer.get("timings_ms", {}).get("llm"), server_s)  # fmt: skip
+    return Sample(kind, status, seconds, answer.get("routed", 0), llm, answer.get("llm_recalled", 0),
+                  answer.get("fallbacks", {}), answer.get("timings_ms", {}).get("llm"), server_s)  # fmt: skip
 
 
 class Connection:

@@ -59,21 +59,24 @@ def _levels(base: str, engine: Engine, config: Any, progress: Callable[[str], No
 def _repeat_vs_cold(base: str, engine: Engine, users: list[str], config: Any,
                     progress: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
     """A user's first request (nothing cached: the server has not seen the user), the same request
-    again, then another request of the same user (other candidates): the LLM part of each,
-    sequentially on an idle server."""
+    again (its answers remembered), then another request of the same user (other candidates: only
+    the prefix cached): the LLM part of each, sequentially on an idle server."""
     items = engine.store.item_ids()
     rng = np.random.default_rng(config.seed + 3)
-    rows = []
+    rows, recalled = [], []
     for user in users:
         bodies = [_unhurried_body(user, items, rng, config) for _ in range(2)]
         answers, _ = send_all(base, "/v1/predict", [bodies[0], bodies[0], bodies[1]], 1)
         if any(status != 200 for status, _, _ in answers):
             continue
         rows.append([answer["timings_ms"]["llm"] for _, _, answer in answers])
-    table = np.array(rows)
+        recalled.append([(answer.get("llm_recalled", 0), answer["routed"]) for _, _, answer in answers])
+    table, counts = np.array(rows), np.array(recalled).sum(axis=0)
     result = {"users": len(rows), "cold_llm_ms": float(table[:, 0].mean()),
               "same_request_cached_llm_ms": float(table[:, 1].mean()),
-              "other_candidates_cached_llm_ms": float(table[:, 2].mean())}  # fmt: skip
+              "other_candidates_cached_llm_ms": float(table[:, 2].mean()),
+              "recalled_of_routed": {"cold": counts[0].tolist(), "same_request": counts[1].tolist(),
+                                     "other_candidates": counts[2].tolist()}}  # fmt: skip
     result["same_request_over_cold"] = result["same_request_cached_llm_ms"] / result["cold_llm_ms"]
     result["other_candidates_over_cold"] = result["other_candidates_cached_llm_ms"] / result["cold_llm_ms"]
     cold, cached = result["cold_llm_ms"], result["same_request_cached_llm_ms"]
@@ -91,15 +94,16 @@ def _unhurried_body(user: str, items: list[str], rng: np.random.Generator, confi
 
 def _returning_users(base: str, engine: Engine, users: list[str], config: Any,
                      progress: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
-    """Many users come back: each user's request once, in turn, then each again after all the
-    others (more prefixes between a user's two visits than the KV cache holds; the host memory
-    tier holds them). The LLM part of each round, and the prefix cache's hits in the second."""
+    """Many users come back: each user's request once, in turn, then each again, for other
+    candidates, after all the others (more prefixes between a user's two visits than the KV cache
+    holds; the host memory tier holds them; other candidates, so that the answer memo has none). The
+    LLM part of each round, and the prefix cache's hits in the second."""
     items = engine.store.item_ids()
     rng = np.random.default_rng(config.seed + 5)
-    bodies = [_unhurried_body(user, items, rng, config) for user in users]
     hits = 'corella_llm_prefix_cache_total{result="hit"}'
     rounds = []
     for _ in range(2):
+        bodies = [_unhurried_body(user, items, rng, config) for user in users]
         before = scrape(base).get(hits, 0.0)
         answers, _ = send_all(base, "/v1/predict", bodies, 1)
         ms = [answer["timings_ms"]["llm"] for status, _, answer in answers if status == 200]

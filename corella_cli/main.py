@@ -578,6 +578,7 @@ def serve(
     llm_prefix_cache_tokens: Annotated[int | None, typer.Option(help=_setting("llm_prefix_cache_tokens"))] = None,
     llm_prefix_host_mib: Annotated[int | None, typer.Option(help=_setting("llm_prefix_host_mib"))] = None,
     llm_queue_candidates: Annotated[int | None, typer.Option(help=_setting("llm_queue_candidates"))] = None,
+    llm_answer_memo: Annotated[int | None, typer.Option(help=_setting("llm_answer_memo"))] = None,
     cpu_workers: Annotated[int | None, typer.Option(help=_setting("cpu_workers"))] = None,
     http_nice: Annotated[int | None, typer.Option(help=_setting("http_nice"))] = None,
     max_store_interactions: Annotated[int | None, typer.Option(help=_setting("max_store_interactions"))] = None,
@@ -604,7 +605,7 @@ def serve(
             max_candidates=max_candidates, providers=providers, crm_threads=crm_threads, llm_threads=llm_threads,
             llm_contexts=llm_contexts, llm_context=llm_context, llm_batch_tokens=llm_batch_tokens,
             llm_prefix_cache_tokens=llm_prefix_cache_tokens, llm_prefix_host_mib=llm_prefix_host_mib,
-            llm_queue_candidates=llm_queue_candidates,
+            llm_queue_candidates=llm_queue_candidates, llm_answer_memo=llm_answer_memo,
             llm_threads_when_busy=llm_threads_when_busy, cpu_workers=cpu_workers, http_nice=http_nice,
             load_llm=llm, state=state, store=store, max_store_interactions=max_store_interactions,
         )  # fmt: skip

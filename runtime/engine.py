@@ -31,6 +31,7 @@ from runtime.errors import ConfigError, OverloadedError, RequestTooLarge, StoreF
 from runtime.features import UserInteractions, UserSummary, normalize_user_attributes
 from runtime.llm import LlamaModel, LLMError, default_threads, gpu_offload_supported
 from runtime.llm_process import RemoteScheduler
+from runtime.memo import AnswerMemo
 from runtime.metrics import ServingMetrics
 from runtime.prompt import HistoryEntry, ItemText
 from runtime.router import LLMCalibration, binary_entropy, route_by_budget, route_by_threshold
@@ -81,6 +82,7 @@ class EngineSettings:
     llm_prefix_cache_tokens: int = 8192  # KV cells kept for users' prefixes, per context
     llm_prefix_host_mib: int = 512  # host memory for idle users' prefixes, per context
     llm_queue_candidates: int = 512  # routed candidates waiting for the LLM
+    llm_answer_memo: int = 100_000  # LLM answers remembered by their prompts' tokens (0: none); see runtime.memo
     llm_process: bool = True  # decode in a process of its own (no GIL shared with the HTTP server)
     default_deadline_ms: float | None = 5000.0
     max_candidates: int = 500
@@ -155,6 +157,9 @@ class Pending:
     times: dict[str, float]  # perf_counter marks: arrived, begun, encoded, crm
     job: LLMJob | None = None
     llm_error: str | None = None
+    sent: np.ndarray | None = None  # the routed candidates sent to the LLM, in `routed`'s order
+    recalled: dict[int, float] = field(default_factory=dict)  # routed candidates the memo answered (raw P(yes))
+    prompts: tuple[bytes, list[list[int]]] | None = None  # the sent ones' prefix key and suffixes, to remember
 
     def timeout(self) -> float | None:
         return None if self.deadline is None else max(0.0, self.deadline - time.perf_counter())
@@ -195,6 +200,8 @@ class Engine:
         self._users: OrderedDict[str, tuple[int | None, list[HistoryItem], UserSummary]] = OrderedDict()
         self._posted: dict[str, int] = {}
         self._users_lock = threading.Lock()
+        self.memo = AnswerMemo(settings.llm_answer_memo) if settings.llm_answer_memo > 0 else None
+        self._recallable: set[str] = set()  # users with remembered answers (looked up even when the LLM is saturated)
         # token ids by text: a repeat user's prefix and every catalog item's suffix are tokenized
         # once (~1.5 ms of a 10-candidate request's 1.7 ms here); bounded, thread-safe, immutable values
         self._tokens = functools.lru_cache(maxsize=TOKEN_CACHE_TEXTS)(lambda text: tuple(self.llm.tokenize(text)))
@@ -215,6 +222,8 @@ class Engine:
                            lambda: float(self.llm_status == "serving"))  # fmt: skip
         self.metrics.watch("corella_llm_queue_candidates", "Routed candidates waiting for the LLM",
                            lambda: self.scheduler.queued_candidates() if self.scheduler else 0)  # fmt: skip
+        self.metrics.watch("corella_llm_answer_memo_size", "LLM answers remembered by their prompts",
+                           lambda: len(self.memo) if self.memo else 0)  # fmt: skip
         self.metrics.watch("corella_llm_prefix_host_bytes", "Host memory holding copies of cached prefixes",
                            lambda: self.scheduler.prefix_host_bytes() if self.scheduler else 0)  # fmt: skip
 
@@ -450,7 +459,8 @@ class Engine:
             pending.llm_error = self.llm_failure
             return
         request = pending.request
-        if request.mode != "llm" and self.scheduler.saturated(pending.deadline, user=request.user_id) is not None:
+        saturated = None if request.mode == "llm" else self.scheduler.saturated(pending.deadline, user=request.user_id)
+        if saturated is not None and request.user_id not in self._recallable:
             # the LLM could not take even one candidate in time: answered by the CRM at once, neither
             # tokenized nor sent (under load most requests; their work took CPU from those it can take)
             pending.reasons.update(dict.fromkeys(routed.tolist(), FallbackReason.OVERLOADED))
@@ -458,6 +468,10 @@ class Engine:
         prepared = pending.prepared
         try:
             prefix, suffixes = self._shift_head(*self.prompt_ids(prepared.history, [prepared.items[i] for i in routed]))
+            routed, suffixes = self._recall(pending, prefix, suffixes)
+            if saturated is not None or not len(routed):
+                pending.reasons.update(dict.fromkeys(routed.tolist(), FallbackReason.OVERLOADED))
+                return
             admission = self.scheduler.submit(prefix, suffixes, pending.deadline, user=request.user_id,
                                               arrived=pending.times["arrived"])  # fmt: skip
         except LLMError as exc:
@@ -465,6 +479,7 @@ class Engine:
             pending.reasons.update(dict.fromkeys(routed.tolist(), FallbackReason.LLM_ERROR))
             pending.llm_error = str(exc)
             return
+        pending.sent = routed
         admitted, feasible = admission.admitted, admission.feasible
         if admitted == 0 and feasible > 0 and request.mode == "llm":
             retry = self.scheduler.retry_after()
@@ -474,11 +489,29 @@ class Engine:
         pending.reasons.update(dict.fromkeys(routed[max(admitted, feasible) :].tolist(), FallbackReason.DEADLINE))
         pending.job = admission.job
 
+    def _recall(
+        self, pending: Pending, prefix: list[int], suffixes: list[list[int]]
+    ) -> tuple[np.ndarray, list[list[int]]]:
+        """The routed candidates the memo cannot answer and their suffixes (what goes to the LLM);
+        the memo's answers go to `pending.recalled`."""
+        if self.memo is None:
+            return pending.routed, suffixes
+        key = self.memo.prefix_key(prefix)
+        known = self.memo.recall(key, suffixes)
+        pending.recalled = {i: p for i, p in zip(pending.routed.tolist(), known, strict=True) if p is not None}
+        rest = [k for k, p in enumerate(known) if p is None]
+        pending.prompts = (key, [suffixes[k] for k in rest])
+        return pending.routed[rest], pending.prompts[1]
+
     def finish(self, pending: Pending) -> dict[str, Any]:
         """The answer: the LLM's answers that are in, the CRM's for the rest (cancels what is left)."""
         crm_p, n = pending.crm_p, len(pending.crm_p)
         answers = _Answers(crm_p.copy(), np.full(n, np.nan), dict(pending.reasons))
         llm_done = time.perf_counter()
+        if pending.recalled:
+            recalled = np.fromiter(pending.recalled, dtype=np.int64, count=len(pending.recalled))
+            answers.llm_raw[recalled] = raw = np.fromiter(pending.recalled.values(), dtype=np.float64)
+            answers.scores[recalled] = self.calibration.apply(raw)
         if pending.job is not None:
             self._take_llm(pending, answers)
             llm_done = time.perf_counter()
@@ -509,6 +542,7 @@ class Engine:
                 for i, c in enumerate(request.candidates)
             ],  # fmt: skip
             "routed": len(pending.routed),
+            "llm_recalled": len(pending.recalled),  # of the routed, answered by the LLM's remembered answers
             "fallbacks": dict(fallbacks),
             "llm_error": pending.llm_error,
             "timings_ms": {
@@ -526,10 +560,17 @@ class Engine:
     def _take_llm(self, pending: Pending, answers: _Answers) -> None:
         job = pending.job
         p, state = self.scheduler.collect(job)
-        indices = pending.routed[: job.size]
+        indices = pending.sent[: job.size]
         done = state == ItemState.DONE
         answers.llm_raw[indices[done]] = p[done]
         answers.scores[indices[done]] = self.calibration.apply(p[done])
+        if self.memo is not None and pending.prompts is not None and done.any():
+            key, suffixes = pending.prompts
+            self.memo.remember(key, [suffixes[k] for k in np.flatnonzero(done).tolist()], p[done].tolist())
+            if (user := pending.request.user_id) is not None:
+                if len(self._recallable) >= self.memo.capacity:
+                    self._recallable.clear()
+                self._recallable.add(user)
         for i, item_state in zip(indices[~done].tolist(), state[~done].tolist(), strict=True):
             failed = item_state == ItemState.FAILED
             answers.reasons[i] = FallbackReason.LLM_ERROR if failed else FallbackReason.DEADLINE
@@ -588,8 +629,9 @@ class Engine:
         except StoreFull:
             self.metrics.events_refused.inc(len(events))
             raise
-        if self.scheduler is not None:
-            for user in {e.user_id for e in events}:
+        for user in {e.user_id for e in events}:
+            self._recallable.discard(user)  # their prefix changes: the memo has no answers for it
+            if self.scheduler is not None:
                 self.scheduler.invalidate_user(user)
         self.metrics.events.inc(count)
         return count

@@ -30,6 +30,8 @@ class ServingMetrics(SchedulerObserver):
                                   registry=registry)  # fmt: skip
         self.fallbacks = Counter("corella_llm_fallbacks_total", "Routed candidates answered by the CRM, by reason",
                                  ["reason"], registry=registry)  # fmt: skip
+        self.recalled = Counter("corella_llm_recalled_total", "Routed candidates answered by a remembered LLM "
+                                "answer (counted under route llm too)", registry=registry)  # fmt: skip
         self.llm_errors = Counter("corella_llm_errors_total", "Requests whose LLM part failed", registry=registry)
         self.latency = Histogram("corella_latency_seconds", "Time per request in each path", ["path"],
                                  registry=registry, buckets=_SECONDS)  # fmt: skip
@@ -92,6 +94,8 @@ class ServingMetrics(SchedulerObserver):
             self.candidates.labels(route).inc(count)
         for reason, count in answer["fallbacks"].items():
             self.fallbacks.labels(reason).inc(count)
+        if answer.get("llm_recalled"):
+            self.recalled.inc(answer["llm_recalled"])
         if answer["fallbacks"].get("llm_error"):
             self.llm_errors.inc()
         for path in ("crm", "llm", "total"):

@@ -95,6 +95,9 @@ class ServerSettings(BaseSettings):
     llm_queue_candidates: int = Field(512, ge=1, le=1_000_000, description="routed candidates that may wait "
                                       "for the LLM; beyond, they are answered by the CRM at once "
                                       "(mode llm: 429)")  # fmt: skip
+    llm_answer_memo: int = Field(100_000, ge=0, le=100_000_000, description="LLM answers remembered by their "
+                                 "prompts' tokens (~200 bytes each): a candidate asked for again before its "
+                                 "user's history changes is answered without the LLM (0: none)")  # fmt: skip
     limit_concurrency: int = Field(2048, ge=1, description="open connections uvicorn serves before answering 503")
     cpu_workers: int = Field(2, ge=1, le=64, description="threads that encode and score requests with the CRM")
     http_nice: int = Field(10, ge=0, le=19, description="niceness of the CPU workers (0: as llama.cpp's threads): "
@@ -135,7 +138,7 @@ class ServerSettings(BaseSettings):
             llm_context=self.llm_context, llm_gpu_layers=self.llm_gpu_layers, llm_batch_tokens=self.llm_batch_tokens,
             llm_max_sequences=self.llm_max_sequences, llm_prefix_cache_tokens=self.llm_prefix_cache_tokens,
             llm_prefix_host_mib=self.llm_prefix_host_mib, llm_queue_candidates=self.llm_queue_candidates,
-            default_deadline_ms=self.default_deadline_ms,
+            llm_answer_memo=self.llm_answer_memo, default_deadline_ms=self.default_deadline_ms,
             max_candidates=self.max_candidates, load_llm=self.load_llm, store_path=self.store, state_dir=self.state,
             max_store_interactions=self.max_store_interactions,
         )  # fmt: skip

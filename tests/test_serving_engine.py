@@ -30,7 +30,9 @@ PARITY_Q8 = 4e-3
 
 def _engine(bundle: Path, tmp_path: Path, **settings) -> Engine:
     # a live store per bundle: one bundle's store is refused to another
-    options = {"providers": ("cpu",), "llm_threads": 1, "store_path": tmp_path / f"{bundle.name}-store.sqlite"}
+    # no answer memo unless asked for: these tests send the same prompts again to see them decoded
+    options = {"providers": ("cpu",), "llm_threads": 1, "store_path": tmp_path / f"{bundle.name}-store.sqlite",
+               "llm_answer_memo": 0}  # fmt: skip
     options |= settings
     return Engine(load_bundle(bundle), EngineSettings(**options))
 
@@ -48,7 +50,7 @@ def _serving(bundle: Path, tmp_path: Path, **settings) -> Iterator[tuple[str, ob
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    options = {"llm_threads": 1, "store": tmp_path / "live.sqlite"} | settings
+    options = {"llm_threads": 1, "store": tmp_path / "live.sqlite", "llm_answer_memo": 0} | settings
     app = create_app(ServerSettings(bundle=bundle, port=port, **options))
     server = uvicorn.Server(uvicorn_config(app, app.state.settings, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -371,3 +373,71 @@ def test_a_users_remembered_past_is_forgotten_at_their_next_event(bundle, tmp_pa
         assert np.array_equal(engine.prepare(request).inputs["stats"], prepared.inputs["stats"])
     finally:
         engine.close()
+
+
+def test_a_candidate_asked_for_again_is_answered_from_memory_until_the_users_next_event(bundle, tmp_path):
+    """The same prompt tokens give the same answer: a repeated candidate is neither queued nor
+    decoded, a new one beside it is, and after an event (a new prefix) nothing is recalled."""
+    from runtime.store import Interaction
+
+    engine = _engine(bundle, tmp_path, llm_process=False, default_deadline_ms=None, llm_answer_memo=1000)
+    try:
+        first = engine.predict(_request(3, 8, mode="llm"))
+        assert first["llm_recalled"] == 0 and {p["route"] for p in first["predictions"]} == {"llm"}
+        decoded = engine.scheduler.decoded_tokens
+        again = engine.predict(_request(3, 8, mode="llm"))
+        assert engine.scheduler.decoded_tokens == decoded and again["llm_recalled"] == 8
+        assert again["predictions"] == first["predictions"]  # scores, routes, everything
+        assert again["timings_ms"]["llm"] < first["timings_ms"]["llm"]
+
+        # half old candidates, half new: only the new ones are decoded (the prefix is cached)
+        mixed = Request(candidates=[*_request(3, 4).candidates, *_request(7, 4).candidates], user_id="3", mode="llm")
+        answer = engine.predict(mixed)
+        assert answer["llm_recalled"] == 4 and {p["route"] for p in answer["predictions"]} == {"llm"}
+        prepared = engine.prepare(mixed)
+        _, suffixes = engine.prompt_ids(prepared.history, prepared.items[4:])
+        assert engine.scheduler.decoded_tokens - decoded == sum(len(s) for s in suffixes)
+        assert answer["predictions"][:4] == first["predictions"][:4]
+        assert engine.metrics.value("corella_llm_recalled_total") == 12
+
+        engine.append_events([Interaction("3", "19", 5.0, 2_000_000_000)])
+        after = engine.predict(_request(3, 8, mode="llm"))
+        assert after["llm_recalled"] == 0 and engine.scheduler.decoded_tokens > decoded
+        assert {p["route"] for p in after["predictions"]} == {"llm"}
+    finally:
+        engine.close()
+
+
+def test_a_saturated_llm_still_lets_the_memo_answer(bundle, tmp_path, monkeypatch):
+    """Under overload a request is answered by the CRM without being tokenized, except a user with
+    remembered answers: those are read back, and only what the memo lacks falls back."""
+    engine = _engine(bundle, tmp_path, llm_process=False, default_deadline_ms=None, llm_answer_memo=1000)
+    try:
+        remembered = engine.predict(_request(5, 10, llm_fraction=0.5))
+        assert remembered["routed"] == 5 and remembered["fallbacks"] == {}
+        monkeypatch.setattr(engine.scheduler, "saturated", lambda *args, **kwargs: 1.0)  # a backlog of 1 s
+        tokenized = engine._tokens.cache_info().misses
+        answer = engine.predict(_request(5, 10, llm_fraction=0.5))
+        assert answer["llm_recalled"] == 5 and answer["predictions"] == remembered["predictions"]
+        other = engine.predict(_request(6, 10, llm_fraction=0.5))
+        assert other["llm_recalled"] == 0 and other["fallbacks"] == {"overloaded": 5}
+        assert engine._tokens.cache_info().misses == tokenized  # the other user's prompt was never rendered
+        # a new candidate of the remembered user beside the old ones: the new one falls back
+        wider = engine.predict(Request(candidates=[*_request(5, 10).candidates, *_request(9, 4).candidates],
+                                       user_id="5", llm_fraction=0.5))  # fmt: skip
+        assert wider["llm_recalled"] + wider["fallbacks"].get("overloaded", 0) == wider["routed"]
+    finally:
+        engine.close()
+
+
+def test_the_memo_keeps_the_most_recently_used_answers():
+    from runtime.memo import AnswerMemo
+
+    memo = AnswerMemo(2)
+    key = AnswerMemo.prefix_key([2, 10, 11])
+    assert key != AnswerMemo.prefix_key([2, 10, 12]) and len(key) == 16
+    memo.remember(key, [[5], [6]], [0.25, 0.5])
+    assert memo.recall(key, [[6], [5], [7]]) == [0.5, 0.25, None]  # [5] now the most recent
+    memo.remember(key, [[7]], [0.75])
+    assert len(memo) == 2 and memo.recall(key, [[5], [6], [7]]) == [0.25, None, 0.75]
+    assert memo.recall(AnswerMemo.prefix_key([2, 10, 12]), [[5]]) == [None]  # another prefix: another answer

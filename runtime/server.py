@@ -96,7 +96,7 @@ class ServerSettings(BaseSettings):
                                       "for the LLM; beyond, they are answered by the CRM at once "
                                       "(mode llm: 429)")  # fmt: skip
     llm_answer_memo: int = Field(100_000, ge=0, le=100_000_000, description="LLM answers remembered by their "
-                                 "prompts' tokens (~200 bytes each): a candidate asked for again before its "
+                                 "prompts' tokens (~350 bytes each): a candidate asked for again before its "
                                  "user's history changes is answered without the LLM (0: none)")  # fmt: skip
     limit_concurrency: int = Field(2048, ge=1, description="open connections uvicorn serves before answering 503")
     cpu_workers: int = Field(2, ge=1, le=64, description="threads that encode and score requests with the CRM")

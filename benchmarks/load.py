@@ -136,6 +136,7 @@ class LoadRun:
             "routed_candidates": sum(s.routed for s in ok), "llm_answers": sum(s.llm for s in ok),
             "llm_answers_per_second": sum(s.llm for s in ok) / self.wall_s, "fallbacks": dict(fallbacks),
             "llm_recalled": sum(s.recalled for s in ok),
+            "llm_decoded_per_second": sum(s.llm - s.recalled for s in ok) / self.wall_s,
             "crm_only_requests": len(crm_only), "crm_only_p50_ms": 1000 * percentile(crm_only, 50),
             "refused_429": len(refused), "refused_p99_ms": 1000 * percentile(refused, 99),
             "refused_server_p99_ms": 1000 * percentile([s.server_s for s in self.samples

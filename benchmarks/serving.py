@@ -213,14 +213,23 @@ def _soak(bundle: Bundle, engine: Engine, out: Path, config: Any, progress: Call
             level = run.summary(config.http_deadline_ms)
             level["server_llm_answers"] = _llm_answers(base) - before
             levels.append(level)
-    unloaded = levels[0]["llm_answers_per_second"]
+    _goodput(levels)
     for level in levels:
-        level["llm_goodput_vs_unloaded"] = level["llm_answers_per_second"] / unloaded if unloaded else float("nan")
         progress(f"soak c={level['concurrency']}: {level['requests_per_second']:.1f} req/s, LLM answers "
                  f"{level['llm_answers_per_second']:.2f}/s ({level['llm_goodput_vs_unloaded']:.2f} of unloaded), "
                  f"CRM-only p50 {level['crm_only_p50_ms']:.0f} ms")  # fmt: skip
     return {"candidates_per_request": config.soak_candidates, "deadline_ms": config.http_deadline_ms,
             "seconds": config.soak_seconds, "levels": levels}  # fmt: skip
+
+
+def _goodput(levels: list[dict[str, Any]]) -> None:
+    """Each level's LLM answers a second against the first (unloaded) level's: all of them, and the
+    decoded ones only (the answer memo's are not LLM time; the issue's goal is judged on these)."""
+    for key, ratio in (("llm_answers_per_second", "llm_goodput_vs_unloaded"),
+                       ("llm_decoded_per_second", "llm_decoded_vs_unloaded")):  # fmt: skip
+        unloaded = levels[0][key]
+        for level in levels:
+            level[ratio] = level[key] / unloaded if unloaded else float("nan")
 
 
 def http_suite(bundle: Bundle, engine: Engine, samples: list[Any], config: Any,
@@ -246,9 +255,7 @@ def http_suite(bundle: Bundle, engine: Engine, samples: list[Any], config: Any,
             if config.peer_users:
                 result["peer"] = _peer(bundle, engine, base, peer, out, config, progress)
         result["levels"] = _levels(base, engine, config, progress)
-        unloaded = result["levels"][0]["llm_answers_per_second"]
-        for level in result["levels"]:
-            level["llm_goodput_vs_unloaded"] = level["llm_answers_per_second"] / unloaded if unloaded else float("nan")
+        _goodput(result["levels"])
         result["server_counters"] = {k: v for k, v in scrape(base).items() if k.startswith("corella_llm")}
     if config.overload_seconds and engine.llm is not None:
         result["overload"] = _overload(bundle, engine, out, config, progress)

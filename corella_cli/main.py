@@ -695,7 +695,7 @@ def bench(
 ) -> None:
     """Latency and quality side by side: CRM backends, llama.cpp modes and quantizations, the hybrid's
     accuracy-latency curve, and HTTP under load. Writes results.json, results.md and PNG plots."""
-    from benchmarks.report import run_bench
+    from benchmarks.report import goal_text, run_bench
     from benchmarks.suites import BenchConfig
 
     try:
@@ -713,7 +713,7 @@ def bench(
     except CorellaError as exc:
         raise _fail(exc) from exc
     for name, row in results["headline"].items():
-        console.print(f"  {name}: {row['value']:.3f} (goal {row['goal']})")
+        console.print(f"  {name}: {row['value']:.3f} (goal {goal_text(row)})")
     console.print(f"results: {out / 'results.md'}")
 
 
@@ -811,7 +811,7 @@ def quickstart(
     and a short bench. A step whose output already exists is skipped."""
     import json
 
-    from benchmarks.report import run_bench
+    from benchmarks.report import goal_text, run_bench
     from benchmarks.suites import BenchConfig
     from export.bundle import ExportConfig, export_bundle
     from runtime.paths import data_cache
@@ -856,7 +856,7 @@ def quickstart(
     except CorellaError as exc:
         raise _fail(exc) from exc
     for name, row in results["headline"].items():
-        say(f"  {name}: {row['value']:.3f} (goal {row['goal']})")
+        say(f"  {name}: {row['value']:.3f} (goal {goal_text(row)})")
     say(f"""
 [bold]where everything lies[/]
   data cache     {data_cache("movielens-100k")}

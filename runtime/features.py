@@ -293,7 +293,10 @@ class FeatureSpec:
             self.shrunk(genre[:, 2], genre[:, 0], user_like),
             _log_count(genre[:, 0]),
         ]
-        return np.stack([np.broadcast_to(c, (len(item),)) for c in columns], axis=1).astype(np.float32)
+        out = np.empty((len(item), len(columns)), dtype=np.float32)
+        for j, column in enumerate(columns):  # a user's columns (one value) fill every row
+            out[:, j] = column
+        return out
 
     def user_summary(self, history: UserInteractions) -> UserSummary:
         """What the statistics need of a user's past: the totals and the per-tag totals (what a

@@ -54,6 +54,7 @@ class ServingMetrics(SchedulerObserver):
         self.dropped_work = Counter("corella_llm_dropped_candidates_total", "Routed candidates the scheduler "
                                     "dropped or answered too late", ["reason"], registry=registry)  # fmt: skip
         self._gauges: dict[str, Any] = {}
+        self._children: dict[tuple[int, str], Any] = {}  # see _labeled
         self._lookups = {"hit": 0, "miss": 0}  # read by the hit-ratio gauge at scrape time
         self.watch("corella_llm_prefix_cache_hit_ratio", "Share of admitted requests whose prefix was cached",
                    self._hit_ratio)  # fmt: skip
@@ -89,17 +90,26 @@ class ServingMetrics(SchedulerObserver):
         self.dropped_work.labels(reason).inc(count)
 
     # ---------------------------------------------------------------- answers
+    def _labeled(self, metric: Any, label: str) -> Any:
+        """`metric.labels(label)`, remembered: a request observes ~6 of them, and prometheus_client
+        takes a lock and builds a key for each lookup (the same child comes back every time)."""
+        key = (id(metric), label)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(label)
+        return child
+
     def observe(self, answer: dict[str, Any]) -> None:
         for route, count in Counter(p["route"] for p in answer["predictions"]).items():
-            self.candidates.labels(route).inc(count)
+            self._labeled(self.candidates, route).inc(count)
         for reason, count in answer["fallbacks"].items():
-            self.fallbacks.labels(reason).inc(count)
+            self._labeled(self.fallbacks, reason).inc(count)
         if answer.get("llm_recalled"):
             self.recalled.inc(answer["llm_recalled"])
         if answer["fallbacks"].get("llm_error"):
             self.llm_errors.inc()
         for path in ("crm", "llm", "total"):
-            self.latency.labels(path).observe(answer["timings_ms"][path] / 1000.0)
+            self._labeled(self.latency, path).observe(answer["timings_ms"][path] / 1000.0)
 
     def value(self, name: str, **labels: str) -> float:
         """A sample's current value (0 when never observed), for tests and the bench."""

@@ -325,8 +325,11 @@ def _plot_levels(plt: Any, out: Path, levels: list[dict[str, Any]]) -> Path:
     fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3.4), dpi=90)
     left.bar(x, [level["requests_per_second"] for level in levels], color="tab:blue")
     left.set_ylabel("requests / s")
-    right.bar(x, [level["llm_answers_per_second"] for level in levels], color="tab:orange")
-    right.axhline(levels[0]["llm_answers_per_second"] * 0.8, color="gray", linestyle="--", label="80% of unloaded")
+    decoded = [level.get("llm_decoded_per_second", level["llm_answers_per_second"]) for level in levels]
+    recalled = [level["llm_answers_per_second"] - d for level, d in zip(levels, decoded, strict=True)]
+    right.bar(x, decoded, color="tab:orange", label="decoded")
+    right.bar(x, recalled, bottom=decoded, color="navajowhite", label="from the answer memo")
+    right.axhline(decoded[0] * 0.8, color="gray", linestyle="--", label="80% of unloaded, decoded")
     right.set_ylabel("candidates answered by the LLM / s")
     right.legend(fontsize=8)
     for ax in (left, right):

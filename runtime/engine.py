@@ -439,8 +439,8 @@ class Engine:
         for its candidates after the `ahead` candidates that will reach it first, or a backlog that,
         with the request's own least work, outlasts its deadline once `delay` seconds of waiting for
         a CPU worker have passed): cheap, before any encoding."""
-        if request.mode != "llm" or self.scheduler is None:
-            return
+        if request.mode != "llm" or self.scheduler is None or request.user_id in self._recallable:
+            return  # a user with remembered answers may need no LLM time: admission decides, after the memo
         wait = self.scheduler.saturated(
             self.deadline(request, arrived), delay, len(request.candidates), ahead, request.user_id
         )

@@ -413,9 +413,18 @@ def test_a_saturated_llm_still_lets_the_memo_answer(bundle, tmp_path, monkeypatc
     remembered answers: those are read back, and only what the memo lacks falls back."""
     engine = _engine(bundle, tmp_path, llm_process=False, default_deadline_ms=None, llm_answer_memo=1000)
     try:
+        from runtime.errors import OverloadedError
+
         remembered = engine.predict(_request(5, 10, llm_fraction=0.5))
         assert remembered["routed"] == 5 and remembered["fallbacks"] == {}
+        every = engine.predict(_request(5, 10, mode="llm"))
+        assert every["llm_recalled"] == 5 and every["fallbacks"] == {}
         monkeypatch.setattr(engine.scheduler, "saturated", lambda *args, **kwargs: 1.0)  # a backlog of 1 s
+        # mode llm: refused at once (429) unless the memo may answer it all
+        engine.refuse_if_saturated(_request(5, 10, mode="llm"), time.perf_counter())  # no 429: the memo may answer
+        assert engine.predict(_request(5, 10, mode="llm"))["llm_recalled"] == 10
+        with pytest.raises(OverloadedError):
+            engine.refuse_if_saturated(_request(6, 10, mode="llm"), time.perf_counter())
         tokenized = engine._tokens.cache_info().misses
         answer = engine.predict(_request(5, 10, llm_fraction=0.5))
         assert answer["llm_recalled"] == 5 and answer["predictions"] == remembered["predictions"]

@@ -223,7 +223,7 @@ class Engine:
         self.metrics.watch("corella_llm_queue_candidates", "Routed candidates waiting for the LLM",
                            lambda: self.scheduler.queued_candidates() if self.scheduler else 0)  # fmt: skip
         self.metrics.watch("corella_llm_answer_memo_size", "LLM answers remembered by their prompts",
-                           lambda: len(self.memo) if self.memo else 0)  # fmt: skip
+                           lambda: len(self.memo) if self.memo is not None else 0)  # fmt: skip
         self.metrics.watch("corella_llm_prefix_host_bytes", "Host memory holding copies of cached prefixes",
                            lambda: self.scheduler.prefix_host_bytes() if self.scheduler else 0)  # fmt: skip
 

@@ -603,7 +603,10 @@ def _model_summary(engine: Engine, settings: ServerSettings) -> dict[str, Any]:
         "llm": {"file": llm.get("file"), "quant": llm.get("quant"), "status": engine.llm_status,
                 "loaded": engine.llm_status == "serving",
                 "gpu_layers": scheduler.gpu_layers if scheduler else None, "load_error": engine.llm_failure,
-                "scheduler": scheduler.settings.__dict__ | scheduler.stats() if scheduler else None} if llm else None,
+                "scheduler": scheduler.settings.__dict__ | scheduler.stats() if scheduler else None,
+                "answer_memo": {"capacity": settings.llm_answer_memo,
+                                "answers": len(engine.memo) if engine.memo is not None else 0}}
+        if llm else None,
         "router": manifest["router"],
         "metrics": manifest.get("metrics"),
         "store": engine.store.counts(),

@@ -46,6 +46,8 @@ def test_predict_scores_and_routes(bundle):
         assert {p["route"] for p in crm_only["predictions"]} == {"crm"}
         model = client.get("/v1/model").json()
         assert model["llm"]["loaded"] and model["router"]["fraction"] == 0.1
+        # the first request's 10 routed answers are remembered (the crm-only one routed none)
+        assert model["llm"]["answer_memo"] == {"capacity": 100_000, "answers": 10}
         # warmed up before ready: one candidate, a typical request, the largest request (max_candidates)
         assert list(model["crm"]["warmup"]["seconds_by_batch"]) == ["1", "100", "500"]
         metrics = client.get("/metrics").text

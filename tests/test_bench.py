@@ -45,7 +45,10 @@ def test_all_suites_on_tiny_models(bundle, tmp_path):
     assert [level["concurrency"] for level in http["levels"]] == [1, 4]
     assert all(level["server_errors"] == 0 and level["requests"] > 0 for level in http["levels"])
     assert http["levels"][0]["llm_answers"] > 0  # 5 candidates at f = 0.4: two routed a request
-    assert http["repeat_vs_cold"]["users"] == 2 and http["repeat_vs_cold"]["cold_llm_ms"] > 0
+    repeat = http["repeat_vs_cold"]
+    assert repeat["users"] == 2 and repeat["cold_llm_ms"] > 0
+    # the same request again: both users' 2 routed candidates each come from the answer memo
+    assert repeat["recalled_of_routed"]["cold"] == [0, 4] and repeat["recalled_of_routed"]["same_request"] == [4, 4]
     back = http["returning_users"]  # three new users, then the same three: every prefix found again
     assert back["first"]["prefix_hits"] == 0 and back["second"]["prefix_hits"] == 3 == back["second"]["requests"]
     peer = http["peer"]
@@ -55,10 +58,12 @@ def test_all_suites_on_tiny_models(bundle, tmp_path):
     assert set(http["overload"]["statuses"]) <= {"200", "429"}
     soak = http["soak"]["levels"]
     assert [level["concurrency"] for level in soak] == [1, 4] and soak[0]["llm_goodput_vs_unloaded"] == 1.0
+    assert soak[0]["llm_decoded_vs_unloaded"] == 1.0
     assert all(level["server_errors"] == 0 and level["requests"] > 0 for level in soak)
     saved = json.loads((out / "results.json").read_text())
     assert saved["machine"]["cores"] >= 1 and "cached_batched_vs_full_prompt" in saved["headline"]
     assert "llm_goodput_c32_vs_unloaded" not in saved["headline"] and "overload_healthz_p99_ms" in saved["headline"]
+    assert saved["headline"]["repeat_user_new_candidates_llm_part_vs_cold"]["how"] == "prefix cache"
     for name in ("results.md", "auc_vs_fraction.png", "latency_vs_fraction.png", "latency_cdf.png"):
         assert (out / name).exists(), name
     assert (out / "store.sqlite").exists()  # the bench's own copy of the store, not the bundle's

@@ -585,6 +585,9 @@ def serve(
     llm: Annotated[
         bool | None, typer.Option("--llm/--no-llm", help="serve with the LLM, or the CRM only [env: CORELLA_LOAD_LLM]")
     ] = None,  # fmt: skip
+    access_log: Annotated[
+        bool | None, typer.Option("--access-log/--no-access-log", help=_setting("access_log"))
+    ] = None,
     state: Annotated[Path | None, typer.Option(help=_setting("state"))] = None,
     store: Annotated[Path | None, typer.Option(help=_setting("store"))] = None,
 ) -> None:
@@ -607,7 +610,8 @@ def serve(
             llm_prefix_cache_tokens=llm_prefix_cache_tokens, llm_prefix_host_mib=llm_prefix_host_mib,
             llm_queue_candidates=llm_queue_candidates, llm_answer_memo=llm_answer_memo,
             llm_threads_when_busy=llm_threads_when_busy, cpu_workers=cpu_workers, http_nice=http_nice,
-            load_llm=llm, state=state, store=store, max_store_interactions=max_store_interactions,
+            load_llm=llm, access_log=access_log, state=state, store=store,
+            max_store_interactions=max_store_interactions,
         )  # fmt: skip
         # refuse a bad bundle or a live store of another bundle here, named, before uvicorn starts
         live = live_store(load_bundle(bundle), settings.state, settings.store)

@@ -103,6 +103,8 @@ class ServerSettings(BaseSettings):
     http_nice: int = Field(10, ge=0, le=19, description="niceness of the CPU workers (0: as llama.cpp's threads): "
                            "a flood of requests then cannot take the cores the LLM decodes on")  # fmt: skip
     load_llm: bool = Field(True, description="load the LLM (False: CRM-only serving)")
+    access_log: bool = Field(False, description="log a line per request (uvicorn's access log; off by default: "
+                             "a busy server spent ~6% of its CPU on it, and /metrics counts requests)")  # fmt: skip
     max_store_interactions: int = Field(50_000_000, ge=1, description="bound of the live store: a /v1/events batch "
                                         "that would pass it is refused whole with 507, nothing is dropped")  # fmt: skip
     state: Path | None = Field(None, description="state folder: the live feature store and engine caches "
@@ -145,12 +147,13 @@ class ServerSettings(BaseSettings):
 
 
 def uvicorn_config(app: FastAPI, settings: ServerSettings, log_level: str = "info") -> Any:
-    """uvicorn's own limits: a bounded number of connections, a deep accept backlog."""
+    """uvicorn's own limits: a bounded number of connections, a deep accept backlog; its access log
+    only when asked for."""
     import uvicorn
 
     return uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
                           limit_concurrency=settings.limit_concurrency, backlog=2048,
-                          timeout_keep_alive=30)  # fmt: skip
+                          timeout_keep_alive=30, access_log=settings.access_log)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- request bodies

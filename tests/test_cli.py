@@ -132,6 +132,15 @@ def test_serve_reads_corella_variables_and_options_override_them(tmp_path, monke
                                            llm_queue_candidates=9)  # fmt: skip
     assert (settings.port, settings.default_deadline_ms, settings.load_llm) == (9001, 750.0, False)
     assert settings.llm_queue_candidates == 9
+    # uvicorn's access log: off unless asked for, by option or variable
+    from runtime.server import create_app, uvicorn_config
+
+    monkeypatch.delenv("CORELLA_LLM_QUEUE_CANDIDATES")
+    quiet = ServerSettings(bundle=tmp_path)
+    assert not quiet.access_log and not uvicorn_config(create_app(quiet), quiet).access_log
+    monkeypatch.setenv("CORELLA_ACCESS_LOG", "1")
+    assert ServerSettings.from_options(tmp_path, access_log=None).access_log
+    assert not ServerSettings.from_options(tmp_path, access_log=False).access_log
 
 
 def test_train_options_reach_the_run_config(synthetic_dir, tmp_path):

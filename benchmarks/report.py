@@ -233,10 +233,10 @@ def _http_markdown(http: dict[str, Any]) -> list[str]:
                   f"({repeat['other_candidates_over_cold']:.0%}).", ""]  # fmt: skip
     back = http.get("returning_users")
     if back:
-        lines += [f"Returning users ({back['users']} users, each request once in turn, then again after all the "
-                  f"others): LLM part {back['first']['llm_ms']:.0f} ms, then {back['second']['llm_ms']:.0f} ms "
-                  f"({back['second_over_first']:.0%}), {back['second']['prefix_hits']:.0f} prefix hits in the "
-                  f"second round.", ""]  # fmt: skip
+        lines += [f"Returning users ({back['users']} users, each request once in turn, then another of each, for "
+                  f"other candidates, after all the others): LLM part {back['first']['llm_ms']:.0f} ms, then "
+                  f"{back['second']['llm_ms']:.0f} ms ({back['second_over_first']:.0%}), "
+                  f"{back['second']['prefix_hits']:.0f} prefix hits in the second round.", ""]  # fmt: skip
     peer = http.get("peer")
     if peer:
         lines += [f"Against llama-cpp-python's server, {peer['concurrency']} clients, routed candidates scored a "

@@ -566,7 +566,9 @@ def serve(
     api_key: Annotated[str | None, typer.Option(help=_setting("api_key"))] = None,
     api_key_file: Annotated[Path | None, typer.Option(help=_setting("api_key_file"))] = None,
     events_api_key_file: Annotated[Path | None, typer.Option(help=_setting("events_api_key_file"))] = None,
-    deadline_ms: Annotated[float | None, typer.Option(help=_setting("default_deadline_ms"))] = None,
+    default_deadline_ms: Annotated[
+        float | None, typer.Option("--deadline-ms", help=_setting("default_deadline_ms"))
+    ] = None,
     max_candidates: Annotated[int | None, typer.Option(help=_setting("max_candidates"))] = None,
     providers: Annotated[str | None, typer.Option(help=_setting("providers"))] = None,
     crm_threads: Annotated[int | None, typer.Option(help=_setting("crm_threads"))] = None,
@@ -582,7 +584,7 @@ def serve(
     cpu_workers: Annotated[int | None, typer.Option(help=_setting("cpu_workers"))] = None,
     http_nice: Annotated[int | None, typer.Option(help=_setting("http_nice"))] = None,
     max_store_interactions: Annotated[int | None, typer.Option(help=_setting("max_store_interactions"))] = None,
-    llm: Annotated[
+    load_llm: Annotated[
         bool | None, typer.Option("--llm/--no-llm", help="serve with the LLM, or the CRM only [env: CORELLA_LOAD_LLM]")
     ] = None,  # fmt: skip
     access_log: Annotated[
@@ -594,6 +596,7 @@ def serve(
     """Serve a bundle over HTTP: POST /v1/predict, POST /v1/events, GET /v1/model, /healthz, /readyz,
     /metrics; OpenAPI docs at /docs. An option not given comes from its CORELLA_<NAME> variable,
     then from the default."""
+    options = dict(locals())  # every parameter is the ServerSettings field of the same name
     import uvicorn
     from pydantic import ValidationError
 
@@ -602,17 +605,7 @@ def serve(
     from runtime.state import live_store
 
     try:
-        settings = ServerSettings.from_options(
-            bundle, host=host, port=port, api_key=api_key, api_key_file=api_key_file,
-            events_api_key_file=events_api_key_file, default_deadline_ms=deadline_ms,
-            max_candidates=max_candidates, providers=providers, crm_threads=crm_threads, llm_threads=llm_threads,
-            llm_contexts=llm_contexts, llm_context=llm_context, llm_batch_tokens=llm_batch_tokens,
-            llm_prefix_cache_tokens=llm_prefix_cache_tokens, llm_prefix_host_mib=llm_prefix_host_mib,
-            llm_queue_candidates=llm_queue_candidates, llm_answer_memo=llm_answer_memo,
-            llm_threads_when_busy=llm_threads_when_busy, cpu_workers=cpu_workers, http_nice=http_nice,
-            load_llm=llm, access_log=access_log, state=state, store=store,
-            max_store_interactions=max_store_interactions,
-        )  # fmt: skip
+        settings = ServerSettings.from_options(**options)
         # refuse a bad bundle or a live store of another bundle here, named, before uvicorn starts
         live = live_store(load_bundle(bundle), settings.state, settings.store)
     except ValidationError as exc:

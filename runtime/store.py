@@ -171,15 +171,21 @@ class FeatureStore:
         (called with the lock held; a key it does not return is remembered as absent). Filled under
         the lock, so a fill never puts back what an `append` has just made stale."""
         with self._lock:
-            missing = [key for key in dict.fromkeys(keys) if key not in cache]
+            found, missing = {}, []
+            for key in dict.fromkeys(keys):
+                if key not in cache:
+                    missing.append(key)
+                elif (value := cache[key]) is not None:
+                    found[key] = value
             if missing:
-                fetched = {}
+                fetched: dict[str, Any] = {}
                 for start in range(0, len(missing), 500):
                     fetched |= fetch(missing[start : start + 500])
                 if len(cache) + len(missing) > _CACHE:
-                    cache.clear()
+                    cache.clear()  # full: start again (what this call found is already in hand)
                 cache.update({key: fetched.get(key) for key in missing})
-            return {key: value for key in keys if (value := cache[key]) is not None}
+                found |= fetched
+            return found
 
     def counts(self) -> dict[str, int]:
         return {t: self._query(f"SELECT COUNT(*) FROM {t}")[0][0] for t in ("items", "users", "interactions")}

@@ -137,7 +137,7 @@ def test_store_round_trips_items_users_and_histories(tmp_path):
     store.close()
 
 
-def test_remembered_item_totals_follow_every_append(tmp_path):
+def test_remembered_item_totals_follow_every_append(tmp_path, monkeypatch):
     """Totals, catalog entries and profiles are read from memory after the first time; an append
     must move the totals it changes, also while other threads are reading them."""
     import threading
@@ -172,6 +172,13 @@ def test_remembered_item_totals_follow_every_append(tmp_path):
     # what memory says equals what the interactions add up to (the uncached path)
     assert store.item_totals(ids).tolist() == store.item_totals(ids, before=10**9).tolist()
     assert store.item_totals(ids)[:, 0].sum() == 203
+    # a full cache starts again, and the call that fills it still answers every key it was asked
+    truth = store.item_totals(ids).tolist()
+    monkeypatch.setattr("runtime.store._CACHE", 12)
+    store._totals_cache.clear()
+    assert store.item_totals(ids[:10]).tolist() == truth[:10]
+    assert store.item_totals(ids).tolist() == truth and len(store._totals_cache) == 10
+    assert set(store.items(ids)) == set(ids)
     store.close()
 
 

@@ -51,8 +51,9 @@ def _levels(base: str, engine: Engine, config: Any, progress: Callable[[str], No
         level["server_llm_answers"] = _llm_answers(base) - before
         levels.append(level)
         progress(f"http c={concurrency}: {level['requests_per_second']:.1f} req/s, p50 {level['p50_ms']:.0f} ms, "
-                 f"p99 {level['p99_ms']:.0f} ms, LLM answers {level['llm_answers_per_second']:.1f}/s, "
-                 f"fallbacks {level['fallbacks']}, 5xx {level['server_errors']}")  # fmt: skip
+                 f"p99 {level['p99_ms']:.0f} ms, LLM answers {level['llm_answers_per_second']:.1f}/s "
+                 f"({level['llm_decoded_per_second']:.1f} decoded), fallbacks {level['fallbacks']}, "
+                 f"5xx {level['server_errors']}")  # fmt: skip
     return levels
 
 
@@ -216,7 +217,8 @@ def _soak(bundle: Bundle, engine: Engine, out: Path, config: Any, progress: Call
     _goodput(levels)
     for level in levels:
         progress(f"soak c={level['concurrency']}: {level['requests_per_second']:.1f} req/s, LLM answers "
-                 f"{level['llm_answers_per_second']:.2f}/s ({level['llm_goodput_vs_unloaded']:.2f} of unloaded), "
+                 f"{level['llm_answers_per_second']:.2f}/s, decoded {level['llm_decoded_per_second']:.2f}/s "
+                 f"({level['llm_decoded_vs_unloaded']:.2f} of unloaded), "
                  f"CRM-only p50 {level['crm_only_p50_ms']:.0f} ms")  # fmt: skip
     return {"candidates_per_request": config.soak_candidates, "deadline_ms": config.http_deadline_ms,
             "seconds": config.soak_seconds, "levels": levels}  # fmt: skip

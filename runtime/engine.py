@@ -13,6 +13,7 @@ whatever is done by the deadline). `predict` is both, waiting in between.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
@@ -31,7 +32,7 @@ from runtime.errors import ConfigError, OverloadedError, RequestTooLarge, StoreF
 from runtime.features import UserInteractions, UserSummary, normalize_user_attributes
 from runtime.llm import LlamaModel, LLMError, default_threads, gpu_offload_supported
 from runtime.llm_process import RemoteScheduler
-from runtime.memo import AnswerMemo
+from runtime.memo import AnswerMemo, MemoFileError
 from runtime.metrics import ServingMetrics
 from runtime.prompt import HistoryEntry, ItemText
 from runtime.router import LLMCalibration, binary_entropy, route_by_budget, route_by_threshold
@@ -218,6 +219,7 @@ class Engine:
         self.llm_load_error: str | None = None
         if bundle.llm and settings.load_llm:
             self._load_llm()
+            self._read_memo()
         self.metrics.watch("corella_llm_loaded", "1 while the LLM serves, else 0",
                            lambda: float(self.llm_status == "serving"))  # fmt: skip
         self.metrics.watch("corella_llm_queue_candidates", "Routed candidates waiting for the LLM",
@@ -255,7 +257,29 @@ class Engine:
                 self.llm.close()
                 self.llm = None
 
+    def _memo_file(self) -> tuple[Path, str]:
+        """Where the answer memo is kept between runs, and the digest of the model it belongs to."""
+        return self.state / "llm_answers.memo", self.bundle.manifest["files"][self.bundle.llm["file"]]["sha256"]
+
+    def _read_memo(self) -> None:
+        """The answers the last run saved, when they are the same model's; a file that cannot be read
+        is set aside (named in the log), not a reason to stop: the memo is a cache."""
+        if self.memo is None or not (path := self._memo_file()[0]).exists():
+            return
+        try:
+            log.info("answer memo: %d answers read back from %s", self.memo.load(*self._memo_file()), path)
+        except (MemoFileError, OSError) as exc:
+            log.warning("answer memo not read back, starting empty: %s", exc)
+            with contextlib.suppress(OSError):
+                path.replace(path.with_name(path.name + ".unreadable"))
+
     def close(self) -> None:
+        if self.memo is not None and len(self.memo) and self.llm is not None:
+            try:
+                path, model = self._memo_file()
+                log.info("answer memo: %d answers saved to %s", self.memo.save(path, model), path)
+            except OSError as exc:
+                log.warning("answer memo not saved: %s", exc)
         if self.scheduler is not None:
             self.scheduler.close()
             self.scheduler = None

@@ -450,3 +450,66 @@ def test_the_memo_keeps_the_most_recently_used_answers():
     memo.remember(key, [[7]], [0.75])
     assert len(memo) == 2 and memo.recall(key, [[5], [6], [7]]) == [0.25, None, 0.75]
     assert memo.recall(AnswerMemo.prefix_key([2, 10, 12]), [[5]]) == [None]  # another prefix: another answer
+
+
+def test_a_saved_memo_reads_back_in_its_order_and_within_its_capacity(tmp_path):
+    from runtime.memo import AnswerMemo, MemoFileError
+
+    memo = AnswerMemo(10)
+    first, second = AnswerMemo.prefix_key([1, 2]), AnswerMemo.prefix_key([1, 3])
+    memo.remember(first, [[5, 6], [7]], [0.25, 0.5])
+    memo.remember(second, [[262143, 8, 9]], [0.75])
+    memo.recall(first, [[5, 6]])  # now the most recent
+    assert memo.save(tmp_path / "m.memo", "model") == 3
+    back = AnswerMemo(10)
+    assert back.load(tmp_path / "m.memo", "model") == 3 and list(back._answers.items()) == list(memo._answers.items())
+    small = AnswerMemo(2)
+    assert small.load(tmp_path / "m.memo", "model") == 2
+    assert list(small._answers) == [(second, (262143, 8, 9)), (first, (5, 6))]  # the two most recent
+    assert AnswerMemo(10).load(tmp_path / "m.memo", "another model") == 0
+    (tmp_path / "cut.memo").write_bytes((tmp_path / "m.memo").read_bytes()[:-1])
+    with pytest.raises(MemoFileError, match="cut.memo"):
+        AnswerMemo(10).load(tmp_path / "cut.memo", "model")
+
+
+def test_the_memo_outlives_a_restart_for_the_same_model_only(bundle, tmp_path):
+    """Saved in the state folder at close, read back at start: the first request after a restart
+    decodes nothing. A file of another model is left unread; an unreadable one is set aside."""
+    import json
+
+    from runtime.memo import AnswerMemo
+
+    options = {"llm_process": False, "default_deadline_ms": None, "llm_answer_memo": 1000,
+               "state_dir": tmp_path / "state"}  # fmt: skip
+    engine = _engine(bundle, tmp_path, **options)
+    try:
+        first = engine.predict(_request(4, 6, mode="llm"))
+    finally:
+        engine.close()
+    saved = tmp_path / "state" / "llm_answers.memo"
+    assert json.loads(saved.read_bytes().split(b"\n", 1)[0])["answers"] == 6
+    engine = _engine(bundle, tmp_path, **options)
+    try:
+        again = engine.predict(_request(4, 6, mode="llm"))
+        assert again["llm_recalled"] == 6 and engine.scheduler.decoded_tokens == 0
+        assert again["predictions"] == first["predictions"]
+    finally:
+        engine.close()
+
+    AnswerMemo(10).save(saved, model="another model's digest")
+    engine = _engine(bundle, tmp_path, **options)
+    try:
+        assert len(engine.memo) == 0 and saved.exists()  # not this model's: left as it is
+    finally:
+        engine.close()
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    model = manifest["files"][manifest["llm"]["file"]]["sha256"]
+    header = {"format": 1, "model": model, "answers": 1, "tokens": 0}
+    saved.write_bytes(json.dumps(header).encode() + b"\n" + b"\0" * 5)  # 5 bytes where one answer needs 28
+    engine = _engine(bundle, tmp_path, **options)
+    try:
+        assert len(engine.memo) == 0 and not saved.exists()
+        assert (tmp_path / "state" / "llm_answers.memo.unreadable").exists()
+        assert engine.predict(_request(4, 6, mode="llm"))["llm_recalled"] == 0  # served all the same
+    finally:
+        engine.close()

@@ -264,17 +264,18 @@ class Engine:
     def _read_memo(self) -> None:
         """The answers the last run saved, when they are the same model's; a file that cannot be read
         is set aside (named in the log), not a reason to stop: the memo is a cache."""
-        if self.memo is None or not (path := self._memo_file()[0]).exists():
+        path, model = self._memo_file()
+        if self.memo is None or not path.exists():
             return
         try:
-            log.info("answer memo: %d answers read back from %s", self.memo.load(*self._memo_file()), path)
+            log.info("answer memo: %d answers read back from %s", self.memo.load(path, model), path)
         except (MemoFileError, OSError) as exc:
             log.warning("answer memo not read back, starting empty: %s", exc)
             with contextlib.suppress(OSError):
                 path.replace(path.with_name(path.name + ".unreadable"))
 
     def close(self) -> None:
-        if self.memo is not None and len(self.memo) and self.llm is not None:
+        if self.memo is not None and len(self.memo):  # answers are only remembered while an LLM serves
             try:
                 path, model = self._memo_file()
                 log.info("answer memo: %d answers saved to %s", self.memo.save(path, model), path)

@@ -480,6 +480,8 @@ class Engine:
             # dying or starting again, its failure perhaps not yet recorded): unavailable, not disabled
             down = self.scheduler is not None or self.llm_failure
             reason = FallbackReason.LLM_UNAVAILABLE if down else FallbackReason.LLM_DISABLED
+            if self.scheduler is not None and pending.request.user_id in self._recallable:
+                routed = self._recall_only(pending)  # the LLM's earlier answers outlive its process
             pending.reasons.update(dict.fromkeys(routed.tolist(), reason))
             pending.llm_error = self.llm_failure
             return
@@ -513,6 +515,16 @@ class Engine:
         pending.reasons.update(dict.fromkeys(routed[admitted:feasible].tolist(), FallbackReason.OVERLOADED))
         pending.reasons.update(dict.fromkeys(routed[max(admitted, feasible) :].tolist(), FallbackReason.DEADLINE))
         pending.job = admission.job
+
+    def _recall_only(self, pending: Pending) -> np.ndarray:
+        """`_recall` for a request that can go no further (the LLM is down): the routed candidates
+        left without an answer."""
+        prepared = pending.prepared
+        try:
+            prompt = self._shift_head(*self.prompt_ids(prepared.history, [prepared.items[i] for i in pending.routed]))
+        except LLMError:
+            return pending.routed
+        return self._recall(pending, *prompt)[0]
 
     def _recall(
         self, pending: Pending, prefix: list[int], suffixes: list[list[int]]

@@ -357,6 +357,21 @@ def test_an_llm_down_before_its_failure_is_recorded_is_unavailable_not_disabled(
         engine.close()
 
 
+def test_remembered_answers_are_served_while_the_llm_is_down(bundle, tmp_path, monkeypatch):
+    engine = _engine(bundle, tmp_path, default_deadline_ms=None, llm_answer_memo=1000)
+    try:
+        before = engine.predict(_request(2, 6, mode="llm"))
+        monkeypatch.setattr(type(engine.scheduler), "alive", property(lambda self: False))
+        wider = Request(candidates=[*_request(2, 6).candidates, *_request(5, 3).candidates], user_id="2", mode="llm")
+        answer = engine.predict(wider)
+        assert answer["llm_recalled"] == 6 and answer["predictions"][:6] == before["predictions"]
+        assert answer["fallbacks"] == {"llm_unavailable": answer["routed"] - 6}
+        assert engine.predict(_request(3, 6, mode="llm"))["fallbacks"] == {"llm_unavailable": 6}
+    finally:
+        monkeypatch.undo()
+        engine.close()
+
+
 def test_a_users_remembered_past_is_forgotten_at_their_next_event(bundle, tmp_path):
     from runtime.store import Interaction
 

@@ -492,9 +492,8 @@ class Engine:
             # tokenized nor sent (under load most requests; their work took CPU from those it can take)
             pending.reasons.update(dict.fromkeys(routed.tolist(), FallbackReason.OVERLOADED))
             return
-        prepared = pending.prepared
         try:
-            prefix, suffixes = self._shift_head(*self.prompt_ids(prepared.history, [prepared.items[i] for i in routed]))
+            prefix, suffixes = self._prompt(pending)
             routed, suffixes = self._recall(pending, prefix, suffixes)
             if saturated is not None or not len(routed):
                 pending.reasons.update(dict.fromkeys(routed.tolist(), FallbackReason.OVERLOADED))
@@ -519,12 +518,16 @@ class Engine:
     def _recall_only(self, pending: Pending) -> np.ndarray:
         """`_recall` for a request that can go no further (the LLM is down): the routed candidates
         left without an answer."""
-        prepared = pending.prepared
         try:
-            prompt = self._shift_head(*self.prompt_ids(prepared.history, [prepared.items[i] for i in pending.routed]))
+            prompt = self._prompt(pending)
         except LLMError:
             return pending.routed
         return self._recall(pending, *prompt)[0]
+
+    def _prompt(self, pending: Pending) -> tuple[list[int], list[list[int]]]:
+        """Token ids of the request's prefix and of each routed candidate's suffix, as decoded."""
+        prepared = pending.prepared
+        return self._shift_head(*self.prompt_ids(prepared.history, [prepared.items[i] for i in pending.routed]))
 
     def _recall(
         self, pending: Pending, prefix: list[int], suffixes: list[list[int]]

@@ -581,6 +581,7 @@ def serve(
     llm_prefix_host_mib: Annotated[int | None, typer.Option(help=_setting("llm_prefix_host_mib"))] = None,
     llm_queue_candidates: Annotated[int | None, typer.Option(help=_setting("llm_queue_candidates"))] = None,
     llm_answer_memo: Annotated[int | None, typer.Option(help=_setting("llm_answer_memo"))] = None,
+    llm_vocab: Annotated[int | None, typer.Option(help=_setting("llm_vocab"))] = None,
     cpu_workers: Annotated[int | None, typer.Option(help=_setting("cpu_workers"))] = None,
     http_nice: Annotated[int | None, typer.Option(help=_setting("http_nice"))] = None,
     max_store_interactions: Annotated[int | None, typer.Option(help=_setting("max_store_interactions"))] = None,

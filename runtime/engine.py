@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -34,11 +35,13 @@ from runtime.llm import LlamaModel, LLMError, default_threads, gpu_offload_suppo
 from runtime.llm_process import RemoteScheduler
 from runtime.memo import AnswerMemo, MemoFileError
 from runtime.metrics import ServingMetrics
+from runtime.paths import model_cache
 from runtime.prompt import HistoryEntry, ItemText
 from runtime.router import LLMCalibration, binary_entropy, route_by_budget, route_by_threshold
 from runtime.scheduler import ItemState, LLMJob, LLMScheduler, SchedulerSettings
 from runtime.state import live_store, state_dir
 from runtime.store import FeatureStore, Interaction
+from runtime.vocab import VocabularyCut
 
 __all__ = [
     "EngineSettings",
@@ -84,6 +87,8 @@ class EngineSettings:
     llm_prefix_host_mib: int = 512  # host memory for idle users' prefixes, per context
     llm_queue_candidates: int = 512  # routed candidates waiting for the LLM
     llm_answer_memo: int = 100_000  # LLM answers remembered by their prompts' tokens (0: none); see runtime.memo
+    llm_vocab: int = 16_384  # decode with the vocabulary cut to the prompts' tokens and this many common ones
+    # (0: the whole vocabulary); see runtime.vocab
     llm_process: bool = True  # decode in a process of its own (no GIL shared with the HTTP server)
     default_deadline_ms: float | None = 5000.0
     max_candidates: int = 500
@@ -205,7 +210,10 @@ class Engine:
         self._recallable: set[str] = set()  # users with remembered answers (looked up even when the LLM is saturated)
         # token ids by text: a repeat user's prefix and every catalog item's suffix are tokenized
         # once (~1.5 ms of a 10-candidate request's 1.7 ms here); bounded, thread-safe, immutable values
-        self._tokens = functools.lru_cache(maxsize=TOKEN_CACHE_TEXTS)(lambda text: tuple(self.llm.tokenize(text)))
+        # (the ids the decoding model reads: the cut vocabulary's where it is cut)
+        tokens = functools.lru_cache(maxsize=TOKEN_CACHE_TEXTS)
+        self._tokens = tokens(lambda text: self._decoded(self.llm.tokenize(text)))
+        self.vocab_cut: VocabularyCut | None = None
         largest = min(settings.max_candidates, 4096)  # a request's rows, at most one predict chunk
         self.crm = CRMSession(
             bundle.crm_file, settings.providers, settings.crm_threads or 1,
@@ -213,7 +221,8 @@ class Engine:
         )  # fmt: skip
         # before the server says ready: TensorRT builds or loads its engine now, not on a first request
         log.info("CRM on %s, warmed up: %s", self.crm.providers[0], self.crm.warm_up()["seconds_by_batch"])
-        self.llm: LlamaModel | None = None
+        self.llm: LlamaModel | None = None  # the tokenizer
+        self._decoder: LlamaModel | None = None  # the model decoded in this process (llm_process False)
         self.scheduler: LLMScheduler | None = None
         self._head: tuple[int, ...] = ()  # see _shift_head
         self.llm_load_error: str | None = None
@@ -226,6 +235,8 @@ class Engine:
                            lambda: self.scheduler.queued_candidates() if self.scheduler else 0)  # fmt: skip
         self.metrics.watch("corella_llm_answer_memo_size", "LLM answers remembered by their prompts",
                            lambda: len(self.memo) if self.memo is not None else 0)  # fmt: skip
+        self.metrics.watch("corella_llm_spelled_tokens", "Prompt tokens outside the cut vocabulary, spelled",
+                           lambda: self.vocab_cut.spelled_tokens if self.vocab_cut else 0)  # fmt: skip
         self.metrics.watch("corella_llm_prefix_host_bytes", "Host memory holding copies of cached prefixes",
                            lambda: self.scheduler.prefix_host_bytes() if self.scheduler else 0)  # fmt: skip
 
@@ -235,14 +246,15 @@ class Engine:
         try:
             gpu = gpu_offload_supported() and settings.llm_gpu_layers != 0
             scheduler_settings = settings.scheduler_settings(gpu)
-            if settings.llm_process:
-                # this process only tokenizes: the vocabulary, no weights; the LLM process decodes
-                self.llm = LlamaModel(path, yes, no, vocab_only=True)
-                self.scheduler = RemoteScheduler(path, yes, no, scheduler_settings, settings.llm_gpu_layers,
+            # this process tokenizes with the whole vocabulary (no weights); a model decodes
+            self.llm = LlamaModel(path, yes, no, vocab_only=True)
+            decode = self._cut_vocabulary(path, yes, no)
+            if settings.llm_process:  # in a process of its own
+                self.scheduler = RemoteScheduler(*decode, scheduler_settings, settings.llm_gpu_layers,
                                                  observer=self.metrics)  # fmt: skip
             else:
-                self.llm = LlamaModel(path, yes, no, settings.llm_gpu_layers)
-                self.scheduler = LLMScheduler(self.llm, scheduler_settings, observer=self.metrics)
+                self._decoder = LlamaModel(*decode, settings.llm_gpu_layers)
+                self.scheduler = LLMScheduler(self._decoder, scheduler_settings, observer=self.metrics)
             self._head = self._suffix_head()
             held = self.scheduler.settings
             log.info("LLM on %s, %d context(s) of %d threads: prefixes in use in %d KV cells, idle ones in up to "
@@ -253,13 +265,67 @@ class Engine:
             # the server still answers with the CRM; routed candidates fall back, reason llm_unavailable
             self.llm_load_error = str(exc)
             log.error("LLM unavailable, serving CRM only: %s", exc)
-            if self.llm is not None:
-                self.llm.close()
-                self.llm = None
+            self._close_llm()
+
+    def _cut_vocabulary(self, path: Path, yes: int, no: int) -> tuple[Path, int, int]:
+        """The GGUF llama.cpp decodes and its answer tokens: a copy with the vocabulary cut to the
+        catalog's prompts (runtime.vocab, in the model cache), or the bundle's own where nothing is
+        cut or cutting fails."""
+        if self.settings.llm_vocab <= 0:
+            return path, yes, no
+        try:
+            bos = self.bundle.llm.get("bos_token_id")
+            self.vocab_cut = VocabularyCut.prepare(self.llm, path, self._model_digest(), model_cache() / "cuts",
+                                                   self._catalog_texts(), self.settings.llm_vocab,
+                                                   [yes, no] + ([bos] if bos is not None else []))  # fmt: skip
+        except (LLMError, OSError, ValueError) as exc:
+            log.warning("the LLM decodes with its whole vocabulary (cutting it failed: %s)", exc)
+            return path, yes, no
+        if self.vocab_cut is None:
+            return path, yes, no
+        return self.vocab_cut.path, self.vocab_cut.id(yes), self.vocab_cut.id(no)
+
+    def _catalog_texts(self) -> Iterator[str]:
+        """What prompts say: the template, around no history and around one of every rating (by half
+        stars), and of every catalog item its suffix and its line in a history."""
+        top = self.template.rating_max
+        yield self.template.prefix([])
+        yield self.template.prefix([HistoryEntry(ItemText("Item"), k / 2) for k in range(1, int(2 * top) + 1)])
+        ids = self.store.item_ids()
+        for start in range(0, len(ids), 1000):
+            for item in self.store.items(ids[start : start + 1000]).values():
+                yield self.template.suffix(item)
+                yield self.template.prefix([HistoryEntry(item, top)])
+
+    def vocabulary(self) -> dict[str, Any] | None:
+        """The vocabulary decoded: its tokens, the tokenizer's, and the cut copy with the tokens it spelled."""
+        if self.llm is None:
+            return None
+        cut = self.vocab_cut
+        return {"tokens": cut.size if cut else self.llm.n_vocab, "of": self.llm.n_vocab,
+                "cut_file": str(cut.path) if cut else None,
+                "spelled_tokens": cut.spelled_tokens if cut else 0}  # fmt: skip
+
+    def _decoded(self, tokens: Sequence[int]) -> tuple[int, ...]:
+        return self.vocab_cut.ids(tokens) if self.vocab_cut is not None else tuple(tokens)
+
+    def _close_llm(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.close()
+            self.scheduler = None
+        for model in (self._decoder, self.llm):
+            if model is not None:
+                model.close()
+        self.llm = self._decoder = None
+
+    def _model_digest(self) -> str:
+        return self.bundle.manifest["files"][self.bundle.llm["file"]]["sha256"]
 
     def _memo_file(self) -> tuple[Path, str]:
-        """Where the answer memo is kept between runs, and the digest of the model it belongs to."""
-        return self.state / "llm_answers.memo", self.bundle.manifest["files"][self.bundle.llm["file"]]["sha256"]
+        """Where the answer memo is kept between runs, and what it belongs to: the model, and the cut
+        of its vocabulary (the memo's keys are the token ids decoded)."""
+        cut = f"+{self.vocab_cut.path.stem}" if self.vocab_cut is not None else ""
+        return self.state / "llm_answers.memo", self._model_digest() + cut
 
     def _read_memo(self) -> None:
         """The answers the last run saved, when they are the same model's; a file that cannot be read
@@ -281,12 +347,7 @@ class Engine:
                 log.info("answer memo: %d answers saved to %s", self.memo.save(path, model), path)
             except OSError as exc:
                 log.warning("answer memo not saved: %s", exc)
-        if self.scheduler is not None:
-            self.scheduler.close()
-            self.scheduler = None
-        if self.llm is not None:
-            self.llm.close()
-            self.llm = None
+        self._close_llm()
         self.store.close()
 
     @property
@@ -392,9 +453,11 @@ class Engine:
         return self.template.texts(entries, items, lambda text: len(self._tokens(text)))
 
     def prompt_ids(self, history: list[HistoryItem], items: list[ItemText]) -> tuple[list[int], list[list[int]]]:
-        """Token ids of the shared prefix (after BOS where the model has one) and of each item's suffix."""
+        """Token ids of the shared prefix (after BOS where the model has one) and of each item's suffix,
+        as the decoding model reads them (in the cut vocabulary's ids where it is cut)."""
         entries = self._entries(history)
-        return self.template.ids(self._tokens, self.bundle.llm.get("bos_token_id"), entries, items)
+        bos = self.bundle.llm.get("bos_token_id")
+        return self.template.ids(self._tokens, self._decoded([bos])[0] if bos is not None else None, entries, items)
 
     def _suffix_head(self) -> tuple[int, ...]:
         """The token ids every candidate's suffix starts with (the template's words before the item,
@@ -403,7 +466,7 @@ class Engine:
         n = 0
         while n < min(len(first), len(second)) - 1 and first[n] == second[n]:
             n += 1
-        return tuple(first[:n])
+        return self._decoded(first[:n])
 
     def _shift_head(self, prefix: list[int], suffixes: list[list[int]]) -> tuple[list[int], list[list[int]]]:
         """The suffixes' common head moved to the end of the prefix: decoded (and cached) once per

@@ -155,6 +155,25 @@ class LlamaModel:
             self._lib.llama_model_free(self._model)
             self._model = None
 
+    def piece(self, token: int) -> str:
+        """A token's text in the vocabulary ("▁" for a space in SentencePiece, "<0x41>" for a byte token)."""
+        return (self._lib.llama_vocab_get_text(self._vocab, token) or b"").decode("utf-8", "replace")
+
+    def attributes(self, token: int) -> int:
+        """A token's llama_token_attr flags (normal, control, byte, ...)."""
+        return int(self._lib.llama_vocab_get_attr(self._vocab, token))
+
+    def score(self, token: int) -> float:
+        """A token's score in the vocabulary (the higher, the more common the piece)."""
+        return float(self._lib.llama_vocab_get_score(self._vocab, token))
+
+    def special_ids(self) -> set[int]:
+        """The begin, end, unknown and padding tokens the vocabulary names."""
+        lib, vocab = self._lib, self._vocab
+        found = (lib.llama_vocab_bos(vocab), lib.llama_vocab_eos(vocab), lib.llama_vocab_eot(vocab),
+                 lib.llama_vocab_pad(vocab), lib.llama_vocab_nl(vocab))  # fmt: skip
+        return {int(t) for t in found if 0 <= t < self.n_vocab}
+
     def tokenize(self, text: str) -> list[int]:
         """Token ids of `text` with no BOS and no special-token parsing (safe from any thread)."""
         data = text.encode("utf-8")

@@ -504,8 +504,9 @@ class LLMScheduler(Pausable):
     def _warm_up(self, worker: _Worker) -> None:
         """One decode before serving: the first request does not pay for it, and admission starts
         from a measured speed instead of a guess."""
-        tokens = self.model.tokenize("Please predict whether the user will like the target movie. " * 8) or [0]
-        tokens = tokens[: min(64, self.settings.batch_tokens)]
+        # ordinary ids spread over the vocabulary (the model may have no tokenizer: a cut copy)
+        n = self.model.n_vocab
+        tokens = [(n // 3 + 7919 * k) % n for k in range(min(64, self.settings.batch_tokens))]
         started = time.perf_counter()
         worker.context.decode(tokens, range(len(tokens)), [0] * len(tokens), [False] * (len(tokens) - 1) + [True])
         measured = max(1e-6, (time.perf_counter() - started) / len(tokens))

@@ -249,12 +249,20 @@ class Engine:
             # this process tokenizes with the whole vocabulary (no weights); a model decodes
             self.llm = LlamaModel(path, yes, no, vocab_only=True)
             decode = self._cut_vocabulary(path, yes, no)
-            if settings.llm_process:  # in a process of its own
-                self.scheduler = RemoteScheduler(*decode, scheduler_settings, settings.llm_gpu_layers,
-                                                 observer=self.metrics)  # fmt: skip
-            else:
-                self._decoder = LlamaModel(*decode, settings.llm_gpu_layers)
-                self.scheduler = LLMScheduler(self._decoder, scheduler_settings, observer=self.metrics)
+            try:
+                self._start_scheduler(decode, scheduler_settings)
+            except LLMError as exc:
+                if self.vocab_cut is None:
+                    raise
+                # a copy that does not load (damaged in the cache, say) is made again next start
+                log.warning("the LLM decodes with its whole vocabulary: the cut copy %s failed (%s) and is removed",
+                            self.vocab_cut.path, exc)  # fmt: skip
+                self.vocab_cut.path.unlink(missing_ok=True)
+                self.vocab_cut = None
+                if self._decoder is not None:
+                    self._decoder.close()
+                    self._decoder = None
+                self._start_scheduler((path, yes, no), scheduler_settings)
             self._head = self._suffix_head()
             held = self.scheduler.settings
             log.info("LLM on %s, %d context(s) of %d threads: prefixes in use in %d KV cells, idle ones in up to "
@@ -266,6 +274,14 @@ class Engine:
             self.llm_load_error = str(exc)
             log.error("LLM unavailable, serving CRM only: %s", exc)
             self._close_llm()
+
+    def _start_scheduler(self, decode: tuple[Path, int, int], settings: SchedulerSettings) -> None:
+        """The scheduler decoding the GGUF `decode` (path, yes id, no id), here or in a process of its own."""
+        if self.settings.llm_process:
+            self.scheduler = RemoteScheduler(*decode, settings, self.settings.llm_gpu_layers, observer=self.metrics)
+        else:
+            self._decoder = LlamaModel(*decode, self.settings.llm_gpu_layers)
+            self.scheduler = LLMScheduler(self._decoder, settings, observer=self.metrics)
 
     def _cut_vocabulary(self, path: Path, yes: int, no: int) -> tuple[Path, int, int]:
         """The GGUF llama.cpp decodes and its answer tokens: a copy with the vocabulary cut to the

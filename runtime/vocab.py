@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -121,14 +122,18 @@ class VocabularyCut:
         path = folder / f"{model}.cut-{digest}.gguf"
         if not path.is_file():
             folder.mkdir(parents=True, exist_ok=True)
-            # the same model's other cuts (another catalog, another setting) or one cut short; a
-            # server still decoding one keeps its mapping of the file
-            for old in folder.glob(f"{model}.cut-*"):
-                old.unlink(missing_ok=True)
-            partial = path.with_suffix(".partial")
-            cut_gguf(source, partial, kept)
-            partial.replace(path)
+            partial = path.with_name(f"{path.name}.{os.getpid()}.partial")  # servers starting together
+            try:
+                cut_gguf(source, partial, kept)
+                partial.replace(path)
+            finally:
+                partial.unlink(missing_ok=True)
             log.info("LLM vocabulary cut to %d of %d tokens: %s", len(kept), tokenizer.n_vocab, path)
+            # the same model's other cuts (another catalog, another setting); a server still
+            # decoding one keeps its mapping of the file
+            for old in folder.glob(f"{model}.cut-*.gguf"):
+                if old != path:
+                    old.unlink(missing_ok=True)
         return cls(tokenizer, kept, path)
 
 

@@ -110,3 +110,24 @@ def test_the_cut_copy_is_written_once_and_the_memo_follows_the_cut(bundle, tmp_p
         assert rewritten.vocab_cut.path == path and path.is_file() and not stale.exists()
     finally:
         rewritten.close()
+
+
+@pytest.mark.parametrize("llm_process", [True, False])
+def test_a_damaged_copy_is_removed_and_the_whole_vocabulary_serves(bundle, tmp_path, llm_process):
+    engine = _engine(bundle, tmp_path, 1, llm_process=llm_process)
+    path = engine.vocab_cut.path
+    engine.close()
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # cut short (a full disk, a copy interrupted)
+    engine = _engine(bundle, tmp_path, 1, llm_process=llm_process)
+    try:
+        assert engine.vocab_cut is None and engine.llm_status == "serving" and not path.exists()
+        assert engine.vocabulary()["tokens"] == engine.llm.n_vocab
+        assert {p["route"] for p in engine.predict(_requests()[0])["predictions"]} == {"llm"}
+    finally:
+        engine.close()
+    again = _engine(bundle, tmp_path, 1, llm_process=llm_process)  # and written again at the next start
+    try:
+        assert again.vocab_cut is not None and again.vocab_cut.path == path and path.is_file()
+    finally:
+        again.close()

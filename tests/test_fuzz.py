@@ -34,5 +34,6 @@ def test_schemathesis_finds_nothing(bundle, tmp_path):
     generated = re.search(r"(\d+) generated, (\d+) passed", output)
     assert generated, output[-3000:]
     print(f"schemathesis: {generated.group(0)}")
-    # every endpoint, 2,000 cases or more in all (with the default CORELLA_FUZZ_EXAMPLES)
-    assert "6 passed" in output and int(generated.group(1)) >= (2000 if MAX_EXAMPLES >= 700 else 1)
+    # every endpoint, 1,500 cases or more in all (with the default CORELLA_FUZZ_EXAMPLES; ~1,700 since
+    # the Authorization header is in the schema only when the server has a key, ~2,100 before)
+    assert "6 passed" in output and int(generated.group(1)) >= (1500 if MAX_EXAMPLES >= 700 else 1)

@@ -225,6 +225,7 @@ class Engine:
         self._decoder: LlamaModel | None = None  # the model decoded in this process (llm_process False)
         self.scheduler: LLMScheduler | None = None
         self._head: tuple[int, ...] = ()  # see _shift_head
+        self._bos: int | None = None  # the beginning of a prompt, as decoded
         self.llm_load_error: str | None = None
         if bundle.llm and settings.load_llm:
             self._load_llm()
@@ -263,6 +264,8 @@ class Engine:
                     self._decoder.close()
                     self._decoder = None
                 self._start_scheduler((path, yes, no), scheduler_settings)
+            bos = info.get("bos_token_id")
+            self._bos = self._decoded([bos])[0] if bos is not None else None
             self._head = self._suffix_head()
             held = self.scheduler.settings
             log.info("LLM on %s, %d context(s) of %d threads: prefixes in use in %d KV cells, idle ones in up to "
@@ -293,7 +296,7 @@ class Engine:
             bos = self.bundle.llm.get("bos_token_id")
             self.vocab_cut = VocabularyCut.prepare(self.llm, path, self._model_digest(), model_cache() / "cuts",
                                                    self._catalog_texts(), self.settings.llm_vocab,
-                                                   [yes, no] + ([bos] if bos is not None else []))  # fmt: skip
+                                                   [t for t in (yes, no, bos) if t is not None])  # fmt: skip
         except (LLMError, OSError, ValueError) as exc:
             log.warning("the LLM decodes with its whole vocabulary (cutting it failed: %s)", exc)
             return path, yes, no
@@ -471,9 +474,7 @@ class Engine:
     def prompt_ids(self, history: list[HistoryItem], items: list[ItemText]) -> tuple[list[int], list[list[int]]]:
         """Token ids of the shared prefix (after BOS where the model has one) and of each item's suffix,
         as the decoding model reads them (in the cut vocabulary's ids where it is cut)."""
-        entries = self._entries(history)
-        bos = self.bundle.llm.get("bos_token_id")
-        return self.template.ids(self._tokens, self._decoded([bos])[0] if bos is not None else None, entries, items)
+        return self.template.ids(self._tokens, self._bos, self._entries(history), items)
 
     def _suffix_head(self) -> tuple[int, ...]:
         """The token ids every candidate's suffix starts with (the template's words before the item,

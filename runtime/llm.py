@@ -168,7 +168,7 @@ class LlamaModel:
         return float(self._lib.llama_vocab_get_score(self._vocab, token))
 
     def special_ids(self) -> set[int]:
-        """The begin, end, unknown and padding tokens the vocabulary names."""
+        """The tokens the vocabulary names for begin and end of text, end of turn, padding and newline."""
         lib, vocab = self._lib, self._vocab
         found = (lib.llama_vocab_bos(vocab), lib.llama_vocab_eos(vocab), lib.llama_vocab_eot(vocab),
                  lib.llama_vocab_pad(vocab), lib.llama_vocab_nl(vocab))  # fmt: skip

@@ -2,7 +2,7 @@
 
 Each routed candidate's answer is read from one logits row: a projection of its last hidden state
 onto the whole vocabulary, of which the readout uses two entries (" Yes" and " No"). For Gemma 3
-that is 262,144 rows, ~15% of what a candidate costs to decode on a CPU, and llama.cpp computes
+that is 262,144 rows, ~14% of what a candidate costs to decode on a CPU, and llama.cpp computes
 the whole row or none. So the LLM process is given a copy of the model whose token embedding (and
 output projection, where it is not tied to it) keeps only the rows of the tokens the prompts use:
 every token of the catalog's prompt texts, the tokenizer's most common tokens, its byte tokens

@@ -165,3 +165,20 @@ def test_server_end_to_end_with_the_llm_on_the_card(bundle):
                 "deadline_ms": 60_000}  # fmt: skip
         answer = client.post("/v1/predict", json=body).json()
         assert [p["route"] for p in answer["predictions"]].count("llm") == 10
+
+
+@pytest.mark.gpu
+def test_a_cut_vocabulary_on_the_card_answers_as_the_whole_one(bundle, tmp_path):
+    _skip_unless(_llama_gpu_reason())
+    from .test_vocab import _engine, _llm_scores, _requests
+
+    answers = {}
+    for vocab in (0, 1):
+        engine = _engine(bundle, tmp_path, vocab, llm_threads=None)
+        try:
+            assert (engine.vocab_cut is not None) == (vocab == 1) and engine.scheduler.gpu_layers > 0
+            answers[vocab] = _llm_scores(engine, _requests())
+        finally:
+            engine.close()
+    # the body's kernels are the same; the card may tile the narrower output projection otherwise
+    assert np.abs(answers[1] - answers[0]).max() <= 1e-4

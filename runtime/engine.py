@@ -297,8 +297,9 @@ class Engine:
             self.vocab_cut = VocabularyCut.prepare(self.llm, path, self._model_digest(), model_cache() / "cuts",
                                                    self._catalog_texts(), self.settings.llm_vocab,
                                                    [t for t in (yes, no, bos) if t is not None])  # fmt: skip
-        except (LLMError, OSError, ValueError) as exc:
-            log.warning("the LLM decodes with its whole vocabulary (cutting it failed: %s)", exc)
+        except Exception as exc:  # noqa: BLE001 - a saving, not a need: any failure serves the whole model
+            log.warning("the LLM decodes with its whole vocabulary (cutting it failed: %s: %s)",
+                        type(exc).__name__, exc)  # fmt: skip
             return path, yes, no
         if self.vocab_cut is None:
             return path, yes, no

@@ -169,8 +169,11 @@ def cut_gguf(source: Path, target: Path, kept: np.ndarray) -> None:
                        "--llm-vocab 0") from exc  # fmt: skip
     reader = gguf.GGUFReader(source)
     arch = str(reader.fields["general.architecture"].contents())
-    n_vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
     rows = {"token_embd.weight", "output.weight"}
+    embedding = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embedding is None:
+        raise LLMError(f"{source}: no token_embd.weight tensor; its vocabulary is not cut")
+    n_vocab = int(embedding.shape[-1])
     for tensor in reader.tensors:
         if tensor.name not in rows and n_vocab in tensor.shape.tolist():
             raise LLMError(f"{source}: tensor {tensor.name} is vocabulary-sized too; its vocabulary is not cut")

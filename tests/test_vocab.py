@@ -131,3 +131,16 @@ def test_a_damaged_copy_is_removed_and_the_whole_vocabulary_serves(bundle, tmp_p
         assert again.vocab_cut is not None and again.vocab_cut.path == path and path.is_file()
     finally:
         again.close()
+
+
+def test_a_model_cache_that_cannot_be_written_serves_the_whole_vocabulary(bundle, tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "models").write_text("not a folder")  # the cache's folder cannot be made
+    monkeypatch.setenv("CORELLA_HOME", str(home))
+    engine = _engine(bundle, tmp_path, 1)
+    try:
+        assert engine.vocab_cut is None and engine.llm_status == "serving"
+        assert {p["route"] for p in engine.predict(_requests()[0])["predictions"]} == {"llm"}
+    finally:
+        engine.close()

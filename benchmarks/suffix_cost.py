@@ -1,12 +1,12 @@
 """What one batch of candidates costs llama.cpp against a decoded prefix: the suffix tokens, and the
 logits rows (each a projection onto the whole vocabulary) that give the answers.
 
-    python -m benchmarks.suffix_cost bundles/ml100k-v4 --threads 2
+    python -m benchmarks.suffix_cost bundles/ml100k-v4 --threads 2 [--gguf CUT.gguf --rounds 2]
 
 Decodes a prefix of --prefix tokens once, then --candidates suffixes of --suffix tokens each in
 their own sequence, with every candidate's last row asking for logits and with none, and prints the
 median over --repeats. A prompt change that shortens the suffix, or a model with a smaller
-vocabulary, shows up here before any training.
+vocabulary (--gguf: the cut copy the server decodes), shows up here before any training.
 """
 
 from __future__ import annotations
@@ -45,9 +45,19 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=10)
     parser.add_argument("--suffix", type=int, default=17, help="tokens a candidate (prompt version 4: ~17)")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--gguf", type=Path, action="append", default=[],
+                        help="another GGUF of the same model to time alike, in turn with the bundle's (the cut "
+                        "copy `corella serve` decodes: /v1/model's llm.vocabulary.cut_file); repeatable")  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=1, help="times over the files, in turn")
     args = parser.parse_args()
     llm = json.loads((args.bundle / "manifest.json").read_text())["llm"]
-    model = LlamaModel(args.bundle / llm["file"], llm["yes_token_id"], llm["no_token_id"])
+    for _ in range(args.rounds):
+        for path in [args.bundle / llm["file"], *args.gguf]:
+            _time_file(path, args)
+
+
+def _time_file(path: Path, args: argparse.Namespace) -> None:
+    model = LlamaModel(path, 0, 1)  # the answer tokens play no part in the timing
     context = LlamaContext(model, 4096, 512, args.candidates + 1, args.threads)
     try:
         every = tuple(range(args.candidates + 1))
@@ -57,8 +67,9 @@ def main() -> None:
             times = [suffix_batch_ms(context, args.prefix, args.candidates, args.suffix, logits)
                      for _ in range(args.repeats)]  # fmt: skip
             rows = args.candidates if logits else 0
-            print(f"{args.candidates} x {args.suffix} suffix tokens after {args.prefix}, {rows} logits rows, "
-                  f"{args.threads} threads: {statistics.median(times):.1f} ms")  # fmt: skip
+            print(f"{path.name} ({model.n_vocab:,} tokens): {args.candidates} x {args.suffix} suffix tokens "
+                  f"after {args.prefix}, {rows} logits rows, {args.threads} threads: "
+                  f"{statistics.median(times):.1f} ms")  # fmt: skip
     finally:
         context.close()
         model.close()

@@ -236,6 +236,7 @@ class Engine:
                            lambda: self.scheduler.queued_candidates() if self.scheduler else 0)  # fmt: skip
         self.metrics.watch("corella_llm_answer_memo_size", "LLM answers remembered by their prompts",
                            lambda: len(self.memo) if self.memo is not None else 0)  # fmt: skip
+        # counted when a text is tokenized: a text seen again comes from the tokenization cache
         self.metrics.watch("corella_llm_spelled_tokens", "Prompt tokens outside the cut vocabulary, spelled",
                            lambda: self.vocab_cut.spelled_tokens if self.vocab_cut else 0)  # fmt: skip
         self.metrics.watch("corella_llm_prefix_host_bytes", "Host memory holding copies of cached prefixes",

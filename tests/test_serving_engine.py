@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import socket
 import threading
@@ -278,6 +279,28 @@ def test_the_request_side_reads_busy_while_requests_wait_even_without_cpu():
     assert len(quiet) >= 2 and max(quiet) < 0.2
     assert len(busy) == 3 and min(busy) > 0.9
 
+
+@pytest.mark.skipif(not hasattr(os, "getpriority"), reason="per-thread niceness is a Linux/Unix feature")
+def test_the_cpu_workers_run_at_the_http_niceness_and_the_event_loop_does_not():
+    """`http_nice` (5 by default) lowers the CPU workers' priority, not the event loop's: health checks
+    and answers keep the default priority."""
+    import asyncio
+
+    from runtime.server import _CpuWorkers
+
+    def niceness() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    own = niceness()
+    nice = ServerSettings.model_fields["http_nice"].default
+    workers = _CpuWorkers(2, nice)
+    try:
+        seen = {asyncio.run(workers.run(niceness)) for _ in range(8)}
+    finally:
+        workers.close()
+    assert nice == 5
+    assert seen == {max(own, nice)}
+    assert niceness() == own
 
 def test_an_event_drops_the_users_cached_prefix(bundle, tmp_path):
     with _serving(bundle, tmp_path) as (base, app):

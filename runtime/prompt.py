@@ -6,10 +6,12 @@ always `tokenize(prefix) + tokenize(suffix)`: the serving runtime caches the pre
 decodes many suffixes against it, and training tokenizes the same way, so both see identical token
 sequences.
 
-Version 4 (what training renders now) asks the question in the prefix and names the target in few
-words (title, tags, the catalog's verdict): ~17 Gemma tokens a candidate where version 3 took ~36,
-so that a returning user's request decodes far less than a new user's. Version 3 (the question,
-the year and the rating numbers after the target) is still rendered for the bundles trained on it.
+Version 5 (what training renders now) asks the question in the prefix and names the target in few
+words (title, tags, the catalog's verdict in one word), then a newline, where the answer is read:
+~12 Gemma tokens a candidate. Version 4 said the verdict in four words and ended with "Answer:"
+(~17 tokens), version 3 put the question, the year and the rating numbers after the target (~36).
+A returning user's request decodes only its candidates' suffixes, so their length is what it costs.
+Versions 3 and 4 are still rendered for the bundles trained on them.
 """
 
 from __future__ import annotations
@@ -37,9 +39,9 @@ __all__ = [
 
 #: What training renders now; bumped whenever rendering changes. A bundle is served with the version
 #: it was trained on (its prompt.json).
-PROMPT_VERSION = 4
+PROMPT_VERSION = 5
 #: The versions this corella renders (a template keeps the version it was trained with).
-PROMPT_VERSIONS = (3, 4)
+PROMPT_VERSIONS = (3, 4, 5)
 YES_TEXT = " Yes"
 NO_TEXT = " No"
 
@@ -54,6 +56,17 @@ def reception(liked_share: float) -> str:
     if liked_share >= 0.3:
         return "few people liked it"
     return "most people disliked it"
+
+
+def verdict(liked_share: float) -> str:
+    """`reception` in one word (prompt version 5): a word a candidate, not four."""
+    if liked_share >= 0.7:
+        return "acclaimed"
+    if liked_share >= 0.5:
+        return "liked"
+    if liked_share >= 0.3:
+        return "mixed"
+    return "disliked"
 
 
 @dataclass(frozen=True)
@@ -74,12 +87,12 @@ class ItemText:
             text += f"; {reception(self.liked_share)} ({self.liked_share:.0%} of {self.rating_count})"
         return text
 
-    def brief(self, stats: bool = False) -> str:
-        """Fewer tokens, for the target in prompt version 4: title (tags), and with `stats` the verdict
-        in words alone (the CRM has the numbers)."""
+    def brief(self, stats: bool = False, words: Callable[[float], str] = reception) -> str:
+        """Fewer tokens, for the target in prompt versions 4 and 5: title (tags), and with `stats` the
+        verdict in `words` alone (the CRM has the numbers)."""
         text = self._named(None)
         if self._rated() and stats:
-            text += f"; {reception(self.liked_share)}"
+            text += f"; {words(self.liked_share)}"
         return text
 
     # the catalog may have holes (no year, no tags, odd values): say what there is
@@ -107,9 +120,10 @@ def _stars(rating: float) -> str:
 class PromptTemplate:
     """Template A, ordered for caching: the instruction (with "You should ONLY answer no or yes.") and
     the user's history (with how many of those items the user liked) form the shared prefix; the
-    target (with the catalog's reception of it) forms the suffix. Version 4 ends the prefix with
-    "Target movie:" and the suffix with "Answer:"; version 3 put both words and a question in the
-    suffix, with the year and the rating numbers of the target."""
+    target (with the catalog's reception of it) forms the suffix. Versions 4 and 5 end the prefix
+    with "Target movie:"; version 5 ends the suffix with a newline and says the verdict in one word,
+    version 4 ended it with "Answer:"; version 3 put both words and a question in the suffix, with
+    the year and the rating numbers of the target."""
 
     item_noun: str = "movie"
     rating_max: float = 5.0
@@ -146,7 +160,9 @@ class PromptTemplate:
 
     def suffix(self, target: ItemText) -> str:
         # short on purpose: it is decoded once per candidate, the prefix once per user
-        if self.version >= 4:
+        if self.version >= 5:
+            return f" {target.brief(self.item_stats, verdict)}\n"
+        if self.version == 4:
             return f" {target.brief(self.item_stats)}\nAnswer:"
         return f"Target {self.item_noun}: {target.describe(self.item_stats)}\nWill the user like it?\nAnswer:"
 
@@ -157,7 +173,7 @@ class PromptTemplate:
         suffix_budget: int | None = None,
     ) -> list[HistoryEntry]:
         """Drop the oldest history entries until the prefix fits the token budget, which keeps room
-        for a long target's suffix (48 tokens in version 3, 32 in version 4)."""
+        for a long target's suffix (48 tokens in version 3, 32 in versions 4 and 5)."""
         kept = list(history)
         if count_tokens is None:
             return kept

@@ -211,8 +211,8 @@ def test_reception_words_follow_the_share_of_likes():
 
 
 def test_each_prompt_version_renders_its_own_text():
-    """Version 3 must render exactly what its bundles were trained on; version 4 asks the question in
-    the shared prefix and names the target in fewer words."""
+    """Versions 3 and 4 must render exactly what their bundles were trained on; version 4 asks the
+    question in the shared prefix and names the target in fewer words, version 5 in fewer still."""
     from runtime.errors import PromptError
     from runtime.prompt import PROMPT_VERSION, HistoryEntry, ItemText, PromptTemplate
 
@@ -227,14 +227,21 @@ def test_each_prompt_version_renders_its_own_text():
         "Target movie: Toy Story (1995; Animation, Comedy); most people liked it (71% of 374)\n"
         "Will the user like it?\nAnswer:"
     )
-    v4 = PromptTemplate(item_stats=True, like_threshold=4.0)
-    assert v4.version == PROMPT_VERSION == 4
-    assert v4.prefix(history).endswith("The user liked 1 of these 2 movies.\nWill the user like the target movie?\n"
-                                       "Target movie:")  # fmt: skip
+    v4 = PromptTemplate(item_stats=True, like_threshold=4.0, version=4)
+    asked = "The user liked 1 of these 2 movies.\nWill the user like the target movie?\nTarget movie:"
+    assert v4.prefix(history).endswith(asked)
     assert v4.suffix(target) == " Toy Story (Animation, Comedy); most people liked it\nAnswer:"
     assert v4.suffix(ItemText("New")) == " New\nAnswer:"  # not in the catalog: no verdict
     assert PromptTemplate(version=4).suffix(target) == " Toy Story (Animation, Comedy)\nAnswer:"
-    with pytest.raises(PromptError, match="prompt version 2, but this corella renders versions 3, 4"):
+    # version 5: the same prefix; the verdict in one word, and the answer read after a newline
+    v5 = PromptTemplate(item_stats=True, like_threshold=4.0)
+    assert v5.version == PROMPT_VERSION == 5
+    assert v5.prefix(history) == v4.prefix(history)
+    assert v5.suffix(target) == " Toy Story (Animation, Comedy); acclaimed\n"
+    assert [v5.suffix(ItemText("X", None, (), 3.0, 10, share)) for share in (0.5, 0.3, 0.29)] == [
+        " X; liked\n", " X; mixed\n", " X; disliked\n"]  # fmt: skip
+    assert v5.suffix(ItemText("New")) == " New\n"
+    with pytest.raises(PromptError, match="prompt version 2, but this corella renders versions 3, 4, 5"):
         PromptTemplate(version=2)
 
 
@@ -246,9 +253,11 @@ def test_a_resumed_run_keeps_the_prompt_version_it_started_with(tmp_path):
 
     assert recorded_config(tmp_path) is None
     config = CoReLLaConfig().model_dump()
-    assert config["prompt_version"] == 4
+    assert config["prompt_version"] == 5
+    write_json(tmp_path / "run.json", {"config": config | {"prompt_version": 4}})
+    assert recorded_config(tmp_path).prompt_version == 4  # a version 4 run stays on 4
     write_json(tmp_path / "run.json", {"config": config})
-    assert recorded_config(tmp_path).prompt_version == 4
+    assert recorded_config(tmp_path).prompt_version == 5
     del config["prompt_version"]
     write_json(tmp_path / "run.json", {"config": config})
     assert recorded_config(tmp_path).prompt_version == 3

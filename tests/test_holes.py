@@ -10,7 +10,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from runtime.prompt import PromptTemplate
+from runtime.prompt import PromptTemplate, verdict
 from training.data.loaders import load_movielens_csv
 from training.data.samples import build_samples
 
@@ -67,4 +67,4 @@ def test_catalogs_with_holes_load_encode_and_render(tmp_path_factory, movies, ra
     for row in range(len(samples)):
         history, target = samples.prompt_parts(row)
         prompt = template.render(history, target)
-        assert prompt.count("Target movie: ") == 1 and prompt.endswith(f" {target.brief(stats=True)}\nAnswer:")
+        assert prompt.count("Target movie: ") == 1 and prompt.endswith(f" {target.brief(stats=True, words=verdict)}\n")

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from runtime.prompt import reception
+from runtime.prompt import reception, verdict
 from training.data import build_samples, load_dataset
 
 
@@ -51,7 +51,7 @@ def test_prompt_parts_follow_history(samples):
     history, target = samples.prompt_parts(row)
     assert len(history) == int((samples.history[row] >= 0).sum())
     prompt = samples.prompt_template().render(history, target)
-    assert prompt.endswith("Answer:") and target.title in prompt.splitlines()[-2]
+    assert prompt.endswith("\n") and target.title in prompt.splitlines()[-1]
 
 
 def test_item_statistics_come_from_the_training_split(samples):
@@ -66,7 +66,8 @@ def test_item_statistics_come_from_the_training_split(samples):
     row = int(samples.indices("test")[0])
     history, target = samples.prompt_parts(row)
     _, count, liked = samples.item_stats[samples.item[row]]
-    assert samples.prompt_template().suffix(target).endswith(f"; {reception(liked)}\nAnswer:")
+    assert samples.prompt_template().suffix(target).endswith(f"; {verdict(liked)}\n")
+    assert samples.prompt_template(version=4).suffix(target).endswith(f"; {reception(liked)}\nAnswer:")
     assert f"({liked:.0%} of {count})" in samples.prompt_template(version=3).suffix(target)
     prefix = samples.prompt_template().prefix(history)
     assert "people" not in prefix  # the shared prefix stays short: no catalog statistics in the history

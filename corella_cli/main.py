@@ -188,8 +188,9 @@ def train_corella_command(
     max_prompt_tokens: Annotated[int | None, typer.Option(help="prompt token budget")] = None,
     prompt_version: Annotated[
         int | None,
-        typer.Option(help="prompt rendering: 5 (default: ~12 tokens a candidate); 4 (~17) or 3 (~36), those of "
-                     "earlier bundles"),
+        typer.Option(
+            help="prompt rendering: 5 (default: ~12 tokens a candidate); 4 (~17) or 3 (~36), those of earlier bundles"
+        ),
     ] = None,
     eval_samples: Annotated[int | None, typer.Option(help="test samples the LLM is scored on")] = None,
     router_fraction: Annotated[float | None, typer.Option(help="share routed to the LLM")] = None,

@@ -302,6 +302,7 @@ def test_the_cpu_workers_run_at_the_http_niceness_and_the_event_loop_does_not():
     assert seen == {max(own, nice)}
     assert niceness() == own
 
+
 def test_an_event_drops_the_users_cached_prefix(bundle, tmp_path):
     with _serving(bundle, tmp_path) as (base, app):
         engine = app.state.engine

@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prefix", type=int, default=277, help="prefix tokens (a 10-item history: ~277)")
     parser.add_argument("--candidates", type=int, default=10)
-    parser.add_argument("--suffix", type=int, default=17, help="tokens a candidate (prompt version 4: ~17)")
+    parser.add_argument("--suffix", type=int, default=12, help="tokens a candidate (prompt version 5: ~12; 4: ~17)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--gguf", type=Path, action="append", default=[],
                         help="another GGUF of the same model to time alike, in turn with the bundle's (the cut "

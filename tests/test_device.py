@@ -53,7 +53,12 @@ def test_the_device_preset_sits_between_the_preset_and_the_users_options():
 def _adapters_after_two_steps(tiny_gguf, tmp_path, name: str, **joint) -> tuple[dict, list, int]:
     """The adapters and losses after two steps of 4 prompts, and how often block 0's attention ran forward."""
     torch.manual_seed(0)  # the same LoRA initialisation in every call
-    scorer = LLMScorer.load(resolve_base_llm(str(tiny_gguf)), PromptTemplate(), LoRAConfig(dropout=0.0),
+    # prompt version 4's text: with version 5's, one adapter entry of this random tiny model ends
+    # 3.6e-4 apart between the two summation orders while the losses agree to 1e-6 (likely a gradient
+    # near Adam's epsilon, whose first step divides a gradient by its own size); the prompt is not
+    # what is tested here, the accumulation is
+    template = PromptTemplate(version=4)
+    scorer = LLMScorer.load(resolve_base_llm(str(tiny_gguf)), template, LoRAConfig(dropout=0.0),
                             gradient_checkpointing=joint.pop("gradient_checkpointing", False))  # fmt: skip
     calls = []
     scorer._causal_lm().get_decoder().layers[0].self_attn.register_forward_hook(lambda *_: calls.append(1))

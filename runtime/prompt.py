@@ -46,27 +46,25 @@ YES_TEXT = " Yes"
 NO_TEXT = " No"
 
 
+#: The catalog's verdict on an item by the share of likes among its ratings, at or above each bound:
+#: in words (prompt versions 3 and 4) and in one word (version 5).
+_VERDICTS = (
+    (0.7, "most people liked it", "acclaimed"),
+    (0.5, "many people liked it", "liked"),
+    (0.3, "few people liked it", "mixed"),
+    (-math.inf, "most people disliked it", "disliked"),  # and any share that is not a number
+)
+
+
 def reception(liked_share: float) -> str:
     """The catalog's verdict on an item in words: a small LLM reads "most people liked it" far more
     readily than a number (measured: zero-shot AUC 0.58 vs 0.48 on routed validation samples)."""
-    if liked_share >= 0.7:
-        return "most people liked it"
-    if liked_share >= 0.5:
-        return "many people liked it"
-    if liked_share >= 0.3:
-        return "few people liked it"
-    return "most people disliked it"
+    return next((words for bound, words, _ in _VERDICTS if liked_share >= bound), _VERDICTS[-1][1])
 
 
 def verdict(liked_share: float) -> str:
     """`reception` in one word (prompt version 5): a word a candidate, not four."""
-    if liked_share >= 0.7:
-        return "acclaimed"
-    if liked_share >= 0.5:
-        return "liked"
-    if liked_share >= 0.3:
-        return "mixed"
-    return "disliked"
+    return next((word for bound, _, word in _VERDICTS if liked_share >= bound), _VERDICTS[-1][2])
 
 
 @dataclass(frozen=True)

@@ -741,6 +741,12 @@ class Engine:
         if self.scheduler is not None:
             self.scheduler.report_host_load(load)
 
+    def forget_answers(self) -> None:
+        """Drop every remembered LLM answer (timings of the LLM's own work: the bench)."""
+        if self.memo is not None:
+            self.memo.clear()
+        self._recallable.clear()
+
     def append_events(self, events: list[Interaction]) -> int:
         """Append (durably) and forget the users' cached prefixes; returns how many were new."""
         with self._users_lock:  # before the write: a summary read meanwhile is stale

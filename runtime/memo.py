@@ -44,6 +44,10 @@ class AnswerMemo:
     def __len__(self) -> int:
         return len(self._answers)
 
+    def clear(self) -> None:
+        with self._lock:
+            self._answers.clear()
+
     @staticmethod
     def prefix_key(prefix: Sequence[int]) -> bytes:
         """A 128-bit digest of the prefix's token ids (a few hundred of them, hashed in ~2 us)."""

@@ -41,6 +41,10 @@ def test_all_suites_on_tiny_models(bundle, tmp_path):
     fractions = [q["fraction"] for q in suites["hybrid"]["quality"]]
     assert fractions == [0.0, 0.05, 0.1, 0.2, 1.0]
     assert suites["hybrid"]["quality"][0]["routed"] == 0 and suites["hybrid"]["quality"][-1]["routed"] == 60
+    latency = {row["fraction"]: row for row in suites["hybrid"]["latency"]}
+    # each timed pass decodes all its routed candidates (2 requests x 10 at f = 1): none is answered
+    # from the memo of an earlier pass, warm or cold
+    assert latency[1.0]["llm_decoded"] == latency[1.0]["cold_llm_decoded"] == 20 and latency[0.0]["llm_decoded"] == 0
     http = suites["http"]
     assert [level["concurrency"] for level in http["levels"]] == [1, 4]
     assert all(level["server_errors"] == 0 and level["requests"] > 0 for level in http["levels"])

@@ -197,13 +197,14 @@ def markdown(results: dict[str, Any], images: list[Path]) -> str:
     if "hybrid" in suites:
         h = suites["hybrid"]
         lines += [f"## Hybrid ({h['samples']} test samples; latency of {h['candidates_per_request']}-candidate "
-                  "requests; cold: every user's prefix decoded anew)", "",
-                  "| LLM share | routed | AUC | LogLoss | ACC | mean ms | p99 ms | mean ms, cold |",
-                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+                  "requests, each decoding its routed candidates, none remembered; cold: every user's prefix "
+                  "decoded anew)", "",
+                  "| LLM share | routed | AUC | LogLoss | ACC | mean ms | p99 ms | decoded | mean ms, cold |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
         for q, t in zip(h["quality"], h["latency"], strict=True):
             lines.append(f"| {q['fraction']:g} | {q['routed']} | {_f(q['auc'], 4)} | {_f(q['logloss'], 4)} | "
                          f"{_f(q['acc'], 4)} | {_f(t['mean_ms'], 1)} | {_f(t['p99_ms'], 1)} | "
-                         f"{_f(t.get('cold_mean_ms', float('nan')), 1)} |")  # fmt: skip
+                         f"{t.get('llm_decoded', 'n/a')} | {_f(t.get('cold_mean_ms', float('nan')), 1)} |")  # fmt: skip
         lines.append("")
     if "http" in suites and "levels" in suites["http"]:
         lines += _http_markdown(suites["http"])

@@ -674,7 +674,7 @@ def bench(
     suites: Annotated[str, typer.Option(help="comma list of crm, llm, hybrid, http")] = "crm,llm,hybrid,http",
     gguf: Annotated[list[Path] | None, typer.Option(help="more GGUF files to compare (e.g. llm-f16.gguf)")] = None,
     quality_samples: Annotated[int, typer.Option(help="test samples for the quality figures")] = 500,
-    hybrid_requests: Annotated[int, typer.Option(help="100-candidate requests timed per fraction")] = 8,
+    hybrid_requests: Annotated[int, typer.Option(help="100-candidate requests timed per fraction")] = 24,
     http_seconds: Annotated[float, typer.Option(help="seconds of load at each concurrency level (http suite)")] = 30.0,
     http_levels: Annotated[str, typer.Option(help="client counts of the http suite's levels")] = "1,8,32,64",
     peer_users: Annotated[

@@ -95,7 +95,8 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
         if f"hybrid_0.1_over_llm_only_mean_latency{suffix}" in hybrid:
             out[f"hybrid_0.1_over_llm_only_latency{suffix}"] = {
                 "value": hybrid[f"hybrid_0.1_over_llm_only_mean_latency{suffix}"],
-                "goal": "<= 12%",
+                # cold, the routed candidates share a prefix decoded anew (~270 tokens against their ~120)
+                "goal": "<= 12%" if not suffix else "none (issue 10's 12% is with the prefix cached)",
             }
     out |= _http_headline(suites.get("http", {}))
     return out

@@ -52,6 +52,7 @@ def run_bench(bundle_path: Path, out: Path, config: BenchConfig,
         default_deadline_ms=None,
         store_path=config.store_path,
         state_dir=out / "state",
+        llm_decode_without_signal=True,  # the bench measures what decoding costs, whatever it is worth
     )
     engine = Engine(bundle, settings)
     results: dict[str, Any] = {"bundle": str(bundle.path), "machine": machine_info(),

@@ -179,7 +179,26 @@ def train_corella_command(
     stage3_samples: Annotated[int | None, typer.Option(help="samples for LLM-only training (stage 3)")] = None,
     stage2_epochs: Annotated[int | None, typer.Option(help="passes over the stage-2 subset")] = None,
     stage3_epochs: Annotated[int | None, typer.Option(help="passes over the stage-3 subset")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="prompts per step in stages 2 and 3")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="candidates per step in stages 2 and 3 (whole groups, 16 by default)")
+    ] = None,
+    group_size: Annotated[
+        int | None,
+        typer.Option(
+            help="candidates that share one user's prefix: the user's next K training interactions after a cut "
+            "(16 by default; 1: every sample with its own history)"
+        ),
+    ] = None,
+    llm_samples: Annotated[
+        str | None,
+        typer.Option(help="which samples the LLM trains on: random, or uncertain (weighted toward high CRM entropy)"),
+    ] = None,
+    whole_prompts: Annotated[
+        bool,
+        typer.Option(
+            "--whole-prompts", help="run every prompt whole instead of its prefix once (the same answers, ~6x slower)"
+        ),
+    ] = False,
     llm_learning_rate: Annotated[float | None, typer.Option(help="LoRA learning rate")] = None,
     alignment_weight: Annotated[
         float | None, typer.Option(help="g, weight of the alignment loss; 0 = no alignment")
@@ -252,7 +271,7 @@ def train_corella_command(
 #: `corella train` options -> where they go in CoReLLaConfig (the joint stages, or the top level)
 _JOINT_OPTIONS = ("stage2_samples", "stage3_samples", "batch_size", "stage2_epochs", "stage3_epochs",
                   "llm_learning_rate", "alignment_weight", "seed", "grad_accumulation",
-                  "gradient_checkpointing")  # fmt: skip
+                  "gradient_checkpointing", "group_size", "llm_samples")  # fmt: skip
 _TOP_OPTIONS = ("dataset", "llm", "device", "dtype", "max_prompt_tokens", "prompt_version", "eval_samples",
                 "router_fraction", "threads", "calibration_samples")  # fmt: skip
 
@@ -264,6 +283,7 @@ def _corella_overrides(given: dict[str, Any]) -> dict[str, Any]:
     joint = {k: given[k] for k in _JOINT_OPTIONS if k in given}
     joint |= {"skip_stage3": True} if given.get("no_stage3") else {}
     joint |= {"llm_alone": True} if given.get("llm_alone") else {}
+    joint |= {"shared_prefix": False} if given.get("whole_prompts") else {}
     if joint:
         overrides["joint"] = joint
     if "lora_rank" in given:

@@ -36,7 +36,7 @@ from runtime.features import FeatureSpec
 from runtime.llm import LlamaScorer, LlamaSettings
 from runtime.paths import corella_home
 from runtime.prompt import HistoryEntry, ItemText, PromptTemplate
-from runtime.quality import auc, log_loss, summarize
+from runtime.quality import auc, describe_gain, expected_gain, log_loss, summarize
 from runtime.router import LLMCalibration, binary_entropy
 from runtime.store import FeatureStore, Interaction
 from training.checkpoint import read_json
@@ -44,8 +44,9 @@ from training.crm_trainer import load_crm
 from training.data import SampleTable
 from training.dcnv2 import DCNv2
 from training.device import resolve_compute
+from training.groups import GroupPrompts, group_rows, snapshot_groups
 from training.llm import LLMScorer, LoRAConfig, resolve_base_llm
-from training.pipeline import PromptCache, evaluation_rows
+from training.pipeline import evaluation_rows
 from training.runs import DataConfig, PreparedData, prepare_data
 
 __all__ = ["ExportConfig", "export_bundle", "sample_request"]
@@ -70,7 +71,10 @@ class ExportConfig(BaseModel):
         False, description="no --converter: take the converter out of the installed llama-cpp-python's sdist"
     )
     parity_prompts: int = Field(64, ge=1, description="validation prompts for the GGUF-vs-PyTorch check")
-    routed_samples: int = Field(500, ge=1, description="routed validation samples for the quantization AUC")
+    routed_samples: int = Field(
+        1000, ge=1, description="routed validation samples for the quantization AUC, the LLM's calibration and its "
+        "expected gain (scored with shared prefixes)",
+    )  # fmt: skip
     compare_quants: list[str] = Field(
         ["q8_0", "q4_k_m"],
         description="quantizations measured against F16 (with a fixed --quant; auto measures "
@@ -281,7 +285,7 @@ def _export_llm(run: Path, llm_info: dict[str, Any], template: PromptTemplate, p
     valid_rows = prepared.rows("valid")
     parity_rows = np.sort(rng.choice(valid_rows, size=min(config.parity_prompts, len(valid_rows)), replace=False))
     scorer.model.merge_adapter()
-    torch_cache = PromptCache(samples, scorer)
+    torch_cache = GroupPrompts(samples, scorer)
     from training.pipeline import score_llm
 
     torch_p = score_llm(scorer, torch_cache, parity_rows, description="PyTorch reference")
@@ -299,7 +303,7 @@ def _export_llm(run: Path, llm_info: dict[str, Any], template: PromptTemplate, p
             return np.array([llama.score_full(llama_ids(llama, *part)) for part in parts])
 
     with LlamaScorer(merged_path, yes, no, settings) as llama:
-        same_tokens = float(np.mean([llama_ids(llama, *part) == torch_cache(int(r))
+        same_tokens = float(np.mean([llama_ids(llama, *part) == torch_cache.prompt(int(r))
                                      for part, r in zip(texts, parity_rows, strict=True)]))  # fmt: skip
     base_p = llama_scores(merged_path, texts)
     diff = np.abs(base_p - torch_p)
@@ -315,11 +319,29 @@ def _export_llm(run: Path, llm_info: dict[str, Any], template: PromptTemplate, p
     from runtime.crm import CRMSession
 
     valid_p = CRMSession(staging / "crm.onnx", ["cpu"]).predict(prepared.take(valid_rows))
-    routed = valid_rows[binary_entropy(valid_p) > router["threshold"]]
+    routed_mask = binary_entropy(valid_p) > router["threshold"]
+    routed = valid_rows[routed_mask]
     routed = np.sort(rng.choice(routed, size=min(config.routed_samples, len(routed)), replace=False))
-    routed_texts = _prompt_parts(samples, routed)
+    # the snapshot rule: a user's routed rows within group_size interactions share one prefix, as
+    # one request's candidates do; llama.cpp decodes each prefix once
+    group_size = read_json(run / "run.json")["config"].get("joint", {}).get("group_size", 16)
+    groups = snapshot_groups(samples, routed, group_size)
+    routed = group_rows(groups)
     labels = samples.label[routed]
-    base_routed = llama_scores(merged_path, routed_texts)
+    seconds: dict[str, float] = {}
+
+    def group_scores(path: Path, name: str) -> np.ndarray:
+        with LlamaScorer(path, yes, no, settings) as llama:
+            started = time.perf_counter()
+            out = []
+            for group in groups:
+                history, _ = samples.prompt_parts(group.anchor)
+                targets = [samples.item_text(samples.item[r]) for r in group.rows]
+                out.append(llama.score_shared(*template.ids(llama.tokenize, bos, history, targets)))
+            seconds[name] = time.perf_counter() - started
+        return np.concatenate(out) if out else np.empty(0)
+
+    base_routed = group_scores(merged_path, config.intermediate)
     quants: dict[str, Any] = {config.intermediate: {"routed_auc": auc(labels, base_routed),
                                                     "size": merged_path.stat().st_size}}  # fmt: skip
     routed_scores = {config.intermediate: base_routed}
@@ -329,7 +351,7 @@ def _export_llm(run: Path, llm_info: dict[str, Any], template: PromptTemplate, p
         path = work / f"llm-{quant}.gguf"
         q = quantize_gguf(merged_path, path, quant, config.threads)
         dp = np.abs(llama_scores(path, texts) - base_p)
-        routed_scores[quant] = llama_scores(path, routed_texts)
+        routed_scores[quant] = group_scores(path, quant)
         cost = quants[config.intermediate]["routed_auc"] - auc(labels, routed_scores[quant])
         quants[quant] = {
             f"mean_abs_dp_vs_{config.intermediate}": float(dp.mean()),
@@ -346,13 +368,22 @@ def _export_llm(run: Path, llm_info: dict[str, Any], template: PromptTemplate, p
     quant = choice["kept"]
     _progress(f"quantization: {quant} ({choice['reason']})", progress)
     shipped = f"llm-{quant}.gguf"
-    shipped_routed = routed_scores[quant if quant not in ("f16", "f32") else config.intermediate]
+    measured = quant if quant not in ("f16", "f32") else config.intermediate
+    shipped_routed = routed_scores[measured]
     calibration_info = _refit_calibration(router, shipped_routed, labels, shipped, progress)
+    position = np.searchsorted(valid_rows, routed)
+    router["expected_gain"] = expected_gain(samples.label[valid_rows], valid_p, routed_mask, position,
+                                            shipped_routed) | {
+        "fraction": router["fraction"], "measured_with": shipped,
+        "llm_ms_per_routed_candidate": 1000 * seconds[measured] / max(1, len(routed)),
+    }  # fmt: skip
+    _say_gain(router["expected_gain"], progress)
     _place_ggufs(config, quant, merged_path, work, staging)
     return {
         "file": shipped, "quant": quant, "quant_choice": choice, "base": llm_info["base"], "yes_token_id": yes,
         "no_token_id": no, "bos_token_id": bos, "context_size": config.context_size, "merge": merge, "parity": parity,
-        "quantizations": quants, "routed_validation_samples": int(len(routed)), "calibration": calibration_info,
+        "quantizations": quants, "routed_validation_samples": int(len(routed)), "routed_prefixes": len(groups),
+        "calibration": calibration_info,
     }  # fmt: skip
 
 
@@ -402,6 +433,16 @@ def _refit_calibration(router: dict[str, Any], scores: np.ndarray, labels: np.nd
               f"routed validation LogLoss {info['routed_logloss_raw']:.4f} raw -> "
               f"{info['routed_logloss_calibrated']:.4f}", progress)  # fmt: skip
     return info
+
+
+def _say_gain(gain: dict[str, Any], progress: Callable[[str], None] | None) -> None:
+    """The LLM's worth in one plain line; where its interval includes 0, what a routed candidate costs
+    for nothing measurable, so that users decide knowingly."""
+    _progress(f"the LLM's expected gain at f = {gain['fraction']:g}: {describe_gain(gain)}", progress)
+    if not gain["low"] > 0:
+        _progress(f"note: a routed candidate costs ~{gain['llm_ms_per_routed_candidate']:.0f} ms of LLM time here "
+                  "and the LLM adds nothing measurable on these validation samples; serve with --no-llm, or a lower "
+                  "--llm-fraction, unless a later run does better", progress)  # fmt: skip
 
 
 def _place_ggufs(config: ExportConfig, quant: str, merged_path: Path, work: Path, staging: Path) -> None:

@@ -37,6 +37,7 @@ from runtime.memo import AnswerMemo, MemoFileError
 from runtime.metrics import ServingMetrics
 from runtime.paths import model_cache
 from runtime.prompt import HistoryEntry, ItemText
+from runtime.quality import describe_gain
 from runtime.router import LLMCalibration, binary_entropy, route_by_budget, route_by_threshold
 from runtime.scheduler import ItemState, LLMJob, LLMScheduler, SchedulerSettings
 from runtime.state import live_store, state_dir
@@ -70,6 +71,8 @@ class FallbackReason(StrEnum):
     LLM_ERROR = "llm_error"  # llama.cpp failed on it
     LLM_UNAVAILABLE = "llm_unavailable"  # the bundle's LLM failed to load
     LLM_DISABLED = "llm_disabled"  # served without an LLM (--no-llm, or a CRM-only bundle)
+    # the bundle's calibrated LLM answer cannot depend on what the LLM says (slope 0): never decoded
+    LLM_NO_SIGNAL = "llm_no_signal"
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,9 @@ class EngineSettings:
     default_deadline_ms: float | None = 5000.0
     max_candidates: int = 500
     load_llm: bool = True
+    # decode routed candidates even where the bundle's LLM calibration has slope 0 (its calibrated answer
+    # is then one constant): for measuring what the LLM costs, never better answers
+    llm_decode_without_signal: bool = False
     store_path: Path | None = None  # the live feature store; default <state>/store.sqlite
     state_dir: Path | None = None  # where serving writes; default $CORELLA_HOME/state/<bundle id>
     max_store_interactions: int | None = None  # the live store's bound (StoreFull past it)
@@ -199,6 +205,15 @@ class Engine:
         self.threshold = float(bundle.router["threshold"])
         # Platt map fitted at export on the shipped GGUF's answers to routed validation samples
         self.calibration = LLMCalibration.from_dict(bundle.router.get("llm_calibration"))
+        # slope 0: the calibrated answer is one constant whatever the LLM says; decoding it would cost
+        # 10-20x the CRM to serve a number worse than the CRM's own, so routed candidates take the CRM's
+        self.llm_silent = bool(bundle.llm) and self.calibration.slope <= 0 and not settings.llm_decode_without_signal
+        if self.llm_silent:
+            log.warning("the bundle's LLM calibration has slope 0 (its answers carried no signal on %d routed "
+                        "validation samples): routed candidates are answered by the CRM, reason llm_no_signal",
+                        self.calibration.samples)  # fmt: skip
+        if bundle.llm and (gain := bundle.router.get("expected_gain")):
+            log.info("the LLM's expected gain (export, routed validation samples): %s", describe_gain(gain))
         # one thread: a request's few hundred rows take ~0.5 ms; a second thread costs more CPU than it saves
         self.state = state_dir(bundle, settings.state_dir)
         self.store = FeatureStore(live_store(bundle, settings.state_dir, settings.store_path))
@@ -546,7 +561,7 @@ class Engine:
         for its candidates after the `ahead` candidates that will reach it first, or a backlog that,
         with the request's own least work, outlasts its deadline once `delay` seconds of waiting for
         a CPU worker have passed): cheap, before any encoding."""
-        if request.mode != "llm" or self.scheduler is None or request.user_id in self._recallable:
+        if request.mode != "llm" or self.scheduler is None or self.llm_silent or request.user_id in self._recallable:
             return  # a user with remembered answers may need no LLM time: admission decides, after the memo
         wait = self.scheduler.saturated(
             self.deadline(request, arrived), delay, len(request.candidates), ahead, request.user_id
@@ -557,6 +572,9 @@ class Engine:
 
     def _submit(self, pending: Pending) -> None:
         routed = pending.routed
+        if self.llm_silent:
+            pending.reasons.update(dict.fromkeys(routed.tolist(), FallbackReason.LLM_NO_SIGNAL))
+            return
         if self.scheduler is None or not self.scheduler.alive:
             # a scheduler that is not alive is an LLM that was asked for and is down (its process
             # dying or starting again, its failure perhaps not yet recorded): unavailable, not disabled

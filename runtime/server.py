@@ -92,6 +92,10 @@ class ServerSettings(BaseSettings):
     llm_prefix_host_mib: int = Field(512, ge=0, le=1_048_576, description="host memory (MiB) for the KV cells of "
                                      "prefixes no request is using, per context: they leave the KV cache, "
                                      "which then decodes faster, and come back by a copy (0: they stay)")  # fmt: skip
+    llm_decode_without_signal: bool = Field(False, description="decode routed candidates even where the bundle's "
+                                            "LLM calibration has slope 0 (its answer then one constant: "
+                                            "for measuring the LLM's cost; otherwise the CRM answers them, "
+                                            "reason llm_no_signal)")  # fmt: skip
     llm_queue_candidates: int = Field(512, ge=1, le=1_000_000, description="routed candidates that may wait "
                                       "for the LLM; beyond, they are answered by the CRM at once "
                                       "(mode llm: 429)")  # fmt: skip
@@ -152,6 +156,7 @@ class ServerSettings(BaseSettings):
             default_deadline_ms=self.default_deadline_ms,
             max_candidates=self.max_candidates, load_llm=self.load_llm, store_path=self.store, state_dir=self.state,
             max_store_interactions=self.max_store_interactions,
+            llm_decode_without_signal=self.llm_decode_without_signal,
         )  # fmt: skip
 
 
@@ -617,7 +622,8 @@ def _model_summary(engine: Engine, settings: ServerSettings) -> dict[str, Any]:
         "crm": {"file": manifest["crm"]["file"], "providers": engine.crm.providers, "warmup": engine.crm.warmup,
                 "parity": manifest["crm"].get("parity"), "tensorrt": manifest["crm"].get("tensorrt")},
         "llm": {"file": llm.get("file"), "quant": llm.get("quant"), "status": engine.llm_status,
-                "loaded": engine.llm_status == "serving",
+                "loaded": engine.llm_status == "serving", "decoded": not engine.llm_silent,
+                "expected_gain": manifest["router"].get("expected_gain"),
                 "gpu_layers": scheduler.gpu_layers if scheduler else None, "load_error": engine.llm_failure,
                 "scheduler": scheduler.settings.__dict__ | scheduler.stats() if scheduler else None,
                 "answer_memo": {"capacity": settings.llm_answer_memo,

@@ -81,7 +81,7 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = CoReLLaConfig(
         source=str(data), history_length=5, llm=str(gguf_path), crm={"embedding_dim": 8},
         crm_train={"epochs": 2, "batch_size": 64},
-        joint={"stage2_samples": 24, "stage3_samples": 8, "batch_size": 4, "llm_learning_rate": 3e-3},
+        joint={"stage2_samples": 24, "stage3_samples": 8, "batch_size": 4, "group_size": 4, "llm_learning_rate": 3e-3},
         eval_samples=40, max_prompt_tokens=400,
     )  # fmt: skip
     train_corella(root / "run", config, show_progress=False)

@@ -8,6 +8,7 @@ import torch
 from runtime.errors import ConfigError
 from runtime.prompt import HistoryEntry, ItemText, PromptTemplate
 from training.device import cuda_reason, resolve_compute
+from training.groups import pack_steps, single_groups
 from training.joint import JointConfig, run_stage
 from training.llm import LLMScorer, LoRAConfig, resolve_base_llm
 from training.pipeline import preset_config
@@ -42,11 +43,11 @@ def test_auto_takes_the_device_torch_sees_and_cuda_is_refused_with_the_reason_wh
 
 def test_the_device_preset_sits_between_the_preset_and_the_users_options():
     config = preset_config("default", {"device": "cpu"})
-    assert config.joint.batch_size == 4 and config.score_batch_size == 8  # the CPU: today's figures
+    assert config.joint.batch_size == 16 and config.score_batch_size == 8  # the CPU: one group of 16 a step
     assert preset_config("default", {"device": "cpu", "joint": {"batch_size": 6}}).joint.batch_size == 6
     if cuda_reason() is None:
         cuda = preset_config("quick", {"device": "cuda", "joint": {"llm_learning_rate": 1e-4}})
-        assert cuda.joint.batch_size == 16 and cuda.score_batch_size == 64
+        assert cuda.joint.batch_size == 64 and cuda.score_batch_size == 64
         assert cuda.joint.llm_learning_rate == 1e-4 and cuda.joint.stage2_samples == 128
 
 
@@ -63,15 +64,16 @@ def _adapters_after_two_steps(tiny_gguf, tmp_path, name: str, **joint) -> tuple[
     calls = []
     scorer._causal_lm().get_decoder().layers[0].self_attn.register_forward_hook(lambda *_: calls.append(1))
     titles = [f"Movie Number {i}" for i in range(1, 9)]
-    prompts = {
-        i: scorer.prompt_ids([HistoryEntry(ItemText(titles[(i + k) % 8]), 1.0 + (i + k) % 5) for k in range(i % 4)],
-                             ItemText(titles[i]))
+    parts = {
+        i: scorer.template.ids(scorer.tokenize, scorer.bos_id, [HistoryEntry(ItemText(titles[(i + k) % 8]),
+                               1.0 + (i + k) % 5) for k in range(i % 4)], [ItemText(titles[i])])
         for i in range(8)
     }  # fmt: skip
     labels = np.array([1, 0, 1, 1, 0, 0, 1, 0], dtype=np.int8)
-    config = JointConfig(batch_size=4, llm_learning_rate=1e-2, **joint)
-    result = run_stage("llm", tmp_path / name, np.arange(8), labels, None, prompts.__getitem__, scorer, None, None,
-                       (), config, show_progress=False)  # fmt: skip
+    # every prompt whole (one decoder pass per micro-batch); the shared-prefix path has its own test
+    config = JointConfig(batch_size=4, llm_learning_rate=1e-2, shared_prefix=False, **joint)
+    result = run_stage("llm", tmp_path / name, pack_steps(single_groups(range(8)), 4), labels, None,
+                       lambda g: parts[g.anchor], scorer, None, None, (), config, show_progress=False)  # fmt: skip
     return scorer.trainable_state(), result.losses, len(calls)
 
 

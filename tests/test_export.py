@@ -26,9 +26,29 @@ def test_bundle_holds_every_file_and_the_parity_figures(bundle):
     assert set(llm["quantizations"]) == {"f16", "q8_0", "q4_k_m"}
     assert llm["quantizations"]["q8_0"]["mean_abs_dp_vs_f16"] < 0.05
     assert manifest["router"]["fraction"] == 0.1
+    # what the LLM is worth: cross-fitted on the routed validation samples scored by the shipped GGUF
+    gain = manifest["router"]["expected_gain"]
+    assert gain["routed_scored"] == llm["routed_validation_samples"] == manifest["router"]["llm_calibration"]["samples"]
+    assert gain["low"] <= gain["auc_gain"] <= gain["high"] and gain["measured_with"] == "llm-q8_0.gguf"
+    assert gain["rows"] == 180 - int(np.sum(_routed_validation(bundle))) + gain["routed_scored"]
+    assert gain["llm_ms_per_routed_candidate"] > 0 and 1 <= llm["routed_prefixes"] <= gain["routed_scored"]
     assert manifest["metrics"]["hybrid"]["count"] == 40
     assert manifest["store_counts"]["interactions"] == 120 * 15
     assert load_bundle(bundle).spec.history_length == 5
+
+
+def _routed_validation(bundle: Path) -> np.ndarray:
+    """The router's mask over the validation split of the bundle's run, by the bundle's own CRM."""
+    from runtime.crm import CRMSession
+    from runtime.router import binary_entropy
+    from training.checkpoint import read_json
+    from training.runs import DataConfig, prepare_data
+
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    run = Path(manifest["source_run"])
+    prepared = prepare_data(DataConfig(**read_json(run / "run.json")["data"]), load_bundle(bundle).spec)
+    p = CRMSession(bundle / "crm.onnx", ["cpu"]).predict(prepared.take(prepared.rows("valid")))
+    return binary_entropy(p) > manifest["router"]["threshold"]
 
 
 def test_merged_gguf_keeps_metadata_and_changes_only_adapted_tensors(trained_run, bundle, tmp_path):

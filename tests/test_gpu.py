@@ -104,6 +104,7 @@ def test_training_on_cuda_takes_the_cpus_step(tmp_path):
     import torch
 
     from runtime.prompt import ItemText, PromptTemplate
+    from training.groups import pack_steps, single_groups
     from training.joint import JointConfig, run_stage
     from training.llm import LLMScorer, LoRAConfig, resolve_base_llm
 
@@ -113,12 +114,14 @@ def test_training_on_cuda_takes_the_cpus_step(tmp_path):
         torch.manual_seed(0)
         scorer = LLMScorer.load(resolve_base_llm(str(path)), PromptTemplate(), LoRAConfig(dropout=0.0), dtype=dtype,
                                 device=torch.device(device))  # fmt: skip
-        prompts = {i: scorer.prompt_ids([], ItemText(f"Movie Number {i}")) for i in range(8)}
+        parts = {i: scorer.template.ids(scorer.tokenize, scorer.bos_id, [], [ItemText(f"Movie Number {i}")])
+                 for i in range(8)}  # fmt: skip
         labels = np.array([1, 0, 1, 1, 0, 0, 1, 0], dtype=np.int8)
         name = f"{device}-{str(dtype).removeprefix('torch.')}"
         config = JointConfig(batch_size=4, llm_learning_rate=1e-2)
-        result = run_stage("llm", tmp_path / name, np.arange(8), labels, None, prompts.__getitem__, scorer, None,
-                           None, (), config, show_progress=False)  # fmt: skip
+        result = run_stage("llm", tmp_path / name, pack_steps(single_groups(range(8)), 4), labels, None,
+                           lambda g, parts=parts: parts[g.anchor], scorer, None, None, (), config,
+                           show_progress=False)  # fmt: skip
         states[name], losses[name] = scorer.trainable_state(), [r["llm"] for r in result.losses]
     # float32 on the card: TF32 matmuls are off by default in torch, sums in another order (~1e-6)
     for key, value in states["cpu-float32"].items():

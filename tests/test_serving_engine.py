@@ -31,9 +31,11 @@ PARITY_Q8 = 4e-3
 
 def _engine(bundle: Path, tmp_path: Path, **settings) -> Engine:
     # a live store per bundle: one bundle's store is refused to another
-    # no answer memo unless asked for: these tests send the same prompts again to see them decoded
+    # no answer memo unless asked for: these tests send the same prompts again to see them decoded;
+    # decoded whatever the tiny LLM's calibration (these tests are about decoding; test_shared_prefix and
+    # test_silent_llm hold a bundle whose LLM has no signal)
     options = {"providers": ("cpu",), "llm_threads": 1, "store_path": tmp_path / f"{bundle.name}-store.sqlite",
-               "llm_answer_memo": 0}  # fmt: skip
+               "llm_answer_memo": 0, "llm_decode_without_signal": True}  # fmt: skip
     options |= settings
     return Engine(load_bundle(bundle), EngineSettings(**options))
 
@@ -51,7 +53,8 @@ def _serving(bundle: Path, tmp_path: Path, **settings) -> Iterator[tuple[str, ob
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    options = {"llm_threads": 1, "store": tmp_path / "live.sqlite", "llm_answer_memo": 0} | settings
+    options = {"llm_threads": 1, "store": tmp_path / "live.sqlite", "llm_answer_memo": 0,
+               "llm_decode_without_signal": True} | settings  # fmt: skip
     app = create_app(ServerSettings(bundle=bundle, port=port, **options))
     server = uvicorn.Server(uvicorn_config(app, app.state.settings, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -550,5 +553,37 @@ def test_the_memo_outlives_a_restart_for_the_same_model_only(bundle, tmp_path):
         assert len(engine.memo) == 0 and not saved.exists()
         assert (tmp_path / "state" / "llm_answers.memo.unreadable").exists()
         assert engine.predict(_request(4, 6, mode="llm"))["llm_recalled"] == 0  # served all the same
+    finally:
+        engine.close()
+
+
+def test_a_bundle_whose_llm_has_no_signal_never_decodes_it(bundle, tmp_path):
+    """A calibration of slope 0 makes the LLM's answer one constant whatever it says: routed candidates
+    are answered by the CRM at once, under a reason of their own, and llama.cpp decodes nothing."""
+    silent = load_bundle(bundle)
+    silent.router["llm_calibration"] = {"slope": 0.0, "intercept": 0.08, "samples": 200}
+    silent.router["expected_gain"] = {"auc_gain": 0.0, "low": -0.001, "high": 0.001, "rows": 100,
+                                      "routed_scored": 10}  # fmt: skip
+    engine = Engine(silent, EngineSettings(providers=("cpu",), llm_threads=1, store_path=tmp_path / "store.sqlite",
+                                           llm_answer_memo=0))  # fmt: skip
+    try:
+        for request in (_request(4, mode="llm"), _request(5, llm_fraction=0.5)):
+            answer = engine.predict(request)
+            routed = [p for p in answer["predictions"] if p["route"] != "crm"]
+            assert routed and answer["fallbacks"] == {"llm_no_signal": len(routed)} == {
+                "llm_no_signal": answer["routed"]
+            }
+            assert all(p["route"] == "crm_fallback" and p["score"] == p["crm_score"] for p in routed)
+        assert engine.scheduler.stats()["decodes"] == 0
+    finally:
+        engine.close()
+    # the same bundle decodes where asked to (the bench measures what decoding costs)
+    engine = Engine(silent, EngineSettings(providers=("cpu",), llm_threads=1, store_path=tmp_path / "store.sqlite",
+                                           llm_answer_memo=0, llm_decode_without_signal=True))  # fmt: skip
+    try:
+        answer = engine.predict(_request(4, mode="llm"))
+        assert {p["route"] for p in answer["predictions"]} == {"llm"} and engine.scheduler.stats()["decodes"] > 0
+        constant = {p["score"] for p in answer["predictions"]}
+        assert len(constant) == 1  # slope 0: whatever the LLM said, one calibrated answer
     finally:
         engine.close()

@@ -19,7 +19,7 @@ from .tiny_llm import CORPUS
 def _engine(bundle: Path, tmp_path: Path, vocab: int, **settings) -> Engine:
     options = {"providers": ("cpu",), "llm_threads": 1, "store_path": tmp_path / "store.sqlite",
                "state_dir": tmp_path / "state", "llm_answer_memo": 0, "llm_vocab": vocab,
-               "default_deadline_ms": None} | settings  # fmt: skip
+               "default_deadline_ms": None, "llm_decode_without_signal": True} | settings  # fmt: skip
     return Engine(load_bundle(bundle), EngineSettings(**options))
 
 

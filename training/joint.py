@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -24,9 +24,10 @@ from torch import nn
 
 from training.checkpoint import load_state, save_state, write_json
 from training.dcnv2 import DCNv2
+from training.groups import GroupPrompts, PrefixGroup, group_rows
 from training.llm import LLMScorer
 
-__all__ = ["JointConfig", "AlignmentHeads", "default_alignment_pairs", "StageResult", "run_stage"]
+__all__ = ["JointConfig", "AlignmentHeads", "default_alignment_pairs", "StageResult", "run_stage", "llm_forward"]
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +37,20 @@ class JointConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    stage2_samples: int = Field(384, ge=0, description="training samples for joint training")
-    stage3_samples: int = Field(384, ge=0, description="training samples for LLM-only training")
+    stage2_samples: int = Field(1536, ge=0, description="training samples for joint training")
+    stage3_samples: int = Field(1536, ge=0, description="training samples for LLM-only training")
     stage2_epochs: int = Field(1, ge=1, le=100, description="passes over the stage-2 subset")
     stage3_epochs: int = Field(1, ge=1, le=100, description="passes over the stage-3 subset")
-    batch_size: int = Field(4, ge=1, le=256, description="prompts per optimizer step")
+    batch_size: int = Field(16, ge=1, le=256, description="candidates per optimizer step (whole groups)")
+    group_size: int = Field(
+        16, ge=1, le=256,
+        description="candidates per user prefix: a user's next K training interactions after a cut share the history "
+        "before it (1: every sample with its own exact history)",
+    )  # fmt: skip
+    shared_prefix: bool = Field(
+        True, description="run each group's prefix once and its suffixes against the cached prefix (False: every "
+        "prompt whole; the same answers and gradients, ~10x the tokens)",
+    )  # fmt: skip
     llm_learning_rate: float = Field(3e-4, gt=0, description="AdamW rate of the LoRA adapters")
     crm_learning_rate: float = Field(1e-4, ge=0, description="Adam rate of the CRM in stage 2")
     align_learning_rate: float = Field(1e-3, gt=0, description="Adam rate of the alignment heads")
@@ -51,6 +61,10 @@ class JointConfig(BaseModel):
     alignment_blocks: list[int] | None = Field(
         None, description="LLM block paired with each cross layer (default: evenly spaced)"
     )
+    llm_samples: Literal["random", "uncertain"] = Field(
+        "random", description="which training samples the LLM sees: random, or weighted toward high stage-1 CRM "
+        "entropy (the samples the router will send it)",
+    )  # fmt: skip
     skip_stage3: bool = Field(False, description="ablation: no LLM-only stage")
     llm_alone: bool = Field(False, description="ablation (TALLRec): train the LLM alone on the same samples, no CRM")
     grad_accumulation: int = Field(
@@ -123,14 +137,15 @@ class _LossWeights:
         self.config, self.joint, self.use_alignment = config, joint, use_alignment
         self.bce = nn.BCEWithLogitsLoss()
 
-    def loss(self, batch_rows: np.ndarray, labels: np.ndarray,
-             crm_inputs: Callable[[np.ndarray], dict[str, torch.Tensor]], prompt_ids: Callable[[int], list[int]],
+    def loss(self, groups: Sequence[PrefixGroup], labels: np.ndarray,
+             crm_inputs: Callable[[np.ndarray], dict[str, torch.Tensor]], prompts: GroupPrompts,
              scorer: LLMScorer, crm: DCNv2 | None, heads: AlignmentHeads | None, blocks: Sequence[int],
              ) -> tuple[torch.Tensor, dict[str, float]]:  # fmt: skip
         config = self.config
+        batch_rows = group_rows(groups)
         target = torch.from_numpy(labels[batch_rows].astype(np.float32)).to(scorer.device)
-        batch = scorer.collate([prompt_ids(int(r)) for r in batch_rows])
-        llm_logit, llm_hidden = scorer(**batch, layers=blocks if self.use_alignment else ())
+        llm_logit, llm_hidden = llm_forward(scorer, [prompts(g) for g in groups], config.shared_prefix,
+                                            blocks if self.use_alignment else ())  # fmt: skip
         loss_llm = self.bce(llm_logit, target)
         parts = {"llm": loss_llm.item()}
         loss = config.llm_weight * loss_llm
@@ -144,6 +159,16 @@ class _LossWeights:
                 loss = loss + config.alignment_weight * loss_align
                 parts["align"] = loss_align.item()
         return loss, parts
+
+
+def llm_forward(scorer: LLMScorer, groups: Sequence[tuple[list[int], list[list[int]]]], shared_prefix: bool,
+                layers: Sequence[int] = ()) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
+    """The LLM on (prefix, suffixes) groups: each prefix once (shared) or each whole prompt on its own
+    in one left-padded batch (per prompt). The two give the same answers and gradients."""
+    if shared_prefix:
+        return scorer.forward_groups(groups, layers)
+    prompts = [prefix + suffix for prefix, suffixes in groups for suffix in suffixes]
+    return scorer(**scorer.collate(prompts), layers=layers)
 
 
 class _Trained:
@@ -189,10 +214,10 @@ class _Trained:
 def run_stage(
     stage: str,
     folder: Path,
-    rows: np.ndarray,
+    steps: Sequence[Sequence[PrefixGroup]],
     labels: np.ndarray,
     crm_inputs: Callable[[np.ndarray], dict[str, torch.Tensor]],
-    prompt_ids: Callable[[int], list[int]],
+    prompts: GroupPrompts,
     scorer: LLMScorer,
     crm: DCNv2 | None,
     heads: AlignmentHeads | None,
@@ -200,7 +225,8 @@ def run_stage(
     config: JointConfig,
     show_progress: bool = True,
 ) -> StageResult:
-    """Train one stage over `rows`, checkpointing into `folder` and resuming from it.
+    """Train one stage, one optimizer step per entry of `steps` (groups of candidates sharing a
+    prefix; see training.groups), checkpointing into `folder` and resuming from it.
 
     stage "joint": LoRA + CRM + heads (CRM and heads None for the LLM-alone ablation).
     stage "llm": LoRA only.
@@ -209,11 +235,10 @@ def run_stage(
     joint = stage == "joint" and crm is not None
     use_alignment = joint and heads is not None and config.alignment_weight > 0
     trained = _Trained(scorer, crm if joint else None, heads if use_alignment else None, config)
-    steps = (len(rows) + config.batch_size - 1) // config.batch_size
     state_path = folder / "state.pt"
     start, losses, elapsed = trained.load(state_path) if state_path.exists() else (0, [], 0.0)
-    if 0 < start < steps:
-        log.info("resuming stage %s at step %d of %d", stage, start + 1, steps)
+    if 0 < start < len(steps):
+        log.info("resuming stage %s at step %d of %d", stage, start + 1, len(steps))
 
     def checkpoint(step: int) -> None:
         trained.save(state_path, step, losses, elapsed + time.perf_counter() - started)
@@ -225,15 +250,16 @@ def run_stage(
     title = {"joint": "stage 2 joint", "llm": "stage 3 LLM"}[stage]
     weights = _LossWeights(config, joint, use_alignment)
     with _progress() as progress:
-        task = progress.add_task(title, total=steps, completed=start, status="", visible=show_progress)
-        for step in range(start, steps):
-            batch_rows = rows[step * config.batch_size : (step + 1) * config.batch_size]
+        task = progress.add_task(title, total=len(steps), completed=start, status="", visible=show_progress)
+        for step in range(start, len(steps)):
+            groups = list(steps[step])
+            total = sum(len(g) for g in groups)
             trained.optimizer.zero_grad(set_to_none=True)
             record: dict[str, float] = {"step": step + 1}
-            for micro in np.array_split(batch_rows, min(config.grad_accumulation, len(batch_rows))):
+            for micro in _micro_batches(groups, config.grad_accumulation):
                 # each micro-batch's mean loss weighted by its share: the gradient of the whole batch's mean
-                share = len(micro) / len(batch_rows)
-                loss, parts = weights.loss(micro, labels, crm_inputs, prompt_ids, scorer, crm, heads, blocks)
+                share = sum(len(g) for g in micro) / total
+                loss, parts = weights.loss(micro, labels, crm_inputs, prompts, scorer, crm, heads, blocks)
                 (loss * share).backward()
                 for key, value in parts.items():
                     record[key] = record.get(key, 0.0) + value * share
@@ -244,15 +270,21 @@ def run_stage(
                 f"{k} {np.mean([r[k] for r in recent]):.3f}" for k in ("llm", "crm", "align") if k in record
             )
             progress.update(task, advance=1, status=status)
-            if (step + 1) % config.checkpoint_every == 0 or step + 1 == steps:
+            if (step + 1) % config.checkpoint_every == 0 or step + 1 == len(steps):
                 checkpoint(step + 1)
     scorer.eval()
     if crm is not None:
         crm.eval()
     seconds = elapsed + time.perf_counter() - started
-    result = StageResult(stage=stage, steps=steps, samples=len(rows), seconds=seconds, losses=losses)
+    samples = sum(len(g) for step in steps for g in step)
+    result = StageResult(stage=stage, steps=len(steps), samples=samples, seconds=seconds, losses=losses)
     write_json(folder / "losses.json", result.model_dump())
     return result
+
+
+def _micro_batches(groups: list[PrefixGroup], parts: int) -> list[list[PrefixGroup]]:
+    """A step's groups in `parts` runs of whole groups (fewer where the step has fewer groups)."""
+    return [[groups[i] for i in chunk] for chunk in np.array_split(np.arange(len(groups)), min(parts, len(groups)))]
 
 
 def summarize_losses(losses: list[dict[str, Any]], window: int = 20) -> dict[str, dict[str, float]]:

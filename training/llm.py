@@ -6,6 +6,7 @@ tokens are computed: never full-vocabulary logits (Gemma's vocabulary is 262k).
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -109,6 +110,7 @@ class LLMScorer(nn.Module):
         self.num_layers = int(config.num_hidden_layers)
         self.hidden_size = int(config.hidden_size)
         self.softcap = getattr(config, "final_logit_softcapping", None)
+        self.sliding_window = getattr(config, "sliding_window", None) or None
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -239,3 +241,77 @@ class LLMScorer(nn.Module):
         logits = self.answer_logits(final)
         hidden = [out.hidden_states[layer][:, -1] for layer in layers]
         return logits[:, 0] - logits[:, 1], hidden
+
+    # ------------------------------------------------------------------ shared prefixes
+    def forward_groups(
+        self, groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]], layers: Sequence[int] = ()
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """`forward` for candidates that share a prefix, the way serving decodes them: each group's
+        prefix (BOS, instruction, the user's history) runs once, its KV cache is expanded over the
+        group's K candidates as a view, and the K suffixes run as one right-padded batch against it.
+        Gradients reach the LoRA adapters through the cache exactly as when each prompt runs alone.
+
+        `groups`: (prefix ids, [suffix ids of each candidate]). Returns the yes-minus-no logit of
+        every candidate in order [sum K] and hidden states at each candidate's last token."""
+        if self.checkpointing:  # transformers turns the KV cache off under gradient checkpointing
+            prompts = [list(prefix) + list(suffix) for prefix, suffixes in groups for suffix in suffixes]
+            return self(**self.collate(prompts), layers=layers)
+        parts = [self._forward_group(prefix, suffixes, layers) for prefix, suffixes in groups]
+        logits = torch.cat([logit for logit, _ in parts])
+        return logits, [torch.cat([hidden[i] for _, hidden in parts]) for i in range(len(layers))]
+
+    @property
+    def checkpointing(self) -> bool:
+        model = self._causal_lm()
+        on = model.is_activation_checkpointing if hasattr(model, "is_activation_checkpointing") else getattr(
+            model, "is_gradient_checkpointing", False)  # transformers < 5.2x  # fmt: skip
+        return bool(on) and self.training
+
+    def _forward_group(
+        self, prefix: Sequence[int], suffixes: Sequence[Sequence[int]], layers: Sequence[int]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if not suffixes or not all(suffixes):
+            raise ConfigError("a shared-prefix group needs at least one candidate, each with a non-empty suffix")
+        decoder, device = self._causal_lm().get_decoder(), self.device
+        count, length, width = len(suffixes), len(prefix), max(len(s) for s in suffixes)
+        if self.sliding_window and length + width > self.sliding_window:
+            # sliding-window layers (Gemma 3: 512 tokens) would drop the prefix's oldest keys from the
+            # cache; prompts that long run whole (a prompt budget of 320 tokens never gets here)
+            return self(**self.collate([list(prefix) + list(s) for s in suffixes]), layers=layers)
+        # transformers 5.2x names the KV cache `cache` (argument and output), earlier ones `past_key_values`
+        name = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+        cache = getattr(decoder(input_ids=torch.tensor([list(prefix)], device=device), use_cache=True), name)
+        _expand_cache(cache, count)
+        input_ids = torch.full((count, width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((count, length + width), dtype=torch.long)
+        attention_mask[:, :length] = 1
+        for i, suffix in enumerate(suffixes):  # right-padded: every real token keeps its position
+            input_ids[i, : len(suffix)] = torch.tensor(list(suffix), dtype=torch.long)
+            attention_mask[i, length : length + len(suffix)] = 1
+        position_ids = torch.arange(length, length + width).expand(count, width)
+        out = decoder(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            position_ids=position_ids.to(device),
+            use_cache=True,
+            **{name: cache},
+            output_hidden_states=bool(layers),
+        )
+        rows = torch.arange(count, device=device)
+        last = torch.tensor([len(s) - 1 for s in suffixes], device=device)
+        logits = self.answer_logits(out.last_hidden_state[rows, last])
+        return logits[:, 0] - logits[:, 1], [out.hidden_states[layer][rows, last] for layer in layers]
+
+
+def _expand_cache(cache, count: int) -> None:  # noqa: ANN001
+    """Each layer's keys and values [1, heads, P, d] seen as [count, heads, P, d] (a view: the suffix
+    pass concatenates its own keys onto it, which is where the one copy is made)."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:  # transformers 4.x keeps lists of tensors
+        cache.batch_repeat_interleave(count)
+        return
+    for layer in layers:
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name, None)
+            if tensor is not None and tensor.dim() == 4:
+                setattr(layer, name, tensor.expand(count, *tensor.shape[1:]))

@@ -17,7 +17,7 @@ import hashlib
 import logging
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,17 +40,28 @@ from training.crm_trainer import CRMTrainConfig, load_crm, predict, to_tensors
 from training.data import SampleTable
 from training.dcnv2 import DCNv2, DCNv2Config
 from training.device import Compute, resolve_compute
+from training.groups import (
+    GroupPrompts,
+    PrefixGroup,
+    group_rows,
+    pack_steps,
+    snapshot_groups,
+    take_samples,
+    uncertain_first,
+    user_groups,
+)
 from training.joint import (
     AlignmentHeads,
     JointConfig,
     default_alignment_pairs,
+    llm_forward,
     run_stage,
     summarize_losses,
 )
 from training.llm import LLMScorer, LoRAConfig, resolve_base_llm
 from training.runs import DataConfig, PreparedData, prepare_data, run_crm_stage
 
-__all__ = ["CoReLLaConfig", "PRESETS", "train_corella", "PromptCache", "score_llm"]
+__all__ = ["CoReLLaConfig", "PRESETS", "train_corella", "score_llm", "score_groups"]
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +90,7 @@ class CoReLLaConfig(BaseModel):
         "hybrid at f <= that fraction is measured on the whole test split",
     )
     calibration_samples: int = Field(
-        200, ge=0, description="routed validation samples the LLM's Platt calibration is fitted on (0 = raw swap)"
+        1000, ge=0, description="routed validation samples the LLM's Platt calibration is fitted on (0 = raw swap)"
     )
     fractions: list[float] = Field(FRACTIONS, description="hybrid fractions in the report")
     threads: int | None = Field(None, ge=1, description="torch CPU threads")
@@ -101,56 +112,86 @@ PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     # ~10 min on 2 cores
     "quick": {
-        "joint": {"stage2_samples": 128, "stage3_samples": 128},
+        "joint": {"stage2_samples": 256, "stage3_samples": 256},
         "eval_samples": 400,
-        "calibration_samples": 100,
+        "calibration_samples": 500,
         "full_test_hybrid": False,
     },
 }
 
 
 #: What changes on a CUDA device, under the preset and above the user's own options: larger batches
-#: (a GPU is mostly idle at 4 prompts a step) and the LoRA rate scaled by the square root of the
-#: batch ratio (not yet measured on a GPU: check stage-2 losses before trusting it).
+#: (four groups of 16 a step: a GPU is mostly idle at one) and the LoRA rate scaled by the square root
+#: of the batch ratio (not yet measured on a GPU: check stage-2 losses before trusting it).
 DEVICE_PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {},
-    "cuda": {"joint": {"batch_size": 16, "llm_learning_rate": 6e-4}, "score_batch_size": 64},
+    "cuda": {"joint": {"batch_size": 64, "llm_learning_rate": 6e-4}, "score_batch_size": 64},
 }
 
 
-class PromptCache:
-    """Token ids of each sample's prompt, computed once (history fitted to the token budget)."""
-
-    def __init__(self, samples: SampleTable, scorer: LLMScorer) -> None:
-        self.samples, self.scorer, self.cache = samples, scorer, {}
-
-    def __call__(self, row: int) -> list[int]:
-        if row not in self.cache:
-            self.cache[row] = self.scorer.prompt_ids(*self.samples.prompt_parts(row))
-        return self.cache[row]
-
-
 @torch.no_grad()
+def score_groups(
+    scorer: LLMScorer,
+    prompts: GroupPrompts,
+    groups: Sequence[PrefixGroup],
+    batch_size: int = 8,
+    description: str = "scoring LLM",
+    shared_prefix: bool = True,
+) -> np.ndarray:
+    """P(yes) of every candidate of `groups`, in `group_rows(groups)` order. Groups of one are run whole,
+    `batch_size` prompts of similar length a pass; a larger group runs its prefix once and its
+    candidates' suffixes as one batch against it (with `shared_prefix`)."""
+    scorer.eval()
+    starts = np.cumsum([0] + [len(g) for g in groups])
+    out = np.empty(int(starts[-1]), dtype=np.float64)
+    whole = sorted((i for i, g in enumerate(groups) if len(g) == 1 or not shared_prefix),
+                   key=lambda i: len(prompts(groups[i])[0]))  # fmt: skip
+    passes: list[tuple[bool, list[int]]] = []
+    current, count = [], 0
+    for i in whole:  # prompts of similar length share a padded batch
+        current.append(i)
+        count += len(groups[i])
+        if count >= batch_size:
+            passes.append((False, current))
+            current, count = [], 0
+    if current:
+        passes.append((False, current))
+    passes += [(True, [i]) for i, g in enumerate(groups) if len(g) > 1 and shared_prefix]
+    with Progress() as progress:
+        task = progress.add_task(description, total=len(out))
+        for shared, chosen in passes:
+            logit, _ = llm_forward(scorer, [prompts(groups[i]) for i in chosen], shared)
+            p = torch.sigmoid(logit.double()).cpu().numpy()
+            at = 0
+            for i in chosen:
+                out[starts[i] : starts[i + 1]] = p[at : at + len(groups[i])]
+                at += len(groups[i])
+            progress.update(task, advance=at)
+    return out
+
+
 def score_llm(
     scorer: LLMScorer,
-    prompts: PromptCache,
+    prompts: GroupPrompts,
     rows: np.ndarray,
     batch_size: int = 8,
     description: str = "scoring LLM",
 ) -> np.ndarray:
-    """P(yes) for each row; prompts of similar length are batched together."""
-    scorer.eval()
-    order = sorted(range(len(rows)), key=lambda i: len(prompts(int(rows[i]))))
-    out = np.empty(len(rows), dtype=np.float64)
-    with Progress() as progress:
-        task = progress.add_task(description, total=len(rows))
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            batch = scorer.collate([prompts(int(rows[i])) for i in chunk])
-            logit, _ = scorer(**batch)
-            out[chunk] = torch.sigmoid(logit.double()).cpu().numpy()
-            progress.update(task, advance=len(chunk))
-    return out
+    """P(yes) for each row with its own exact history. Rows whose histories are the same (the same
+    prefix, token for token: a user's interactions within one second, or users with no past) share
+    their prefix's pass."""
+    groups = same_history_groups(prompts.samples, rows)
+    p = score_groups(scorer, prompts, groups, batch_size, description)
+    by_row = dict(zip(group_rows(groups).tolist(), p.tolist(), strict=True))
+    return np.array([by_row[int(r)] for r in rows], dtype=np.float64)
+
+
+def same_history_groups(samples: SampleTable, rows: np.ndarray) -> list[PrefixGroup]:
+    """`rows` grouped by identical histories (their prompts share the prefix exactly)."""
+    by_history: dict[tuple[int, ...], list[int]] = {}
+    for row in np.asarray(rows).tolist():
+        by_history.setdefault(tuple(samples.history[row].tolist()), []).append(int(row))
+    return [PrefixGroup(members[0], tuple(members)) for members in by_history.values()]
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -228,7 +269,7 @@ def train_corella(
                                   "data": data_config.to_dict(), "compute": compute.to_dict()})  # fmt: skip
     with clock("llm_load"):
         models = _load_models(config, prepared, crm_stage1, compute)
-    prompts = PromptCache(prepared.samples, models.scorer)
+    prompts = GroupPrompts(prepared.samples, models.scorer)
     stages = _llm_stages(out, config, prepared, models, prompts, clock, show_progress)
     final_crm, valid_probabilities, crm_choice = _choose_crm(prepared, models, config.joint)
     _save_final(out, config, prepared, final_crm, models.scorer)
@@ -240,7 +281,8 @@ def train_corella(
         )
         np.savez(out / "eval_predictions.npz", **predictions)
     metrics.update({"stages": stages, "crm_choice": crm_choice, "timings_seconds": clock.seconds,
-                    "alignment_blocks": models.blocks, "ablation": ablation_name(config.joint)})  # fmt: skip
+                    "alignment_blocks": models.blocks, "ablation": ablation_name(config.joint),
+                    "llm_training": llm_training_summary(config)})  # fmt: skip
     write_json(out / "metrics.json", metrics)
     from training.report import write_report
 
@@ -287,28 +329,36 @@ def _load_models(config: CoReLLaConfig, prepared: PreparedData, crm_stage1: DCNv
     return _Models(crm_stage1, crm, scorer, heads, blocks)
 
 
-def _llm_stages(out: Path, config: CoReLLaConfig, prepared: PreparedData, models: _Models, prompts: PromptCache,
+def _llm_stages(out: Path, config: CoReLLaConfig, prepared: PreparedData, models: _Models, prompts: GroupPrompts,
                 clock: _Clock, show_progress: bool) -> dict[str, Any]:  # fmt: skip
-    """Stage 2 (joint, with alignment) and stage 3 (the LLM alone) on seeded training subsets."""
+    """Stage 2 (joint, with alignment) and stage 3 (the LLM alone) on seeded training subsets: groups
+    of a user's next `group_size` training interactions after a cut (training.groups), drawn at
+    random or, with llm_samples "uncertain", weighted toward what the stage-1 CRM is unsure of."""
     joint = config.joint
     rng = np.random.default_rng(joint.seed)
-    train_rows = rng.permutation(prepared.rows("train"))
-    stage2_rows = epoch_order(train_rows[: joint.stage2_samples], joint.stage2_epochs, rng)
-    stage3_rows = train_rows[joint.stage2_samples : joint.stage2_samples + joint.stage3_samples]
-    stage3_rows = epoch_order(stage3_rows, joint.stage3_epochs, rng)
+    groups = user_groups(prepared.samples, prepared.rows("train"), joint.group_size, rng)
+    if joint.llm_samples == "uncertain":
+        groups = uncertain_first(groups, binary_entropy(predict(models.crm_stage1, prepared.take(np.arange(
+            len(prepared.samples)))).astype(np.float64)), rng)  # fmt: skip
+    stage2_groups, rest = take_samples(groups, joint.stage2_samples)
+    stage3_groups, _ = take_samples(rest, joint.stage3_samples)
+    stage2_steps = pack_steps(epoch_order(stage2_groups, joint.stage2_epochs, rng), joint.batch_size)
+    stage3_steps = pack_steps(epoch_order(stage3_groups, joint.stage3_epochs, rng), joint.batch_size)
 
     def crm_inputs(rows: np.ndarray) -> dict[str, torch.Tensor]:
         return to_tensors(prepared.inputs, rows, models.scorer.device)
 
     labels, stages = prepared.samples.label, {}
-    plan = [("stage2", "joint", stage2_rows, None if joint.llm_alone else models.crm, models.heads)]
-    if not joint.skip_stage3 and len(stage3_rows):
-        plan.append(("stage3", "llm", stage3_rows, None, None))
+    plan = [("stage2", "joint", stage2_steps, None if joint.llm_alone else models.crm, models.heads)]
+    if not joint.skip_stage3 and stage3_steps:
+        plan.append(("stage3", "llm", stage3_steps, None, None))
     for name, kind, rows, crm, heads in plan:
         with clock(name):
             result = run_stage(kind, out / name, rows, labels, crm_inputs, prompts, models.scorer, crm, heads,
                                models.blocks, joint, show_progress)  # fmt: skip
-        stages[name] = result.model_dump(exclude={"losses"}) | {"loss": summarize_losses(result.losses)}
+        stages[name] = result.model_dump(exclude={"losses"}) | {"loss": summarize_losses(result.losses),
+                                                                 "samples_per_second": result.samples / result.seconds
+                                                                 if result.seconds else None}  # fmt: skip
     return stages
 
 
@@ -352,7 +402,7 @@ def _save_final(out: Path, config: CoReLLaConfig, prepared: PreparedData, crm: D
 
 
 def _save_router(final: Path, config: CoReLLaConfig, prepared: PreparedData, valid_probabilities: np.ndarray,
-                 scorer: LLMScorer, prompts: PromptCache) -> LLMCalibration:  # fmt: skip
+                 scorer: LLMScorer, prompts: GroupPrompts) -> LLMCalibration:  # fmt: skip
     """router.json: the entropy threshold for the router fraction and the LLM's calibration."""
     threshold = calibrate_threshold(binary_entropy(valid_probabilities), config.router_fraction)
     router: dict[str, Any] = {"fraction": config.router_fraction, "threshold": threshold,
@@ -368,11 +418,11 @@ def _save_router(final: Path, config: CoReLLaConfig, prepared: PreparedData, val
     return calibration
 
 
-def epoch_order(rows: np.ndarray, epochs: int, rng: np.random.Generator) -> np.ndarray:
-    """`epochs` passes over `rows`, each in a fresh seeded order (deterministic, so resume sees the same list)."""
-    if epochs <= 1 or not len(rows):
-        return rows
-    return np.concatenate([rows] + [rng.permutation(rows) for _ in range(epochs - 1)])
+def epoch_order(groups: list[PrefixGroup], epochs: int, rng: np.random.Generator) -> list[PrefixGroup]:
+    """`epochs` passes over `groups`, each in a fresh seeded order (deterministic, so resume sees the same list)."""
+    if epochs <= 1 or not groups:
+        return groups
+    return groups + [groups[i] for _ in range(epochs - 1) for i in rng.permutation(len(groups))]
 
 
 def fit_calibration(
@@ -381,18 +431,21 @@ def fit_calibration(
     valid_probabilities: np.ndarray,
     threshold: float,
     scorer: LLMScorer,
-    prompts: PromptCache,
+    prompts: GroupPrompts,
     config: CoReLLaConfig,
 ) -> LLMCalibration:
-    """Platt-scale the LLM on a seeded sample of the validation rows the router sends to it."""
+    """Platt-scale the LLM on a seeded sample of the validation rows the router sends to it, scored
+    under the snapshot rule (a user's routed rows within `group_size` interactions share the history
+    of the first, as one request's candidates do): with shared prefixes, ~1,000 cost what ~200 did."""
     routed = valid_rows[route_by_threshold(binary_entropy(valid_probabilities), threshold)]
     count = min(config.calibration_samples, len(routed))
     if count < 2:
         return LLMCalibration()
     rows = np.sort(np.random.default_rng(config.joint.seed + 11).choice(routed, size=count, replace=False))
-    description = f"calibrating the LLM on {count} routed validation samples"
-    p = score_llm(scorer, prompts, rows, config.score_batch_size, description=description)
-    return LLMCalibration.fit(p, prepared.samples.label[rows])
+    groups = snapshot_groups(prepared.samples, rows, config.joint.group_size)
+    description = f"calibrating the LLM on {count} routed validation samples ({len(groups)} prefixes)"
+    p = score_groups(scorer, prompts, groups, config.score_batch_size, description)
+    return LLMCalibration.fit(p, prepared.samples.label[group_rows(groups)])
 
 
 def evaluate_full_test(
@@ -402,7 +455,7 @@ def evaluate_full_test(
     scored: dict[int, float],
     valid_entropy: np.ndarray,
     scorer: LLMScorer,
-    prompts: PromptCache,
+    prompts: GroupPrompts,
     config: CoReLLaConfig,
     calibration: LLMCalibration,
 ) -> dict[str, Any]:
@@ -454,6 +507,21 @@ def evaluate_full_test(
     }
 
 
+def llm_training_summary(config: CoReLLaConfig) -> dict[str, Any]:
+    """How the LLM's samples were drawn and run, and how it was judged (for the report)."""
+    joint = config.joint
+    return {
+        "group_size": joint.group_size, "shared_prefix": joint.shared_prefix, "llm_samples": joint.llm_samples,
+        "batch_size": joint.batch_size,
+        "training_rule": f"groups of a user's next {joint.group_size} training interactions after a cut share the "
+        "history before the cut (leak-free: every candidate lies after it); the CRM keeps each sample's own features",
+        "evaluation_rule": "every test sample with its own exact history, for the LLM as for the CRM (samples whose "
+        "histories coincide share one prefix pass)",
+        "calibration_rule": f"routed validation samples under the snapshot rule: a user's routed samples within "
+        f"{joint.group_size} interactions share the first one's history, as one request's candidates do",
+    }  # fmt: skip
+
+
 def ablation_name(joint: JointConfig) -> str:
     if joint.llm_alone:
         return "llm-alone (TALLRec)"
@@ -478,7 +546,7 @@ def evaluate_run(
     crm: DCNv2,
     crm_stage1: DCNv2,
     scorer: LLMScorer,
-    prompts: PromptCache,
+    prompts: GroupPrompts,
     valid_probabilities: np.ndarray,
     config: CoReLLaConfig,
     calibration: LLMCalibration | None = None,

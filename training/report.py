@@ -133,7 +133,13 @@ def markdown(metrics: dict[str, Any]) -> str:
     ]
     for stage, info in metrics.get("stages", {}).items():
         losses = ", ".join(f"{k} {v['first']:.3f} -> {v['last']:.3f}" for k, v in info["loss"].items())
-        lines.append(f"- {stage}: {info['samples']} samples, {info['steps']} steps; loss {losses}")
+        rate = f", {info['samples_per_second']:.2f} samples/s" if info.get("samples_per_second") else ""
+        lines.append(f"- {stage}: {info['samples']} samples, {info['steps']} steps{rate}; loss {losses}")
+    if training := metrics.get("llm_training"):
+        shared = "each prefix run once" if training["shared_prefix"] else "every prompt run whole"
+        lines += ["", f"The LLM's samples ({training['llm_samples']}, {shared}): {training['training_rule']}. "
+                  f"Evaluation: {training['evaluation_rule']}. "
+                  f"Calibration: {training['calibration_rule']}."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

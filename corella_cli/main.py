@@ -326,6 +326,24 @@ def train_compare(
     console.print(_table("CoReLLa ablations (same evaluation subset)", ["figure", *(r[0] for r in rows)], transposed))
 
 
+@train_app.command("curve")
+def train_curve(
+    runs: Annotated[list[Path], typer.Argument(help="run folders that differ in the LLM's training samples")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder for curve.md and curve.png")] = Path("runs/curve"),
+) -> None:
+    """The learning curve: the LLM alone, the LLM and the CRM on routed test samples, and the hybrid,
+    against how many samples the LLM trained on (curve.md and curve.png in --out)."""
+    from training.report import write_curve
+
+    try:
+        columns, rows = write_curve(runs, out)
+    except (KeyError, FileNotFoundError) as exc:
+        raise _fail(CorellaError(f"not a finished training run: {exc}")) from exc
+    transposed = [[name, *(row[i] for row in rows)] for i, name in enumerate(columns[:-1])]
+    console.print(_table("learning curve", ["figure", *(r[-1] for r in rows)], transposed))
+    console.print(f"{out / 'curve.md'}, {out / 'curve.png'}")
+
+
 @train_app.command("crm")
 def train_crm_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="run folder")] = Path("runs/crm"),

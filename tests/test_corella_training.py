@@ -147,6 +147,17 @@ def test_ablations_share_the_evaluation_subset(synthetic_dir, tiny_gguf, tmp_pat
     train_corella(tmp_path / "other", other, crm_run=tmp_path / "full", show_progress=False)
     with pytest.raises(ConfigError, match="different test subsets"):
         compare_runs([tmp_path / "full", tmp_path / "other"])
+    # the learning curve: one point per run, by how many samples its LLM saw
+    more = _config(synthetic_dir, tiny_gguf, stage2_samples=16, stage3_samples=8)
+    train_corella(tmp_path / "more", more, crm_run=tmp_path / "full", show_progress=False)
+    curve = ["train", "curve", str(tmp_path / "more"), str(tmp_path / "full"), "--out", str(tmp_path / "curve")]
+    shown = CliRunner(env={"COLUMNS": "200"}).invoke(app, curve)
+    assert shown.exit_code == 0, shown.output
+    table = (tmp_path / "curve" / "curve.md").read_text().splitlines()
+    assert [line.split(" | ")[0].strip("| ") for line in table[4:]] == ["12", "24"]  # sorted by samples
+    assert table[4].endswith("| full |") and (tmp_path / "curve" / "curve.png").stat().st_size > 5000
+    missing = CliRunner().invoke(app, ["train", "curve", str(tmp_path / "nothing")])
+    assert missing.exit_code != 0 and "not a finished training run" in missing.output
 
 
 def test_a_hugging_face_directory_base_trains_the_same_way(synthetic_dir, tiny_gguf, tmp_path):

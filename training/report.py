@@ -8,7 +8,7 @@ from typing import Any
 from runtime.errors import ConfigError
 from training.checkpoint import read_json
 
-__all__ = ["write_report", "compare_runs"]
+__all__ = ["write_report", "compare_runs", "write_curve", "curve_row"]
 
 
 NAN = float("nan")
@@ -231,4 +231,64 @@ def compare_runs(runs: list[Path]) -> tuple[list[str], list[list[Any]]]:
             m["uncertain_10pct"]["llm_auc"], m["uncertain_10pct"]["crm_auc"], at["auc"], at["logloss"],
             raw["auc"], raw["logloss"], m["crm_only"]["logloss"], *_full_test_columns(m),
         ])  # fmt: skip
+    return columns, rows
+
+
+#: The learning curve's columns: (heading, how to read it off a run's metrics)
+CURVE_COLUMNS = ("LLM samples (stages 2+3)", "LLM alone AUC", "routed: LLM AUC", "routed: CRM AUC",
+                 "hybrid@0.05 AUC", "hybrid@0.1 AUC", "hybrid@0.2 AUC (subset)", "hybrid@0.1 LogLoss",
+                 "CRM AUC", "gain@0.1 [95% CI]", "calibration slope", "LLM training s")  # fmt: skip
+
+
+def curve_row(metrics: dict[str, Any]) -> list[Any]:
+    """One run as one point of the learning curve: the LLM alone on the evaluation subset, the LLM and
+    the CRM on the routed test samples, the hybrid on the whole test split (f = 0.2 on the subset,
+    where the router's fraction is below it)."""
+    stages = metrics.get("stages", {})
+    samples = sum(info["samples"] for info in stages.values())
+    seconds = sum(info["seconds"] for info in stages.values())
+    full = metrics.get("full_test") or {}
+    by_fraction = {round(r["fraction"], 4): r for r in full.get("hybrid", [])}
+    subset = {round(r["fraction"], 4): r for r in metrics["hybrid"]}
+    gain = full.get("gain_over_crm", {}).get("calibrated")
+    routed = full.get("routed", {})
+    return [samples, metrics["llm_only"]["auc"], routed.get("llm_auc", NAN), routed.get("crm_auc", NAN),
+            by_fraction.get(0.05, {}).get("auc", NAN), by_fraction.get(0.1, {}).get("auc", NAN),
+            subset.get(0.2, {}).get("auc", NAN), by_fraction.get(0.1, {}).get("logloss", NAN),
+            full.get("crm_only", metrics["crm_only"])["auc"],
+            f"{gain['gain']:+.4f} [{gain['low']:+.4f}, {gain['high']:+.4f}]" if gain else "n/a",
+            (metrics.get("llm_calibration") or {}).get("slope", NAN), seconds]  # fmt: skip
+
+
+def write_curve(runs: list[Path], out: Path) -> tuple[list[str], list[list[Any]]]:
+    """The learning curve of several runs that differ in how many samples the LLM saw: curve.md (a
+    table) and curve.png (AUC against LLM samples) in `out`."""
+    rows = sorted((curve_row(read_json(Path(r) / "metrics.json")) + [Path(r).name] for r in runs),
+                  key=lambda row: row[0])  # fmt: skip
+    columns = [*CURVE_COLUMNS, "run"]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cell = lambda v: _f(v) if isinstance(v, float) and abs(v) < 10 else (f"{v:.0f}" if isinstance(v, float) else str(v))  # noqa: E731
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    (out / "curve.md").write_text("# Learning curve\n\n" + "\n".join(lines) + "\n", encoding="utf-8")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.8), dpi=100)
+    x = [row[0] for row in rows]
+    for index, label, style in ((1, "LLM alone", "o-"), (2, "LLM on routed samples", "s-"),
+                                (3, "CRM on routed samples", "s--"), (5, "hybrid at f = 0.1", "^-"),
+                                (8, "CRM, whole test split", "--")):  # fmt: skip
+        ax.plot(x, [row[index] for row in rows], style, label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("LLM training samples (stages 2 + 3)")
+    ax.set_ylabel("test AUC")
+    ax.set_title("Learning curve")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "curve.png")
+    plt.close(fig)
     return columns, rows

@@ -110,6 +110,9 @@ def test_three_stages_run_end_to_end_and_resume(synthetic_dir, tiny_gguf, tmp_pa
     assert 1 <= full["llm_scored"] <= 36
     assert full["crm_only"]["auc"] == pytest.approx(metrics["crm_full_test"]["auc"])
     assert router["llm_calibration"]["samples"] == metrics["llm_calibration"]["samples"] > 0
+    saved = np.load(out / "eval_predictions.npz")  # every answer the figures came from, for offline analysis
+    assert len(saved["calibration_llm"]) == len(saved["calibration_crm"]) == router["llm_calibration"]["samples"]
+    assert len(saved["routed_test_llm"]) == full["llm_scored"] and np.isfinite(saved["routed_test_llm"]).all()
     adapter_keys = __import__("safetensors.torch").torch.load_file(str(out / "final/llm/adapter.safetensors"))
     assert any("lora_A" in k for k in adapter_keys)
 

@@ -274,12 +274,16 @@ def train_corella(
     final_crm, valid_probabilities, crm_choice = _choose_crm(prepared, models, config.joint)
     _save_final(out, config, prepared, final_crm, models.scorer)
     with clock("calibration"):
-        calibration = _save_router(out / "final", config, prepared, valid_probabilities, models.scorer, prompts)
+        # the LLM's and the CRM's answers on the calibration and the routed test samples, saved beside the
+        # evaluation subset's: any other calibration (a blend of both, say) can be judged on them offline
+        recorded: dict[str, np.ndarray] = {}
+        calibration = _save_router(out / "final", config, prepared, valid_probabilities, models.scorer, prompts,
+                                   recorded)  # fmt: skip
     with clock("evaluation"):
         metrics, predictions = evaluate_run(
-            prepared, final_crm, crm_stage1, models.scorer, prompts, valid_probabilities, config, calibration
+            prepared, final_crm, crm_stage1, models.scorer, prompts, valid_probabilities, config, calibration, recorded
         )
-        np.savez(out / "eval_predictions.npz", **predictions)
+        np.savez(out / "eval_predictions.npz", **predictions, **recorded)
     metrics.update({"stages": stages, "crm_choice": crm_choice, "timings_seconds": clock.seconds,
                     "alignment_blocks": models.blocks, "ablation": ablation_name(config.joint),
                     "llm_training": llm_training_summary(config)})  # fmt: skip
@@ -402,13 +406,14 @@ def _save_final(out: Path, config: CoReLLaConfig, prepared: PreparedData, crm: D
 
 
 def _save_router(final: Path, config: CoReLLaConfig, prepared: PreparedData, valid_probabilities: np.ndarray,
-                 scorer: LLMScorer, prompts: GroupPrompts) -> LLMCalibration:  # fmt: skip
+                 scorer: LLMScorer, prompts: GroupPrompts, record: dict[str, np.ndarray] | None = None,
+                 ) -> LLMCalibration:  # fmt: skip
     """router.json: the entropy threshold for the router fraction and the LLM's calibration."""
     threshold = calibrate_threshold(binary_entropy(valid_probabilities), config.router_fraction)
     router: dict[str, Any] = {"fraction": config.router_fraction, "threshold": threshold,
                               "calibrated_on": "validation split, full"}  # fmt: skip
     calibration = fit_calibration(prepared, prepared.rows("valid"), valid_probabilities, threshold, scorer, prompts,
-                                  config)  # fmt: skip
+                                  config, record)  # fmt: skip
     if calibration.samples:
         router["llm_calibration"] = calibration.to_dict() | {
             "fitted_on": f"{calibration.samples} routed validation samples (seeded), PyTorch model; "
@@ -433,6 +438,7 @@ def fit_calibration(
     scorer: LLMScorer,
     prompts: GroupPrompts,
     config: CoReLLaConfig,
+    record: dict[str, np.ndarray] | None = None,
 ) -> LLMCalibration:
     """Platt-scale the LLM on a seeded sample of the validation rows the router sends to it, scored
     under the snapshot rule (a user's routed rows within `group_size` interactions share the history
@@ -445,7 +451,13 @@ def fit_calibration(
     groups = snapshot_groups(prepared.samples, rows, config.joint.group_size)
     description = f"calibrating the LLM on {count} routed validation samples ({len(groups)} prefixes)"
     p = score_groups(scorer, prompts, groups, config.score_batch_size, description)
-    return LLMCalibration.fit(p, prepared.samples.label[group_rows(groups)])
+    scored = group_rows(groups)
+    if record is not None:
+        crm = dict(zip(valid_rows.tolist(), np.asarray(valid_probabilities).tolist(), strict=True))
+        record |= {"calibration_rows": scored, "calibration_llm": p,
+                   "calibration_labels": prepared.samples.label[scored],
+                   "calibration_crm": np.array([crm[r] for r in scored.tolist()])}  # fmt: skip
+    return LLMCalibration.fit(p, prepared.samples.label[scored])
 
 
 def evaluate_full_test(
@@ -458,6 +470,7 @@ def evaluate_full_test(
     prompts: GroupPrompts,
     config: CoReLLaConfig,
     calibration: LLMCalibration,
+    record: dict[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """CRM-only vs hybrid on the whole test split for every f <= the router fraction.
 
@@ -474,6 +487,9 @@ def evaluate_full_test(
         scored = scored | dict(zip(missing.tolist(), fresh.tolist(), strict=True))
     llm_raw = np.full(len(test_rows), np.nan)
     llm_raw[widest] = [scored[r] for r in routed_rows.tolist()]
+    if record is not None:
+        record |= {"routed_test_rows": routed_rows, "routed_test_llm": llm_raw[widest],
+                   "routed_test_crm": crm_test[widest], "routed_test_labels": labels[widest]}  # fmt: skip
     llm_calibrated = llm_raw.copy()
     llm_calibrated[widest] = calibration.apply(llm_raw[widest])
     hybrid, hybrid_raw, answers = [], [], {}
@@ -550,6 +566,7 @@ def evaluate_run(
     valid_probabilities: np.ndarray,
     config: CoReLLaConfig,
     calibration: LLMCalibration | None = None,
+    record: dict[str, np.ndarray] | None = None,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Every model on the same seeded test subset; the router calibrated on validation."""
     samples = prepared.samples
@@ -602,7 +619,7 @@ def evaluate_run(
     if config.full_test_hybrid:
         metrics["full_test"] = evaluate_full_test(
             prepared, test_rows, crm_test, dict(zip(rows.tolist(), llm_p.tolist(), strict=True)),
-            valid_entropy, scorer, prompts, config, calibration,
+            valid_entropy, scorer, prompts, config, calibration, record,
         )  # fmt: skip
     predictions = {"rows": rows, "labels": labels, "crm": crm_p, "llm": llm_p, "llm_calibrated": llm_calibrated,
                    "entropy": entropy}  # fmt: skip

@@ -489,7 +489,8 @@ def evaluate_full_test(
     llm_raw[widest] = [scored[r] for r in routed_rows.tolist()]
     if record is not None:
         record |= {"routed_test_rows": routed_rows, "routed_test_llm": llm_raw[widest],
-                   "routed_test_crm": crm_test[widest], "routed_test_labels": labels[widest]}  # fmt: skip
+                   "routed_test_crm": crm_test[widest], "routed_test_labels": labels[widest],
+                   "test_crm": crm_test, "test_labels": labels, "test_routed": widest}  # fmt: skip
     llm_calibrated = llm_raw.copy()
     llm_calibrated[widest] = calibration.apply(llm_raw[widest])
     hybrid, hybrid_raw, answers = [], [], {}

@@ -113,6 +113,11 @@ def test_three_stages_run_end_to_end_and_resume(synthetic_dir, tiny_gguf, tmp_pa
     saved = np.load(out / "eval_predictions.npz")  # every answer the figures came from, for offline analysis
     assert len(saved["calibration_llm"]) == len(saved["calibration_crm"]) == router["llm_calibration"]["samples"]
     assert len(saved["routed_test_llm"]) == full["llm_scored"] and np.isfinite(saved["routed_test_llm"]).all()
+    from benchmarks.calibration_variants import variants
+
+    judged = variants(dict(saved))  # the platt variant is what the run served: the same figure
+    assert judged["platt"]["auc_gain"] == pytest.approx(full["gain_over_crm"]["calibrated"]["gain"], abs=1e-9)
+    assert judged["blend"]["llm_weight"] >= 0 and all(v["low"] <= v["auc_gain"] <= v["high"] for v in judged.values())
     adapter_keys = __import__("safetensors.torch").torch.load_file(str(out / "final/llm/adapter.safetensors"))
     assert any("lora_A" in k for k in adapter_keys)
 

@@ -86,3 +86,24 @@ def test_llm_calibration_never_reverses_the_ranking_and_needs_data():
         LLMCalibration.fit(np.array([0.5]), np.array([1.0]))
     with pytest.raises(ConfigError, match="malformed"):
         LLMCalibration.from_dict({"slope": "steep"})
+
+
+def test_expected_gain_tells_an_llm_that_knows_from_one_that_guesses():
+    from runtime.quality import describe_gain, expected_gain
+
+    rng = np.random.default_rng(3)
+    n = 4000
+    labels = rng.integers(0, 2, n)
+    truth = np.where(labels == 1, 1.0, -1.0)
+    crm = 1 / (1 + np.exp(-(truth * 1.2 + rng.normal(0, 1.5, n))))
+    routed = binary_entropy(crm) > np.quantile(binary_entropy(crm), 0.8)  # the CRM's least sure 20%
+    scored = np.flatnonzero(routed)[::2]  # half of them scored, as export samples them
+    knowing = 1 / (1 + np.exp(-(truth[scored] * 2.0 + rng.normal(0, 1, len(scored)))))
+    guessing = rng.random(len(scored))
+    good = expected_gain(labels, crm, routed, scored, knowing)
+    assert good["low"] > 0 and good["routed_llm_auc"] > 0.8 > 0.6 > good["routed_crm_auc"]
+    assert good["rows"] == int((~routed).sum()) + len(scored) and good["logloss_hybrid"] < good["logloss_crm"]
+    assert "nothing measurable" not in describe_gain(good)
+    bad = expected_gain(labels, crm, routed, scored, guessing)
+    assert bad["low"] <= 0 <= bad["high"] or bad["high"] < 0
+    assert "nothing measurable" in describe_gain(bad)

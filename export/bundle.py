@@ -376,6 +376,7 @@ def _export_llm(run: Path, llm_info: dict[str, Any], template: PromptTemplate, p
                                             shipped_routed) | {
         "fraction": router["fraction"], "measured_with": shipped,
         "llm_ms_per_routed_candidate": 1000 * seconds[measured] / max(1, len(routed)),
+        "candidates_per_prefix": len(routed) / max(1, len(groups)),
     }  # fmt: skip
     _say_gain(router["expected_gain"], progress)
     _place_ggufs(config, quant, merged_path, work, staging)
@@ -425,8 +426,8 @@ def _refit_calibration(router: dict[str, Any], scores: np.ndarray, labels: np.nd
         }
         if calibration.slope <= 0:
             _progress("warning: the LLM's answers carry no signal on the routed validation samples (calibration "
-                      "slope 0): routed candidates will be answered with a constant; consider a larger LLM",
-                      progress)  # fmt: skip
+                      "slope 0): the bundle never decodes it, routed candidates take the CRM's answer (reason "
+                      "llm_no_signal); train the LLM longer or take a larger one", progress)  # fmt: skip
     info = {"routed_logloss_raw": log_loss(labels, scores),
             "routed_logloss_calibrated": log_loss(labels, calibration.apply(scores))}  # fmt: skip
     _progress(f"LLM calibration: P = sigmoid({calibration.slope:.3f} logit(p) + {calibration.intercept:.3f}); "
@@ -440,9 +441,10 @@ def _say_gain(gain: dict[str, Any], progress: Callable[[str], None] | None) -> N
     for nothing measurable, so that users decide knowingly."""
     _progress(f"the LLM's expected gain at f = {gain['fraction']:g}: {describe_gain(gain)}", progress)
     if not gain["low"] > 0:
-        _progress(f"note: a routed candidate costs ~{gain['llm_ms_per_routed_candidate']:.0f} ms of LLM time here "
-                  "and the LLM adds nothing measurable on these validation samples; serve with --no-llm, or a lower "
-                  "--llm-fraction, unless a later run does better", progress)  # fmt: skip
+        _progress(f"note: the LLM adds nothing measurable on these validation samples, and a routed candidate cost "
+                  f"~{gain['llm_ms_per_routed_candidate']:.0f} ms of llama.cpp time here (its user's prefix decoded "
+                  f"cold, ~{gain['candidates_per_prefix']:.1f} candidates a prefix; a returning user's costs only its "
+                  "suffix): consider serving with --no-llm", progress)  # fmt: skip
 
 
 def _place_ggufs(config: ExportConfig, quant: str, merged_path: Path, work: Path, staging: Path) -> None:

@@ -288,10 +288,12 @@ def _micro_batches(groups: list[PrefixGroup], parts: int) -> list[list[PrefixGro
 
 
 def summarize_losses(losses: list[dict[str, Any]], window: int = 20) -> dict[str, dict[str, float]]:
-    """Mean of each loss over the first and the last `window` steps."""
+    """Mean of each loss over the first and the last `window` steps (at most half the steps each, so that
+    a short stage's two figures never share a step)."""
     out: dict[str, dict[str, float]] = {}
     for key in ("llm", "crm", "align"):
         values = [r[key] for r in losses if key in r]
+        window = max(1, min(window, len(values) // 2))
         if values:
             out[key] = {
                 "first": float(np.mean(values[:window])),

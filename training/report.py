@@ -237,7 +237,7 @@ def compare_runs(runs: list[Path]) -> tuple[list[str], list[list[Any]]]:
 #: The learning curve's columns: (heading, how to read it off a run's metrics)
 CURVE_COLUMNS = ("LLM samples (stages 2+3)", "LLM alone AUC", "routed: LLM AUC", "routed: CRM AUC",
                  "hybrid@0.05 AUC", "hybrid@0.1 AUC", "hybrid@0.2 AUC (subset)", "hybrid@0.1 LogLoss",
-                 "CRM AUC", "gain@0.1 [95% CI]", "calibration slope", "LLM training s")  # fmt: skip
+                 "CRM AUC (whole test split)", "gain@0.1 [95% CI]", "calibration slope", "LLM training s")  # fmt: skip
 
 
 def curve_row(metrics: dict[str, Any]) -> list[Any]:
@@ -255,7 +255,7 @@ def curve_row(metrics: dict[str, Any]) -> list[Any]:
     return [samples, metrics["llm_only"]["auc"], routed.get("llm_auc", NAN), routed.get("crm_auc", NAN),
             by_fraction.get(0.05, {}).get("auc", NAN), by_fraction.get(0.1, {}).get("auc", NAN),
             subset.get(0.2, {}).get("auc", NAN), by_fraction.get(0.1, {}).get("logloss", NAN),
-            full.get("crm_only", metrics["crm_only"])["auc"],
+            metrics["crm_full_test"]["auc"],
             f"{gain['gain']:+.4f} [{gain['low']:+.4f}, {gain['high']:+.4f}]" if gain else "n/a",
             (metrics.get("llm_calibration") or {}).get("slope", NAN), seconds]  # fmt: skip
 

@@ -45,9 +45,10 @@ def server_process(command: list[str], ready_url: str, log_path: Path, env: dict
     import httpx
 
     log = open(log_path, "w")  # noqa: SIM115 - closed below, after the process
-    # the bench measures what decoding costs, whatever the bundle's LLM is worth (see llm_decode_without_signal)
-    env = {"CORELLA_LLM_DECODE_WITHOUT_SIGNAL": "1"} | (env or {})
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ | env)
+    # the bench measures what decoding costs, whatever the bundle's LLM is worth (see llm_decode_without_signal),
+    # unless the caller's environment says otherwise (=0: serve as a user would)
+    defaults = {"CORELLA_LLM_DECODE_WITHOUT_SIGNAL": "1"}
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=defaults | os.environ | (env or {}))
     try:
         started = time.monotonic()
         while time.monotonic() - started < timeout_s:

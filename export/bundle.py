@@ -319,29 +319,11 @@ def _export_llm(run: Path, llm_info: dict[str, Any], template: PromptTemplate, p
     from runtime.crm import CRMSession
 
     valid_p = CRMSession(staging / "crm.onnx", ["cpu"]).predict(prepared.take(valid_rows))
-    routed_mask = binary_entropy(valid_p) > router["threshold"]
-    routed = valid_rows[routed_mask]
-    routed = np.sort(rng.choice(routed, size=min(config.routed_samples, len(routed)), replace=False))
-    # the snapshot rule: a user's routed rows within group_size interactions share one prefix, as
-    # one request's candidates do; llama.cpp decodes each prefix once
     group_size = read_json(run / "run.json")["config"].get("joint", {}).get("group_size", 16)
-    groups = snapshot_groups(samples, routed, group_size)
-    routed = group_rows(groups)
-    labels = samples.label[routed]
-    seconds: dict[str, float] = {}
-
-    def group_scores(path: Path, name: str) -> np.ndarray:
-        with LlamaScorer(path, yes, no, settings) as llama:
-            started = time.perf_counter()
-            out = []
-            for group in groups:
-                history, _ = samples.prompt_parts(group.anchor)
-                targets = [samples.item_text(samples.item[r]) for r in group.rows]
-                out.append(llama.score_shared(*template.ids(llama.tokenize, bos, history, targets)))
-            seconds[name] = time.perf_counter() - started
-        return np.concatenate(out) if out else np.empty(0)
-
-    base_routed = group_scores(merged_path, config.intermediate)
+    routed = _RoutedValidation(samples, valid_rows, valid_p, router["threshold"], config.routed_samples, group_size,
+                               rng, lambda path: LlamaScorer(path, yes, no, settings), template, bos)  # fmt: skip
+    labels = routed.labels
+    base_routed = routed.score(merged_path, config.intermediate)
     quants: dict[str, Any] = {config.intermediate: {"routed_auc": auc(labels, base_routed),
                                                     "size": merged_path.stat().st_size}}  # fmt: skip
     routed_scores = {config.intermediate: base_routed}
@@ -351,7 +333,7 @@ def _export_llm(run: Path, llm_info: dict[str, Any], template: PromptTemplate, p
         path = work / f"llm-{quant}.gguf"
         q = quantize_gguf(merged_path, path, quant, config.threads)
         dp = np.abs(llama_scores(path, texts) - base_p)
-        routed_scores[quant] = group_scores(path, quant)
+        routed_scores[quant] = routed.score(path, quant)
         cost = quants[config.intermediate]["routed_auc"] - auc(labels, routed_scores[quant])
         quants[quant] = {
             f"mean_abs_dp_vs_{config.intermediate}": float(dp.mean()),
@@ -360,32 +342,66 @@ def _export_llm(run: Path, llm_info: dict[str, Any], template: PromptTemplate, p
             "size": q["size"], "quantize_seconds": q["seconds"],
         }  # fmt: skip
         _progress(f"{quant}: mean |dp| {dp.mean():.4f} (max {dp.max():.4f}) vs {config.intermediate}; AUC on "
-                  f"{len(routed)} routed validation samples {quants[quant]['routed_auc']:.4f} vs "
+                  f"{len(labels)} routed validation samples {quants[quant]['routed_auc']:.4f} vs "
                   f"{quants[config.intermediate]['routed_auc']:.4f}", progress)  # fmt: skip
         return cost
 
-    choice = _choose_quant(config, measure, len(routed))
+    choice = _choose_quant(config, measure, len(labels))
     quant = choice["kept"]
     _progress(f"quantization: {quant} ({choice['reason']})", progress)
     shipped = f"llm-{quant}.gguf"
     measured = quant if quant not in ("f16", "f32") else config.intermediate
     shipped_routed = routed_scores[measured]
     calibration_info = _refit_calibration(router, shipped_routed, labels, shipped, progress)
-    position = np.searchsorted(valid_rows, routed)
-    router["expected_gain"] = expected_gain(samples.label[valid_rows], valid_p, routed_mask, position,
-                                            shipped_routed) | {
-        "fraction": router["fraction"], "measured_with": shipped,
-        "llm_ms_per_routed_candidate": 1000 * seconds[measured] / max(1, len(routed)),
-        "candidates_per_prefix": len(routed) / max(1, len(groups)),
-    }  # fmt: skip
+    router["expected_gain"] = routed.gain(shipped_routed, measured) | {"fraction": router["fraction"],
+                                                                       "measured_with": shipped}  # fmt: skip
     _say_gain(router["expected_gain"], progress)
     _place_ggufs(config, quant, merged_path, work, staging)
     return {
         "file": shipped, "quant": quant, "quant_choice": choice, "base": llm_info["base"], "yes_token_id": yes,
         "no_token_id": no, "bos_token_id": bos, "context_size": config.context_size, "merge": merge, "parity": parity,
-        "quantizations": quants, "routed_validation_samples": int(len(routed)), "routed_prefixes": len(groups),
+        "quantizations": quants, "routed_validation_samples": int(len(labels)), "routed_prefixes": len(routed.groups),
         "calibration": calibration_info,
     }  # fmt: skip
+
+
+class _RoutedValidation:
+    """The validation samples the router sends (a seeded sample of `count`), scored by llama.cpp under the
+    snapshot rule: a user's routed rows within `group_size` interactions share one prefix, decoded once, as
+    one request's candidates do. The quantizations are compared on them, the calibration refitted on them
+    and the LLM's expected gain measured on them."""
+
+    def __init__(self, samples: SampleTable, valid_rows: np.ndarray, valid_p: np.ndarray, threshold: float,
+                 count: int, group_size: int, rng: np.random.Generator, open_llama: Callable[[Path], LlamaScorer],
+                 template: PromptTemplate, bos: int | None) -> None:  # fmt: skip
+        self.samples, self.valid_rows, self.valid_p = samples, valid_rows, valid_p
+        self.mask = binary_entropy(valid_p) > threshold
+        chosen = rng.choice(valid_rows[self.mask], size=min(count, int(self.mask.sum())), replace=False)
+        self.groups = snapshot_groups(samples, np.sort(chosen), group_size)
+        self.rows = group_rows(self.groups)
+        self.labels = samples.label[self.rows]
+        self.open_llama, self.template, self.bos = open_llama, template, bos
+        self.seconds: dict[str, float] = {}
+
+    def score(self, path: Path, name: str) -> np.ndarray:
+        """P(yes) of every routed sample by the GGUF at `path`, in `rows` order (timed under `name`)."""
+        samples, out = self.samples, []
+        with self.open_llama(path) as llama:
+            started = time.perf_counter()
+            for group in self.groups:
+                history, _ = samples.prompt_parts(group.anchor)
+                targets = [samples.item_text(samples.item[r]) for r in group.rows]
+                out.append(llama.score_shared(*self.template.ids(llama.tokenize, self.bos, history, targets)))
+            self.seconds[name] = time.perf_counter() - started
+        return np.concatenate(out) if out else np.empty(0)
+
+    def gain(self, scores: np.ndarray, name: str) -> dict[str, Any]:
+        """`expected_gain` of these answers (scored as `name`), with what a routed candidate cost."""
+        position = np.searchsorted(self.valid_rows, self.rows)
+        return expected_gain(self.samples.label[self.valid_rows], self.valid_p, self.mask, position, scores) | {
+            "llm_ms_per_routed_candidate": 1000 * self.seconds[name] / max(1, len(self.rows)),
+            "candidates_per_prefix": len(self.rows) / max(1, len(self.groups)),
+        }
 
 
 def _merge_llm(run: Path, llm_info: dict[str, Any], template: PromptTemplate, work: Path, config: ExportConfig,

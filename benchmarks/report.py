@@ -50,8 +50,8 @@ def run_bench(bundle_path: Path, out: Path, config: BenchConfig,
         crm_threads=config.threads,
         llm_threads=config.threads,
         default_deadline_ms=None,
-        store_path=config.store_path,
-        state_dir=out / "state",
+        store=config.store_path,
+        state=out / "state",
         llm_decode_without_signal=True,  # the bench measures what decoding costs, whatever it is worth
     )
     engine = Engine(bundle, settings)

@@ -17,6 +17,7 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from runtime.errors import CorellaError
+from runtime.settings import ServerSettings, serve_options
 
 __all__ = ["app"]
 
@@ -596,71 +597,42 @@ def export_command(
 
 
 # ---------------------------------------------------------------------------- serve and predict
-def _setting(name: str) -> str:
-    """The help of a `corella serve` option: the server setting's own description (one source)."""
-    from runtime.server import ServerSettings
-
-    return f"{ServerSettings.model_fields[name].description} (env CORELLA_{name.upper()})"
-
-
 @app.command()
-def serve(
-    bundle: Annotated[Path, typer.Argument(help="bundle directory")],
-    host: Annotated[str | None, typer.Option(help=_setting("host"))] = None,
-    port: Annotated[int | None, typer.Option(help=_setting("port"))] = None,
-    api_key: Annotated[str | None, typer.Option(help=_setting("api_key"))] = None,
-    api_key_file: Annotated[Path | None, typer.Option(help=_setting("api_key_file"))] = None,
-    events_api_key_file: Annotated[Path | None, typer.Option(help=_setting("events_api_key_file"))] = None,
-    default_deadline_ms: Annotated[
-        float | None, typer.Option("--deadline-ms", help=_setting("default_deadline_ms"))
-    ] = None,
-    max_candidates: Annotated[int | None, typer.Option(help=_setting("max_candidates"))] = None,
-    providers: Annotated[str | None, typer.Option(help=_setting("providers"))] = None,
-    crm_threads: Annotated[int | None, typer.Option(help=_setting("crm_threads"))] = None,
-    llm_threads: Annotated[int | None, typer.Option(help=_setting("llm_threads"))] = None,
-    llm_threads_when_busy: Annotated[int | None, typer.Option(help=_setting("llm_threads_when_busy"))] = None,
-    llm_contexts: Annotated[int | None, typer.Option(help=_setting("llm_contexts"))] = None,
-    llm_context: Annotated[int | None, typer.Option(help=_setting("llm_context"))] = None,
-    llm_batch_tokens: Annotated[int | None, typer.Option(help=_setting("llm_batch_tokens"))] = None,
-    llm_prefix_cache_tokens: Annotated[int | None, typer.Option(help=_setting("llm_prefix_cache_tokens"))] = None,
-    llm_prefix_host_mib: Annotated[int | None, typer.Option(help=_setting("llm_prefix_host_mib"))] = None,
-    llm_queue_candidates: Annotated[int | None, typer.Option(help=_setting("llm_queue_candidates"))] = None,
-    llm_answer_memo: Annotated[int | None, typer.Option(help=_setting("llm_answer_memo"))] = None,
-    llm_vocab: Annotated[int | None, typer.Option(help=_setting("llm_vocab"))] = None,
-    cpu_workers: Annotated[int | None, typer.Option(help=_setting("cpu_workers"))] = None,
-    http_nice: Annotated[int | None, typer.Option(help=_setting("http_nice"))] = None,
-    max_store_interactions: Annotated[int | None, typer.Option(help=_setting("max_store_interactions"))] = None,
-    load_llm: Annotated[
-        bool | None, typer.Option("--llm/--no-llm", help="serve with the LLM, or the CRM only [env: CORELLA_LOAD_LLM]")
-    ] = None,  # fmt: skip
-    access_log: Annotated[
-        bool | None, typer.Option("--access-log/--no-access-log", help=_setting("access_log"))
-    ] = None,
-    state: Annotated[Path | None, typer.Option(help=_setting("state"))] = None,
-    store: Annotated[Path | None, typer.Option(help=_setting("store"))] = None,
-) -> None:
+@serve_options()
+def serve(bundle: Annotated[Path, typer.Argument(help="bundle directory")], **options: Any) -> None:
     """Serve a bundle over HTTP: POST /v1/predict, POST /v1/events, GET /v1/model, /healthz, /readyz,
-    /metrics; OpenAPI docs at /docs. An option not given comes from its CORELLA_<NAME> variable,
-    then from the default."""
-    options = dict(locals())  # every parameter is the ServerSettings field of the same name
+    /metrics; OpenAPI docs at /docs. Every option is also a CORELLA_<NAME> variable: an option not
+    given comes from its variable, then from the default."""
     import uvicorn
     from pydantic import ValidationError
 
     from runtime.bundle import load_bundle
-    from runtime.server import ServerSettings, create_app, uvicorn_config
+    from runtime.server import create_app, uvicorn_config
     from runtime.state import live_store
 
     try:
-        settings = ServerSettings.from_options(**options)
-        # refuse a bad bundle or a live store of another bundle here, named, before uvicorn starts
-        live = live_store(load_bundle(bundle), settings.state, settings.store)
+        settings = ServerSettings.from_options(bundle, **options)
+        # refuse a bad bundle or a live store of another bundle here, named, before uvicorn starts;
+        # the server takes the bundle as verified here (hashing a GGUF twice costs seconds)
+        loaded = load_bundle(bundle)
+        live = live_store(loaded, settings.state, settings.store)
     except ValidationError as exc:
-        raise _fail(CorellaError(str(exc))) from exc
+        raise _fail(CorellaError(_validation_message(exc))) from exc
     except CorellaError as exc:
         raise _fail(exc) from exc
     base = f"http://{settings.host}:{settings.port}"
     console.print(f"serving {bundle} on {base}  (docs: {base}/docs; live store: {live})")
-    uvicorn.Server(uvicorn_config(create_app(settings), settings)).run()
+    uvicorn.Server(uvicorn_config(create_app(settings, bundle=loaded), settings)).run()
+
+
+def _validation_message(exc: Any) -> str:
+    """pydantic's errors as `--option: message` lines (the options a user typed, not field names)."""
+    lines = []
+    for error in exc.errors():
+        name = "_".join(str(part) for part in error["loc"])
+        where = f"--{name.replace('_', '-')} (env CORELLA_{name.upper()})" if name else "settings"
+        lines.append(f"{where}: {error['msg']}")
+    return "; ".join(lines) or str(exc)
 
 
 @app.command()
@@ -824,7 +796,7 @@ def _serve_one_request(bundle: Path, port: int) -> dict:
     import httpx
     import uvicorn
 
-    from runtime.server import ServerSettings, create_app, uvicorn_config
+    from runtime.server import create_app, uvicorn_config
 
     settings = ServerSettings(bundle=bundle, port=port)
     server = uvicorn.Server(uvicorn_config(create_app(settings), settings, log_level="warning"))

@@ -524,7 +524,7 @@ def _measure(bundle_dir: Path, work: Path, prepared: PreparedData, config: Expor
     samples = prepared.samples
     bundle = load_bundle(bundle_dir)
     settings = EngineSettings(providers=("cpu",), default_deadline_ms=None, llm_threads=config.threads,
-                              llm_context=config.context_size, state_dir=work / "measure-state")  # fmt: skip
+                              llm_context=config.context_size, state=work / "measure-state")  # fmt: skip
     engine = Engine(bundle, settings)
     try:
         test_rows = prepared.rows("test")

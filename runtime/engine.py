@@ -31,15 +31,15 @@ from runtime.bundle import Bundle
 from runtime.crm import CRMSession
 from runtime.errors import ConfigError, OverloadedError, RequestTooLarge, StoreFull
 from runtime.features import UserInteractions, UserSummary, normalize_user_attributes
-from runtime.llm import LlamaModel, LLMError, default_threads, gpu_offload_supported
-from runtime.llm_process import RemoteScheduler
+from runtime.llm import LlamaModel, LLMError, gpu_offload_supported
 from runtime.memo import AnswerMemo, MemoFileError
 from runtime.metrics import ServingMetrics
 from runtime.paths import model_cache
 from runtime.prompt import HistoryEntry, ItemText
 from runtime.quality import describe_gain
 from runtime.router import LLMCalibration, binary_entropy, route_by_budget, route_by_threshold
-from runtime.scheduler import ItemState, LLMJob, LLMScheduler, SchedulerSettings
+from runtime.scheduling import ItemState, JobHandle, LLMScheduler, RemoteScheduler, Scheduler, SchedulerSettings
+from runtime.settings import EngineSettings
 from runtime.state import live_store, state_dir
 from runtime.store import FeatureStore, Interaction
 from runtime.vocab import VocabularyCut
@@ -73,49 +73,6 @@ class FallbackReason(StrEnum):
     LLM_DISABLED = "llm_disabled"  # served without an LLM (--no-llm, or a CRM-only bundle)
     # the bundle's calibrated LLM answer cannot depend on what the LLM says (slope 0): never decoded
     LLM_NO_SIGNAL = "llm_no_signal"
-
-
-@dataclass(frozen=True)
-class EngineSettings:
-    providers: tuple[str, ...] = ("auto",)
-    crm_threads: int | None = None
-    llm_threads: int | None = None  # per context; default: the cores split between the contexts
-    llm_threads_when_busy: int | None = None  # while requests keep the CPU busy; default on a CPU: one fewer
-    llm_contexts: int | None = None  # default: 1 (one context uses every core, or the GPU)
-    llm_context: int = 4096  # longest prompt (prefix + one candidate) in tokens
-    llm_gpu_layers: int | None = None
-    llm_batch_tokens: int | None = None  # tokens per llama_decode; default 512 on a CPU, 2048 on a GPU
-    llm_max_sequences: int = 64  # candidates decoded together
-    llm_prefix_cache_tokens: int = 8192  # KV cells kept for users' prefixes, per context
-    llm_prefix_host_mib: int = 512  # host memory for idle users' prefixes, per context
-    llm_queue_candidates: int = 512  # routed candidates waiting for the LLM
-    llm_answer_memo: int = 100_000  # LLM answers remembered by their prompts' tokens (0: none); see runtime.memo
-    llm_vocab: int = 16_384  # decode with the vocabulary cut to the prompts' tokens and this many common ones
-    # (0: the whole vocabulary); see runtime.vocab
-    llm_process: bool = True  # decode in a process of its own (no GIL shared with the HTTP server)
-    default_deadline_ms: float | None = 5000.0
-    max_candidates: int = 500
-    load_llm: bool = True
-    # decode routed candidates even where the bundle's LLM calibration has slope 0 (its calibrated answer
-    # is then one constant): for measuring what the LLM costs, never better answers
-    llm_decode_without_signal: bool = False
-    store_path: Path | None = None  # the live feature store; default <state>/store.sqlite
-    state_dir: Path | None = None  # where serving writes; default $CORELLA_HOME/state/<bundle id>
-    max_store_interactions: int | None = None  # the live store's bound (StoreFull past it)
-
-    def scheduler_settings(self, gpu: bool) -> SchedulerSettings:
-        contexts = self.llm_contexts or 1
-        threads = self.llm_threads or max(1, default_threads() // contexts)
-        # on a CPU, a busy request side gets a core of its own: with every core decoding, the
-        # requests' threads and llama.cpp's preempt one another and both slow down
-        busy = self.llm_threads_when_busy or (threads if gpu or threads < 2 else threads - 1)
-        return SchedulerSettings(
-            contexts=contexts, threads=threads, threads_when_busy=min(busy, threads),
-            batch_tokens=self.llm_batch_tokens or (2048 if gpu else 512),
-            max_sequences=self.llm_max_sequences, prefix_cache_tokens=self.llm_prefix_cache_tokens,
-            prefix_host_mib=self.llm_prefix_host_mib, queue_candidates=self.llm_queue_candidates,
-            max_prompt_tokens=self.llm_context,
-        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -167,7 +124,7 @@ class Pending:
     reasons: dict[int, FallbackReason]  # candidates already known to fall back
     deadline: float | None
     times: dict[str, float]  # perf_counter marks: arrived, begun, encoded, crm
-    job: LLMJob | None = None
+    job: JobHandle | None = None
     llm_error: str | None = None
     sent: np.ndarray | None = None  # the routed candidates sent to the LLM, in `routed`'s order
     recalled: dict[int, float] = field(default_factory=dict)  # routed candidates the memo answered (raw P(yes))
@@ -215,8 +172,8 @@ class Engine:
         if bundle.llm and (gain := bundle.router.get("expected_gain")):
             log.info("the LLM's expected gain (export, routed validation samples): %s", describe_gain(gain))
         # one thread: a request's few hundred rows take ~0.5 ms; a second thread costs more CPU than it saves
-        self.state = state_dir(bundle, settings.state_dir)
-        self.store = FeatureStore(live_store(bundle, settings.state_dir, settings.store_path))
+        self.state = state_dir(bundle, settings.state)
+        self.store = FeatureStore(live_store(bundle, settings.state, settings.store))
         # user -> (events posted when read, last interactions, summary); see _stored_user
         self._users: OrderedDict[str, tuple[int | None, list[HistoryItem], UserSummary]] = OrderedDict()
         self._posted: dict[str, int] = {}
@@ -238,7 +195,7 @@ class Engine:
         log.info("CRM on %s, warmed up: %s", self.crm.providers[0], self.crm.warm_up()["seconds_by_batch"])
         self.llm: LlamaModel | None = None  # the tokenizer
         self._decoder: LlamaModel | None = None  # the model decoded in this process (llm_process False)
-        self.scheduler: LLMScheduler | None = None
+        self.scheduler: Scheduler | None = None
         self._head: tuple[int, ...] = ()  # see _shift_head
         self._bos: int | None = None  # the beginning of a prompt, as decoded
         self.llm_load_error: str | None = None
@@ -262,7 +219,7 @@ class Engine:
         path, yes, no = self.bundle.llm_file, info["yes_token_id"], info["no_token_id"]
         try:
             gpu = gpu_offload_supported() and settings.llm_gpu_layers != 0
-            scheduler_settings = settings.scheduler_settings(gpu)
+            scheduler_settings = SchedulerSettings.resolve(settings, gpu)
             # this process tokenizes with the whole vocabulary (no weights); a model decodes
             self.llm = LlamaModel(path, yes, no, vocab_only=True)
             decode = self._cut_vocabulary(path, yes, no)
@@ -297,7 +254,14 @@ class Engine:
     def _start_scheduler(self, decode: tuple[Path, int, int], settings: SchedulerSettings) -> None:
         """The scheduler decoding the GGUF `decode` (path, yes id, no id), here or in a process of its own."""
         if self.settings.llm_process:
-            self.scheduler = RemoteScheduler(*decode, settings, self.settings.llm_gpu_layers, observer=self.metrics)
+            self.scheduler = RemoteScheduler(
+                *decode,
+                settings,
+                self.settings.llm_gpu_layers,
+                observer=self.metrics,
+                restarts=self.settings.llm_restarts,
+                restart_window_s=self.settings.llm_restart_window_s,
+            )
         else:
             self._decoder = LlamaModel(*decode, self.settings.llm_gpu_layers)
             self.scheduler = LLMScheduler(self._decoder, settings, observer=self.metrics)
@@ -718,7 +682,7 @@ class Engine:
             pending.llm_error = job.error
 
     @staticmethod
-    def _job_timings(job: LLMJob | None) -> dict[str, float]:
+    def _job_timings(job: JobHandle | None) -> dict[str, float]:
         if job is None or job.first_planned is None:
             return {}
         end = job.finished if job.finished is not None else time.perf_counter()

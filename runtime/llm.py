@@ -3,7 +3,7 @@
 `LlamaModel` holds a GGUF's weights and vocabulary; any thread may tokenize with it. A
 `LlamaContext` is one KV cache and one batch on that model: it decodes tokens of many sequences
 in one `llama_decode` and reads only the two answer logits of the rows that asked for them. A
-context is not thread-safe: one owner thread (a scheduler loop, see runtime/scheduler.py).
+context is not thread-safe: one owner thread (a scheduler loop, see runtime/scheduling).
 
 `LlamaScorer` is a model with one context that scores prompts directly, one caller at a time:
 export's parity checks and the bench's per-mode timings use it; serving goes through the scheduler.

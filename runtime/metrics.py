@@ -10,7 +10,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from runtime.scheduler import SchedulerObserver
+from runtime.scheduling.protocol import SchedulerObserver
 
 __all__ = ["ServingMetrics"]
 

@@ -25,7 +25,6 @@ import queue
 import threading
 import time
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import annotated_types
@@ -34,130 +33,21 @@ from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from runtime import __version__
-from runtime.bundle import load_bundle
-from runtime.engine import CandidateItem, Engine, EngineSettings, HistoryItem
+from runtime.bundle import Bundle, load_bundle
+from runtime.engine import CandidateItem, Engine, HistoryItem
 from runtime.engine import Request as EngineRequest
 from runtime.errors import ConfigError, CorellaError, OverloadedError, RequestTooLarge, StoreFull
 from runtime.metrics import ServingMetrics
+from runtime.settings import ServerSettings
 from runtime.store import Interaction
 
 __all__ = ["ServerSettings", "create_app", "uvicorn_config", "PredictBody", "EventsBody", "to_engine_request"]
 
 log = logging.getLogger(__name__)
-
-
-class ServerSettings(BaseSettings):
-    """Every field can be set from the environment with the CORELLA_ prefix (CORELLA_PORT=9000)."""
-
-    model_config = SettingsConfigDict(env_prefix="CORELLA_", extra="forbid")
-
-    bundle: Path = Field(description="bundle directory to serve")
-    host: str = Field("127.0.0.1", description="address to bind; loopback unless told otherwise")
-    port: int = Field(8000, ge=1, le=65535, description="TCP port")
-    api_key: SecretStr | None = Field(
-        None,
-        description="when set, /v1/* needs 'Authorization: Bearer KEY' "
-        "(prefer CORELLA_API_KEY or --api-key-file: a command line shows in ps)",
-    )
-    api_key_file: Path | None = Field(None, description="file holding the API key (read once, whitespace stripped)")
-    events_api_key: SecretStr | None = Field(
-        None, description="when set, POST /v1/events needs this key instead (a write key apart from the read key)"
-    )
-    events_api_key_file: Path | None = Field(None, description="file holding the events (write) key")
-    max_candidates: int = Field(500, ge=1, le=100_000, description="candidates per request; more is a 413")
-    max_body_bytes: int = Field(2_000_000, ge=1024, description="request body limit; more is a 413")
-    default_deadline_ms: float | None = Field(2000.0, gt=0, description="deadline of a request that sets none, "
-                                              "counted from its arrival")  # fmt: skip
-    providers: str = Field("auto", description="ONNX Runtime providers: auto or a comma list of tensorrt,cuda,cpu")
-    crm_threads: int | None = Field(None, ge=1, le=256, description="ONNX Runtime intra-op threads (default 1)")
-    llm_threads: int | None = Field(None, ge=1, le=256, description="llama.cpp threads per context "
-                                    "(default: the cores split between the contexts)")  # fmt: skip
-    llm_threads_when_busy: int | None = Field(None, ge=1, le=256, description="llama.cpp threads per context "
-                                              "while the server is busy (default on a CPU: one "
-                                              "fewer than llm_threads, leaving a core to the requests)")  # fmt: skip
-    llm_contexts: int | None = Field(None, ge=1, le=64, description="llama.cpp contexts, each with its own "
-                                     "decode loop and KV cache (default 1)")  # fmt: skip
-    llm_context: int = Field(4096, ge=64, le=131072, description="longest prompt (prefix + one candidate) in tokens")
-    llm_gpu_layers: int | None = Field(None, ge=0, description="layers on the GPU (default: all where possible)")
-    llm_batch_tokens: int | None = Field(None, ge=32, le=65536, description="tokens per llama_decode "
-                                         "(default 512 on a CPU, 2048 on a GPU)")  # fmt: skip
-    llm_max_sequences: int = Field(64, ge=1, le=200, description="candidates decoded together")
-    llm_prefix_cache_tokens: int = Field(8192, ge=256, le=1_048_576, description="KV cells kept for users' "
-                                         "prefixes (instruction + history), per context")  # fmt: skip
-    llm_prefix_host_mib: int = Field(512, ge=0, le=1_048_576, description="host memory (MiB) for the KV cells of "
-                                     "prefixes no request is using, per context: they leave the KV cache, "
-                                     "which then decodes faster, and come back by a copy (0: they stay)")  # fmt: skip
-    llm_decode_without_signal: bool = Field(False, description="decode routed candidates even where the bundle's "
-                                            "LLM calibration has slope 0 (its answer then one constant: "
-                                            "for measuring the LLM's cost; otherwise the CRM answers them, "
-                                            "reason llm_no_signal)")  # fmt: skip
-    llm_queue_candidates: int = Field(512, ge=1, le=1_000_000, description="routed candidates that may wait "
-                                      "for the LLM; beyond, they are answered by the CRM at once "
-                                      "(mode llm: 429)")  # fmt: skip
-    llm_answer_memo: int = Field(100_000, ge=0, le=100_000_000, description="LLM answers remembered by their "
-                                 "prompts' tokens (~350 bytes each): a candidate asked for again before its "
-                                 "user's history changes is answered without the LLM (0: none)")  # fmt: skip
-    llm_vocab: int = Field(16_384, ge=0, le=10_000_000, description="decode with the vocabulary cut to the "
-                           "catalog's prompt tokens and this many of the most common others: an answer's "
-                           "projection onto all of Gemma 3's 262,144 tokens is a seventh of what a candidate "
-                           "costs a CPU; the cut copy of the GGUF is written once, to corella's model cache "
-                           "(0: the whole vocabulary)")  # fmt: skip
-    limit_concurrency: int = Field(2048, ge=1, description="open connections uvicorn serves before answering 503")
-    cpu_workers: int = Field(2, ge=1, le=64, description="threads that encode and score requests with the CRM")
-    # 5, not 10: on 2 cores under overload, 10 held CRM-only answers at a p50 of 47-54 ms at 64
-    # clients and 5 at 40-42 ms, for 5-15% fewer LLM answers (still 2x and more the unloaded rate)
-    http_nice: int = Field(5, ge=0, le=19, description="niceness of the CPU workers (0: as llama.cpp's threads): "
-                           "a flood of requests then cannot take all the cores the LLM decodes on; higher "
-                           "favours LLM answers under overload, lower the CRM-only answers' latency")  # fmt: skip
-    load_llm: bool = Field(True, description="load the LLM (False: CRM-only serving)")
-    access_log: bool = Field(False, description="log a line per request (uvicorn's access log; off by default: "
-                             "a busy server spent ~6% of its CPU on it, and /metrics counts requests)")  # fmt: skip
-    max_store_interactions: int = Field(50_000_000, ge=1, description="bound of the live store: a /v1/events batch "
-                                        "that would pass it is refused whole with 507, nothing is dropped")  # fmt: skip
-    state: Path | None = Field(None, description="state folder: the live feature store and engine caches "
-                               "(default: $CORELLA_HOME/state/<bundle id>; never inside the bundle)")  # fmt: skip
-    store: Path | None = Field(None, description="live feature store (default: <state>/store.sqlite)")
-
-    @model_validator(mode="after")
-    def _read_key_files(self) -> ServerSettings:
-        for name in ("api_key", "events_api_key"):
-            path = getattr(self, f"{name}_file")
-            if path is None:
-                continue
-            try:
-                key = Path(path).read_text(encoding="utf-8").strip()
-            except OSError as exc:
-                raise ValueError(f"{name}_file {path}: {exc.strerror}") from exc
-            if not key:
-                raise ValueError(f"{name}_file {path} is empty")
-            setattr(self, name, SecretStr(key))
-        return self
-
-    @classmethod
-    def from_options(cls, bundle: Path, **options: Any) -> ServerSettings:
-        """Settings from command-line options: an option left as None falls back to its CORELLA_
-        variable, then to the default (passing every option explicitly would hide the variables)."""
-        return cls(bundle=bundle, **{k: v for k, v in options.items() if v is not None})
-
-    def engine_settings(self) -> EngineSettings:
-        return EngineSettings(
-            providers=tuple(p.strip() for p in self.providers.split(",") if p.strip()),
-            crm_threads=self.crm_threads, llm_threads=self.llm_threads,
-            llm_threads_when_busy=self.llm_threads_when_busy, llm_contexts=self.llm_contexts,
-            llm_context=self.llm_context, llm_gpu_layers=self.llm_gpu_layers, llm_batch_tokens=self.llm_batch_tokens,
-            llm_max_sequences=self.llm_max_sequences, llm_prefix_cache_tokens=self.llm_prefix_cache_tokens,
-            llm_prefix_host_mib=self.llm_prefix_host_mib, llm_queue_candidates=self.llm_queue_candidates,
-            llm_answer_memo=self.llm_answer_memo, llm_vocab=self.llm_vocab,
-            default_deadline_ms=self.default_deadline_ms,
-            max_candidates=self.max_candidates, load_llm=self.load_llm, store_path=self.store, state_dir=self.state,
-            max_store_interactions=self.max_store_interactions,
-            llm_decode_without_signal=self.llm_decode_without_signal,
-        )  # fmt: skip
 
 
 def uvicorn_config(app: FastAPI, settings: ServerSettings, log_level: str = "info") -> Any:
@@ -672,14 +562,16 @@ def _ops_router() -> APIRouter:
 
 
 # ---------------------------------------------------------------------------- the app
-def create_app(settings: ServerSettings) -> FastAPI:
+def create_app(settings: ServerSettings, bundle: Bundle | None = None) -> FastAPI:
+    """The app serving `settings.bundle`; `bundle`: that bundle already loaded and verified (by
+    `corella serve`, which checks it before uvicorn starts), so its files are not hashed again."""
     metrics = ServingMetrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # noqa: ANN202
         app.state.loaded = False
-        bundle = await run_in_threadpool(load_bundle, settings.bundle)
-        app.state.engine = engine = await run_in_threadpool(Engine, bundle, settings.engine_settings(), metrics)
+        loaded = bundle if bundle is not None else await run_in_threadpool(load_bundle, settings.bundle)
+        app.state.engine = engine = await run_in_threadpool(Engine, loaded, settings.engine_settings(), metrics)
         # the CPU workers yield the cores to llama.cpp's threads; the event loop, whose work is short
         # (health, answers, reading requests), keeps the default priority so that it stays prompt
         app.state.cpu = _CpuWorkers(settings.cpu_workers, settings.http_nice)

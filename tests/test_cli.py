@@ -119,7 +119,9 @@ def test_serve_reads_corella_variables_and_options_override_them(tmp_path, monke
     # an invalid value in the environment is refused: the variable is read, not hidden by a default
     monkeypatch.setenv("CORELLA_LLM_QUEUE_CANDIDATES", "0")
     result = runner.invoke(app, ["serve", str(tmp_path)])
-    assert result.exit_code == 2 and "llm_queue_candidates" in result.output and "Traceback" not in result.output
+    assert (
+        result.exit_code == 2 and "CORELLA_LLM_QUEUE_CANDIDATES" in result.output and "Traceback" not in result.output
+    )
     # the option wins over the variable; the next check is the bundle, named in the error
     result = runner.invoke(app, ["serve", str(tmp_path), "--llm-queue-candidates", "5"])
     assert result.exit_code == 2 and "manifest.json: missing" in result.output

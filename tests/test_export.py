@@ -231,7 +231,7 @@ def test_export_calibrates_the_shipped_llm_and_the_engine_applies_it(bundle, tmp
     # a steeper map than the tiny model's, so that a missing or double application shows
     manifest["router"]["llm_calibration"] = {"slope": 3.0, "intercept": 0.5, "samples": 10}
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    engine = Engine(load_bundle(copy), EngineSettings(providers=("cpu",), store_path=tmp_path / "store.sqlite"))
+    engine = Engine(load_bundle(copy), EngineSettings(providers=("cpu",), store=tmp_path / "store.sqlite"))
     try:
         request = Request(candidates=[CandidateItem(str(i)) for i in range(1, 7)], user_id="7", mode="llm")
         answer = engine.predict(request)

@@ -11,15 +11,10 @@ import numpy as np
 import pytest
 
 from runtime.llm import LlamaModel, LlamaScorer, LlamaSettings, LLMError
-from runtime.scheduler import (
-    _MARGIN,
-    _QUIET_S,
-    ItemState,
-    LLMScheduler,
-    SchedulerObserver,
-    SchedulerSettings,
-    _PrefixCache,
-)
+from runtime.scheduling import ItemState, LLMScheduler, SchedulerObserver, SchedulerSettings
+from runtime.scheduling.admission import MARGIN as _MARGIN
+from runtime.scheduling.local import _QUIET_S
+from runtime.scheduling.prefix_cache import PrefixCache as _PrefixCache
 
 from .tiny_llm import write_tiny_llama_gguf
 

@@ -20,7 +20,7 @@ import pytest
 
 from runtime.bundle import load_bundle
 from runtime.engine import CandidateItem, Engine, EngineSettings, Request
-from runtime.scheduler import ItemState
+from runtime.scheduling import ItemState
 from runtime.server import ServerSettings, create_app, uvicorn_config
 
 # the bundle's GGUF is q8_0: llama.cpp multiplies quantized weights by a multi-token batch on another
@@ -34,7 +34,7 @@ def _engine(bundle: Path, tmp_path: Path, **settings) -> Engine:
     # no answer memo unless asked for: these tests send the same prompts again to see them decoded;
     # decoded whatever the tiny LLM's calibration (these tests are about decoding; test_shared_prefix and
     # test_silent_llm hold a bundle whose LLM has no signal)
-    options = {"providers": ("cpu",), "llm_threads": 1, "store_path": tmp_path / f"{bundle.name}-store.sqlite",
+    options = {"providers": ("cpu",), "llm_threads": 1, "store": tmp_path / f"{bundle.name}-store.sqlite",
                "llm_answer_memo": 0, "llm_decode_without_signal": True}  # fmt: skip
     options |= settings
     return Engine(load_bundle(bundle), EngineSettings(**options))
@@ -166,14 +166,16 @@ def test_a_deadline_mid_request_answers_the_rest_by_the_crm(bundle, tmp_path):
             time.sleep(0.001)
         with scheduler.paused():  # the deadline "passes" here: finish is what the server calls then
             answer = engine.finish(pending)
+            decoded = scheduler.stats()["decoded_candidates"]
         routes = [p["route"] for p in answer["predictions"]]
         llm, fallback = routes.count("llm"), routes.count("crm_fallback")
         assert 0 < llm < 30 and llm + fallback == 30 and answer["fallbacks"] == {"deadline": fallback}
         assert {p["fallback_reason"] for p in answer["predictions"] if p["route"] == "crm_fallback"} == {"deadline"}
         assert engine.metrics.value("corella_llm_fallbacks_total", reason="deadline") == fallback
         assert engine.metrics.value("corella_candidates_total", route="llm") == llm
-        time.sleep(0.2)  # the cancelled rest is never decoded
+        time.sleep(0.3)  # the cancelled rest is never decoded (one may have been in the batch then)
         assert scheduler.queued_candidates() == 0 and pending.job.done
+        assert scheduler.stats()["decoded_candidates"] - decoded <= 1 < fallback
     finally:
         engine.close()
 
@@ -353,7 +355,7 @@ def test_a_dead_llm_process_is_answered_by_the_crm_and_started_again(bundle, tmp
         assert engine.predict(_request(2, 6, mode="llm"))["fallbacks"] == {}
         os.kill(scheduler._process.pid, signal.SIGKILL)  # llama.cpp crashing, as a segfault would
         for _ in range(600):  # bounded: until the server has noticed
-            if engine.llm_status == "unavailable" or scheduler._restarts:
+            if engine.llm_status == "unavailable" or scheduler.restarted:
                 break
             time.sleep(0.05)
         for _ in range(1200):  # bounded: until the LLM process is back
@@ -361,12 +363,42 @@ def test_a_dead_llm_process_is_answered_by_the_crm_and_started_again(bundle, tmp
                 break
             answer = engine.predict(_request(2, 6, mode="llm"))
             if not answer["fallbacks"]:  # it came back between the check above and this request
-                assert scheduler.alive and scheduler._restarts == 1
+                assert scheduler.alive and scheduler.restarted == 1
                 break
             assert set(answer["fallbacks"]) <= {"llm_unavailable", "llm_error"}
             time.sleep(0.05)
-        assert scheduler.alive and scheduler._restarts == 1
+        assert scheduler.alive and scheduler.restarted == 1
         assert {p["route"] for p in engine.predict(_request(2, 6, mode="llm"))["predictions"]} == {"llm"}
+    finally:
+        engine.close()
+
+
+def test_a_kill_fails_jobs_in_flight_at_once_and_restarts_keep_to_their_budget(bundle, tmp_path):
+    import os
+    import signal
+
+    # one restart within the hour: the second death leaves the LLM down, and says so
+    engine = _engine(bundle, tmp_path, default_deadline_ms=None, llm_restarts=1, llm_restart_window_s=3600)
+    try:
+        scheduler = engine.scheduler
+        for kill in range(2):
+            scheduler.pause()  # the job waits in the LLM process's queue (a new process is not paused)
+            pending = engine.begin(_request(3, 8, mode="llm"))
+            os.kill(scheduler._process.pid, signal.SIGKILL)
+            started = time.perf_counter()
+            assert pending.job.wait(10), "a job of a dead LLM process was left waiting"
+            assert time.perf_counter() - started < 5
+            answer = engine.finish(pending)
+            assert set(answer["fallbacks"]) == {"llm_error"} and "exited" in answer["llm_error"]
+            for _ in range(1200):  # bounded: until it is back (first kill) or known to stay down (second)
+                if scheduler.alive or "restarts within" in (scheduler.failure or ""):
+                    break
+                time.sleep(0.05)
+            assert scheduler.restarted == 1
+        assert not scheduler.alive and engine.llm_status == "unavailable"
+        assert "1 restarts within 3600 s" in engine.llm_failure
+        answer = engine.predict(_request(3, 8, mode="llm"))
+        assert set(answer["fallbacks"]) == {"llm_unavailable"}
     finally:
         engine.close()
 
@@ -522,7 +554,7 @@ def test_the_memo_outlives_a_restart_for_the_same_model_only(bundle, tmp_path):
     from runtime.memo import AnswerMemo
 
     options = {"llm_process": False, "default_deadline_ms": None, "llm_answer_memo": 1000,
-               "state_dir": tmp_path / "state"}  # fmt: skip
+               "state": tmp_path / "state"}  # fmt: skip
     engine = _engine(bundle, tmp_path, **options)
     try:
         first = engine.predict(_request(4, 6, mode="llm"))
@@ -564,7 +596,7 @@ def test_a_bundle_whose_llm_has_no_signal_never_decodes_it(bundle, tmp_path):
     silent.router["llm_calibration"] = {"slope": 0.0, "intercept": 0.08, "samples": 200}
     silent.router["expected_gain"] = {"auc_gain": 0.0, "low": -0.001, "high": 0.001, "rows": 100,
                                       "routed_scored": 10}  # fmt: skip
-    engine = Engine(silent, EngineSettings(providers=("cpu",), llm_threads=1, store_path=tmp_path / "store.sqlite",
+    engine = Engine(silent, EngineSettings(providers=("cpu",), llm_threads=1, store=tmp_path / "store.sqlite",
                                            llm_answer_memo=0))  # fmt: skip
     try:
         for request in (_request(4, mode="llm"), _request(5, llm_fraction=0.5)):
@@ -578,7 +610,7 @@ def test_a_bundle_whose_llm_has_no_signal_never_decodes_it(bundle, tmp_path):
     finally:
         engine.close()
     # the same bundle decodes where asked to (the bench measures what decoding costs)
-    engine = Engine(silent, EngineSettings(providers=("cpu",), llm_threads=1, store_path=tmp_path / "store.sqlite",
+    engine = Engine(silent, EngineSettings(providers=("cpu",), llm_threads=1, store=tmp_path / "store.sqlite",
                                            llm_answer_memo=0, llm_decode_without_signal=True))  # fmt: skip
     try:
         answer = engine.predict(_request(4, mode="llm"))

@@ -17,8 +17,8 @@ from .tiny_llm import CORPUS
 
 
 def _engine(bundle: Path, tmp_path: Path, vocab: int, **settings) -> Engine:
-    options = {"providers": ("cpu",), "llm_threads": 1, "store_path": tmp_path / "store.sqlite",
-               "state_dir": tmp_path / "state", "llm_answer_memo": 0, "llm_vocab": vocab,
+    options = {"providers": ("cpu",), "llm_threads": 1, "store": tmp_path / "store.sqlite",
+               "state": tmp_path / "state", "llm_answer_memo": 0, "llm_vocab": vocab,
                "default_deadline_ms": None, "llm_decode_without_signal": True} | settings  # fmt: skip
     return Engine(load_bundle(bundle), EngineSettings(**options))
 

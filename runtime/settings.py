@@ -66,7 +66,7 @@ class EngineSettings(BaseModel):
     llm_process: bool = Field(True, description="decode in a process of its own, which shares no GIL with the "
                               "HTTP server and is started again when it dies")  # fmt: skip
     llm_restarts: int = Field(3, ge=0, le=1000, description="times the LLM process is started again within "
-                              "llm_restart_window_s; past it the LLM stays down until the window has moved on")  # fmt: skip
+                              "llm_restart_window_s; past it the LLM stays down until the window moves on")  # fmt: skip
     llm_restart_window_s: float = Field(300.0, gt=0, description="the window (seconds) llm_restarts is counted over")
     llm_decode_without_signal: bool = Field(False, description="decode routed candidates even where the bundle's "
                                             "LLM calibration has slope 0 (its answer then one constant: "

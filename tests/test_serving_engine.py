@@ -381,7 +381,7 @@ def test_a_kill_fails_jobs_in_flight_at_once_and_restarts_keep_to_their_budget(b
     engine = _engine(bundle, tmp_path, default_deadline_ms=None, llm_restarts=1, llm_restart_window_s=3600)
     try:
         scheduler = engine.scheduler
-        for kill in range(2):
+        for _ in range(2):
             scheduler.pause()  # the job waits in the LLM process's queue (a new process is not paused)
             pending = engine.begin(_request(3, 8, mode="llm"))
             os.kill(scheduler._process.pid, signal.SIGKILL)

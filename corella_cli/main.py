@@ -253,12 +253,16 @@ def train_corella_command(
 
     given = {k: v for k, v in locals().items() if v is not None and v is not False}
     overrides = _corella_overrides(given)
+    # what the user typed (not the defaults): a resumed run refuses those that differ from its own
+    typed = {
+        k: v for k, v in given.items() if k != "ctx" and getattr(ctx.get_parameter_source(k), "name", None) in _TYPED
+    }
     try:
         config = preset_config(preset, overrides)
         if seeds > 1:
             _train_seeds(out, config, seeds, resume, crm)
             return
-        train_corella(out, config, resume=resume, crm_run=crm)
+        train_corella(out, config, resume=resume, crm_run=crm, given=_corella_overrides(typed))
     except ValidationError as exc:
         raise _fail(CorellaError(str(exc))) from exc
     except CorellaError as exc:
@@ -275,6 +279,9 @@ _JOINT_OPTIONS = ("stage2_samples", "stage3_samples", "batch_size", "stage2_epoc
                   "gradient_checkpointing", "group_size", "llm_samples")  # fmt: skip
 _TOP_OPTIONS = ("dataset", "llm", "device", "dtype", "max_prompt_tokens", "prompt_version", "eval_samples",
                 "router_fraction", "threads", "calibration_samples")  # fmt: skip
+
+
+_TYPED = ("COMMANDLINE", "ENVIRONMENT")  # the parameter sources of options a user set
 
 
 def _corella_overrides(given: dict[str, Any]) -> dict[str, Any]:

@@ -174,12 +174,13 @@ class Engine:
         # one thread: a request's few hundred rows take ~0.5 ms; a second thread costs more CPU than it saves
         self.state = state_dir(bundle, settings.state)
         self.store = FeatureStore(live_store(bundle, settings.state, settings.store))
-        # user -> (events posted when read, last interactions, summary); see _stored_user
-        self._users: OrderedDict[str, tuple[int | None, list[HistoryItem], UserSummary]] = OrderedDict()
-        self._posted: dict[str, int] = {}
+        # user -> (last interactions, summary), least recently used first; see _stored_user
+        self._users: OrderedDict[str, tuple[list[HistoryItem], UserSummary]] = OrderedDict()
+        self._appends = 0  # appends done: a read that overlapped one is not remembered
         self._users_lock = threading.Lock()
         self.memo = AnswerMemo(settings.llm_answer_memo) if settings.llm_answer_memo > 0 else None
-        self._recallable: set[str] = set()  # users with remembered answers (looked up even when the LLM is saturated)
+        # users with remembered answers (looked up even when the LLM is saturated), least recent first
+        self._recallable: OrderedDict[str, None] = OrderedDict()
         # token ids by text: a repeat user's prefix and every catalog item's suffix are tokenized
         # once (~1.5 ms of a 10-candidate request's 1.7 ms here); bounded, thread-safe, immutable values
         # (the ids the decoding model reads: the cut vocabulary's where it is cut)
@@ -392,18 +393,19 @@ class Engine:
         if at is None:
             with self._users_lock:
                 cached = self._users.get(user_id)
-                if cached is not None and cached[0] == self._posted.get(user_id):
+                if cached is not None:
                     self._users.move_to_end(user_id)
-                    return cached[1], cached[2]
-        posted = self._posted.get(user_id)  # read before the store: an event meanwhile makes this stale
+                    return cached
+                appends = self._appends  # read before the store: an append meanwhile may make this stale
         stored, past = self.store.user_past(user_id, before=at)
         history = [HistoryItem(h.item_id, h.rating, h.timestamp) for h in stored[-self.spec.history_length :]]
         summary = self.spec.user_summary(past)
         if at is None:
             with self._users_lock:
-                self._users[user_id] = (posted, history, summary)
-                if len(self._users) > _USER_CACHE:
-                    self._users.popitem(last=False)
+                if self._appends == appends:  # no event landed while the store was read
+                    self._users[user_id] = (history, summary)
+                    if len(self._users) > _USER_CACHE:
+                        self._users.popitem(last=False)
         return history, summary
 
     def prepare(self, request: Request) -> Prepared:
@@ -672,9 +674,11 @@ class Engine:
             key, suffixes = pending.prompts
             self.memo.remember(key, [suffixes[k] for k in np.flatnonzero(done).tolist()], p[done].tolist())
             if (user := pending.request.user_id) is not None:
-                if len(self._recallable) >= self.memo.capacity:
-                    self._recallable.clear()
-                self._recallable.add(user)
+                with self._users_lock:
+                    self._recallable[user] = None
+                    self._recallable.move_to_end(user)
+                    if len(self._recallable) > _USER_CACHE:
+                        self._recallable.popitem(last=False)
         for i, item_state in zip(indices[~done].tolist(), state[~done].tolist(), strict=True):
             failed = item_state == ItemState.FAILED
             answers.reasons[i] = FallbackReason.LLM_ERROR if failed else FallbackReason.DEADLINE
@@ -731,16 +735,18 @@ class Engine:
 
     def append_events(self, events: list[Interaction]) -> int:
         """Append (durably) and forget the users' cached prefixes; returns how many were new."""
-        with self._users_lock:  # before the write: a summary read meanwhile is stale
-            for user in {e.user_id for e in events}:
-                self._posted[user] = self._posted.get(user, 0) + 1
         try:
             count = self.store.append(events, self.settings.max_store_interactions)
         except StoreFull:
             self.metrics.events_refused.inc(len(events))
             raise
-        for user in {e.user_id for e in events}:
-            self._recallable.discard(user)  # their prefix changes: the memo has no answers for it
+        users = {e.user_id for e in events}
+        with self._users_lock:  # after the write: what is read from now on is fresh
+            self._appends += 1
+            for user in users:
+                self._users.pop(user, None)
+                self._recallable.pop(user, None)  # their prefix changes: the memo has no answers for it
+        for user in users:
             if self.scheduler is not None:
                 self.scheduler.invalidate_user(user)
         self.metrics.events.inc(count)

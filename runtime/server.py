@@ -41,6 +41,7 @@ from runtime.bundle import Bundle, load_bundle
 from runtime.engine import CandidateItem, Engine, HistoryItem
 from runtime.engine import Request as EngineRequest
 from runtime.errors import ConfigError, CorellaError, OverloadedError, RequestTooLarge, StoreFull
+from runtime.llm import LLMError
 from runtime.metrics import ServingMetrics
 from runtime.settings import ServerSettings
 from runtime.store import Interaction
@@ -434,11 +435,13 @@ class _CpuWorkers:
         if not sum(self.waiting):
             self._occupied_from = queued
         self.waiting[lane] += 1
-        self.urgent_candidates += weight
+        with self._lock:  # the workers take it back: two threads change it
+            self.urgent_candidates += weight
 
         def job() -> Any:
             began = time.perf_counter()
-            self.urgent_candidates -= weight  # a worker thread: a word-sized race, an estimate only
+            with self._lock:
+                self.urgent_candidates -= weight
             if deadline is not None and began > deadline and began - queued > _LATE_QUEUE_S:
                 raise OverloadedError(f"the server is saturated: the request waited {began - queued:.1f} s for a "
                                       "CPU worker, past its deadline", self.expected_wait())  # fmt: skip
@@ -500,6 +503,17 @@ def lower_thread_priority(nice: int) -> None:
             os.setpriority(os.PRIO_PROCESS, tid, nice)
 
 
+def _scheduler_summary(scheduler: Any) -> dict[str, Any] | None:
+    """The scheduler's settings and state; a scheduler that cannot say (its process is down) says why."""
+    if scheduler is None:
+        return None
+    try:
+        state = scheduler.stats()
+    except LLMError as exc:
+        state = {"error": str(exc)}
+    return scheduler.settings.__dict__ | state
+
+
 def _model_summary(engine: Engine, settings: ServerSettings) -> dict[str, Any]:
     manifest = engine.bundle.manifest
     llm = manifest.get("llm") or {}
@@ -515,7 +529,7 @@ def _model_summary(engine: Engine, settings: ServerSettings) -> dict[str, Any]:
                 "loaded": engine.llm_status == "serving", "decoded": not engine.llm_silent,
                 "expected_gain": manifest["router"].get("expected_gain"),
                 "gpu_layers": scheduler.gpu_layers if scheduler else None, "load_error": engine.llm_failure,
-                "scheduler": scheduler.settings.__dict__ | scheduler.stats() if scheduler else None,
+                "scheduler": _scheduler_summary(scheduler),
                 "answer_memo": {"capacity": settings.llm_answer_memo,
                                 "answers": len(engine.memo) if engine.memo is not None else 0},
                 "vocabulary": engine.vocabulary()}

@@ -72,7 +72,9 @@ class Interaction:
 
 
 class FeatureStore:
-    """A thread-safe handle on store.sqlite (one connection, serialized by a lock).
+    """A thread-safe handle on store.sqlite: reads on one connection and appends on another, each
+    serialized by its own lock, so that an append's fsync (WAL: readers never wait for the writer)
+    does not hold up the predictions' reads.
 
     What a request reads of the store besides the user's past (catalog entries, item totals, user
     profiles) is remembered in memory: the catalog and the profiles never change while serving, and
@@ -83,7 +85,10 @@ class FeatureStore:
         self.path = Path(path)
         uri = f"file:{self.path}?mode=ro" if readonly else f"file:{self.path}"
         self._conn = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the reading connection and the caches
+        self._write_lock = threading.Lock()
+        self._writer: sqlite3.Connection | None = None
+        self._interaction_count: int | None = None  # counted once, then kept by the appends
         self._item_cache: dict[str, ItemText | None] = {}
         self._totals_cache: dict[str, tuple[float, float, float] | None] = {}
         self._user_cache: dict[str, dict[str, str] | None] = {}
@@ -107,6 +112,9 @@ class FeatureStore:
             )
         #: ratings at or above it are likes in the running totals (set by `create`)
         self.like_threshold = float(like[0][0]) if like else math.inf
+        if not readonly:
+            self._writer = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
+            self._writer.execute("PRAGMA synchronous=FULL")  # per connection: every append is on disk
 
     @classmethod
     def create(
@@ -158,6 +166,9 @@ class FeatureStore:
             self._conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
     def close(self) -> None:
+        with self._write_lock:
+            if self._writer is not None:
+                self._writer.close()
         with self._lock:
             self._conn.close()
 
@@ -188,7 +199,17 @@ class FeatureStore:
             return found
 
     def counts(self) -> dict[str, int]:
-        return {t: self._query(f"SELECT COUNT(*) FROM {t}")[0][0] for t in ("items", "users", "interactions")}
+        with self._write_lock:
+            interactions = self._count_interactions(self._writer or self._conn)
+        return {t: self._query(f"SELECT COUNT(*) FROM {t}")[0][0] for t in ("items", "users")} | {
+            "interactions": interactions
+        }
+
+    def _count_interactions(self, conn: sqlite3.Connection) -> int:
+        """The interactions held: counted once (a full scan), then kept by `append` (caller holds the write lock)."""
+        if self._interaction_count is None:
+            self._interaction_count = conn.execute("SELECT COUNT(*) FROM interactions").fetchone()[0]
+        return self._interaction_count
 
     def interactions(self, offset: int = 0, limit: int = -1) -> list[Interaction]:
         """Interactions in insertion order (the export writes them in global time order)."""
@@ -271,35 +292,38 @@ class FeatureStore:
         """Append in one transaction (on disk when it returns); events whose `event_id` the store
         holds already are skipped (a retried POST counts once). Returns how many were new. With
         `max_interactions`, a batch that would take the store past it is refused whole (StoreFull)."""
-        with self._lock:
-            self._conn.execute("BEGIN")
+        if self._writer is None:
+            raise StoreError(f"{self.path}: opened read-only")
+        conn = self._writer
+        with self._write_lock:
+            total = self._count_interactions(conn)
+            if max_interactions is not None and total + len(events) > max_interactions:
+                raise StoreFull(f"the live store holds {total:,} interactions; {len(events):,} more would pass "
+                                f"its bound of {max_interactions:,} (--max-store-interactions)")  # fmt: skip
+            conn.execute("BEGIN")
             try:
-                (last, total) = self._conn.execute(
-                    "SELECT COALESCE(MAX(seq), 0), COUNT(*) FROM interactions"
-                ).fetchone()
-                if max_interactions is not None and total + len(events) > max_interactions:
-                    raise StoreFull(f"the live store holds {total:,} interactions; {len(events):,} more would pass "
-                                    f"its bound of {max_interactions:,} (--max-store-interactions)")  # fmt: skip
+                (last,) = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM interactions").fetchone()
                 # each event sees its item's totals before this batch (a batch is one moment)
                 before = {item: (0, 0.0) for item in {e.item_id for e in events}}
                 marks = ",".join("?" * len(before))
                 before |= {
                     item: (n, total)
-                    for item, n, total in self._conn.execute(
+                    for item, n, total in conn.execute(
                         f"SELECT item_id, count, rating_sum FROM item_totals WHERE item_id IN ({marks})", list(before)
                     )
                 }
-                self._conn.executemany(
+                added = conn.executemany(
                     f"INSERT OR IGNORE INTO interactions ({_COLUMNS}, event_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
                     ((e.user_id, e.item_id, float(e.rating), int(e.timestamp), *before[e.item_id], e.event_id)
                      for e in events),
-                )  # fmt: skip
-                (added,) = self._conn.execute("SELECT COUNT(*) FROM interactions WHERE seq > ?", (last,)).fetchone()
-                self._add_totals(after=last)
-                self._conn.execute("COMMIT")
+                ).rowcount  # fmt: skip
+                conn.execute(_ADD_TOTALS, {"after": last, "like": self.like_threshold})
+                conn.execute("COMMIT")
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                conn.execute("ROLLBACK")
                 raise
+            self._interaction_count = total + added
+        with self._lock:  # after the commit: a read from now on sees the new totals
             for item in before:
                 self._totals_cache.pop(item, None)
         return int(added)

@@ -166,3 +166,24 @@ def test_train_options_reach_the_run_config(synthetic_dir, tmp_path):
     assert (joint["stage2_samples"], joint["stage3_samples"], joint["batch_size"], joint["seed"]) == (8, 4, 4, 5)
     assert joint["grad_accumulation"] == 2 and joint["gradient_checkpointing"] and joint["skip_stage3"]
     assert not joint["llm_alone"] and not (out / "stage3").exists()
+
+
+def test_resume_refuses_options_that_differ_from_the_run(tmp_path):
+    import json
+
+    from training.pipeline import preset_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    recorded = preset_config("quick", {"joint": {"stage2_samples": 64}})
+    (run / "run.json").write_text(json.dumps({"config": recorded.model_dump()}), encoding="utf-8")
+    result = runner.invoke(app, ["train", "--out", str(run), "--resume", "--stage2-samples", "128", "--seed", "3"])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "stage2_samples 64 there, 128 given" in " ".join(result.output.split())
+    assert "seed" in result.output
+
+    from training.pipeline import resumed_config
+
+    same = resumed_config(run, preset_config("default"), {"joint": {"stage2_samples": 64}, "threads": 1})
+    assert same.joint.stage2_samples == 64 and same.threads == 1  # the run's own, and where it runs
+    assert resumed_config(run, preset_config("default"), None).joint == recorded.joint

@@ -445,3 +445,56 @@ def test_a_candidates_cells_leave_and_its_prefix_stays(model: LlamaModel, refere
         context.close()
     assert answers[0] == pytest.approx(answers[1], abs=1e-6)
     assert answers[1] == pytest.approx(reference(prefix, suffixes), abs=2e-3)
+
+
+def test_a_decode_loop_that_dies_fails_its_jobs_at_once(model):
+    """Anything but a llama.cpp error on one batch (here a token id that is no number) stops
+    the scheduler: every job fails now, none waits for its deadline, and new work is refused."""
+    failures: list[str] = []
+    scheduler = LLMScheduler(model, SchedulerSettings(threads=1), on_failure=failures.append)
+    try:
+        with scheduler.paused():
+            doomed = scheduler.submit([1, 2, 3], [["not a token"]], None).job
+            waiting = scheduler.submit([4, 5, 6], [[7, 8], [9, 10]], None).job
+        assert doomed.wait(5) and waiting.wait(5), "jobs of a dead loop were left waiting"
+        assert (doomed.state == ItemState.FAILED).all() and (waiting.state == ItemState.FAILED).all()
+        assert "ValueError" in waiting.error and not scheduler.alive
+        assert len(failures) == 1 and "decode loop 0 stopped" in failures[0]
+        with pytest.raises(LLMError, match="decode loop 0 stopped"):
+            scheduler.submit([1, 2], [[3]], None)
+        assert scheduler.queued_candidates() == 0
+    finally:
+        scheduler.close()
+
+
+def test_a_failed_warm_up_of_one_of_several_contexts_is_the_llm_error(model, monkeypatch):
+    calls = []
+
+    def warm_up(self, worker) -> None:  # noqa: ANN001
+        calls.append(worker.index)
+        if worker.index == 1:
+            raise LLMError("llama_decode returned -3 (out of memory)")
+
+    monkeypatch.setattr(LLMScheduler, "_warm_up", warm_up)
+    with pytest.raises(LLMError, match=r"context 1 failed its first decode: .*out of memory"):
+        LLMScheduler(model, SchedulerSettings(threads=1, contexts=3))
+    assert calls == [0, 1]
+
+
+def test_the_child_process_exits_when_its_loop_dies_and_comes_back(gguf):
+    from runtime.scheduling import RemoteScheduler
+
+    yes, no = _answer_ids(gguf)
+    scheduler = RemoteScheduler(gguf, yes, no, SchedulerSettings(threads=1))
+    try:
+        job = scheduler.submit([1, 2, 3], [["not a token"]], None).job
+        assert job.wait(10) and (job.state == ItemState.FAILED).all()
+        for _ in range(600):  # bounded: until the new process answers
+            if scheduler.alive and scheduler.restarted:
+                break
+            threading.Event().wait(0.05)
+        assert scheduler.alive and scheduler.restarted == 1
+        p, state = _answers(scheduler, scheduler.submit([1, 2, 3], [[4, 5]], None).job)
+        assert (state == ItemState.DONE).all() and 0 < p[0] < 1
+    finally:
+        scheduler.close()

@@ -372,3 +372,19 @@ def test_the_live_store_bound_refuses_a_batch_whole(bundle, tmp_path):
         assert client.post("/v1/events", json={"events": events[:2]}).json()["appended"] == 2
         assert "corella_events_refused_total 3.0" in client.get("/metrics").text
     assert load_bundle(copy).id  # the bundle itself untouched and valid
+
+
+def test_a_bundle_verified_by_serve_is_not_hashed_again(bundle, monkeypatch):
+    import runtime.bundle
+
+    loaded = load_bundle(bundle)
+    hashed: list[Path] = []
+    real = runtime.bundle.file_digest
+    monkeypatch.setattr(runtime.bundle, "file_digest", lambda path: hashed.append(path) or real(path))
+    settings = ServerSettings(bundle=bundle, load_llm=False)
+    with TestClient(create_app(settings, bundle=loaded)) as client:
+        assert client.get("/readyz").json()["ready"]
+    assert hashed == []
+    with TestClient(create_app(settings)) as client:  # without it, the server verifies the bundle itself
+        assert client.get("/readyz").json()["ready"]
+    assert {path.name for path in hashed} >= {"crm.onnx", "store.sqlite"}

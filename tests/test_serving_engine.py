@@ -22,6 +22,7 @@ from runtime.bundle import load_bundle
 from runtime.engine import CandidateItem, Engine, EngineSettings, Request
 from runtime.scheduling import ItemState
 from runtime.server import ServerSettings, create_app, uvicorn_config
+from runtime.store import Interaction
 
 # the bundle's GGUF is q8_0: llama.cpp multiplies quantized weights by a multi-token batch on another
 # kernel path than one token, so batch composition moves P(yes) a little more than on the f32 tiny
@@ -619,3 +620,38 @@ def test_a_bundle_whose_llm_has_no_signal_never_decodes_it(bundle, tmp_path):
         assert len(constant) == 1  # slope 0: whatever the LLM said, one calibrated answer
     finally:
         engine.close()
+
+
+def test_users_caches_stay_bounded_and_an_event_is_read_at_once(bundle, tmp_path, monkeypatch):
+    import runtime.engine
+
+    monkeypatch.setattr(runtime.engine, "_USER_CACHE", 3)
+    engine = _engine(bundle, tmp_path, load_llm=False)
+    try:
+        lengths = {u: engine.predict(_request(u, 4))["history_length"] for u in range(1, 9)}
+        for user in range(1, 9):  # an event each: the cache of pasts forgets them, nothing grows per user
+            engine.append_events([Interaction(str(user), "5", 4.0, 2_000_000_000 + user)])
+            answer = engine.predict(_request(user, 4))
+            assert answer["history_length"] == min(engine.spec.history_length, lengths[user] + 1)
+            assert len(engine._users) <= 3 and len(engine._recallable) <= 3
+        assert not hasattr(engine, "_posted")
+    finally:
+        engine.close()
+
+
+def test_model_summary_answers_while_the_llm_process_is_dead(bundle, tmp_path):
+    import signal
+
+    with _serving(bundle, tmp_path) as (base, app):
+        engine = app.state.engine
+        engine.scheduler.restarts = 0  # stays down: /v1/model is asked while it is
+        os.kill(engine.scheduler._process.pid, signal.SIGKILL)
+        for _ in range(200):  # bounded: until the server has noticed
+            if not engine.scheduler.alive:
+                break
+            time.sleep(0.05)
+        response = httpx.get(f"{base}/v1/model", timeout=30)
+        assert response.status_code == 200, response.text
+        llm = response.json()["llm"]
+        assert llm["status"] == "unavailable" and "exited" in llm["load_error"]
+        assert "exited" in llm["scheduler"]["error"]

@@ -81,3 +81,46 @@ def test_an_old_bundle_with_state_inside_keeps_it_through_a_reexport(trained_run
     assert not (out / "state").exists() and len(live_events(moved)) == 1
     with pytest.raises(StoreError, match="holds 1 events"):
         live_store(load_bundle(out))
+
+
+def test_appends_keep_a_count_and_never_hold_up_reads(tmp_path):
+    import threading
+
+    from runtime.errors import StoreFull
+    from runtime.prompt import ItemText
+
+    store = FeatureStore.create(tmp_path / "store.sqlite", [("1", ItemText("One")), ("2", ItemText("Two"))],
+                                [("u", {"age": "20"})],
+                                [Interaction("u", "1", 4.0, 100), Interaction("u", "2", 2.0, 200)], 4.0)  # fmt: skip
+    try:
+        assert store.counts()["interactions"] == 2
+        events = [Interaction("u", "1", 5.0, 300, event_id="a"), Interaction("v", "2", 3.0, 301, event_id="b")]
+        assert store.append(events, max_interactions=4) == 2
+        assert store.append(events) == 0  # the same ids: nothing new, nothing counted
+        assert store.counts()["interactions"] == 4
+        with pytest.raises(StoreFull):
+            store.append([Interaction("v", "1", 1.0, 302)], max_interactions=4)
+        store._interaction_count = None  # counted again from the table: the kept count was right
+        assert store.counts()["interactions"] == 4
+        # a write in progress (its lock held, as during a commit's fsync) does not block a read
+        held, done = threading.Event(), threading.Event()
+
+        def write() -> None:
+            with store._write_lock:
+                held.set()
+                done.wait(10)
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        assert held.wait(10)
+        try:
+            reader = threading.Thread(target=lambda: store.user_past("u"))
+            reader.start()
+            reader.join(timeout=5)
+            assert not reader.is_alive(), "a read waited for the writer"
+            assert store.item_totals(["1"])[0][0] == 2
+        finally:
+            done.set()
+            writer.join(timeout=10)
+    finally:
+        store.close()

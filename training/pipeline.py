@@ -243,21 +243,64 @@ def recorded_config(out: Path) -> CoReLLaConfig | None:
     return CoReLLaConfig(**{"prompt_version": 3} | recorded["config"])
 
 
+#: options that may change when a run is resumed: where and how fast it runs, not what it trains
+_RESUMABLE_CHANGES = frozenset({"threads"})
+
+
+def resumed_config(out: Path, config: CoReLLaConfig, given: dict[str, Any] | None = None) -> CoReLLaConfig:
+    """The configuration a resumed run goes on with: the one it was started with. Options `given`
+    on the command line that differ from it are refused (ConfigError, naming them), except those in
+    `_RESUMABLE_CHANGES`, which apply; a resume never silently drops an option."""
+    recorded = recorded_config(out)
+    if recorded is None:
+        return config
+    before = recorded.model_dump()
+    conflicts, changes = [], {}
+    for path, value in _flatten(given or {}):
+        if value is None:
+            continue
+        was = before
+        for part in path:
+            was = was.get(part) if isinstance(was, dict) else None
+        if was == value or (isinstance(was, float | int) and isinstance(value, float | int) and float(was) == value):
+            continue
+        if path[-1] in _RESUMABLE_CHANGES and len(path) == 1:
+            changes[path[0]] = value
+        else:
+            conflicts.append(f"{'.'.join(path)} {was!r} there, {value!r} given")
+    if conflicts:
+        raise ConfigError(f"--resume continues the run in {out} as it was started, and these options differ from "
+                          f"it: {'; '.join(conflicts)}. Drop them, or start a new run with another --out")  # fmt: skip
+    return recorded.model_copy(update=changes)
+
+
+def _flatten(options: dict[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
+    items: list[tuple[tuple[str, ...], Any]] = []
+    for key, value in options.items():
+        if isinstance(value, dict):
+            items += _flatten(value, (*prefix, key))
+        else:
+            items.append(((*prefix, key), value))
+    return items
+
+
 def train_corella(
     out: Path,
     config: CoReLLaConfig,
     resume: bool = False,
     crm_run: Path | None = None,
     show_progress: bool = True,
+    given: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Stages 1-3 and the report. With resume, completed stages are reloaded, not re-run."""
+    """Stages 1-3 and the report. With resume, completed stages are reloaded, not re-run; `given`:
+    the options the user set, checked against the run's own (see `resumed_config`)."""
     out = Path(out)
     if config.threads:
         torch.set_num_threads(config.threads)
     if out.exists() and any(out.iterdir()) and not resume:
         raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     if resume:
-        config = recorded_config(out) or config
+        config = resumed_config(out, config, given)
     compute = resolve_compute(config.device, config.dtype)
     log.info("training on %s", compute.describe())
     torch.manual_seed(config.joint.seed)

@@ -260,8 +260,8 @@ class RemoteScheduler(Pausable):
                 if slot is not None:
                     slot[1] = message
                     slot[0].set()
-            elif isinstance(message, Crashed):
-                self._crash = message.reason
+            elif isinstance(message, Crashed):  # down from now: the process exits next
+                self._crash = self.failure = f"the LLM process is stopping: {message.reason}"
         self._lost()
 
     def _lost(self) -> None:
@@ -269,7 +269,7 @@ class RemoteScheduler(Pausable):
         self._process.join(timeout=5)
         reason = f"the LLM process exited (code {self._process.exitcode})"
         if self._crash:
-            reason += f": {self._crash}"
+            reason += f"; {self._crash}"
         self.failure = reason  # before the jobs fail: a request that sees them failed sees the LLM down
         with self._lock:
             jobs, self._jobs = list(self._jobs.values()), {}

@@ -16,27 +16,27 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from runtime.bundle import Bundle
 from runtime.crm import CRMSession
 from runtime.errors import ConfigError, OverloadedError, RequestTooLarge, StoreFull
-from runtime.features import UserInteractions, UserSummary, normalize_user_attributes
 from runtime.llm import LlamaModel, LLMError, gpu_offload_supported
 from runtime.memo import AnswerMemo, MemoFileError
 from runtime.metrics import ServingMetrics
+from runtime.pasts import RecentUsers, UserPasts
 from runtime.paths import model_cache
 from runtime.prompt import HistoryEntry, ItemText
 from runtime.quality import describe_gain
+from runtime.requests import CandidateItem, HistoryItem, Mode, Request
 from runtime.router import LLMCalibration, binary_entropy, route_by_budget, route_by_threshold
 from runtime.scheduling import ItemState, JobHandle, LLMScheduler, RemoteScheduler, Scheduler, SchedulerSettings
 from runtime.settings import EngineSettings
@@ -57,10 +57,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_USER_CACHE = 100_000  # users whose past summary is remembered (a few KB each)
 TOKEN_CACHE_TEXTS = 4096  # prompt texts whose token ids are remembered (at most ~10 KB each)
-
-Mode = Literal["hybrid", "crm", "llm"]
 
 
 class FallbackReason(StrEnum):
@@ -73,34 +70,6 @@ class FallbackReason(StrEnum):
     LLM_DISABLED = "llm_disabled"  # served without an LLM (--no-llm, or a CRM-only bundle)
     # the bundle's calibrated LLM answer cannot depend on what the LLM says (slope 0): never decoded
     LLM_NO_SIGNAL = "llm_no_signal"
-
-
-@dataclass(frozen=True)
-class HistoryItem:
-    item_id: str
-    rating: float
-    timestamp: int | None = None
-    title: str | None = None
-
-
-@dataclass(frozen=True)
-class CandidateItem:
-    item_id: str
-    title: str | None = None
-    year: str | None = None
-    tags: tuple[str, ...] | None = None
-
-
-@dataclass
-class Request:
-    candidates: list[CandidateItem]
-    user_id: str | None = None
-    user_attributes: dict[str, Any] | None = None
-    history: list[HistoryItem] | None = None
-    mode: Mode = "hybrid"
-    llm_fraction: float | None = None
-    deadline_ms: float | None = None
-    at: int | None = None  # history from the store strictly before this time (default: all)
 
 
 @dataclass
@@ -174,13 +143,10 @@ class Engine:
         # one thread: a request's few hundred rows take ~0.5 ms; a second thread costs more CPU than it saves
         self.state = state_dir(bundle, settings.state)
         self.store = FeatureStore(live_store(bundle, settings.state, settings.store))
-        # user -> (last interactions, summary), least recently used first; see _stored_user
-        self._users: OrderedDict[str, tuple[list[HistoryItem], UserSummary]] = OrderedDict()
-        self._appends = 0  # appends done: a read that overlapped one is not remembered
-        self._users_lock = threading.Lock()
+        self.pasts = UserPasts(self.store, self.spec)
         self.memo = AnswerMemo(settings.llm_answer_memo) if settings.llm_answer_memo > 0 else None
-        # users with remembered answers (looked up even when the LLM is saturated), least recent first
-        self._recallable: OrderedDict[str, None] = OrderedDict()
+        # users with remembered answers (looked up even when the LLM is saturated)
+        self._recallable = RecentUsers()
         # token ids by text: a repeat user's prefix and every catalog item's suffix are tokenized
         # once (~1.5 ms of a 10-candidate request's 1.7 ms here); bounded, thread-safe, immutable values
         # (the ids the decoding model reads: the cut vocabulary's where it is cut)
@@ -369,48 +335,9 @@ class Engine:
         return self.crm is not None
 
     # ------------------------------------------------------------------ request pieces
-    def _user(self, request: Request) -> tuple[dict[str, str], list[HistoryItem], UserSummary, bool]:
-        """The user's attributes, last interactions, the summary of every earlier interaction (the
-        request's own history where it brings one, else the store's) and whether the user is known."""
-        profile = self.store.user_attributes(request.user_id) if request.user_id is not None else None
-        known = profile is not None
-        if request.user_attributes is not None:
-            attributes = normalize_user_attributes(request.user_attributes)
-        else:
-            attributes = profile or {}
-        if request.history is not None:
-            history = list(request.history)
-            summary = self.spec.user_summary(self.store.past([h.item_id for h in history], [h.rating for h in history]))
-        elif request.user_id is not None:
-            history, summary = self._stored_user(request.user_id, request.at)
-        else:
-            history, summary = [], self.spec.user_summary(UserInteractions([], [], [], []))
-        return attributes, history[-self.spec.history_length :], summary, known or bool(history)
-
-    def _stored_user(self, user_id: str, at: int | None) -> tuple[list[HistoryItem], UserSummary]:
-        """A user's past from the store: remembered (for requests of now) until the user's next
-        event, so a returning user costs no scan of their whole past."""
-        if at is None:
-            with self._users_lock:
-                cached = self._users.get(user_id)
-                if cached is not None:
-                    self._users.move_to_end(user_id)
-                    return cached
-                appends = self._appends  # read before the store: an append meanwhile may make this stale
-        stored, past = self.store.user_past(user_id, before=at)
-        history = [HistoryItem(h.item_id, h.rating, h.timestamp) for h in stored[-self.spec.history_length :]]
-        summary = self.spec.user_summary(past)
-        if at is None:
-            with self._users_lock:
-                if self._appends == appends:  # no event landed while the store was read
-                    self._users[user_id] = (history, summary)
-                    if len(self._users) > _USER_CACHE:
-                        self._users.popitem(last=False)
-        return history, summary
-
     def prepare(self, request: Request) -> Prepared:
         """Resolve the user and the candidates (request first, then the store) and encode them."""
-        attributes, history, summary, known_user = self._user(request)
+        attributes, history, summary, known_user = self.pasts.user(request)
         candidates = request.candidates
         item_ids = [c.item_id for c in candidates]
         catalog = self.store.items(item_ids)
@@ -674,11 +601,7 @@ class Engine:
             key, suffixes = pending.prompts
             self.memo.remember(key, [suffixes[k] for k in np.flatnonzero(done).tolist()], p[done].tolist())
             if (user := pending.request.user_id) is not None:
-                with self._users_lock:
-                    self._recallable[user] = None
-                    self._recallable.move_to_end(user)
-                    if len(self._recallable) > _USER_CACHE:
-                        self._recallable.popitem(last=False)
+                self._recallable.add(user)
         for i, item_state in zip(indices[~done].tolist(), state[~done].tolist(), strict=True):
             failed = item_state == ItemState.FAILED
             answers.reasons[i] = FallbackReason.LLM_ERROR if failed else FallbackReason.DEADLINE
@@ -741,12 +664,9 @@ class Engine:
             self.metrics.events_refused.inc(len(events))
             raise
         users = {e.user_id for e in events}
-        with self._users_lock:  # after the write: what is read from now on is fresh
-            self._appends += 1
-            for user in users:
-                self._users.pop(user, None)
-                self._recallable.pop(user, None)  # their prefix changes: the memo has no answers for it
+        self.pasts.appended(users)
         for user in users:
+            self._recallable.discard(user)  # their prefix changes: the memo has no answers for it
             if self.scheduler is not None:
                 self.scheduler.invalidate_user(user)
         self.metrics.events.inc(count)

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+#: the user's own corella cache (tests otherwise run on a fresh one each): downloads kept across runs
+USER_HOME = Path(os.environ.get("CORELLA_HOME", Path.home() / ".cache" / "corella")).expanduser()
 
 
 @pytest.fixture(autouse=True)
@@ -20,11 +22,24 @@ def corella_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.M
 
 @pytest.fixture(scope="session")
 def ml100k_dir() -> Path:
-    """The real data set, read in place (never copied into the repository)."""
-    path = Path(os.environ.get("CORELLA_ML100K", REPO.parent / "shared" / "data" / "ml-100k"))
-    if not (path / "ml-100k.inter").exists():
-        raise RuntimeError(f"MovieLens-100K not found at {path}; set CORELLA_ML100K to its folder")
-    return path
+    """The real data set, read in place (never copied into the repository): $CORELLA_ML100K, else
+    the shared copy beside the checkout, else corella's data cache, else fetched into that cache the
+    way `make quickstart` does (GroupLens, or the RecBole wheel from PyPI)."""
+    from runtime.paths import data_cache
+
+    if os.environ.get("CORELLA_ML100K"):
+        candidates = [Path(os.environ["CORELLA_ML100K"])]
+    else:
+        candidates = [REPO.parent / "shared" / "data" / "ml-100k", data_cache("movielens-100k")]
+    for path in candidates:
+        if (path / "ml-100k.inter").exists():
+            return path
+    if os.environ.get("CORELLA_ML100K"):
+        raise RuntimeError(f"MovieLens-100K not found at {candidates[0]} (CORELLA_ML100K)")
+    from training.data.registry import fetch_dataset
+
+    folder, _ = fetch_dataset("movielens-100k")
+    return folder
 
 
 GENRES = ("Action", "Comedy", "Drama", "Horror", "Romance", "Sci-Fi")

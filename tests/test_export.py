@@ -180,18 +180,27 @@ def test_tensorrt_gets_a_batch_profile_and_an_engine_cache_keyed_by_the_model(bu
     assert warm["provider"] == "CPUExecutionProvider" and list(warm["seconds_by_batch"]) == ["1", "7", "33"]
 
 
-def test_fetch_converter_takes_the_installed_versions_converter_out_of_its_sdist(corella_home, monkeypatch):
-    """Through pip, from the index pip is configured with (~75 MB, ~30 s here): the converter, the
-    `conversion` package and the gguf-py it needs, matched to the installed llama-cpp-python."""
+def test_fetch_converter_takes_the_installed_versions_converter_out_of_its_sdist(monkeypatch):
+    """Through pip, from the index pip is configured with (~75 MB, ~30 s here, once: kept in the
+    user's corella cache, as an export keeps it): the converter, the `conversion` package and the
+    gguf-py it needs, matched to the installed llama-cpp-python."""
     import importlib.metadata
     import subprocess
     import sys
 
     from export.converter import fetch_converter
+    from export.crm import ExportError
+
+    from .conftest import USER_HOME
 
     version = importlib.metadata.version("llama-cpp-python")
-    script = fetch_converter()
-    assert script == corella_home / "tools" / f"llama.cpp-{version}" / "convert_hf_to_gguf.py"
+    try:
+        script = fetch_converter(home=USER_HOME)
+    except ExportError as exc:
+        if "sdist" in str(exc) and "holds no" not in str(exc):
+            pytest.skip(f"no package index answered for the sdist: {exc}")
+        raise
+    assert script == USER_HOME / "tools" / f"llama.cpp-{version}" / "convert_hf_to_gguf.py"
     assert (script.parent / "conversion" / "__init__.py").is_file()
     assert (script.parent / "gguf-py" / "gguf" / "__init__.py").is_file()
     assert not list(script.parent.parent.glob("*.partial"))
@@ -202,7 +211,7 @@ def test_fetch_converter_takes_the_installed_versions_converter_out_of_its_sdist
         raise AssertionError("downloaded again")
 
     monkeypatch.setattr(subprocess, "run", no_download)
-    assert fetch_converter() == script  # kept: the second export does not download
+    assert fetch_converter(home=USER_HOME) == script  # kept: the second export does not download
 
 
 def test_crm_only_run_exports_a_crm_bundle(tmp_path, synthetic_dir):

@@ -444,7 +444,7 @@ def test_a_users_remembered_past_is_forgotten_at_their_next_event(bundle, tmp_pa
         after = engine.predict(request)
         assert [p["score"] for p in after["predictions"]] != [p["score"] for p in first["predictions"]]
         prepared = engine.prepare(request)  # the same as a store read from scratch
-        engine._users.clear()
+        engine.pasts.clear()
         assert np.array_equal(engine.prepare(request).inputs["stats"], prepared.inputs["stats"])
     finally:
         engine.close()
@@ -623,9 +623,9 @@ def test_a_bundle_whose_llm_has_no_signal_never_decodes_it(bundle, tmp_path):
 
 
 def test_users_caches_stay_bounded_and_an_event_is_read_at_once(bundle, tmp_path, monkeypatch):
-    import runtime.engine
+    import runtime.pasts
 
-    monkeypatch.setattr(runtime.engine, "_USER_CACHE", 3)
+    monkeypatch.setattr(runtime.pasts, "USER_CACHE", 3)
     engine = _engine(bundle, tmp_path, load_llm=False)
     try:
         lengths = {u: engine.predict(_request(u, 4))["history_length"] for u in range(1, 9)}
@@ -633,7 +633,7 @@ def test_users_caches_stay_bounded_and_an_event_is_read_at_once(bundle, tmp_path
             engine.append_events([Interaction(str(user), "5", 4.0, 2_000_000_000 + user)])
             answer = engine.predict(_request(user, 4))
             assert answer["history_length"] == min(engine.spec.history_length, lengths[user] + 1)
-            assert len(engine._users) <= 3 and len(engine._recallable) <= 3
+            assert len(engine.pasts) <= 3 and len(engine._recallable) <= 3
         assert not hasattr(engine, "_posted")
     finally:
         engine.close()

@@ -199,8 +199,10 @@ class FeatureStore:
             return found
 
     def counts(self) -> dict[str, int]:
-        with self._write_lock:
-            interactions = self._count_interactions(self._writer or self._conn)
+        interactions = self._interaction_count  # kept by the appends; counted (once) only when unknown
+        if interactions is None:
+            with self._write_lock:
+                interactions = self._count_interactions(self._writer or self._conn)
         return {t: self._query(f"SELECT COUNT(*) FROM {t}")[0][0] for t in ("items", "users")} | {
             "interactions": interactions
         }

@@ -204,7 +204,7 @@ class LLMScheduler(Pausable):
             now = self.clock()
             worker = self._worker_for(key, now)
             cold = key not in worker.cache.entries
-            ahead = worker.batch_end(now) - now + worker.queued_tokens() * worker.seconds_per_token * MARGIN
+            ahead = worker.backlog_seconds(now, MARGIN)
             room = max(0, self.settings.queue_candidates - self.ledger.queued)
             admitted, feasible = admissible(lengths, len(key), cold, room, ahead, worker.seconds_per_token,
                                             deadline, now, arrived)  # fmt: skip

@@ -87,8 +87,10 @@ class Worker:
             return now
         return max(now, self.batch_started + self.batch_tokens * self.seconds_per_token)
 
-    def backlog_seconds(self, now: float) -> float:
-        return self.batch_end(now) - now + self.queued_tokens() * self.seconds_per_token
+    def backlog_seconds(self, now: float, margin: float = 1.0) -> float:
+        """Seconds until the batch being decoded and the queued work are done (`margin`: the queued
+        work's estimate made that much longer)."""
+        return self.batch_end(now) - now + self.queued_tokens() * self.seconds_per_token * margin
 
 
 @dataclass
@@ -150,7 +152,10 @@ class Ledger:
         handle = work.handle
         if handle.done:
             return
-        self.resolve_unplanned(work, ItemState.FAILED)
+        handle.error = handle.error or error  # before any waiter can wake
+        self.resolve_unplanned(work, ItemState.FAILED)  # finishes it when nothing of it is being decoded
+        if handle.done:
+            return
         handle.fail_pending(error)
         with contextlib.suppress(ValueError):
             work.worker.queue.remove(work)

@@ -274,7 +274,7 @@ def hybrid_suite(bundle: Bundle, engine: Engine, samples: list[TestSample], conf
     needed = route_by_budget(entropy, max(config.fractions)) if engine.llm is not None else np.zeros(len(samples), bool)
     indices = np.flatnonzero(needed)
     if len(indices):
-        answers = engine.score_many([_prompts(engine, samples[i].request()) for i in indices])
+        answers = engine.served.score_many([_prompts(engine, samples[i].request()) for i in indices])
         llm_p[indices] = [p[0] for p in answers]
     quality, latency = [], []
     requests = random_requests(engine.store, config.hybrid_requests, config.hybrid_candidates, seed=config.seed + 1)

@@ -13,6 +13,7 @@ __all__ = [
     "binary_entropy",
     "calibrate_threshold",
     "route_by_threshold",
+    "route_request",
     "route_by_budget",
     "LLMCalibration",
 ]
@@ -43,6 +44,18 @@ def calibrate_threshold(entropy: np.ndarray, fraction: float) -> float:
 def route_by_threshold(entropy: np.ndarray, threshold: float) -> np.ndarray:
     """Boolean mask of the samples whose entropy exceeds the calibrated threshold."""
     return np.asarray(entropy) > threshold
+
+
+def route_request(entropy: np.ndarray, mode: str, fraction: float | None, threshold: float) -> np.ndarray:
+    """Boolean mask of a request's candidates that go to the LLM: none (mode crm), all (mode llm),
+    the request's own budget of the most uncertain, else those above the calibrated threshold."""
+    if mode == "crm":
+        return np.zeros(len(entropy), dtype=bool)
+    if mode == "llm":
+        return np.ones(len(entropy), dtype=bool)
+    if fraction is not None:
+        return route_by_budget(entropy, fraction)
+    return route_by_threshold(entropy, threshold)
 
 
 def route_by_budget(entropy: np.ndarray, fraction: float) -> np.ndarray:

@@ -246,7 +246,7 @@ def test_export_calibrates_the_shipped_llm_and_the_engine_applies_it(bundle, tmp
         answer = engine.predict(request)
         prepared = engine.prepare(request)
         prefix, suffixes = engine.prompt_ids(prepared.history, prepared.items)
-        raw = engine.score_prompts(prefix, suffixes)
+        raw = engine.served.score_prompts(prefix, suffixes)
     finally:
         engine.close()
     predictions = answer["predictions"]

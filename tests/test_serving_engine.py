@@ -104,7 +104,7 @@ def test_the_suffixes_common_head_is_decoded_once_per_user(bundle, tmp_path):
 
     engine = _engine(bundle, tmp_path, llm_process=False)
     engine.close()
-    assert engine._head == ()
+    assert engine.served._head == ()
     v3 = tmp_path / "v3"
     shutil.copytree(bundle, v3)
     template = json.loads((v3 / "prompt.json").read_text()) | {"version": 3}
@@ -113,7 +113,7 @@ def test_the_suffixes_common_head_is_decoded_once_per_user(bundle, tmp_path):
     write_manifest(v3, {k: v for k, v in manifest.items() if k not in ("files", "format_version", "created_at")})
     engine = _engine(v3, tmp_path, llm_process=False, default_deadline_ms=None)
     try:
-        head = engine._head
+        head = engine.served._head
         assert len(head) >= 2
         request = _request(3, 6, mode="llm")
         engine.predict(request)
@@ -230,7 +230,7 @@ def test_overload_answers_at_once(bundle, tmp_path):
             refused = httpx.post(f"{base}/v1/predict", json=waiting | {"user_id": "2"}, timeout=10)
             assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
             assert refused.json()["error"]["type"] == "overloaded"
-            tokenized = engine._tokens.cache_info().misses
+            tokenized = engine.served.tokens.cache_info().misses
             hybrid = httpx.post(
                 f"{base}/v1/predict",
                 timeout=10,
@@ -238,7 +238,7 @@ def test_overload_answers_at_once(bundle, tmp_path):
             )
             assert hybrid.status_code == 200 and hybrid.json()["fallbacks"] == {"overloaded": 5}
             # neither the refused request nor the hybrid one was tokenized or sent to the LLM
-            assert engine._tokens.cache_info().misses == tokenized
+            assert engine.served.tokens.cache_info().misses == tokenized
             lookups = [engine.metrics.value("corella_llm_prefix_cache_total", result=r) for r in ("hit", "miss")]
             assert sum(lookups) == 1
             metrics = httpx.get(f"{base}/metrics", timeout=5).text
@@ -319,7 +319,7 @@ def test_an_event_drops_the_users_cached_prefix(bundle, tmp_path):
         assert hits == 1 and engine.scheduler.cached_prefixes() == 1
         assert engine.metrics.value("corella_llm_prefix_cache_hit_ratio") == 0.5
         # the repeat tokenized nothing: its prefix and its 5 suffixes were remembered by text
-        tokenized = engine._tokens.cache_info()
+        tokenized = engine.served.tokens.cache_info()
         assert tokenized.misses == 6 and tokenized.hits >= 6
         event = {"user_id": "4", "item_id": "9", "rating": 5, "timestamp": 2_000_000_000}
         assert httpx.post(f"{base}/v1/events", json={"events": [event]}, timeout=10).status_code == 200
@@ -327,7 +327,7 @@ def test_an_event_drops_the_users_cached_prefix(bundle, tmp_path):
         answer = httpx.post(f"{base}/v1/predict", json=body, timeout=60).json()
         assert {p["route"] for p in answer["predictions"]} == {"llm"}
         assert engine.metrics.value("corella_llm_prefix_cache_total", result="miss") == 2
-        assert engine._tokens.cache_info().misses == 7  # the new history is a new prefix text; suffixes known
+        assert engine.served.tokens.cache_info().misses == 7  # the new history is a new prefix text; suffixes known
         # the next user's request moves user 4's idle prefix out of the KV cache, into host memory
         assert httpx.post(f"{base}/v1/predict", json=dict(body, user_id="5"), timeout=60).status_code == 200
         assert _within(5.0, lambda: engine.metrics.value("corella_llm_prefix_host_bytes") > 0)
@@ -500,12 +500,12 @@ def test_a_saturated_llm_still_lets_the_memo_answer(bundle, tmp_path, monkeypatc
         assert engine.predict(_request(5, 10, mode="llm"))["llm_recalled"] == 10
         with pytest.raises(OverloadedError):
             engine.refuse_if_saturated(_request(6, 10, mode="llm"), time.perf_counter())
-        tokenized = engine._tokens.cache_info().misses
+        tokenized = engine.served.tokens.cache_info().misses
         answer = engine.predict(_request(5, 10, llm_fraction=0.5))
         assert answer["llm_recalled"] == 5 and answer["predictions"] == remembered["predictions"]
         other = engine.predict(_request(6, 10, llm_fraction=0.5))
         assert other["llm_recalled"] == 0 and other["fallbacks"] == {"overloaded": 5}
-        assert engine._tokens.cache_info().misses == tokenized  # the other user's prompt was never rendered
+        assert engine.served.tokens.cache_info().misses == tokenized  # the other user's prompt was never rendered
         # a new candidate of the remembered user beside the old ones: the new one falls back
         wider = engine.predict(Request(candidates=[*_request(5, 10).candidates, *_request(9, 4).candidates],
                                        user_id="5", llm_fraction=0.5))  # fmt: skip

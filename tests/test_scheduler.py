@@ -13,8 +13,8 @@ import pytest
 from runtime.llm import LlamaModel, LlamaScorer, LlamaSettings, LLMError
 from runtime.scheduling import ItemState, LLMScheduler, SchedulerObserver, SchedulerSettings
 from runtime.scheduling.admission import MARGIN as _MARGIN
-from runtime.scheduling.local import _QUIET_S
 from runtime.scheduling.prefix_cache import PrefixCache as _PrefixCache
+from runtime.scheduling.threads import _QUIET_S
 
 from .tiny_llm import write_tiny_llama_gguf
 

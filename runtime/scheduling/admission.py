@@ -13,7 +13,10 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 
-__all__ = ["MARGIN", "WorkEstimate", "admissible", "queue_full", "saturation"]
+from runtime.llm import LLMError
+from runtime.scheduling.config import SchedulerSettings
+
+__all__ = ["MARGIN", "WorkEstimate", "admissible", "check_prompt", "queue_full", "saturation"]
 
 #: decode times are estimated this much above the measured average: a batch that ends a little
 #: early costs little, one that ends after its deadline decodes for nobody
@@ -102,3 +105,15 @@ def admissible(suffixes: Sequence[int], prefix: int, cold: bool, room: int, ahea
         # for at least half of what it could serve, and the time goes to users already cached
         admitted = 0
     return admitted, feasible
+
+
+def check_prompt(settings: SchedulerSettings, prefix: Sequence[int], suffixes: Sequence[Sequence[int]]) -> None:
+    """LLMError for a prompt that cannot be decoded: an empty suffix, or one past the context or the batch."""
+    longest = max((len(s) for s in suffixes), default=0)
+    if not suffixes or longest == 0:
+        raise LLMError("a routed candidate has an empty prompt suffix")
+    if len(prefix) + longest > settings.max_prompt_tokens or len(prefix) > settings.prefix_cache_tokens:
+        raise LLMError(f"prompt of {len(prefix) + longest} tokens exceeds the context of "
+                       f"{min(settings.max_prompt_tokens, settings.prefix_cache_tokens)}")  # fmt: skip
+    if longest > settings.batch_tokens:
+        raise LLMError(f"a candidate suffix of {longest} tokens exceeds the batch of {settings.batch_tokens}")

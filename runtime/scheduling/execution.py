@@ -10,7 +10,7 @@ from runtime.llm import LlamaContext, LLMError
 from runtime.scheduling.prefix_cache import PrefixEntry
 from runtime.scheduling.work import Plan
 
-__all__ = ["execute"]
+__all__ = ["execute", "warm_up"]
 
 log = logging.getLogger(__name__)
 
@@ -79,3 +79,12 @@ def _park(context: LlamaContext, entry: PrefixEntry) -> Any:
             log.warning("a cached prefix could not be saved to host memory: %s", exc)
     context.remove_sequence(entry.seq)
     return saved
+
+
+def warm_up(context: LlamaContext, n_vocab: int, tokens: int) -> float:
+    """One decode of `tokens` ordinary ids spread over the vocabulary (the model may have no
+    tokenizer: a cut copy): its seconds per token. The caller clears the context."""
+    ids = [(n_vocab // 3 + 7919 * k) % n_vocab for k in range(tokens)]
+    started = time.perf_counter()
+    context.decode(ids, range(len(ids)), [0] * len(ids), [False] * (len(ids) - 1) + [True])
+    return max(1e-6, (time.perf_counter() - started) / len(ids))

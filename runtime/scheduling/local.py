@@ -17,33 +17,26 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
-from runtime.llm import LlamaContext, LlamaModel, LLMError, default_threads
-from runtime.scheduling.admission import MARGIN, WorkEstimate, admissible, queue_full, saturation
+from runtime.llm import LlamaContext, LlamaModel, LLMError
+from runtime.scheduling.admission import MARGIN, WorkEstimate, admissible, check_prompt, queue_full, saturation
 from runtime.scheduling.config import SchedulerSettings
-from runtime.scheduling.execution import execute
+from runtime.scheduling.execution import execute, warm_up
 from runtime.scheduling.jobs import Admission, ItemState, JobHandle
 from runtime.scheduling.planning import plan_batch
 from runtime.scheduling.protocol import SchedulerObserver
+from runtime.scheduling.threads import ThreadChoice
 from runtime.scheduling.work import Ledger, Plan, Worker, WorkItem
 
 __all__ = ["LLMScheduler", "Pausable"]
 
 log = logging.getLogger(__name__)
 
-#: a request side busier than this (cores, or share of time holding a worker) makes the contexts
-#: decode with fewer threads, until it has stayed below for _QUIET_S: a starved request side reads
-#: as quiet for a moment, and an LLM that then took every core starved it for a whole batch (4-10
-#: times in a 20 s overload)
-_BUSY_LOAD = 0.2
-_QUIET_S = 2.0
-_LOAD_FRESH_S = 1.0
 _JOIN_S = 60.0
 
 
@@ -71,12 +64,14 @@ class LLMScheduler(Pausable):
     `start=False` runs no threads: `step()` then plans and decodes one round on the caller's thread
     (tests drive it with their own `clock`). `on_update(handle)`: called (under the lock) whenever a
     job's answers change; `on_failure(reason)`: called once when the scheduler stops on a failure;
-    `changed`: set whenever the queue changes (for whoever publishes its state)."""
+    `changed`: set whenever the queue changes (for whoever publishes its state); `host_load`: how busy
+    the request side is, when another process reports it (see `ThreadChoice`)."""
 
     def __init__(self, model: LlamaModel, settings: SchedulerSettings | None = None,
                  observer: SchedulerObserver | None = None, clock: Callable[[], float] = time.perf_counter,
                  start: bool = True, on_update: Callable[[JobHandle], None] | None = None,
-                 on_failure: Callable[[str], None] | None = None) -> None:  # fmt: skip
+                 on_failure: Callable[[str], None] | None = None,
+                 host_load: Callable[[], float] | None = None) -> None:  # fmt: skip
         self.model = model
         self.settings = settings = settings or SchedulerSettings()
         self.observer = observer or SchedulerObserver()
@@ -85,8 +80,7 @@ class LLMScheduler(Pausable):
         self.failure: str | None = None
         self.on_failure = on_failure
         self.changed = threading.Event()
-        self._host_load = (0.0, -math.inf)  # (how busy the request side is, when reported)
-        self._quiet_since: float | None = -math.inf  # since when the request side is quiet; None: busy
+        self.threads = ThreadChoice(settings, clock, host_load)
         self._lock = threading.Lock()
         self._paused = self._closing = False
         self.ledger = Ledger(self.observer, clock, on_update)
@@ -125,19 +119,15 @@ class LLMScheduler(Pausable):
     def _warm_up(self, worker: Worker) -> None:
         """One decode before serving: the first request does not pay for it, and admission starts
         from a measured speed instead of a guess."""
-        # ordinary ids spread over the vocabulary (the model may have no tokenizer: a cut copy)
-        n = self.model.n_vocab
-        tokens = [(n // 3 + 7919 * k) % n for k in range(min(64, self.settings.batch_tokens))]
-        started = time.perf_counter()
-        worker.context.decode(tokens, range(len(tokens)), [0] * len(tokens), [False] * (len(tokens) - 1) + [True])
-        measured = max(1e-6, (time.perf_counter() - started) / len(tokens))
+        tokens = min(64, self.settings.batch_tokens)
+        measured = warm_up(worker.context, self.model.n_vocab, tokens)
         # how many prefix tokens the cache and its host memory hold, for guessing who is cached
         held = self.settings.prefix_cache_tokens
         if self.settings.prefix_host_mib:
-            held += (self.settings.prefix_host_mib << 20) * len(tokens) // max(1, worker.context.sequence_bytes(0))
+            held += (self.settings.prefix_host_mib << 20) * tokens // max(1, worker.context.sequence_bytes(0))
         self.estimate.cache_tokens = held * self.settings.contexts
         # with fewer threads, proportionally slower until a batch says otherwise
-        worker.speed = {n: measured * worker.threads / n for n in {worker.threads, self._busy_threads()}}
+        worker.speed = {n: measured * worker.threads / n for n in {worker.threads, self.threads.busy}}
         worker.context.clear()
 
     def close(self) -> None:
@@ -195,7 +185,7 @@ class LLMScheduler(Pausable):
         uncertain first, within the queue bound. `arrived`: when the request arrived (default now),
         for telling a deadline too short for the work from one spent waiting. Raises LLMError for
         a prompt that cannot fit, or when the scheduler has stopped."""
-        self._check_prompt(prefix, suffixes)
+        check_prompt(self.settings, prefix, suffixes)
         key = tuple(prefix)
         lengths = [len(s) for s in suffixes]
         with self._lock:
@@ -221,17 +211,6 @@ class LLMScheduler(Pausable):
             worker.condition.notify()
             self.changed.set()
             return Admission(admitted, feasible, handle)
-
-    def _check_prompt(self, prefix: Sequence[int], suffixes: Sequence[Sequence[int]]) -> None:
-        settings = self.settings
-        longest = max((len(s) for s in suffixes), default=0)
-        if not suffixes or longest == 0:
-            raise LLMError("a routed candidate has an empty prompt suffix")
-        if len(prefix) + longest > settings.max_prompt_tokens or len(prefix) > settings.prefix_cache_tokens:
-            raise LLMError(f"prompt of {len(prefix) + longest} tokens exceeds the context of "
-                           f"{min(settings.max_prompt_tokens, settings.prefix_cache_tokens)}")  # fmt: skip
-        if longest > settings.batch_tokens:
-            raise LLMError(f"a candidate suffix of {longest} tokens exceeds the batch of {settings.batch_tokens}")
 
     def _worker_for(self, key: tuple[int, ...], now: float) -> Worker:
         for worker in self.workers:
@@ -262,15 +241,8 @@ class LLMScheduler(Pausable):
         return self.ledger.queued
 
     def report_host_load(self, load: float) -> None:
-        """How busy the request side is (the larger of its CPU use in cores and the share of time
-        its requests held a CPU worker): above `_BUSY_LOAD`, each context decodes with
-        `threads_when_busy`, leaving the rest of the cores to the requests. Reported every 0.1 s
-        by the server; none for a second (no server) reads as idle."""
-        self._host_load = (load, time.perf_counter())
-
-    def host_load(self) -> float:
-        load, stamp = self._host_load
-        return load if time.perf_counter() - stamp < _LOAD_FRESH_S else 0.0
+        """How busy the request side is: see `ThreadChoice.report`."""
+        self.threads.report(load)
 
     # ------------------------------------------------------------------ the request's side
     def collect(self, job: JobHandle) -> tuple[np.ndarray, np.ndarray]:
@@ -321,7 +293,7 @@ class LLMScheduler(Pausable):
                 worker.condition.wait()
             if not self.alive:
                 return False
-            self._choose_threads(worker)
+            worker.threads = self.threads.choose()  # the batch is planned with that count's speed
             plan = plan_batch(worker, self.settings, self.ledger, self.clock())
         if plan is None:
             if wait:
@@ -340,19 +312,6 @@ class LLMScheduler(Pausable):
         """One round on the calling thread: plan and decode. False when there was nothing to do."""
         return self._round(self.workers[worker_index], wait=False)
 
-    def _busy_threads(self) -> int:
-        return self.settings.threads_when_busy or self.settings.threads or default_threads()
-
-    def _choose_threads(self, worker: Worker) -> None:
-        """The thread count of the next batch (planned with that count's speed)."""
-        now = self.clock()
-        if self.settings.threads_when_busy and self.host_load() > _BUSY_LOAD:
-            self._quiet_since = None
-        elif self._quiet_since is None:
-            self._quiet_since = now
-        busy = self._quiet_since is None or now - self._quiet_since < _QUIET_S
-        worker.threads = self._busy_threads() if busy else self.settings.threads or default_threads()
-
     def _record(self, worker: Worker, plan: Plan, answers: list[float], error: str | None, elapsed: float) -> None:
         """Hand the batch's answers to their jobs and finish the jobs that are complete (under the lock)."""
         now = self.clock()
@@ -364,19 +323,7 @@ class LLMScheduler(Pausable):
             if plan.tokens >= 16:  # a smoothed measured speed for admission
                 worker.seconds_per_token = 0.7 * worker.seconds_per_token + 0.3 * elapsed / plan.tokens
         self.observer.batch(plan.tokens, len(plan.suffixes) + len(plan.prefixes), elapsed)
-        cache = worker.cache
-        for entry, saved in zip(plan.parkings, plan.saved, strict=True):
-            cache.parked(entry, saved)
-        for entry in plan.restores:
-            cache.restores += error is None
-            entry.error = entry.error or error
-            cache.after_batch(entry)
-        for entry, chunk, _ in plan.prefixes:
-            if error is None:
-                entry.filled += len(chunk)
-            else:
-                entry.error = error
-            cache.after_batch(entry)
+        worker.cache.record(plan.parkings, plan.saved, plan.restores, plan.prefixes, error)
         wasted = 0
         for k, (work, item, seq) in enumerate(plan.suffixes):
             worker.suffix_seqs.append(seq)
@@ -401,16 +348,8 @@ class LLMScheduler(Pausable):
     def stats(self) -> dict[str, float]:
         with self._lock:
             now = self.clock()
-            return {
+            return Worker.totals(self.workers, now) | {
                 "queued_candidates": self.ledger.queued,
-                "queued_jobs": sum(len(w.queue) for w in self.workers),
-                "cached_prefixes": sum(len(w.cache.entries) for w in self.workers),
-                "cached_prefix_tokens": sum(w.cache.used for w in self.workers),
-                "parked_prefix_bytes": sum(w.cache.host_used for w in self.workers),
-                "restored_prefixes": sum(w.cache.restores for w in self.workers),
-                "backlog_seconds": max(w.backlog_seconds(now) for w in self.workers),
-                "backlog_seconds_min": min(w.backlog_seconds(now) for w in self.workers),
-                "seconds_per_token": float(np.mean([w.seconds_per_token for w in self.workers])),
                 "decodes": self.decodes,
                 "decoded_tokens": self.decoded_tokens,
                 "decoded_candidates": self.decoded_candidates,

@@ -134,6 +134,23 @@ class PrefixCache:
         elif entry.refs == 0 and self.host_capacity and entry.ready:
             self.parking.append(entry)
 
+    def record(self, parkings: list[PrefixEntry], saved: list[ctypes.Array | None], restores: list[PrefixEntry],
+               prefixes: list[tuple[PrefixEntry, tuple[int, ...], int]], error: str | None) -> None:  # fmt: skip
+        """What a batch did to the cache: prefixes parked (`saved`: their copies), restored, and
+        decoded (entry, tokens, start); `error`: the batch failed, and its prefixes with it."""
+        for entry, copy in zip(parkings, saved, strict=True):
+            self.parked(entry, copy)
+        for entry in restores:
+            self.restores += error is None
+            entry.error = entry.error or error
+            self.after_batch(entry)
+        for entry, chunk, _ in prefixes:
+            if error is None:
+                entry.filled += len(chunk)
+            else:
+                entry.error = error
+            self.after_batch(entry)
+
     def _drop(self, entry: PrefixEntry) -> None:
         if self.entries.get(entry.key) is entry:
             del self.entries[entry.key]

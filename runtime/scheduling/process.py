@@ -115,11 +115,11 @@ def _serve(conn: Connection, path: str, yes_id: int, no_id: int, gpu_layers: int
         model = LlamaModel(path, yes_id, no_id, gpu_layers)
         scheduler = LLMScheduler(model, settings, observer=_Forwarder(outbox.put),
                                  on_update=lambda handle: outbox.put(_update(handle)),
-                                 on_failure=lambda reason: outbox.put(Crashed(reason)))  # fmt: skip
+                                 on_failure=lambda reason: outbox.put(Crashed(reason)),
+                                 host_load=lambda: _host_load(shared))  # fmt: skip
     except LLMError as exc:
         conn.send(LoadFailed(str(exc)))
         return
-    scheduler.host_load = lambda: _host_load(shared)  # type: ignore[method-assign]
     conn.send(Ready(model.gpu_layers, scheduler.estimate.cache_tokens))
     sender = threading.Thread(target=_send_all, args=(conn, outbox), name="corella-llm-sender", daemon=True)
     sender.start()

@@ -87,6 +87,21 @@ class Worker:
             return now
         return max(now, self.batch_started + self.batch_tokens * self.seconds_per_token)
 
+    @staticmethod
+    def totals(workers: list[Worker], now: float) -> dict[str, float]:
+        """The contexts' queues and caches, summed (the scheduler's `stats`)."""
+        backlogs = [w.backlog_seconds(now) for w in workers]
+        return {
+            "queued_jobs": sum(len(w.queue) for w in workers),
+            "cached_prefixes": sum(len(w.cache.entries) for w in workers),
+            "cached_prefix_tokens": sum(w.cache.used for w in workers),
+            "parked_prefix_bytes": sum(w.cache.host_used for w in workers),
+            "restored_prefixes": sum(w.cache.restores for w in workers),
+            "backlog_seconds": max(backlogs),
+            "backlog_seconds_min": min(backlogs),
+            "seconds_per_token": sum(w.seconds_per_token for w in workers) / len(workers),
+        }
+
     def backlog_seconds(self, now: float, margin: float = 1.0) -> float:
         """Seconds until the batch being decoded and the queued work are done (`margin`: the queued
         work's estimate made that much longer)."""

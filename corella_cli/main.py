@@ -824,6 +824,27 @@ def _serve_one_request(bundle: Path, port: int) -> dict:
 
 
 @app.command()
+def _answer_table(answer: dict[str, Any], bundle: Path, top: int = 5) -> Table:
+    """The `top` best-scored candidates of a /v1/predict answer, with their titles from the bundle's catalog."""
+    from runtime.store import FeatureStore
+
+    best = sorted(answer["predictions"], key=lambda p: -p["score"])[:top]
+    store = FeatureStore(bundle / "store.sqlite", readonly=True)
+    try:
+        catalog = store.items([p["item_id"] for p in best])
+    finally:
+        store.close()
+    rows = []
+    for rank, p in enumerate(best, 1):
+        item = catalog.get(p["item_id"])
+        how = p["route"] + (f" ({p['fallback_reason']})" if "fallback_reason" in p else "")
+        llm = f"{p['llm_score']:.3f}" if "llm_score" in p else ""
+        rows.append([str(rank), p["item_id"], item.title if item else "?", f"{p['score']:.3f}", how,
+                     f"{p['crm_score']:.3f}", llm])  # fmt: skip
+    return _table(f"user {answer['user_id']}: the top {len(best)} of {len(answer['predictions'])}",
+                  ["#", "item", "title", "score", "route", "CRM", "LLM"], rows)  # fmt: skip
+
+
 def quickstart(
     workdir: Annotated[Path, typer.Option(help="where runs/, bundles/ and bench/ go")] = Path("."),
     port: Annotated[int, typer.Option(help="port of the demonstration server")] = 8765,
@@ -831,8 +852,6 @@ def quickstart(
     """The whole pipeline on the embedded defaults (MovieLens-100K, Gemma 3 270M, CPU): fetch, train
     (quick preset), export (quantization chosen by measurement), serve and answer one real request,
     and a short bench. A step whose output already exists is skipped."""
-    import json
-
     from benchmarks.report import goal_text, run_bench
     from benchmarks.suites import BenchConfig
     from export.bundle import ExportConfig, export_bundle
@@ -870,9 +889,9 @@ def quickstart(
             )
         say("[bold]4/5 serve[/] one real request over HTTP")
         answer = _serve_one_request(bundle, port)
-        top = sorted(answer["predictions"], key=lambda p: -p["score"])[:5]
         say(f"  POST /v1/predict user 1, 100 candidates: {answer['routed']} routed to the LLM, "
-            f"{answer['timings_ms']['total']:.0f} ms; top 5: " + json.dumps(top)[:600])  # fmt: skip
+            f"{answer['timings_ms']['total']:.0f} ms")  # fmt: skip
+        say(_answer_table(answer, bundle, top=5))
         say("[bold]5/5 bench[/] (short)")
         config = BenchConfig(quality_samples=300, hybrid_requests=3, http_concurrency=(1, 8), http_seconds=10,
                              peer_users=0, overload_seconds=0, soak_seconds=0, llm_requests=2, crm_iterations=100,

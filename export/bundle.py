@@ -97,9 +97,11 @@ AUTO_ORDER = ("q4_k_m", "q8_0")
 
 
 def _progress(message: str, callback: Callable[[str], None] | None) -> None:
-    log.info(message)
+    """A step's message: to the caller's callback (the CLI prints it), else to the log; never both."""
     if callback:
         callback(message)
+    else:
+        log.info(message)
 
 
 def _prompt_parts(samples: SampleTable, rows: np.ndarray) -> list[tuple[list[HistoryEntry], ItemText]]:

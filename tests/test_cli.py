@@ -187,3 +187,99 @@ def test_resume_refuses_options_that_differ_from_the_run(tmp_path):
     same = resumed_config(run, preset_config("default"), {"joint": {"stage2_samples": 64}, "threads": 1})
     assert same.joint.stage2_samples == 64 and same.threads == 1  # the run's own, and where it runs
     assert resumed_config(run, preset_config("default"), None).joint == recorded.joint
+
+
+def test_predict_answers_each_line_and_a_bad_line_gets_an_error_line(bundle, tmp_path):
+    import json
+
+    lines = [
+        json.dumps({"user_id": "3", "candidates": [{"item_id": "1"}, {"item_id": "2"}], "mode": "crm"}),
+        '{"user_id": "3", "candidates": [',  # not JSON
+        "",
+        json.dumps({"user_id": "4", "candidates": []}),  # no candidate
+        json.dumps({"user_id": "5", "candidates": [{"item_id": "7"}], "mode": "crm"}),
+    ]
+    requests, out = tmp_path / "requests.jsonl", tmp_path / "answers.jsonl"
+    requests.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    result = runner.invoke(app, ["predict", str(bundle), str(requests), "--output", str(out), "--no-llm"])
+    assert result.exit_code == 0, result.output
+    answers = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [a.get("line") for a in answers] == [None, 2, 4, None]
+    assert [len(a["predictions"]) for a in (answers[0], answers[3])] == [2, 1]
+    assert answers[1]["error"] and answers[2]["error"] and "Traceback" not in result.output
+    assert "2 answers, 2 errors" in " ".join(result.output.split())
+    missing = runner.invoke(app, ["predict", str(bundle), str(tmp_path / "none.jsonl")])
+    assert missing.exit_code != 0 and "none.jsonl" in missing.output and "Traceback" not in missing.output
+
+
+def test_bench_options_are_checked_before_any_work(bundle, tmp_path):
+    for options, said in ((["--http-levels", "1,x"], "--http-levels takes client counts"),
+                          (["--suites", "crm,nope"], "nope")):  # fmt: skip
+        result = runner.invoke(app, ["bench", str(bundle), "--out", str(tmp_path / "b"), *options])
+        assert result.exit_code != 0 and said in " ".join(result.output.split()), result.output
+        assert "Traceback" not in result.output
+    assert not (tmp_path / "b" / "results.json").exists()
+
+
+def test_store_reset_sets_the_live_store_aside(bundle, tmp_path):
+    state = tmp_path / "state"
+    from runtime.bundle import load_bundle
+    from runtime.state import live_store
+
+    live = live_store(load_bundle(bundle), state)
+    result = runner.invoke(app, ["store", "reset", str(bundle), "--state", str(state)])
+    assert result.exit_code == 0, result.output
+    assert "set_aside" in result.output and not live.exists()
+    aside = [p for p in state.iterdir() if p.name.startswith("store.sqlite.") and p.is_file()]
+    assert aside, sorted(p.name for p in state.iterdir())
+    wrong = runner.invoke(app, ["store", "reset", str(tmp_path / "nobundle")])
+    assert wrong.exit_code != 0 and "not a bundle" in wrong.output and "Traceback" not in wrong.output
+
+
+def test_export_from_the_command_line_writes_a_bundle_that_loads(trained_run, tmp_path, caplog):
+    import json
+    import logging
+
+    caplog.set_level(logging.INFO, logger="export")
+
+    from runtime.bundle import load_bundle
+
+    out = tmp_path / "bundle"
+    result = runner.invoke(app, ["export", str(trained_run), "--out", str(out), "--quant", "q8_0",
+                                 "--routed-samples", "20", "--threads", "1"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    loaded = load_bundle(out)  # every file hashed and checked against the manifest
+    assert loaded.llm["quant"] == "q8_0" and (out / "crm.onnx").is_file()
+    said = " ".join(result.output.split())
+    assert "llm-q8_0.gguf" in said and "timings:" in said
+    assert said.count("quantization: q8_0") == 1  # each step's message printed once, not logged as well
+    assert not [r for r in caplog.records if "quantization: q8_0" in r.getMessage()]
+    assert "slope" in json.dumps(loaded.router["llm_calibration"])
+    again = runner.invoke(app, ["export", str(tmp_path / "no-run"), "--out", str(tmp_path / "b2")])
+    assert again.exit_code != 0 and "no-run" in again.output and "Traceback" not in again.output
+
+
+def test_quickstarts_sample_answer_is_a_table_with_titles(bundle, tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from corella_cli.main import _answer_table
+    from runtime.bundle import load_bundle
+    from runtime.engine import CandidateItem, Engine, EngineSettings, Request
+    from runtime.store import FeatureStore
+
+    engine = Engine(load_bundle(bundle), EngineSettings(providers=("cpu",), load_llm=False, state=tmp_path / "s"))
+    try:
+        answer = engine.predict(Request([CandidateItem(str(i)) for i in range(1, 21)], user_id="3", llm_fraction=1.0))
+    finally:
+        engine.close()
+    shown = io.StringIO()
+    Console(file=shown, width=200).print(_answer_table(answer, bundle, top=5))
+    text = shown.getvalue()
+    best = sorted(answer["predictions"], key=lambda p: -p["score"])[:5]
+    store = FeatureStore(bundle / "store.sqlite", readonly=True)
+    titles = [store.items([p["item_id"]])[p["item_id"]].title for p in best]
+    store.close()
+    assert all(title in text for title in titles) and "{" not in text  # titles, not raw JSON
+    assert text.index(titles[0]) < text.index(titles[-1]) and "crm_fallback (llm_" in text  # route and reason

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from runtime.artifacts.store import FeatureStore, Interaction
 from runtime.engine import CandidateItem, HistoryItem, Request
-from runtime.store import FeatureStore, Interaction
 
 __all__ = ["TestSample", "test_samples", "random_requests"]
 

@@ -21,7 +21,7 @@ from benchmarks.suites import (
     machine_info,
     quality_samples,
 )
-from runtime.bundle import load_bundle
+from runtime.artifacts.bundle import load_bundle
 from runtime.engine import Engine, EngineSettings
 from runtime.errors import ConfigError
 

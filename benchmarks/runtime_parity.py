@@ -17,7 +17,7 @@ import httpx
 import numpy as np
 
 from export.bundle import sample_request
-from runtime.bundle import load_bundle
+from runtime.artifacts.bundle import load_bundle
 from runtime.quality import summarize
 from training.checkpoint import read_json
 from training.crm_trainer import load_crm

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.load import UserMix, closed_loop, corella_serve_command, free_port, scrape, send_all, server_process
-from runtime.bundle import Bundle
+from runtime.artifacts.bundle import Bundle
 from runtime.engine import CandidateItem, Engine, Request
 
 __all__ = ["http_suite"]

@@ -15,13 +15,13 @@ import numpy as np
 
 from benchmarks.data import TestSample, random_requests, test_samples
 from benchmarks.stats import latency_summary, time_calls
-from runtime.bundle import Bundle
+from runtime.artifacts.bundle import Bundle
+from runtime.artifacts.state import state_dir
 from runtime.crm import PROVIDERS, CRMSession
 from runtime.engine import Engine, Request
 from runtime.llm import LlamaScorer, LlamaSettings
 from runtime.quality import auc, summarize
 from runtime.router import binary_entropy, route_by_budget
-from runtime.state import state_dir
 
 __all__ = ["BenchConfig", "machine_info", "crm_suite", "llm_suite", "hybrid_suite", "SUITES"]
 

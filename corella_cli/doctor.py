@@ -142,7 +142,7 @@ def check_bundle_crm(bundle: Path) -> list[Check]:
     1,024 rows take (after one warm-up run)."""
     import onnxruntime as ort
 
-    from runtime.bundle import load_bundle
+    from runtime.artifacts.bundle import load_bundle
     from runtime.crm import PROVIDERS, CRMSession
 
     crm_file = load_bundle(bundle).crm_file
@@ -178,7 +178,7 @@ def check_bundle_crm(bundle: Path) -> list[Check]:
 
 def check_bundle_llm(bundle: Path) -> list[Check]:
     """The bundle's GGUF loaded as the server would (offloaded where the build can), one prompt scored."""
-    from runtime.bundle import load_bundle
+    from runtime.artifacts.bundle import load_bundle
     from runtime.llm import LlamaScorer, LlamaSettings, LLMError
 
     loaded = load_bundle(bundle)

@@ -477,9 +477,9 @@ StateOption = Annotated[
 @store_app.command("info")
 def store_info(bundle: Annotated[Path, typer.Argument(help="bundle directory")], state: StateOption = None) -> None:
     """Where the bundle's live store is, what it holds and whether a replaced bundle left events."""
-    from runtime.bundle import load_bundle
-    from runtime.state import STORE, live_events, replaced_state, state_dir
-    from runtime.store import FeatureStore
+    from runtime.artifacts.bundle import load_bundle
+    from runtime.artifacts.state import STORE, live_events, replaced_state, state_dir
+    from runtime.artifacts.store import FeatureStore
 
     try:
         loaded = load_bundle(bundle)
@@ -510,8 +510,8 @@ def store_migrate(
 ) -> None:
     """Carry the events posted to another live store (by default the one of the bundle this bundle
     replaced at export) into this bundle's; events of items its catalog lacks are dropped and counted."""
-    from runtime.bundle import load_bundle
-    from runtime.state import migrate_store
+    from runtime.artifacts.bundle import load_bundle
+    from runtime.artifacts.state import migrate_store
 
     try:
         result = migrate_store(load_bundle(bundle), source, state)
@@ -527,8 +527,8 @@ def store_migrate(
 def store_reset(bundle: Annotated[Path, typer.Argument(help="bundle directory")], state: StateOption = None) -> None:
     """Start this bundle's live store afresh from its snapshot. Nothing is deleted: the current live
     store is renamed aside, and a replaced bundle's events are marked as set aside."""
-    from runtime.bundle import load_bundle
-    from runtime.state import reset_store
+    from runtime.artifacts.bundle import load_bundle
+    from runtime.artifacts.state import reset_store
 
     try:
         result = reset_store(load_bundle(bundle), state)
@@ -613,9 +613,9 @@ def serve(bundle: Annotated[Path, typer.Argument(help="bundle directory")], **op
     import uvicorn
     from pydantic import ValidationError
 
-    from runtime.bundle import load_bundle
-    from runtime.server import create_app, uvicorn_config
-    from runtime.state import live_store
+    from runtime.artifacts.bundle import load_bundle
+    from runtime.artifacts.state import live_store
+    from runtime.serving import create_app, uvicorn_config
 
     try:
         settings = ServerSettings.from_options(bundle, **options)
@@ -657,13 +657,13 @@ def predict(
     from pydantic import ValidationError
     from rich.progress import track
 
-    from runtime.bundle import load_bundle
+    from runtime.artifacts.bundle import load_bundle
     from runtime.engine import Engine, EngineSettings
-    from runtime.server import PredictBody, to_engine_request
+    from runtime.serving import PredictBody, to_engine_request
 
     try:
+        lines = requests.read_text(encoding="utf-8").splitlines()  # before the engine: a bad path starts nothing
         engine = Engine(load_bundle(bundle), EngineSettings(default_deadline_ms=None, load_llm=not no_llm))
-        lines = requests.read_text(encoding="utf-8").splitlines()
     except (CorellaError, OSError) as exc:
         raise _fail(exc if isinstance(exc, CorellaError) else CorellaError(str(exc))) from exc
     answers, failed = [], 0
@@ -803,7 +803,7 @@ def _serve_one_request(bundle: Path, port: int) -> dict:
     import httpx
     import uvicorn
 
-    from runtime.server import create_app, uvicorn_config
+    from runtime.serving import create_app, uvicorn_config
 
     settings = ServerSettings(bundle=bundle, port=port)
     server = uvicorn.Server(uvicorn_config(create_app(settings), settings, log_level="warning"))
@@ -823,10 +823,9 @@ def _serve_one_request(bundle: Path, port: int) -> dict:
         thread.join(timeout=30)
 
 
-@app.command()
 def _answer_table(answer: dict[str, Any], bundle: Path, top: int = 5) -> Table:
     """The `top` best-scored candidates of a /v1/predict answer, with their titles from the bundle's catalog."""
-    from runtime.store import FeatureStore
+    from runtime.artifacts.store import FeatureStore
 
     best = sorted(answer["predictions"], key=lambda p: -p["score"])[:top]
     store = FeatureStore(bundle / "store.sqlite", readonly=True)
@@ -845,6 +844,7 @@ def _answer_table(answer: dict[str, Any], bundle: Path, top: int = 5) -> Table:
                   ["#", "item", "title", "score", "route", "CRM", "LLM"], rows)  # fmt: skip
 
 
+@app.command()
 def quickstart(
     workdir: Annotated[Path, typer.Option(help="where runs/, bundles/ and bench/ go")] = Path("."),
     port: Annotated[int, typer.Option(help="port of the demonstration server")] = 8765,

@@ -29,7 +29,8 @@ from export.crm import (
     tensorrt_unavailable_reason,
 )
 from export.llm import QUANT_TYPES, convert_hf_directory, quantize_gguf, write_merged_gguf
-from runtime.bundle import MANIFEST, bundle_id, load_bundle, write_manifest
+from runtime.artifacts.bundle import MANIFEST, bundle_id, load_bundle, write_manifest
+from runtime.artifacts.store import FeatureStore, Interaction
 from runtime.engine import Engine, EngineSettings
 from runtime.errors import ConfigError
 from runtime.features import FeatureSpec
@@ -38,7 +39,6 @@ from runtime.paths import corella_home
 from runtime.prompt import HistoryEntry, ItemText, PromptTemplate
 from runtime.quality import auc, describe_gain, expected_gain, log_loss, summarize
 from runtime.router import LLMCalibration, binary_entropy
-from runtime.store import FeatureStore, Interaction
 from training.checkpoint import read_json
 from training.crm_trainer import load_crm
 from training.data import SampleTable

@@ -126,7 +126,7 @@ def test_serve_reads_corella_variables_and_options_override_them(tmp_path, monke
     result = runner.invoke(app, ["serve", str(tmp_path), "--llm-queue-candidates", "5"])
     assert result.exit_code == 2 and "manifest.json: missing" in result.output
 
-    from runtime.server import ServerSettings
+    from runtime.serving import ServerSettings
 
     monkeypatch.setenv("CORELLA_DEFAULT_DEADLINE_MS", "750")
     monkeypatch.setenv("CORELLA_LOAD_LLM", "false")
@@ -135,7 +135,7 @@ def test_serve_reads_corella_variables_and_options_override_them(tmp_path, monke
     assert (settings.port, settings.default_deadline_ms, settings.load_llm) == (9001, 750.0, False)
     assert settings.llm_queue_candidates == 9
     # uvicorn's access log: off unless asked for, by option or variable
-    from runtime.server import create_app, uvicorn_config
+    from runtime.serving import create_app, uvicorn_config
 
     monkeypatch.delenv("CORELLA_LLM_QUEUE_CANDIDATES")
     quiet = ServerSettings(bundle=tmp_path)
@@ -223,8 +223,8 @@ def test_bench_options_are_checked_before_any_work(bundle, tmp_path):
 
 def test_store_reset_sets_the_live_store_aside(bundle, tmp_path):
     state = tmp_path / "state"
-    from runtime.bundle import load_bundle
-    from runtime.state import live_store
+    from runtime.artifacts.bundle import load_bundle
+    from runtime.artifacts.state import live_store
 
     live = live_store(load_bundle(bundle), state)
     result = runner.invoke(app, ["store", "reset", str(bundle), "--state", str(state)])
@@ -242,7 +242,7 @@ def test_export_from_the_command_line_writes_a_bundle_that_loads(trained_run, tm
 
     caplog.set_level(logging.INFO, logger="export")
 
-    from runtime.bundle import load_bundle
+    from runtime.artifacts.bundle import load_bundle
 
     out = tmp_path / "bundle"
     result = runner.invoke(app, ["export", str(trained_run), "--out", str(out), "--quant", "q8_0",
@@ -265,9 +265,9 @@ def test_quickstarts_sample_answer_is_a_table_with_titles(bundle, tmp_path):
     from rich.console import Console
 
     from corella_cli.main import _answer_table
-    from runtime.bundle import load_bundle
+    from runtime.artifacts.bundle import load_bundle
+    from runtime.artifacts.store import FeatureStore
     from runtime.engine import CandidateItem, Engine, EngineSettings, Request
-    from runtime.store import FeatureStore
 
     engine = Engine(load_bundle(bundle), EngineSettings(providers=("cpu",), load_llm=False, state=tmp_path / "s"))
     try:

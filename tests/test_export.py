@@ -9,7 +9,7 @@ import pytest
 
 from export.bundle import ExportConfig, export_bundle
 from export.crm import ExportError
-from runtime.bundle import BundleError, load_bundle
+from runtime.artifacts.bundle import BundleError, load_bundle
 from runtime.errors import ConfigError
 from runtime.llm import LlamaScorer
 

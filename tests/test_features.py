@@ -121,8 +121,8 @@ def test_user_attribute_normalization_is_idempotent():
 
 
 def test_store_round_trips_items_users_and_histories(tmp_path):
+    from runtime.artifacts.store import FeatureStore, Interaction
     from runtime.prompt import ItemText
-    from runtime.store import FeatureStore, Interaction
 
     items = [("1", ItemText("Toy Story", "1995", ("Comedy",), 3.9, 120)), ("2", ItemText("Heat", None, ()))]
     events = [Interaction("u", "1", 5, 10), Interaction("u", "2", 2, 20), Interaction("u", "1", 4, 30)]
@@ -142,8 +142,8 @@ def test_remembered_item_totals_follow_every_append(tmp_path, monkeypatch):
     must move the totals it changes, also while other threads are reading them."""
     import threading
 
+    from runtime.artifacts.store import FeatureStore, Interaction
     from runtime.prompt import ItemText
-    from runtime.store import FeatureStore, Interaction
 
     items = [(str(i), ItemText(f"movie {i}")) for i in range(20)]
     store = FeatureStore.create(tmp_path / "s.sqlite", items, [("u", {"age": 30})],
@@ -174,7 +174,7 @@ def test_remembered_item_totals_follow_every_append(tmp_path, monkeypatch):
     assert store.item_totals(ids)[:, 0].sum() == 203
     # a full cache starts again, and the call that fills it still answers every key it was asked
     truth = store.item_totals(ids).tolist()
-    monkeypatch.setattr("runtime.store._CACHE", 12)
+    monkeypatch.setattr("runtime.artifacts.store._CACHE", 12)
     store._totals_cache.clear()
     assert store.item_totals(ids[:10]).tolist() == truth[:10]
     assert store.item_totals(ids).tolist() == truth and len(store._totals_cache) == 10
@@ -268,8 +268,8 @@ def test_a_resumed_run_keeps_the_prompt_version_it_started_with(tmp_path):
 def test_a_store_of_another_schema_is_refused(tmp_path):
     import sqlite3
 
+    from runtime.artifacts.store import FeatureStore
     from runtime.errors import StoreError
-    from runtime.store import FeatureStore
 
     path = tmp_path / "old.sqlite"
     FeatureStore.create(path, [], [], [], like_threshold=4.0).close()
@@ -334,8 +334,8 @@ def test_running_statistics_equal_a_brute_force_recomputation_and_never_look_ahe
 def test_training_and_serving_produce_identical_feature_rows(tmp_path):
     """The store-backed serving path (what a request reads) equals training's vectorized one, for
     the exported past and after live events."""
+    from runtime.artifacts.store import FeatureStore, Interaction
     from runtime.prompt import ItemText
-    from runtime.store import FeatureStore, Interaction
 
     spec = _spec()
     user, item, timestamp, rating, tags = _interactions(seed=1)

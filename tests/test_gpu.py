@@ -138,7 +138,7 @@ def test_training_on_cuda_takes_the_cpus_step(tmp_path):
 ])  # fmt: skip
 def test_crm_through_the_gpu_providers(bundle, tmp_path, provider, name, tolerance):
     _skip_unless(_provider_reason(provider))
-    from runtime.bundle import load_bundle
+    from runtime.artifacts.bundle import load_bundle
     from runtime.crm import CRMSession
 
     crm = load_bundle(bundle).crm_file
@@ -159,7 +159,7 @@ def test_server_end_to_end_with_the_llm_on_the_card(bundle):
     _skip_unless(_llama_gpu_reason())
     from fastapi.testclient import TestClient
 
-    from runtime.server import ServerSettings, create_app
+    from runtime.serving import ServerSettings, create_app
 
     with TestClient(create_app(ServerSettings(bundle=bundle))) as client:
         assert client.get("/readyz").json()["ready"]

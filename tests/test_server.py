@@ -14,8 +14,8 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from runtime.bundle import load_bundle
-from runtime.server import ServerSettings, create_app
+from runtime.artifacts.bundle import load_bundle
+from runtime.serving import ServerSettings, create_app
 
 from .conftest import REPO
 
@@ -229,7 +229,7 @@ def test_keys_from_files_never_show_and_events_take_their_own_key(bundle, tmp_pa
 
 
 def test_server_imports_without_torch():
-    code = "import sys, runtime.server; print([m for m in ('torch', 'transformers', 'peft') if m in sys.modules])"
+    code = "import sys, runtime.serving; print([m for m in ('torch', 'transformers', 'peft') if m in sys.modules])"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
@@ -313,7 +313,7 @@ def _start_server(bundle: Path, port: int, *args: str) -> subprocess.Popen:
 def test_acknowledged_events_survive_a_kill_9_and_retries_count_once(bundle, tmp_path):
     """Clients post events with ids while the server is killed with SIGKILL: after a restart on the
     same state, every event that got a 200 is in the store; posting them again appends nothing."""
-    from runtime.store import FeatureStore
+    from runtime.artifacts.store import FeatureStore
 
     port, state = _free_port(), tmp_path / "state"
     server = _start_server(bundle, port, "--no-llm", "--state", str(state))
@@ -359,8 +359,8 @@ def test_acknowledged_events_survive_a_kill_9_and_retries_count_once(bundle, tmp
 
 
 def test_the_live_store_bound_refuses_a_batch_whole(bundle, tmp_path):
-    from runtime.bundle import load_bundle
-    from runtime.store import FeatureStore
+    from runtime.artifacts.bundle import load_bundle
+    from runtime.artifacts.store import FeatureStore
 
     held = FeatureStore(bundle / "store.sqlite", readonly=True).counts()["interactions"]
     copy = tmp_path / "bundle"
@@ -375,12 +375,12 @@ def test_the_live_store_bound_refuses_a_batch_whole(bundle, tmp_path):
 
 
 def test_a_bundle_verified_by_serve_is_not_hashed_again(bundle, monkeypatch):
-    import runtime.bundle
+    import runtime.artifacts.bundle
 
     loaded = load_bundle(bundle)
     hashed: list[Path] = []
-    real = runtime.bundle.file_digest
-    monkeypatch.setattr(runtime.bundle, "file_digest", lambda path: hashed.append(path) or real(path))
+    real = runtime.artifacts.bundle.file_digest
+    monkeypatch.setattr(runtime.artifacts.bundle, "file_digest", lambda path: hashed.append(path) or real(path))
     settings = ServerSettings(bundle=bundle, load_llm=False)
     with TestClient(create_app(settings, bundle=loaded)) as client:
         assert client.get("/readyz").json()["ready"]

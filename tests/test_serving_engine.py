@@ -18,11 +18,11 @@ import httpx
 import numpy as np
 import pytest
 
-from runtime.bundle import load_bundle
+from runtime.artifacts.bundle import load_bundle
+from runtime.artifacts.store import Interaction
 from runtime.engine import CandidateItem, Engine, EngineSettings, Request
 from runtime.scheduling import ItemState
-from runtime.server import ServerSettings, create_app, uvicorn_config
-from runtime.store import Interaction
+from runtime.serving import ServerSettings, create_app, uvicorn_config
 
 # the bundle's GGUF is q8_0: llama.cpp multiplies quantized weights by a multi-token batch on another
 # kernel path than one token, so batch composition moves P(yes) a little more than on the f32 tiny
@@ -99,7 +99,7 @@ def test_the_suffixes_common_head_is_decoded_once_per_user(bundle, tmp_path):
     """In a prompt version 3 bundle, the words every candidate's suffix starts with ("Target movie:")
     go into the user's cached prefix: a repeat request decodes only what differs, and answers as the
     whole prompts do. (Version 4 has those words in its prefix text: no head to move.)"""
-    from runtime.bundle import write_manifest
+    from runtime.artifacts.bundle import write_manifest
     from runtime.llm import LlamaScorer, LlamaSettings
 
     engine = _engine(bundle, tmp_path, llm_process=False)
@@ -269,7 +269,8 @@ def test_the_request_side_reads_busy_while_requests_wait_even_without_cpu():
     (here asleep, as a starved one would be) reads busy, though the process uses no CPU."""
     import asyncio
 
-    from runtime.server import _CpuWorkers, _LoadReporter
+    from runtime.serving.workers import CpuWorkers as _CpuWorkers
+    from runtime.serving.workers import LoadReporter as _LoadReporter
 
     reports: list[float] = []
     workers = _CpuWorkers(1, 0)
@@ -292,7 +293,7 @@ def test_the_cpu_workers_run_at_the_http_niceness_and_the_event_loop_does_not():
     and answers keep the default priority."""
     import asyncio
 
-    from runtime.server import _CpuWorkers
+    from runtime.serving.workers import CpuWorkers as _CpuWorkers
 
     def niceness() -> int:
         return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
@@ -433,7 +434,7 @@ def test_remembered_answers_are_served_while_the_llm_is_down(bundle, tmp_path, m
 
 
 def test_a_users_remembered_past_is_forgotten_at_their_next_event(bundle, tmp_path):
-    from runtime.store import Interaction
+    from runtime.artifacts.store import Interaction
 
     engine = _engine(bundle, tmp_path, load_llm=False)
     try:
@@ -453,7 +454,7 @@ def test_a_users_remembered_past_is_forgotten_at_their_next_event(bundle, tmp_pa
 def test_a_candidate_asked_for_again_is_answered_from_memory_until_the_users_next_event(bundle, tmp_path):
     """The same prompt tokens give the same answer: a repeated candidate is neither queued nor
     decoded, a new one beside it is, and after an event (a new prefix) nothing is recalled."""
-    from runtime.store import Interaction
+    from runtime.artifacts.store import Interaction
 
     engine = _engine(bundle, tmp_path, llm_process=False, default_deadline_ms=None, llm_answer_memo=1000)
     try:
@@ -623,9 +624,9 @@ def test_a_bundle_whose_llm_has_no_signal_never_decodes_it(bundle, tmp_path):
 
 
 def test_users_caches_stay_bounded_and_an_event_is_read_at_once(bundle, tmp_path, monkeypatch):
-    import runtime.pasts
+    import runtime.engine.pasts
 
-    monkeypatch.setattr(runtime.pasts, "USER_CACHE", 3)
+    monkeypatch.setattr(runtime.engine.pasts, "USER_CACHE", 3)
     engine = _engine(bundle, tmp_path, load_llm=False)
     try:
         lengths = {u: engine.predict(_request(u, 4))["history_length"] for u in range(1, 9)}

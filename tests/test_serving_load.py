@@ -81,7 +81,7 @@ def test_deadlines_hold_over_http_while_the_llm_is_busy(bundle, tmp_path):
 
 
 def test_the_cpu_workers_refuse_late_work_and_run_urgent_work_first():
-    from runtime.server import _CpuWorkers
+    from runtime.serving.workers import CpuWorkers as _CpuWorkers
 
     workers = _CpuWorkers(1, 0)
     order: list[str] = []

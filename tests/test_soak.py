@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from runtime.store import FeatureStore
+from runtime.artifacts.store import FeatureStore
 
 from .test_server import _free_port, _start_server
 

@@ -9,10 +9,10 @@ from typer.testing import CliRunner
 
 from corella_cli.main import app
 from export.bundle import ExportConfig, export_bundle
-from runtime.bundle import load_bundle
+from runtime.artifacts.bundle import load_bundle
+from runtime.artifacts.state import live_events, live_store, reset_store
+from runtime.artifacts.store import FeatureStore, Interaction
 from runtime.errors import StoreError
-from runtime.state import live_events, live_store, reset_store
-from runtime.store import FeatureStore, Interaction
 
 CHEAP = ExportConfig(quant="q8_0", compare_quants=[], parity_prompts=4, routed_samples=8, eval_samples=5)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.bundle import load_bundle
+from runtime.artifacts.bundle import load_bundle
 from runtime.engine import CandidateItem, Engine, EngineSettings, Request
 
 from .tiny_llm import CORPUS

@@ -13,7 +13,7 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
-from runtime.bundle import file_digest as sha256_of
+from runtime.artifacts.bundle import file_digest as sha256_of
 from runtime.errors import DataSourceError
 
 __all__ = ["fetch_from_path", "fetch_from_url", "fetch_from_recbole_wheel", "sha256_of"]

@@ -14,17 +14,17 @@ from typing import Any
 
 import numpy as np
 
-from runtime.bundle import Bundle
+from runtime.artifacts.bundle import Bundle
+from runtime.artifacts.store import FeatureStore
+from runtime.engine.requests import HistoryItem
 from runtime.errors import OverloadedError
 from runtime.llm import LlamaModel, LLMError, gpu_offload_supported
 from runtime.memo import AnswerMemo, MemoFileError
 from runtime.metrics import ServingMetrics
 from runtime.paths import model_cache
 from runtime.prompt import HistoryEntry, ItemText
-from runtime.requests import HistoryItem
 from runtime.scheduling import ItemState, LLMScheduler, RemoteScheduler, Scheduler, SchedulerSettings
 from runtime.settings import EngineSettings
-from runtime.store import FeatureStore
 from runtime.vocab import VocabularyCut
 
 __all__ = ["ServedLLM", "TOKEN_CACHE_TEXTS"]

@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from runtime.engine.requests import HistoryItem, Request
 from runtime.prompt import ItemText
-from runtime.requests import HistoryItem, Request
 from runtime.router import LLMCalibration
 from runtime.scheduling import ItemState, JobHandle
 

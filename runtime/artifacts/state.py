@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from runtime.bundle import Bundle
+from runtime.artifacts.bundle import Bundle
+from runtime.artifacts.store import FeatureStore, Interaction
 from runtime.errors import StoreError
 from runtime.paths import corella_home
-from runtime.store import FeatureStore, Interaction
 
 __all__ = ["state_dir", "live_store", "live_events", "migrate_store", "reset_store", "replaced_state"]
 

@@ -23,23 +23,23 @@ from typing import Any
 
 import numpy as np
 
-from runtime.answers import Answers, FallbackReason, Pending, Prepared
-from runtime.bundle import Bundle
+from runtime.artifacts.bundle import Bundle
+from runtime.artifacts.state import live_store, state_dir
+from runtime.artifacts.store import FeatureStore, Interaction
 from runtime.crm import CRMSession
+from runtime.engine.answers import Answers, FallbackReason, Pending, Prepared
+from runtime.engine.pasts import RecentUsers, UserPasts
+from runtime.engine.requests import CandidateItem, HistoryItem, Mode, Request
+from runtime.engine.served_llm import ServedLLM
 from runtime.errors import ConfigError, OverloadedError, RequestTooLarge, StoreFull
 from runtime.llm import LlamaModel, LLMError
 from runtime.memo import AnswerMemo
 from runtime.metrics import ServingMetrics
-from runtime.pasts import RecentUsers, UserPasts
 from runtime.prompt import ItemText
 from runtime.quality import describe_gain
-from runtime.requests import CandidateItem, HistoryItem, Mode, Request
 from runtime.router import LLMCalibration, binary_entropy, route_request
 from runtime.scheduling import ItemState, Scheduler
-from runtime.served_llm import ServedLLM
 from runtime.settings import EngineSettings
-from runtime.state import live_store, state_dir
-from runtime.store import FeatureStore, Interaction
 from runtime.vocab import VocabularyCut
 
 __all__ = [
@@ -327,7 +327,7 @@ class Engine:
         return self.finish(pending)
 
     def report_host_load(self, load: float) -> None:
-        """How busy the request side is (see server._LoadReporter), for the LLM's thread count."""
+        """How busy the request side is (see serving.workers.LoadReporter), for the LLM's thread count."""
         if self.scheduler is not None:
             self.scheduler.report_host_load(load)
 

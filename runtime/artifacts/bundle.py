@@ -4,7 +4,7 @@ manifest.json lists every other file with its sha256 and size. Loading verifies 
 refuses a bundle with a missing, truncated or altered file, a file the runtime opens that the
 manifest does not hash, a name that is not a plain file name inside the bundle, or a newer
 format, naming the file. A bundle is only read: what serving writes (the live store, engine
-caches) lives in a state folder of its own (`runtime.state`).
+caches) lives in a state folder of its own (`runtime.artifacts.state`).
 """
 
 from __future__ import annotations

@@ -6,9 +6,9 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 
+from runtime.artifacts.store import FeatureStore
+from runtime.engine.requests import HistoryItem, Request
 from runtime.features import FeatureSpec, UserInteractions, UserSummary, normalize_user_attributes
-from runtime.requests import HistoryItem, Request
-from runtime.store import FeatureStore
 
 __all__ = ["USER_CACHE", "RecentUsers", "UserPasts"]
 

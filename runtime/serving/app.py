@@ -1,4 +1,4 @@
-"""HTTP API (FastAPI + uvicorn): POST /v1/predict, POST /v1/events, GET /v1/model, /healthz, /readyz, /metrics.
+"""The HTTP app (FastAPI + uvicorn): POST /v1/predict, POST /v1/events, GET /v1/model, /healthz, /readyz, /metrics.
 
 `create_app(settings)` builds an app; the bundle and models load in the lifespan and live on
 `app.state`. Nothing happens at import time. A user's mistake is a 4xx with a JSON error envelope,
@@ -13,40 +13,34 @@ cheap requests cannot take the cores the LLM decodes on.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import gc
 import hmac
-import itertools
 import logging
 import math
-import os
-import queue
-import threading
 import time
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
-import annotated_types
 import orjson
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from runtime import __version__
-from runtime.bundle import Bundle, load_bundle
-from runtime.engine import CandidateItem, Engine, HistoryItem
-from runtime.engine import Request as EngineRequest
+from runtime.artifacts.bundle import Bundle, load_bundle
+from runtime.artifacts.store import Interaction
+from runtime.engine import Engine
 from runtime.errors import ConfigError, CorellaError, OverloadedError, RequestTooLarge, StoreFull
 from runtime.llm import LLMError
 from runtime.metrics import ServingMetrics
+from runtime.serving.schemas import EventsBody, PredictBody, to_engine_request
+from runtime.serving.workers import CpuWorkers, LoadReporter
 from runtime.settings import ServerSettings
-from runtime.store import Interaction
 
-__all__ = ["ServerSettings", "create_app", "uvicorn_config", "PredictBody", "EventsBody", "to_engine_request"]
+__all__ = ["create_app", "uvicorn_config"]
 
 log = logging.getLogger(__name__)
 
@@ -59,84 +53,6 @@ def uvicorn_config(app: FastAPI, settings: ServerSettings, log_level: str = "inf
     return uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
                           limit_concurrency=settings.limit_concurrency, backlog=2048,
                           timeout_keep_alive=30, access_log=settings.access_log)  # fmt: skip
-
-
-# ---------------------------------------------------------------------------- request bodies
-class _Strict(BaseModel):
-    # strict: a JSON false is not a number, 1.5 is not an integer, "5" is not a number
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-def _integral(value: Any) -> Any:
-    """JSON has one number type: 1700000000.0 is an integer to a JSON Schema, 1.5 is not."""
-    return int(value) if isinstance(value, float) and value.is_integer() else value
-
-
-#: unix seconds up to the year 9999: past it a timestamp is a mistake (and past 2^63, SQLite's limit)
-Timestamp = Annotated[int, annotated_types.Ge(0), annotated_types.Le(253_402_300_799), BeforeValidator(_integral)]
-
-
-class HistoryBody(_Strict):
-    item_id: str = Field(min_length=1, max_length=256)
-    rating: float = Field(ge=0, le=100)
-    timestamp: Timestamp | None = Field(None, description="unix seconds")
-    title: str | None = Field(None, max_length=512)
-
-
-class CandidateBody(_Strict):
-    item_id: str = Field(min_length=1, max_length=256)
-    title: str | None = Field(None, max_length=512, description="overrides the catalog; new items need one for the LLM")
-    year: str | None = Field(None, max_length=16)
-    tags: list[Annotated[str, Field(max_length=64)]] | None = Field(None, max_length=64)
-
-
-class PredictBody(_Strict):
-    user_id: str | None = Field(None, max_length=256, description="known users get profile and history from the store")
-    user_attributes: (
-        dict[Annotated[str, Field(max_length=32)], Annotated[str, Field(max_length=64)] | int | float] | None
-    ) = Field(None, max_length=16, description="age, gender, occupation, zip")
-    history: list[HistoryBody] | None = Field(None, max_length=1000, description="oldest first; overrides the store")
-    candidates: list[CandidateBody] = Field(
-        min_length=1, max_length=100_000, description="items to score (past --max-candidates: 413)"
-    )
-    mode: Literal["hybrid", "crm", "llm"] = "hybrid"
-    llm_fraction: float | None = Field(None, ge=0, le=1, description="route this share of the candidates to the LLM")
-    deadline_ms: float | None = Field(None, gt=0, le=600_000, description="answer this long after arrival at the "
-                                      "latest; LLM work not done by then is answered by the CRM")  # fmt: skip
-
-
-class EventBody(_Strict):
-    user_id: str = Field(min_length=1, max_length=256)
-    item_id: str = Field(min_length=1, max_length=256)
-    rating: float = Field(ge=0, le=100)
-    timestamp: Timestamp | None = Field(None, description="unix seconds; default now")
-    event_id: str | None = Field(
-        None,
-        min_length=1,
-        max_length=128,
-        description="the client's id for the event: an id the store holds already is not appended again",
-    )
-
-
-class EventsBody(_Strict):
-    events: list[EventBody] = Field(min_length=1, max_length=10_000)
-
-
-def to_engine_request(body: PredictBody) -> EngineRequest:
-    return EngineRequest(
-        candidates=[
-            CandidateItem(c.item_id, c.title, c.year, tuple(c.tags) if c.tags is not None else None)
-            for c in body.candidates
-        ],  # fmt: skip
-        user_id=body.user_id,
-        user_attributes=body.user_attributes,
-        history=[HistoryItem(h.item_id, h.rating, h.timestamp, h.title) for h in body.history]
-        if body.history is not None
-        else None,
-        mode=body.mode,
-        llm_fraction=body.llm_fraction,
-        deadline_ms=body.deadline_ms,
-    )
 
 
 # ---------------------------------------------------------------------------- errors
@@ -309,7 +225,7 @@ def _api_router(settings: ServerSettings) -> APIRouter:
         engine = _engine(request)
         arrived = request.scope["state"]["arrived"]
         engine_request = to_engine_request(body)
-        cpu: _CpuWorkers = request.app.state.cpu
+        cpu: CpuWorkers = request.app.state.cpu
         deadline = engine.deadline(engine_request, arrived)
         # a 429 at once, before any CPU work, when the CRM or the LLM cannot answer in time; a mode
         # llm request goes first, so that the LLM's state it was admitted on is still the state
@@ -341,166 +257,6 @@ def _api_router(settings: ServerSettings) -> APIRouter:
         return _model_summary(_engine(request), settings)
 
     return router
-
-
-#: a request that waited at least this long for a CPU worker, and past its deadline, is refused:
-#: overload, not a deadline too short for its own work (that one is answered by the CRM)
-_LATE_QUEUE_S = 0.05
-_LOAD_INTERVAL_S = 0.1
-
-
-class _LoadReporter:
-    """Tells the LLM how busy the request side is, every `_LOAD_INTERVAL_S` from a thread of its
-    own: the larger of this process's CPU use (in cores: the event loop's work counts) and the
-    share of the time some request ran on or waited for a CPU worker (a starved process uses little
-    CPU but keeps requests waiting). The workers' busy share alone, reported at their jobs' ends,
-    read as idle whenever the event loop did the work or the workers were starved; the LLM then
-    took every core for a batch and the whole request side stalled (4 times in a 20 s overload
-    run, 0.3-1.4 s each)."""
-
-    def __init__(self, workers: _CpuWorkers, report: Any) -> None:
-        self.workers, self.report = workers, report
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="corella-load", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        wall, cpu, occupied = time.perf_counter(), time.process_time(), self.workers.occupied_seconds()
-        while not self._stop.wait(_LOAD_INTERVAL_S):
-            now, used, busy = time.perf_counter(), time.process_time(), self.workers.occupied_seconds()
-            elapsed = max(1e-6, now - wall)
-            self.report(max((used - cpu) / elapsed, (busy - occupied) / elapsed))
-            wall, cpu, occupied = now, used, busy
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-
-class _CpuWorkers:
-    """The few threads that run request work (encoding, the CRM, store writes): the event loop stays
-    free for health checks and answers, and a few threads, not dozens, contend for the GIL.
-    Requests beyond wait idle in a queue, urgent ones first (a mode "llm" request, whose answer
-    may be a 429 that is only useful at once); `expected_wait` says for how long, so that a request
-    that could not be answered in time is refused before it queues."""
-
-    def __init__(self, workers: int, nice: int) -> None:
-        self.workers = workers
-        self.waiting = [0, 0]  # urgent, other; only the event loop thread changes them
-        self.urgent_candidates = 0  # candidates of the urgent jobs not yet started
-        self.seconds = 0.002  # smoothed time a job takes
-        # seconds between two jobs' ends while jobs queue: the workers, at a low CPU priority, may
-        # drain the queue slower than their jobs' own times say
-        self.interval = 0.0
-        self._last_end: float | None = None  # the previous job's end, when jobs were queued then
-        self._lock = threading.Lock()
-        self._occupied, self._occupied_from = 0.0, 0.0  # see occupied_seconds
-        self._queue: queue.PriorityQueue = queue.PriorityQueue()
-        self._order = itertools.count()
-        self._threads = [threading.Thread(target=self._work, args=(nice,), name=f"corella-cpu-{i}", daemon=True)
-                         for i in range(workers)]  # fmt: skip
-        for thread in self._threads:
-            thread.start()
-
-    def _work(self, nice: int) -> None:
-        lower_thread_priority(nice)
-        while True:
-            _, _, job, loop, future = self._queue.get()
-            if job is None:
-                return
-            try:
-                result, error = job(), None
-            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting request
-                result, error = None, exc
-            loop.call_soon_threadsafe(_settle, future, result, error)
-
-    def _account(self, seconds: float) -> None:
-        now = time.perf_counter()
-        self.seconds = 0.9 * self.seconds + 0.1 * seconds
-        with self._lock:
-            if self._last_end is not None:
-                self.interval = 0.8 * self.interval + 0.2 * (now - self._last_end)
-            queued = sum(self.waiting) > self.workers
-            self._last_end = now if queued else None
-            if not queued:
-                self.interval = 0.0
-
-    async def run(self, function: Any, *args: Any, deadline: float | None = None, urgent: bool = False,
-                  weight: int = 0) -> Any:  # fmt: skip
-        """`function(*args)` on a worker; OverloadedError when the job waited past `deadline` (an
-        answer after its deadline helps nobody; a 429 tells the client to come back). `weight`:
-        the urgent job's candidates, counted in `urgent_candidates` until it starts."""
-        lane = 0 if urgent else 1
-        queued = time.perf_counter()
-        if not sum(self.waiting):
-            self._occupied_from = queued
-        self.waiting[lane] += 1
-        with self._lock:  # the workers take it back: two threads change it
-            self.urgent_candidates += weight
-
-        def job() -> Any:
-            began = time.perf_counter()
-            with self._lock:
-                self.urgent_candidates -= weight
-            if deadline is not None and began > deadline and began - queued > _LATE_QUEUE_S:
-                raise OverloadedError(f"the server is saturated: the request waited {began - queued:.1f} s for a "
-                                      "CPU worker, past its deadline", self.expected_wait())  # fmt: skip
-            try:
-                return function(*args)
-            finally:
-                self._account(time.perf_counter() - began)
-
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self._queue.put((lane, next(self._order), job, loop, future))
-        try:
-            return await future
-        finally:
-            self.waiting[lane] -= 1
-            if not sum(self.waiting):
-                self._occupied += time.perf_counter() - self._occupied_from
-
-    def occupied_seconds(self) -> float:
-        """Seconds so far during which some request was running on or waiting for a worker: the
-        request side's demand for CPU, which a starved process does not lose (its CPU use does)."""
-        ongoing = time.perf_counter() - self._occupied_from if sum(self.waiting) else 0.0
-        return self._occupied + ongoing
-
-    def expected_wait(self, urgent: bool = False) -> float:
-        ahead = self.waiting[0] if urgent else sum(self.waiting)
-        return ahead * max(self.seconds / self.workers, self.interval)
-
-    def refuse_if_late(self, deadline: float | None, urgent: bool = False) -> None:
-        """OverloadedError when the queue ahead alone outlasts the deadline (the request would wait for nothing)."""
-        wait = self.expected_wait(urgent)
-        if deadline is not None and wait > _LATE_QUEUE_S and time.perf_counter() + wait > deadline:
-            raise OverloadedError(f"the server is saturated ({sum(self.waiting)} requests waiting for a CPU "
-                                  f"worker); retry in {wait:.1f} s", wait)  # fmt: skip
-
-    def close(self) -> None:
-        for _ in self._threads:
-            self._queue.put((2, next(self._order), None, None, None))
-        for thread in self._threads:
-            thread.join(timeout=30)
-
-
-def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
-    if future.cancelled():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
-
-
-def lower_thread_priority(nice: int) -> None:
-    """Raise the calling thread's niceness to `nice` (Linux: per thread; threads it starts inherit it)."""
-    if not nice or not hasattr(os, "setpriority"):
-        return
-    tid = threading.get_native_id()
-    with contextlib.suppress(OSError):
-        if os.getpriority(os.PRIO_PROCESS, tid) < nice:
-            os.setpriority(os.PRIO_PROCESS, tid, nice)
 
 
 def _scheduler_summary(scheduler: Any) -> dict[str, Any] | None:
@@ -588,8 +344,8 @@ def create_app(settings: ServerSettings, bundle: Bundle | None = None) -> FastAP
         app.state.engine = engine = await run_in_threadpool(Engine, loaded, settings.engine_settings(), metrics)
         # the CPU workers yield the cores to llama.cpp's threads; the event loop, whose work is short
         # (health, answers, reading requests), keeps the default priority so that it stays prompt
-        app.state.cpu = _CpuWorkers(settings.cpu_workers, settings.http_nice)
-        app.state.load = _LoadReporter(app.state.cpu, engine.report_host_load)
+        app.state.cpu = CpuWorkers(settings.cpu_workers, settings.http_nice)
+        app.state.load = LoadReporter(app.state.cpu, engine.report_host_load)
         # what loading made lives as long as the server: out of the collector's full passes, which
         # otherwise walk its ~200k objects under load about once a second for ~100 ms each, the
         # whole process (event loop and workers) waiting (measured at 256 clients on 2 cores)

@@ -19,9 +19,11 @@ from runtime.artifacts.bundle import Bundle
 from runtime.artifacts.state import state_dir
 from runtime.crm import PROVIDERS, CRMSession
 from runtime.engine import Engine, Request
-from runtime.llm import LlamaScorer, LlamaSettings
+from runtime.errors import OverloadedError
+from runtime.llm import LlamaScorer, LlamaSettings, LLMError
 from runtime.quality import auc, summarize
 from runtime.router import binary_entropy, route_by_budget
+from runtime.scheduling import ItemState
 
 __all__ = ["BenchConfig", "machine_info", "crm_suite", "llm_suite", "hybrid_suite", "SUITES"]
 
@@ -274,7 +276,7 @@ def hybrid_suite(bundle: Bundle, engine: Engine, samples: list[TestSample], conf
     needed = route_by_budget(entropy, max(config.fractions)) if engine.llm is not None else np.zeros(len(samples), bool)
     indices = np.flatnonzero(needed)
     if len(indices):
-        answers = engine.served.score_many([_prompts(engine, samples[i].request()) for i in indices])
+        answers = score_many(engine, [_prompts(engine, samples[i].request()) for i in indices])
         llm_p[indices] = [p[0] for p in answers]
     quality, latency = [], []
     requests = random_requests(engine.store, config.hybrid_requests, config.hybrid_candidates, seed=config.seed + 1)
@@ -326,3 +328,27 @@ def _time_requests(engine: Engine, requests: list[Request], fraction: float,
 def quality_samples(engine: Engine, config: BenchConfig) -> list[TestSample]:
     return test_samples(engine.store, engine.spec.history_length, engine.spec.like_threshold,
                         config.quality_samples, seed=config.seed)  # fmt: skip
+
+
+def score_many(engine: Engine, prompts: list[tuple[list[int], list[list[int]]]], wave: int = 64) -> list[np.ndarray]:
+    """P(yes) of each prefix + each of its suffixes through the engine's scheduler, with no deadline:
+    queued in waves and decoded together (the LLM's own work, for timing and quality figures)."""
+    served = engine.served
+    if served.scheduler is None:
+        raise LLMError(served.failure or "no LLM is loaded")
+    scheduler = served.scheduler
+    out: list[np.ndarray] = []
+    for start in range(0, len(prompts), wave):
+        jobs = []
+        for prefix, suffixes in prompts[start : start + wave]:
+            job = scheduler.submit(*served.shift_head(prefix, suffixes), None).job
+            if job is None or job.size < len(suffixes):
+                raise OverloadedError("the LLM queue is full", scheduler.retry_after())
+            jobs.append(job)
+        for job in jobs:
+            job.wait()  # bounded: a scheduler that stops fails its jobs at once
+            p, state = scheduler.collect(job)
+            if (state != ItemState.DONE).any():
+                raise LLMError(job.error or "the LLM did not answer every prompt")
+            out.append(p)
+    return out

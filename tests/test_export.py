@@ -227,6 +227,7 @@ def test_crm_only_run_exports_a_crm_bundle(tmp_path, synthetic_dir):
 
 
 def test_export_calibrates_the_shipped_llm_and_the_engine_applies_it(bundle, tmp_path):
+    from benchmarks.suites import score_many
     from runtime.engine import CandidateItem, Engine, EngineSettings, Request
     from runtime.router import LLMCalibration
 
@@ -246,7 +247,7 @@ def test_export_calibrates_the_shipped_llm_and_the_engine_applies_it(bundle, tmp
         answer = engine.predict(request)
         prepared = engine.prepare(request)
         prefix, suffixes = engine.prompt_ids(prepared.history, prepared.items)
-        raw = engine.served.score_prompts(prefix, suffixes)
+        raw = score_many(engine, [(prefix, suffixes)])[0]
     finally:
         engine.close()
     predictions = answer["predictions"]

@@ -12,18 +12,15 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from runtime.artifacts.bundle import Bundle
 from runtime.artifacts.store import FeatureStore
 from runtime.engine.requests import HistoryItem
-from runtime.errors import OverloadedError
 from runtime.llm import LlamaModel, LLMError, gpu_offload_supported
 from runtime.memo import AnswerMemo, MemoFileError
 from runtime.metrics import ServingMetrics
 from runtime.paths import model_cache
 from runtime.prompt import HistoryEntry, ItemText
-from runtime.scheduling import ItemState, LLMScheduler, RemoteScheduler, Scheduler, SchedulerSettings
+from runtime.scheduling import LLMScheduler, RemoteScheduler, Scheduler, SchedulerSettings
 from runtime.settings import EngineSettings
 from runtime.vocab import VocabularyCut
 
@@ -265,27 +262,3 @@ class ServedLLM:
         if not n or any(len(s) <= n or tuple(s[:n]) != head for s in suffixes):
             return prefix, suffixes
         return [*prefix, *head], [s[n:] for s in suffixes]
-
-    def score_prompts(self, prefix: list[int], suffixes: list[list[int]]) -> np.ndarray:
-        """P(yes) of prefix + each suffix through the scheduler, with no deadline (bench, tests)."""
-        return self.score_many([(prefix, suffixes)])[0]
-
-    def score_many(self, prompts: list[tuple[list[int], list[list[int]]]], wave: int = 64) -> list[np.ndarray]:
-        """`score_prompts` for many prefixes at once: they are queued in waves and decoded together."""
-        if self.scheduler is None:
-            raise LLMError(self.llm_load_error or "no LLM is loaded")
-        out: list[np.ndarray] = []
-        for start in range(0, len(prompts), wave):
-            jobs = []
-            for prefix, suffixes in prompts[start : start + wave]:
-                job = self.scheduler.submit(*self.shift_head(prefix, suffixes), None).job
-                if job is None or job.size < len(suffixes):
-                    raise OverloadedError("the LLM queue is full", self.scheduler.retry_after())
-                jobs.append(job)
-            for job in jobs:
-                job.wait()
-                p, state = self.scheduler.collect(job)
-                if (state != ItemState.DONE).any():
-                    raise LLMError(job.error or "the LLM did not answer every prompt")
-                out.append(p)
-        return out

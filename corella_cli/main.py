@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
-from runtime.errors import CorellaError
+from runtime.errors import ConfigError, CorellaError
 from runtime.settings import ServerSettings, serve_options
 
 __all__ = ["app"]
@@ -27,7 +29,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
-data_app = typer.Typer(help="Fetch and inspect data sets.", no_args_is_help=True)
+data_app = typer.Typer(help="Fetch, import and inspect data sets.", no_args_is_help=True)
 train_app = typer.Typer(help="Train the CRM (stage 1) or the whole CoReLLa procedure.", no_args_is_help=True)
 store_app = typer.Typer(help="The live feature store a bundle serves from (its state folder).",
                         no_args_is_help=True)  # fmt: skip
@@ -42,7 +44,8 @@ DatasetOption = Annotated[
     typer.Option(
         "--dataset",
         "-d",
-        help="movielens-100k, movielens-1m, movielens-latest, movielens-25m or amazon-books",
+        help="movielens-100k, movielens-1m, movielens-latest, movielens-25m, amazon-books, or a data set "
+        "imported with `corella data import`",
     ),
 ]
 FromOption = Annotated[
@@ -71,7 +74,7 @@ def _main(
 
 
 def _fail(exc: CorellaError) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {exc}")
+    console.print(f"[bold red]error:[/] {escape(str(exc))}")
     return typer.Exit(code=2)
 
 
@@ -121,14 +124,62 @@ def data_fetch(
     )
 
 
+@data_app.command("init")
+def data_init(
+    path: Annotated[Path, typer.Argument(help="where to write the template spec")] = Path("dataset.toml"),
+    force: Annotated[bool, typer.Option(help="overwrite an existing file")] = False,
+) -> None:
+    """Write a commented data set spec to fill in: your files, their columns, the prompt's words."""
+    from training.data.spec import TEMPLATE
+
+    if path.exists() and not force:
+        raise _fail(ConfigError(f"{path} exists; pass --force to overwrite it"))
+    path.write_text(TEMPLATE, encoding="utf-8")
+    console.print(f"[green]ok[/] wrote {path}; fill it in, then `corella data import {path} --name NAME`")
+
+
+@data_app.command("import")
+def data_import(
+    spec: Annotated[str, typer.Argument(help="a spec file (TOML), or a built-in data set's name")],
+    name: Annotated[str | None, typer.Option(help="the data set's name (default: the spec's `name`)")] = None,
+    skip_malformed: Annotated[bool, typer.Option(help="skip and count malformed rows instead of failing")] = False,
+) -> None:
+    """Check every file of a data set spec and write a normalized copy (Parquet) to the data cache.
+
+    Then `corella train --dataset NAME`, export, serve and bench run on it unchanged. The copy is
+    written to a temporary folder and renamed into place: an import that fails leaves nothing behind.
+    """
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from training.data.registry import imported_folder, resolve_spec
+    from training.data.tables import import_dataset
+
+    try:
+        dataset = resolve_spec(spec, name)
+        target = imported_folder(dataset.name)
+        with Progress(TextColumn("importing {task.fields[name]}"), BarColumn(bar_width=None),
+                      TextColumn("{task.completed:,} interactions"), TimeElapsedColumn(), console=console,
+                      transient=True) as progress:  # fmt: skip
+            task = progress.add_task("import", total=None, name=dataset.name)
+            meta = import_dataset(dataset, target, skip_malformed, lambda n: progress.advance(task, n))
+    except CorellaError as exc:
+        raise _fail(exc) from exc
+    counts = meta["counts"]
+    console.print(f"[green]ok[/] {dataset.name}: {counts['interactions']:,} interactions, {counts['items']:,} items, "
+                  f"{counts['users']:,} user profiles in {meta['seconds']} s -> {target}")  # fmt: skip
+    if meta["skipped_rows"]:
+        console.print(f"[yellow]skipped malformed rows[/]: {meta['skipped_rows']}")
+    console.print(f"next: corella train --dataset {dataset.name}")
+
+
 @data_app.command("info")
 def data_info(
-    name: Annotated[str, typer.Argument(help="data set name")],
+    name: Annotated[str, typer.Argument(help="data set name (built-in or imported)")],
     source: FromOption = None,
     history_length: Annotated[int, typer.Option(help="history window K")] = 10,
     skip_malformed: Annotated[bool, typer.Option(help="skip and count malformed lines instead of failing")] = False,
 ) -> None:
-    """Counts, label balance, split sizes and the share of test users unseen in training."""
+    """Counts, holes, label balance, the time span, split sizes and the share of test users unseen in training."""
     from training.data.registry import load_dataset
     from training.data.samples import SPLITS, build_samples
 
@@ -138,16 +189,22 @@ def data_info(
         raise _fail(exc) from exc
     samples = build_samples(raw, history_length=history_length)
     inter = raw.interactions
+    label = "a 0/1 label" if raw.implicit else f"rating >= {raw.like_threshold:g}"
     console.print(
         f"[bold]{name}[/]: {len(inter):,} interactions, {inter['user'].nunique():,} users, "
-        f"{inter['item'].nunique():,} items; label = rating >= {raw.like_threshold:g}; "
+        f"{inter['item'].nunique():,} items; like = {label} ({float(raw.labels().mean()):.1%} of interactions); "
         f"user attributes: {', '.join(raw.user_attribute_names()) or 'none'}"
     )
+    first, last = (
+        time.strftime("%Y-%m-%d", time.gmtime(int(t))) for t in (inter["timestamp"].min(), inter["timestamp"].max())
+    )
+    console.print(f"time span: {first} .. {last}")
     if raw.errors.total:
-        console.print(f"[yellow]skipped {raw.errors.total} malformed lines[/]: {raw.errors.skipped}")
+        console.print(f"[yellow]skipped {raw.errors.total} malformed rows[/]: {raw.errors.skipped}")
     items = raw.items
-    holes = {"without a year": int(items["year"].isna().sum()), "without genres": int((items["tags"] == ()).sum()),
-             "without a title": int((items["title"] == "item " + items.index).sum())}  # fmt: skip
+    holes = {"without a year": int(items["year"].isna().sum()), "without tags": int((items["tags"] == ()).sum()),
+             "without a title": int((items["title"] == "item " + items.index).sum()),
+             "without a text": int(items["text"].isna().sum())}  # fmt: skip
     unlisted = raw.unlisted_items()
     console.print(
         f"catalog: {len(items):,} items; "

@@ -82,14 +82,18 @@ def age_bucket(age: str | int | float) -> str:
 
 
 def normalize_user_attributes(attributes: Mapping[str, Any]) -> dict[str, str]:
-    """Raw user attributes -> the tokens the vocabularies hold (age group, 2-character zip prefix).
+    """Raw user attributes -> the tokens the vocabularies hold (age group, 2-character zip prefix;
+    any other attribute of a data set's own, stripped and lower-cased).
 
     Idempotent: normalizing an already normalized profile changes nothing.
     """
     out: dict[str, str] = {}
-    for name in USER_ATTRIBUTES:
-        value = attributes.get(name)
-        if value is None or value == "":
+    for name, value in attributes.items():
+        if (
+            value is None
+            or (isinstance(value, str) and not value.strip())
+            or (isinstance(value, float) and value != value)
+        ):
             continue
         if name == "age":
             out[name] = age_bucket(value)
@@ -98,6 +102,8 @@ def normalize_user_attributes(attributes: Mapping[str, Any]) -> dict[str, str]:
         elif name == "gender":
             out[name] = str(value).strip().upper()[:1]
         else:
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
             out[name] = str(value).strip().lower()
     return out
 
@@ -218,8 +224,8 @@ class FeatureSpec:
         """
         batch = len(item_ids)
         columns = {"user_id": user_ids, "item_id": item_ids, "year": item_years}
-        for name in USER_ATTRIBUTES:
-            if name in self.categorical_fields:
+        for name in self.categorical_fields:  # the rest are the user's attributes
+            if name not in columns:
                 columns[name] = [attrs.get(name) for attrs in user_attributes]
         categorical = np.empty((batch, len(self.categorical_fields)), dtype=np.int64)
         for j, name in enumerate(self.categorical_fields):

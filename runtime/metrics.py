@@ -36,6 +36,8 @@ class ServingMetrics(SchedulerObserver):
         self.latency = Histogram("corella_latency_seconds", "Time per request in each path", ["path"],
                                  registry=registry, buckets=_SECONDS)  # fmt: skip
         self.events = Counter("corella_events_total", "Interactions appended", registry=registry)
+        self.items_posted = Counter("corella_items_posted_total", "Catalog items added or updated while serving",
+                                    ["change"], registry=registry)  # fmt: skip
         self.events_refused = Counter("corella_events_refused_total", "Interactions refused at the live store's "
                                       "bound (507)", registry=registry)  # fmt: skip
         self.batch_tokens = Histogram("corella_llm_batch_tokens", "Tokens per llama_decode", registry=registry,

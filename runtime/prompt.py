@@ -77,6 +77,7 @@ class ItemText:
     rating_mean: float | None = None  # over the training split (catalog statistics)
     rating_count: int | None = None
     liked_share: float | None = None  # share of those ratings at or above the like threshold
+    text: str | None = None  # free text about the item (a description): the target's first words are read
 
     def describe(self, stats: bool = False) -> str:
         """Title (year; tags), and with `stats` the catalog's verdict with its numbers."""
@@ -85,12 +86,16 @@ class ItemText:
             text += f"; {reception(self.liked_share)} ({self.liked_share:.0%} of {self.rating_count})"
         return text
 
-    def brief(self, stats: bool = False, words: Callable[[float], str] = reception) -> str:
+    def brief(self, stats: bool = False, words: Callable[[float], str] = reception, text_words: int = 0) -> str:
         """Fewer tokens, for the target in prompt versions 4 and 5: title (tags), and with `stats` the
-        verdict in `words` alone (the CRM has the numbers)."""
+        verdict in `words` alone (the CRM has the numbers); then the first `text_words` words of the
+        item's text, where it has one."""
         text = self._named(None)
         if self._rated() and stats:
             text += f"; {words(self.liked_share)}"
+        if text_words and isinstance(self.text, str) and self.text.strip():
+            head = self.text.split()
+            text += ": " + " ".join(head[:text_words]) + (" ..." if len(head) > text_words else "")
         return text
 
     # the catalog may have holes (no year, no tags, odd values): say what there is
@@ -129,6 +134,12 @@ class PromptTemplate:
     item_stats: bool = False  # say how the catalog received the target (share of likes, in words)
     like_threshold: float | None = None  # a rating at or above it is a like: the history gets a like count
     version: int = PROMPT_VERSION
+    item_plural: str | None = None  # default: the noun + "s"
+    verb: str = "liked"  # past tense: what a like is ("clicked", "bought")
+    implicit: bool = False  # the history holds 0/1 labels, not ratings on a scale
+    #: words of an item's text said in the target's suffix (version 5; 0 = none: set where the training
+    #: catalog has texts, since a model not trained on them gains nothing from reading them)
+    text_words: int = 0
 
     def __post_init__(self) -> None:
         if self.version not in PROMPT_VERSIONS:
@@ -138,28 +149,45 @@ class PromptTemplate:
                 "and re-export"
             )
 
+    @property
+    def nouns(self) -> str:
+        return self.item_plural or self.item_noun + "s"
+
+    def _opening(self) -> list[str]:
+        noun, nouns, verb = self.item_noun, self.nouns, self.verb
+        if self.implicit:
+            return [f"A user was shown {nouns} and {verb} some of them. Please predict whether the user will have "
+                    f"{verb} the target {noun} based on the history. You should ONLY answer no or yes.",
+                    "The user's history, oldest first:"]  # fmt: skip
+        return [f"A user rated {nouns} from 1 to {self.rating_max:g} stars. Please predict whether the user will "
+                f"like the target {noun} based on the rating history. You should ONLY answer no or yes.",
+                "The user's rating history, oldest first:"]  # fmt: skip
+
+    def _outcome(self, rating: float) -> str:
+        if self.implicit:
+            return self.verb if rating >= (self.like_threshold or 1.0) else f"not {self.verb}"
+        return _stars(rating)
+
     def prefix(self, history: Sequence[HistoryEntry]) -> str:
         noun = self.item_noun
-        lines = [
-            f"A user rated {noun}s from 1 to {self.rating_max:g} stars. Please predict whether the user will "
-            f"like the target {noun} based on the rating history. You should ONLY answer no or yes.",
-            "The user's rating history, oldest first:",
-        ]
-        lines += [f"- {h.item.describe()}: {_stars(h.rating)}" for h in history]
+        lines = self._opening()
+        lines += [f"- {h.item.describe()}: {self._outcome(h.rating)}" for h in history]
         if not history:
             lines.append("- (no history)")
         elif self.like_threshold is not None:
             liked = sum(h.rating >= self.like_threshold for h in history)
-            lines.append(f"The user liked {liked} of these {len(history)} {noun}s.")
+            lines.append(f"The user {self.verb} {liked} of these {len(history)} {self.nouns}.")
         if self.version >= 4:
-            lines.append(f"Will the user like the target {noun}?\nTarget {noun}:")
+            question = f"Will the user have {self.verb} the target {noun}?" if self.implicit else \
+                f"Will the user like the target {noun}?"  # fmt: skip
+            lines.append(f"{question}\nTarget {noun}:")
             return "\n".join(lines)
         return "\n".join(lines) + "\n"
 
     def suffix(self, target: ItemText) -> str:
         # short on purpose: it is decoded once per candidate, the prefix once per user
         if self.version >= 5:
-            return f" {target.brief(self.item_stats, verdict)}\n"
+            return f" {target.brief(self.item_stats, verdict, self.text_words)}\n"
         if self.version == 4:
             return f" {target.brief(self.item_stats)}\nAnswer:"
         return f"Target {self.item_noun}: {target.describe(self.item_stats)}\nWill the user like it?\nAnswer:"
@@ -176,7 +204,7 @@ class PromptTemplate:
         if count_tokens is None:
             return kept
         if suffix_budget is None:
-            suffix_budget = 48 if self.version == 3 else 32
+            suffix_budget = 48 if self.version == 3 else 32 + 2 * self.text_words
         budget = self.max_prompt_tokens - suffix_budget
         while kept and count_tokens(self.prefix(kept)) > budget:
             kept.pop(0)

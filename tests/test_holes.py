@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from runtime.prompt import PromptTemplate, verdict
-from training.data.loaders import load_movielens_csv
+from training.data.registry import load_dataset
 from training.data.samples import build_samples
 
 titles = st.one_of(
@@ -53,7 +53,7 @@ def _write_release(folder: Path, movies: list[tuple[str, str]], ratings: list[tu
 def test_catalogs_with_holes_load_encode_and_render(tmp_path_factory, movies, ratings):
     folder = tmp_path_factory.mktemp("release")
     _write_release(folder, movies, ratings)
-    raw = load_movielens_csv(folder)
+    raw = load_dataset("movielens-latest", folder)
     assert raw.unlisted_items() == sum(i > len(movies) for _, i, _, _ in ratings)
     items = raw.items
     assert all(isinstance(t, str) and t for t in items["title"])

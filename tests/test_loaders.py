@@ -1,4 +1,5 @@
-"""Every loader on small files written here in the real format, malformed lines included."""
+"""Every built-in data set's shipped spec on small files written here in the real format, malformed
+lines included: one loader path (training/data/tables.py) reads them all."""
 
 import gzip
 import json
@@ -8,14 +9,20 @@ from pathlib import Path
 import pytest
 
 from runtime.errors import ConfigError, DataError, DataSourceError
-from training.data.loaders import (
-    kcore_filter,
-    load_amazon_books,
-    load_movielens_1m,
-    load_movielens_100k,
-    load_movielens_csv,
-)
 from training.data.registry import fetch_dataset, load_dataset
+from training.data.tables import kcore_filter
+
+
+def load_movielens_100k(folder, skip_malformed=False):
+    return load_dataset("movielens-100k", folder, skip_malformed=skip_malformed)
+
+
+def load_movielens_1m(folder):
+    return load_dataset("movielens-1m", folder)
+
+
+def load_movielens_csv(folder):
+    return load_dataset("movielens-latest", folder)
 
 
 def _write(path: Path, text: str, encoding: str = "utf-8") -> None:
@@ -59,7 +66,7 @@ def test_movielens_100k_grouplens_format(tmp_path):
 
 def test_malformed_line_names_file_and_line_or_is_skipped(tmp_path):
     folder = _grouplens_100k(tmp_path / "ml", extra_data="3\t12\tfive\t881250952\n")
-    with pytest.raises(DataError, match=r"u\.data:4: malformed line"):
+    with pytest.raises(DataError, match=r"u\.data: row 4, column 'rating': a rating must be a number \('five'\)"):
         load_movielens_100k(folder)
     raw = load_movielens_100k(folder, skip_malformed=True)
     assert len(raw.interactions) == 3 and raw.errors.total == 1
@@ -83,16 +90,11 @@ def test_movielens_1m_format(tmp_path):
         "latin-1",
     )
     raw = load_movielens_1m(folder)
-    assert raw.users.loc["1"].to_dict() == {
-        "age": "1",
-        "gender": "F",
-        "occupation": "k-12 student",
-        "zip": "48",
-    }
+    assert raw.users.loc["1"].to_dict() == {"age": "1", "gender": "F", "occupation": "10", "zip": "48"}
     assert raw.items.loc["661"].tags == ("Animation", "Children's", "Musical")
     assert raw.items.loc["1193"].year == "1975"
     _write(folder / "ratings.dat", "1::1193::5::978300760\n1::661\n", "latin-1")
-    with pytest.raises(DataError, match=r"ratings\.dat:2"):
+    with pytest.raises(DataError, match=r"ratings\.dat: line 2: expected 4 fields, found 2"):
         load_movielens_1m(folder)
 
 
@@ -112,7 +114,7 @@ def test_movielens_csv_format_half_stars_and_quoted_titles(tmp_path):
     assert raw.items.loc["1"].title == "American President, The" and raw.items.loc["2"].tags == ()
     assert raw.users.empty and raw.user_attribute_names() == []
     _write(folder / "ratings.csv", "userId,movieId,rating,timestamp\n1,1,4.5\n")
-    with pytest.raises(DataError, match=r"ratings\.csv:2"):
+    with pytest.raises(DataError, match=r"ratings\.csv: line 2: expected 4 fields, found 3"):
         load_movielens_csv(folder)
 
 
@@ -138,13 +140,14 @@ def test_amazon_books_json_lines_gzip_and_kcore(tmp_path):
         )
         + "\n",
     )
-    raw = load_amazon_books(folder, kcore=2)
-    assert "lonely" not in set(raw.interactions["user"])
+    raw = load_dataset("amazon-books", folder)
+    assert "lonely" in set(raw.interactions["user"])
     assert raw.like_threshold == 5.0 and raw.item_noun == "book"
     assert raw.items.loc["b1"].tags == ("Fiction",)
+    assert set(kcore_filter(raw.interactions, 2)["user"]) == {"r0", "r1", "r2", "r3"}
     _write(folder / "meta_Books.json", '{"asin": "b0", "title": "x"}\n{broken\n')
-    with pytest.raises(DataError, match=r"meta_Books\.json:2: malformed line \(invalid JSON"):
-        load_amazon_books(folder)
+    with pytest.raises(DataError, match=r"meta_Books\.json: line 2: not a JSON object"):
+        load_dataset("amazon-books", folder)
 
 
 def test_kcore_filter_is_iterative():
@@ -180,7 +183,7 @@ def test_fetch_errors_are_clear(tmp_path):
         fetch_dataset("movielens-100k", tmp_path / "missing")
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.txt").write_text("hi")
-    with pytest.raises(DataError, match="no MovieLens-100K files"):
+    with pytest.raises(DataError, match="no movielens-100k files .looked for u.data or ml-100k.inter"):
         fetch_dataset("movielens-100k", tmp_path / "empty")
     with pytest.raises(DataSourceError, match="corella data fetch movielens-1m"):
         load_dataset("movielens-1m")

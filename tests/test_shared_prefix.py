@@ -9,7 +9,7 @@ import torch
 
 from runtime.prompt import HistoryEntry, ItemText, PromptTemplate
 from training.data import build_samples
-from training.data.loaders import load_movielens_100k
+from training.data.registry import load_dataset
 from training.groups import (
     GroupPrompts,
     PrefixGroup,
@@ -132,7 +132,7 @@ def samples(tmp_path_factory):
     from .conftest import write_synthetic_recbole
 
     folder = write_synthetic_recbole(tmp_path_factory.mktemp("data") / "synthetic", users=40, items=30, per_user=20)
-    return build_samples(load_movielens_100k(folder), history_length=5)
+    return build_samples(load_dataset("movielens-100k", folder), history_length=5)
 
 
 def test_training_groups_are_a_users_next_interactions_after_the_cut(samples):

@@ -62,7 +62,7 @@ def live_store(bundle: Bundle, state: Path | None = None, store: Path | None = N
         if pending:
             raise StoreError(
                 f"{bundle.path} replaced bundle {bundle.manifest['replaces']}, whose live store {old / STORE} "
-                f"holds {pending} events posted since its export; {_how_to(bundle)}"
+                f"holds {pending} events and items posted since its export; {_how_to(bundle)}"
             )
     _seed(path, bundle)
     return path
@@ -97,12 +97,12 @@ def _check_owner(path: Path, bundle: Bundle) -> None:
 
 
 def _pending_events(path: Path) -> int:
-    """Live events of a store not yet migrated or set aside."""
+    """Live events and posted items of a store not yet migrated or set aside."""
     store = FeatureStore(path)
     try:
         if store.meta("moved_to") is not None:
             return 0
-        return store.counts()["interactions"] - int(store.meta("seed_interactions") or 0)
+        return store.counts()["interactions"] - int(store.meta("seed_interactions") or 0) + len(store.posted_items())
     finally:
         store.close()
 
@@ -129,8 +129,15 @@ def migrate_store(bundle: Bundle, source: Path | None = None, state: Path | None
         _seed(target, bundle)
     _check_owner(target, bundle)
     events = live_events(source / STORE)
+    old = FeatureStore(source / STORE)
+    try:
+        posted = old.posted_items()
+    finally:
+        old.close()
     store = FeatureStore(target)
     try:
+        if posted:
+            store.upsert_items(posted)
         catalog = set(store.items([e.item_id for e in events]))
         kept = [Interaction(e.user_id, e.item_id, e.rating, e.timestamp, event_id=e.event_id)
                 for e in events if e.item_id in catalog]  # fmt: skip
@@ -139,8 +146,8 @@ def migrate_store(bundle: Bundle, source: Path | None = None, state: Path | None
     finally:
         store.close()
     _mark_moved(source / STORE, bundle.id)
-    return {"from": str(source / STORE), "to": str(target), "events": len(events), "kept": len(kept),
-            "dropped_unknown_items": len(events) - len(kept)}  # fmt: skip
+    return {"from": str(source / STORE), "to": str(target), "items": len(posted), "events": len(events),
+            "kept": len(kept), "dropped_unknown_items": len(events) - len(kept)}  # fmt: skip
 
 
 def reset_store(bundle: Bundle, state: Path | None = None) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import json
 import math
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from runtime.prompt import HistoryEntry, ItemText
 
 __all__ = ["SCHEMA_VERSION", "Interaction", "FeatureStore"]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 #: catalog entries, item totals and user profiles remembered in memory, each up to this many
 _CACHE = 200_000
 _COLUMNS = "user_id, item_id, rating, timestamp, item_count_before, item_sum_before"
@@ -35,7 +36,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS items (
     item_id TEXT PRIMARY KEY, title TEXT NOT NULL, year TEXT, tags TEXT NOT NULL DEFAULT '[]',
-    rating_mean REAL, rating_count INTEGER, liked_share REAL);
+    rating_mean REAL, rating_count INTEGER, liked_share REAL, text TEXT, posted INTEGER);
 CREATE TABLE IF NOT EXISTS users (user_id TEXT PRIMARY KEY, attributes TEXT NOT NULL DEFAULT '{}');
 CREATE TABLE IF NOT EXISTS interactions (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, user_id TEXT NOT NULL, item_id TEXT NOT NULL,
@@ -56,6 +57,11 @@ INSERT INTO item_totals (item_id, count, rating_sum, likes)
 ON CONFLICT (item_id) DO UPDATE SET count = count + excluded.count,
     rating_sum = rating_sum + excluded.rating_sum, likes = likes + excluded.likes
 """
+
+
+#: what each schema lacks of the next one, added in place when a live store of it is opened
+_UPGRADES = {3: ("ALTER TABLE items ADD COLUMN text TEXT", "ALTER TABLE items ADD COLUMN posted INTEGER")}
+_ITEM_COLUMNS = "item_id, title, year, tags, rating_mean, rating_count, liked_share, text"
 
 
 @dataclass(frozen=True)
@@ -104,6 +110,9 @@ class FeatureStore:
         except sqlite3.DatabaseError as exc:
             self._conn.close()
             raise StoreError(f"{self.path}: not a corella feature store ({exc})") from exc
+        if rows and not readonly and int(rows[0][0]) in _UPGRADES:
+            self._upgrade(int(rows[0][0]))
+            rows = [(str(SCHEMA_VERSION),)]
         if rows and rows[0][0] != str(SCHEMA_VERSION):
             self._conn.close()
             raise StoreError(
@@ -115,6 +124,21 @@ class FeatureStore:
         if not readonly:
             self._writer = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
             self._writer.execute("PRAGMA synchronous=FULL")  # per connection: every append is on disk
+
+    def _upgrade(self, version: int) -> None:
+        """Bring a live store of an older schema to this one, in one transaction."""
+        with self._lock:
+            self._conn.execute("BEGIN")
+            try:
+                while version in _UPGRADES:
+                    for statement in _UPGRADES[version]:
+                        self._conn.execute(statement)
+                    version += 1
+                self._conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(version),))
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
 
     @classmethod
     def create(
@@ -136,9 +160,9 @@ class FeatureStore:
             conn.execute("INSERT INTO meta VALUES ('like_threshold', ?)", (repr(float(like_threshold)),))
             store.like_threshold = float(like_threshold)
             conn.executemany(
-                "INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT OR REPLACE INTO items ({_ITEM_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
-                    (i, t.title, t.year, json.dumps(list(t.tags)), t.rating_mean, t.rating_count, t.liked_share)
+                    (i, t.title, t.year, json.dumps(list(t.tags)), t.rating_mean, t.rating_count, t.liked_share, t.text)
                     for i, t in items
                 ),
             )
@@ -236,13 +260,48 @@ class FeatureStore:
 
     def _fetch_items(self, chunk: list[str]) -> dict[str, ItemText]:
         marks = ",".join("?" * len(chunk))
-        rows = self._conn.execute(
-            "SELECT item_id, title, year, tags, rating_mean, rating_count, liked_share FROM items "
-            f"WHERE item_id IN ({marks})",
-            chunk,
-        )
-        return {item_id: ItemText(title, year, tuple(json.loads(tags)), mean, count, liked)
-                for item_id, title, year, tags, mean, count, liked in rows}  # fmt: skip
+        rows = self._conn.execute(f"SELECT {_ITEM_COLUMNS} FROM items WHERE item_id IN ({marks})", chunk)
+        return {item_id: ItemText(title, year, tuple(json.loads(tags)), mean, count, liked, text)
+                for item_id, title, year, tags, mean, count, liked, text in rows}  # fmt: skip
+
+    def upsert_items(self, entries: Sequence[tuple[str, ItemText]]) -> tuple[int, int]:
+        """Add items to the catalog, or replace what it says of them (the training split's statistics
+        of an item are kept), in one transaction, on disk when it returns. Returns (added, updated)."""
+        if self._writer is None:
+            raise StoreError(f"{self.path}: opened read-only")
+        latest = dict(entries)  # a batch naming an item twice: its last entry
+        conn, posted = self._writer, time.time_ns() // 1_000_000
+        with self._write_lock:
+            conn.execute("BEGIN")
+            try:
+                known: set[str] = set()
+                ids = list(latest)
+                for start in range(0, len(ids), 500):
+                    chunk = ids[start : start + 500]
+                    marks = ",".join("?" * len(chunk))
+                    known |= {
+                        i for (i,) in conn.execute(f"SELECT item_id FROM items WHERE item_id IN ({marks})", chunk)
+                    }
+                conn.executemany(
+                    "INSERT INTO items (item_id, title, year, tags, text, posted) VALUES (?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (item_id) DO UPDATE SET title = excluded.title, year = excluded.year, "
+                    "tags = excluded.tags, text = excluded.text, posted = excluded.posted",
+                    ((i, t.title, t.year, json.dumps(list(t.tags)), t.text, posted) for i, t in latest.items()),
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        with self._lock:  # after the commit: a read from now on sees the new entries
+            for item in latest:
+                self._item_cache.pop(item, None)
+        return len(latest) - len(known), len(known)
+
+    def posted_items(self) -> list[tuple[str, ItemText]]:
+        """The items added or changed while serving (not by the export), oldest first."""
+        rows = self._query(f"SELECT {_ITEM_COLUMNS} FROM items WHERE posted IS NOT NULL ORDER BY posted, item_id")
+        return [(item_id, ItemText(title, year, tuple(json.loads(tags)), mean, count, liked, text))
+                for item_id, title, year, tags, mean, count, liked, text in rows]  # fmt: skip
 
     def user_attributes(self, user_id: str) -> dict[str, str] | None:
         found = self._remembered(self._user_cache, [user_id], self._fetch_users)

@@ -337,6 +337,15 @@ class Engine:
             self.memo.clear()
         self._recallable.clear()
 
+    def add_items(self, entries: list[tuple[str, ItemText]]) -> dict[str, int]:
+        """Add items to the live catalog, or update them (durably): predictable at once, by the CRM
+        through their attributes (an unknown id is the OOV bucket, their totals start from zero)
+        and by the LLM through their text."""
+        added, updated = self.store.upsert_items(entries)
+        self.metrics.items_posted.labels("added").inc(added)
+        self.metrics.items_posted.labels("updated").inc(updated)
+        return {"added": added, "updated": updated}
+
     def append_events(self, events: list[Interaction]) -> int:
         """Append (durably) and forget the users' cached prefixes; returns how many were new."""
         try:

@@ -36,7 +36,7 @@ from runtime.engine import Engine
 from runtime.errors import ConfigError, CorellaError, OverloadedError, RequestTooLarge, StoreFull
 from runtime.llm import LLMError
 from runtime.metrics import ServingMetrics
-from runtime.serving.schemas import EventsBody, PredictBody, to_engine_request
+from runtime.serving.schemas import EventsBody, ItemsBody, PredictBody, to_catalog_entries, to_engine_request
 from runtime.serving.workers import CpuWorkers, LoadReporter
 from runtime.settings import ServerSettings
 
@@ -250,6 +250,13 @@ def _api_router(settings: ServerSettings) -> APIRouter:
                               event_id=e.event_id) for e in body.events]  # fmt: skip
         appended = await request.app.state.cpu.run(engine.append_events, events)
         return {"appended": appended, "duplicates": len(events) - appended}
+
+    @router.post("/items", dependencies=write, responses=_documented(400, 401, 413, 422, 503))
+    async def items(body: ItemsBody, request: Request) -> dict[str, Any]:
+        """Add items to the catalog, or update them: predictable at once (the CRM reads their
+        attributes, the LLM their title and text). Kept in the live store, like events."""
+        engine = _engine(request)
+        return await request.app.state.cpu.run(engine.add_items, to_catalog_entries(body))
 
     @router.get("/model", dependencies=read, responses=_documented(401, 503))
     def model(request: Request) -> dict[str, Any]:

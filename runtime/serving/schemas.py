@@ -7,10 +7,22 @@ from typing import Annotated, Any, Literal
 import annotated_types
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+from runtime.catalog import attribute_tags
 from runtime.engine import CandidateItem, HistoryItem
 from runtime.engine import Request as EngineRequest
+from runtime.prompt import ItemText
 
-__all__ = ["CandidateBody", "EventBody", "EventsBody", "HistoryBody", "PredictBody", "to_engine_request"]
+__all__ = [
+    "CandidateBody",
+    "EventBody",
+    "EventsBody",
+    "HistoryBody",
+    "ItemBody",
+    "ItemsBody",
+    "PredictBody",
+    "to_catalog_entries",
+    "to_engine_request",
+]
 
 
 class _Strict(BaseModel):
@@ -71,6 +83,33 @@ class EventBody(_Strict):
 
 class EventsBody(_Strict):
     events: list[EventBody] = Field(min_length=1, max_length=10_000)
+
+
+class ItemBody(_Strict):
+    item_id: str = Field(min_length=1, max_length=256)
+    title: str = Field(min_length=1, max_length=512)
+    year: str | None = Field(None, max_length=16)
+    text: str | None = Field(None, max_length=8192, description="what the LLM reads about the item (a description)")
+    tags: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field([], max_length=64)
+    attributes: dict[Annotated[str, Field(min_length=1, max_length=32)], Annotated[str, Field(max_length=64)]] = Field(
+        {}, max_length=16, description="categorical: each becomes the tag 'name: value', as in training"
+    )
+    numbers: dict[Annotated[str, Field(min_length=1, max_length=32)], Annotated[float, Field(allow_inf_nan=False)]] = (
+        Field({}, max_length=16, description="each becomes the tag 'name ~low-high' (powers of two), as in training")
+    )
+
+
+class ItemsBody(_Strict):
+    items: list[ItemBody] = Field(min_length=1, max_length=1_000)
+
+
+def to_catalog_entries(body: ItemsBody) -> list[tuple[str, ItemText]]:
+    """Each item as the catalog keeps it: its attributes and numbers become tags, as in training."""
+    entries = []
+    for i in body.items:
+        tags = tuple(dict.fromkeys([*i.tags, *attribute_tags(i.attributes, i.numbers)]))
+        entries.append((i.item_id, ItemText(i.title.strip(), i.year, tags, text=i.text)))
+    return entries
 
 
 def to_engine_request(body: PredictBody) -> EngineRequest:

@@ -13,6 +13,8 @@ from training.data.schema import RawDataset
 __all__ = ["SPLITS", "SampleTable", "build_samples"]
 
 SPLITS = ("train", "valid", "test")
+#: words of an item's text the target's suffix says, where the catalog has texts
+TEXT_WORDS = 16
 
 
 @dataclass
@@ -117,7 +119,7 @@ class SampleTable:
         """Catalog text of an item, with its rating statistics from the training split."""
         text = self.raw.item_text(item)
         mean, count, liked = self.item_stats.get(item, (None, None, None))
-        return ItemText(text.title, text.year, text.tags, mean, count, liked)
+        return ItemText(text.title, text.year, text.tags, mean, count, liked, text.text)
 
     def prompt_parts(self, row: int) -> tuple[list[HistoryEntry], ItemText]:
         history = [int(h) for h in self.history[row] if h >= 0]
@@ -126,13 +128,20 @@ class SampleTable:
 
     def prompt_template(self, max_prompt_tokens: int = 320, item_stats: bool = True,
                         version: int = PROMPT_VERSION) -> PromptTemplate:  # fmt: skip
+        words = self.raw.words
+        assert words is not None
+        has_text = version >= 5 and bool(self.raw.items["text"].notna().any())
         return PromptTemplate(
-            item_noun=self.raw.item_noun,
+            item_noun=words.noun,
             rating_max=self.raw.rating_max,
             max_prompt_tokens=max_prompt_tokens,
             item_stats=item_stats,
             like_threshold=self.raw.like_threshold,
             version=version,
+            item_plural=words.plural,
+            verb=words.verb,
+            implicit=self.raw.implicit,
+            text_words=TEXT_WORDS if has_text else 0,
         )
 
 

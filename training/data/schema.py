@@ -9,7 +9,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from runtime.features import USER_ATTRIBUTES
 from runtime.prompt import ItemText
+from training.data.spec import Words
 
 __all__ = ["RawDataset", "LineErrors"]
 
@@ -34,7 +36,9 @@ class RawDataset:
 
     interactions: columns user (str), item (str), rating (float64), timestamp (int64)
     users: index user (str); columns among age, gender, occupation, zip (normalized tokens)
-    items: index item (str); columns title (str), year (str or None), tags (tuple of str)
+    items: index item (str); columns title (str), year (str or None), tags (tuple of str), text (str
+    or None: free text the LLM reads)
+    implicit: the ratings are 0/1 labels (clicks), not ratings on a scale
     """
 
     name: str
@@ -44,10 +48,14 @@ class RawDataset:
     rating_max: float
     like_threshold: float
     item_noun: str = "movie"
+    words: Words | None = None  # the prompt's words (default: the noun, "liked")
+    implicit: bool = False
     errors: LineErrors = field(default_factory=LineErrors)
 
     def __post_init__(self) -> None:
         self.items = normalize_catalog(self.items)
+        if self.words is None:
+            self.words = Words(noun=self.item_noun)
 
     def unlisted_items(self) -> int:
         """Interactions whose item the catalog does not list (kept: they are served as "item <id>")."""
@@ -57,13 +65,15 @@ class RawDataset:
         return (self.interactions["rating"].to_numpy() >= self.like_threshold).astype(np.float32)
 
     def user_attribute_names(self) -> list[str]:
-        return [c for c in ("age", "gender", "occupation", "zip") if c in self.users.columns]
+        """The users' attributes: the MovieLens ones first, in their order, then any other."""
+        known = [c for c in USER_ATTRIBUTES if c in self.users.columns]
+        return known + sorted(c for c in self.users.columns if c not in known)
 
     def item_text(self, item: str) -> ItemText:
         if item not in self.items.index:
             return ItemText(title=f"item {item}")
         row = self.items.loc[item]
-        return ItemText(title=row["title"], year=row["year"], tags=row["tags"])
+        return ItemText(title=row["title"], year=row["year"], tags=row["tags"], text=row["text"])
 
 
 def _text(value: Any) -> str | None:
@@ -82,12 +92,13 @@ def normalize_catalog(items: pd.DataFrame) -> pd.DataFrame:
     items = items.copy()
     items.index = items.index.map(str)
     items = items[~items.index.duplicated(keep="first")]
-    for column, default in (("title", None), ("year", None), ("tags", ())):
+    for column, default in (("title", None), ("year", None), ("tags", ()), ("text", None)):
         if column not in items.columns:
             items[column] = [default] * len(items)
     columns = {
         "title": [_text(t) or f"item {i}" for i, t in zip(items.index, items["title"], strict=True)],
         "year": [_text(y) for y in items["year"]],
+        "text": [_text(t) for t in items["text"]],
         "tags": [tuple(t for t in (_text(x) for x in tags) if t) if isinstance(tags, list | tuple) else ()
                  for tags in items["tags"]],
     }  # fmt: skip

@@ -273,8 +273,9 @@ def test_an_implicit_feedback_book_catalog_trains_into_a_bundle_that_serves(book
     prompt = json.loads((books_bundle / "prompt.json").read_text())
     assert prompt["implicit"] and prompt["verb"] == "clicked" and prompt["item_noun"] == "book"
     with _client(books_bundle, tmp_path / "state") as client:
-        answer = client.post("/v1/predict", json={"user_id": "r3", "candidates": [{"item_id": f"b{i}"} for i in range(8)],
-                                                  "mode": "llm", "deadline_ms": 60_000}).json()  # fmt: skip
+        body = {"user_id": "r3", "candidates": [{"item_id": f"b{i}"} for i in range(8)], "mode": "llm",
+                "deadline_ms": 60_000}  # fmt: skip
+        answer = client.post("/v1/predict", json=body).json()
         assert [p["route"] for p in answer["predictions"]] == ["llm"] * 8
         engine = client.app.state.engine
         prefix, suffixes = engine.prompt_texts([], list(engine.store.items(["b1"]).values()))

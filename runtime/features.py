@@ -36,6 +36,8 @@ __all__ = [
     "STAT_NAMES",
     "TOTALS",
     "Statistics",
+    "TagsByItem",
+    "group_codes",
     "UserInteractions",
     "UserSummary",
     "running_totals",
@@ -125,6 +127,11 @@ class Vocabulary:
         for value in values:
             key = str(value)
             counts[key] = counts.get(key, 0) + 1
+        return cls.from_counts(counts, min_count)
+
+    @classmethod
+    def from_counts(cls, counts: Mapping[str, int], min_count: int = 1) -> Vocabulary:
+        """`build` from counts already made (of many values: counted by the caller at numpy speed)."""
         kept = sorted((k for k, c in counts.items() if c >= min_count), key=lambda k: (-counts[k], k))
         return cls(tuple(kept))
 
@@ -159,6 +166,29 @@ class Statistics:
     user: np.ndarray
     item: np.ndarray
     genre: np.ndarray
+
+
+@dataclass(frozen=True)
+class TagsByItem:
+    """Every interaction's item tags, given once per item: `item` [N] indexes `catalog`, whose
+    entries are the items' tags (what `running_statistics` takes for many rows: no per-row lists)."""
+
+    item: np.ndarray
+    catalog: Sequence[Sequence[str]]
+
+    def expand(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """(row, tag code) of every (interaction, distinct tag of its item), rows ascending and each
+        row's tags in catalog order; and how many tag codes there are."""
+        codes: dict[str, int] = {}
+        entries = [[codes.setdefault(t, len(codes)) for t in dict.fromkeys(tags)] for tags in self.catalog]
+        counts = np.array([len(e) for e in entries], dtype=np.int64)
+        flat = np.array([c for e in entries for c in e], dtype=np.int64)
+        starts = np.r_[0, np.cumsum(counts)[:-1]] if len(counts) else counts
+        item = np.asarray(self.item, dtype=np.int64)
+        per_row = counts[item]
+        rows = np.repeat(np.arange(len(item), dtype=np.int64), per_row)
+        within = np.arange(len(rows), dtype=np.int64) - np.repeat(np.cumsum(per_row) - per_row, per_row)
+        return rows, flat[np.repeat(starts[item], per_row) + within], len(codes)
 
 
 @dataclass(frozen=True)
@@ -338,17 +368,20 @@ class FeatureSpec:
         return Statistics(user=np.array([summary.totals]), item=item, genre=genre)
 
     def running_statistics(self, user: np.ndarray, item: np.ndarray, timestamp: np.ndarray, rating: np.ndarray,
-                           item_tags: Sequence[Sequence[str]]) -> Statistics:  # fmt: skip
+                           item_tags: Sequence[Sequence[str]] | TagsByItem) -> Statistics:  # fmt: skip
         """Every interaction's statistics over the interactions strictly before it (training's
-        view of the whole table at once; no look-ahead)."""
+        view of the whole table at once; no look-ahead). Users and items may be ids or integer
+        codes of them; tags per row, or per item (`TagsByItem`, for many rows)."""
         rating = np.asarray(rating, dtype=np.float64)
+        user = group_codes(user)
         item_totals = running_totals(item, timestamp, rating, self.like_threshold)
         deviation = rating - self.shrunk(item_totals[:, 1], item_totals[:, 0], self.global_mean)
         user_totals = running_totals(user, timestamp, rating, self.like_threshold)
         deviation_sum = running_totals(user, timestamp, deviation, np.inf)[:, 1]
-        rows = np.array([i for i, tags in enumerate(item_tags) for _ in dict.fromkeys(tags)], dtype=np.int64)
-        tags = np.array([t for tags in item_tags for t in dict.fromkeys(tags)], dtype=object)
-        keys = np.char.add(np.char.add(np.asarray(user, dtype=str)[rows], "\x1f"), tags.astype(str))
+        if not isinstance(item_tags, TagsByItem):
+            item_tags = TagsByItem(np.arange(len(item_tags)), item_tags)
+        rows, tags, tag_count = item_tags.expand()
+        keys = user[rows] * max(tag_count, 1) + tags  # one key a (user, tag)
         genre = np.zeros((len(rating), 3))
         np.add.at(genre, rows, running_totals(keys, np.asarray(timestamp)[rows], rating[rows], self.like_threshold))
         return Statistics(user=np.c_[user_totals, deviation_sum], item=item_totals, genre=genre)
@@ -472,6 +505,14 @@ def history_windows(user: np.ndarray, timestamp: np.ndarray, length: int) -> np.
     return np.where(window >= user_start[:, None], window, -1).astype(np.int64)
 
 
+def group_codes(group: np.ndarray | Sequence[Any]) -> np.ndarray:
+    """Integer codes of ids (equal ids, equal codes); integers are codes already."""
+    group = np.asarray(group)
+    if group.dtype.kind in "iu":
+        return group.astype(np.int64, copy=False)
+    return np.unique(group.astype(str), return_inverse=True)[1].astype(np.int64)
+
+
 def running_totals(group: np.ndarray, timestamp: np.ndarray, rating: np.ndarray, like_threshold: float
                    ) -> np.ndarray:  # fmt: skip
     """For every interaction, the totals (`TOTALS`) of its group's (a user's, an item's)
@@ -481,7 +522,7 @@ def running_totals(group: np.ndarray, timestamp: np.ndarray, rating: np.ndarray,
     n = len(group)
     if n == 0:
         return np.zeros((0, len(TOTALS)))
-    keys = np.unique(np.asarray(group).astype(str), return_inverse=True)[1]
+    keys = group_codes(group)
     timestamp = np.asarray(timestamp, dtype=np.int64)
     order = np.lexsort((timestamp, keys))
     keys, timestamp = keys[order], timestamp[order]

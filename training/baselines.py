@@ -64,7 +64,7 @@ def two_number_features(samples: SampleTable, rows: np.ndarray, prior: float = 1
         if (stats := samples.item_stats.get(str(item))) else global_mean
         for item in samples.item[rows]
     ])  # fmt: skip
-    user_totals = running_totals(samples.user, samples.timestamp, samples.rating, samples.raw.like_threshold)
+    user_totals = running_totals(samples.user_code, samples.timestamp, samples.rating, samples.raw.like_threshold)
     count, rating_sum = user_totals[rows, 0], user_totals[rows, 1]
     user_mean = (rating_sum + prior * global_mean) / (count + prior)
     return np.c_[item_mean, user_mean]

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 
-from runtime.features import FeatureSpec, Statistics, Vocabulary, history_windows, running_totals
+from runtime.features import FeatureSpec, Statistics, TagsByItem, Vocabulary, history_windows, running_totals
 from runtime.prompt import PROMPT_VERSION, HistoryEntry, ItemText, PromptTemplate
 from training.data.schema import RawDataset
 
@@ -37,6 +38,12 @@ class SampleTable:
     history: np.ndarray
     item_stats: dict[str, tuple[float, int, float]]  # mean rating, count, share of likes (train split)
     item_totals: np.ndarray
+    #: int64 [N] codes of each row's user and item, in the order of their ids' text (ties in time are
+    #: broken by them), and the ids by code (object arrays of str): `user == user_keys[user_code]`
+    user_code: np.ndarray
+    item_code: np.ndarray
+    user_keys: np.ndarray
+    item_keys: np.ndarray
     _statistics: tuple[tuple[float, ...], Statistics] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
@@ -49,17 +56,18 @@ class SampleTable:
     def feature_spec(self, max_tags: int = 6, min_count: int = 1) -> FeatureSpec:
         """Vocabularies from the training split only; everything else maps to OOV."""
         train = self.indices("train")
-        users, items = self.user[train], self.item[train]
         raw = self.raw
         attributes = raw.user_attribute_names()
+        user_counts = np.bincount(self.user_code[train], minlength=len(self.user_keys))
+        item_counts = np.bincount(self.item_code[train], minlength=len(self.item_keys))
         vocabularies = {
-            "user_id": Vocabulary.build(users, min_count),
-            "item_id": Vocabulary.build(items, min_count),
+            "user_id": Vocabulary.from_counts(_counted(self.user_keys, user_counts), min_count),
+            "item_id": Vocabulary.from_counts(_counted(self.item_keys, item_counts), min_count),
         }
-        known_users = raw.users.reindex(np.unique(users))
+        known_users = raw.users.reindex(self.user_keys[user_counts > 0])
         for name in attributes:
             vocabularies[name] = Vocabulary.build(known_users[name].dropna().tolist())
-        known_items = raw.items.reindex(np.unique(items))
+        known_items = raw.items.reindex(self.item_keys[item_counts > 0])
         vocabularies["year"] = Vocabulary.build(known_items["year"].dropna().tolist())
         vocabularies["tag"] = Vocabulary.build([t for tags in known_items["tags"].dropna() for t in tags])
         return FeatureSpec(
@@ -108,8 +116,8 @@ class SampleTable:
         """The running statistics of `rows` (computed over the whole table once per spec)."""
         key = (spec.prior, spec.global_mean, spec.global_like, spec.like_threshold)
         if self._statistics is None or self._statistics[0] != key:
-            tags = self.item_tags(self.item)
-            whole = spec.running_statistics(self.user, self.item, self.timestamp, self.rating, tags)
+            tags = TagsByItem(self.item_code, self.item_tags(self.item_keys))
+            whole = spec.running_statistics(self.user_code, self.item_code, self.timestamp, self.rating, tags)
             self._statistics = (key, whole)
         whole = self._statistics[1]
         return Statistics(user=whole.user[rows], item=whole.item[rows], genre=whole.genre[rows])
@@ -153,11 +161,12 @@ def build_samples(
     Ties in timestamp are broken by user id, then item id, so the split is deterministic.
     """
     inter = raw.interactions
-    user = inter["user"].to_numpy(dtype=object)
-    item = inter["item"].to_numpy(dtype=object)
+    user_code, user_keys = _sorted_codes(inter["user"])
+    item_code, item_keys = _sorted_codes(inter["item"])
     timestamp = inter["timestamp"].to_numpy(dtype=np.int64)
-    order = np.lexsort((item.astype(str), user.astype(str), timestamp))
-    user, item, timestamp = user[order], item[order], timestamp[order]
+    order = np.lexsort((item_code, user_code, timestamp))
+    user_code, item_code, timestamp = user_code[order], item_code[order], timestamp[order]
+    user, item = user_keys[user_code], item_keys[item_code]
     rating = inter["rating"].to_numpy(dtype=np.float64)[order]
     n = len(order)
     train_end = int(round(fractions[0] * n))
@@ -167,12 +176,12 @@ def build_samples(
     split[valid_end:] = 2
 
     # histories: group by user in time order; positions refer to the global order
-    by_user = np.lexsort((np.arange(n), timestamp, user.astype(str)))
-    windows = history_windows(user[by_user].astype(str), timestamp[by_user], history_length)
+    by_user = np.lexsort((np.arange(n), timestamp, user_code))
+    windows = history_windows(user_code[by_user], timestamp[by_user], history_length)
     history = np.full((n, history_length), -1, dtype=np.int64)
     history[by_user] = np.where(windows >= 0, by_user[np.maximum(windows, 0)], -1)
     train = split == 0
-    item_stats = _item_stats(item[train].astype(str), rating[train], raw.like_threshold)
+    item_stats = _item_stats(item_code[train], item_keys, rating[train], raw.like_threshold)
     return SampleTable(
         raw=raw,
         user=user,
@@ -183,16 +192,37 @@ def build_samples(
         split=split,
         history=history,
         item_stats=item_stats,
-        item_totals=running_totals(item, timestamp, rating, raw.like_threshold),
+        item_totals=running_totals(item_code, timestamp, rating, raw.like_threshold),
+        user_code=user_code,
+        item_code=item_code,
+        user_keys=user_keys,
+        item_keys=item_keys,
     )
 
 
-def _item_stats(items: np.ndarray, ratings: np.ndarray, like_threshold: float) -> dict[str, tuple[float, int, float]]:
+def _item_stats(codes: np.ndarray, keys: np.ndarray, ratings: np.ndarray, like_threshold: float
+                ) -> dict[str, tuple[float, int, float]]:  # fmt: skip
     """Mean rating, rating count and share of likes of every item in the training split."""
-    keys, inverse, counts = np.unique(items, return_inverse=True, return_counts=True)
-    sums = np.bincount(inverse, weights=ratings, minlength=len(keys))
-    likes = np.bincount(inverse, weights=(ratings >= like_threshold).astype(np.float64), minlength=len(keys))
+    counts = np.bincount(codes, minlength=len(keys))
+    sums = np.bincount(codes, weights=ratings, minlength=len(keys))
+    likes = np.bincount(codes, weights=(ratings >= like_threshold).astype(np.float64), minlength=len(keys))
     return {
         str(k): (float(total / n), int(n), float(liked / n))
         for k, total, n, liked in zip(keys, sums, counts, likes, strict=True)
+        if n
     }
+
+
+def _sorted_codes(ids: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Integer codes of ids in the order of their text, and the ids by code (an object array of
+    str). Hashing first and sorting only the distinct ids: millions of rows in seconds."""
+    codes, uniques = pd.factorize(ids, sort=False)
+    keys = np.asarray(uniques, dtype=object).astype(str)
+    order = np.argsort(keys, kind="stable")
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order), dtype=np.int64)
+    return rank[codes], keys[order].astype(object)
+
+
+def _counted(keys: np.ndarray, counts: np.ndarray) -> dict[str, int]:
+    return {str(k): int(c) for k, c in zip(keys, counts, strict=True) if c}

@@ -563,8 +563,7 @@ def load_imported(folder: Path, name: str | None = None) -> RawDataset:
         users = pd.read_parquet(folder / "users.parquet")
     except (OSError, ValueError, KeyError, pa.ArrowException) as exc:
         raise DataError(f"{folder}: a damaged import ({exc}); import it again (`corella data import SPEC`)") from None
-    for column in ("user", "item"):
-        interactions[column] = interactions[column].astype(str).astype(object)
+    # user and item stay categorical (each id's text once: 25M rows of object ids would take GBs)
     items["tags"] = [tuple(t) if t is not None else () for t in items["tags"]]
     words = Words(**meta["words"])
     spec_like = DatasetSpec(name or meta["name"], None, InteractionsSpec(
@@ -578,7 +577,7 @@ def load_imported(folder: Path, name: str | None = None) -> RawDataset:
 
 def kcore_filter(interactions: pd.DataFrame, k: int) -> pd.DataFrame:
     """Repeatedly drop users and items with fewer than k interactions."""
-    frame = interactions.drop_duplicates(["user", "item"], keep="last")
+    frame = interactions.astype({"user": str, "item": str}).drop_duplicates(["user", "item"], keep="last")
     while True:
         user_counts = frame["user"].map(frame["user"].value_counts())
         item_counts = frame["item"].map(frame["item"].value_counts())

@@ -29,7 +29,8 @@ import numpy as np
 
 USERS, MOVIES = 162_541, 62_423
 GENRES = ("Action", "Adventure", "Animation", "Children", "Comedy", "Crime", "Documentary", "Drama", "Fantasy",
-          "Film-Noir", "Horror", "IMAX", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western")  # fmt: skip
+          "Film-Noir", "Horror", "IMAX", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War",
+          "Western")  # fmt: skip
 SPEC = """
 name = "ml25m-shape"
 description = "generated in MovieLens-25M's shape by benchmarks/data_scale.py"
@@ -91,7 +92,10 @@ def generate(folder: Path, rows: int, seed: int = 0) -> None:
 def _child(code: str, env: dict[str, str]) -> dict[str, Any]:
     """Run `code` in a fresh Python: what it printed (JSON), its wall time and its own peak RSS (GiB)."""
     started = time.perf_counter()
-    code += "\nimport resource\nprint(json.dumps(out | {'peak_rss_gib': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}))\n"
+    code += (
+        "\nimport resource\npeak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "print(json.dumps(out | {'peak_rss_gib': round(peak / 2**20, 2)}))\n"
+    )
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - started
     if done.returncode:

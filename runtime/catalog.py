@@ -22,7 +22,10 @@ def number_tag(name: str, value: float) -> str:
     size = abs(value)
     if size < 1:
         return f"{name} ~{sign}0-1" if size > 0 else f"{name} ~0"
-    low = 2 ** math.floor(math.log2(size))
+    exponent = math.frexp(size)[1] - 1  # exact, where log2 rounds near the largest floats
+    if exponent >= 40:  # past a trillion, the exponents themselves
+        return f"{name} ~{sign}2^{exponent}-2^{exponent + 1}"
+    low = 2**exponent
     return f"{name} ~{sign}{low:g}-{2 * low:g}"
 
 

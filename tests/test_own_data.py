@@ -355,3 +355,29 @@ def test_posted_items_survive_a_kill_9_a_restart_and_a_store_migration(books_bun
     store = FeatureStore(tmp_path / "state-2" / "store.sqlite")
     assert store.items([acknowledged[-1]])[acknowledged[-1]].text == "posted while serving"
     store.close()
+
+
+def test_parquet_and_gzipped_text_read_as_the_csv_does(tmp_path):
+    """One data set three ways: CSV, gzipped TSV, and Parquet with a real timestamp type and a list
+    column of tags: the same normalized tables."""
+    import gzip
+
+    import pandas as pd
+
+    spec_path = write_books(tmp_path / "csv", users=20, books=12, per_user=5)
+    reference = load_spec(DatasetSpec.load(spec_path))
+    clicks = pd.read_csv(tmp_path / "csv" / "clicks.csv")
+    with gzip.open(tmp_path / "csv" / "clicks.tsv.gz", "wt") as out:
+        clicks.to_csv(out, sep="\t", index=False)
+    clicks.assign(when=pd.to_datetime(clicks["when"], utc=True)).to_parquet(tmp_path / "csv" / "clicks.parquet")
+    books = pd.read_json(tmp_path / "csv" / "books.jsonl", lines=True)
+    books.to_parquet(tmp_path / "csv" / "books.parquet")
+    text = spec_path.read_text()
+    for clicks_file, books_file in (("clicks.tsv.gz", "books.jsonl"), ("clicks.parquet", "books.parquet")):
+        variant = tmp_path / "csv" / f"variant-{clicks_file}.toml"
+        variant.write_text(text.replace('"clicks.csv"', f'"{clicks_file}"').replace('"books.jsonl"', f'"{books_file}"'))
+        raw = load_spec(DatasetSpec.load(variant))
+        pd.testing.assert_frame_equal(raw.interactions.astype({"user": str, "item": str}),
+                                      reference.interactions.astype({"user": str, "item": str}))  # fmt: skip
+        pd.testing.assert_frame_equal(raw.items, reference.items)
+        pd.testing.assert_frame_equal(raw.users, reference.users)

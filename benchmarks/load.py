@@ -324,33 +324,37 @@ def _probe(base: str, duration_s: float, interval_s: float) -> list[float]:
 
 
 def send_all(base: str, path: str, bodies: list[dict[str, Any]], concurrency: int, timeout_s: float = 600,
-             sequences: list[list[int]] | None = None) -> tuple[list[tuple[int, float, Any]], float]:  # fmt: skip
+             sequences: list[list[int]] | None = None, client_field: str | None = None
+             ) -> tuple[list[tuple[int, float, Any]], float]:  # fmt: skip
     """Send every body once from `concurrency` clients; (status, seconds, answer) per body, and the
     wall time. `sequences`: groups of body indices a client sends in order, one group at a time
-    (one user's requests, say); by default every body is a group of its own."""
+    (one user's requests, say); by default every body is a group of its own. `client_field`: set
+    to the sending client's number in each body (llama-server's `id_slot`: a client, a slot)."""
     groups = sequences if sequences is not None else [[i] for i in range(len(bodies))]
-    return asyncio.run(_send_all(base, path, bodies, groups, concurrency, timeout_s))
+    return asyncio.run(_send_all(base, path, bodies, groups, concurrency, timeout_s, client_field))
 
 
 async def _send_all(base: str, path: str, bodies: list[dict[str, Any]], groups: list[list[int]], concurrency: int,
-                    timeout_s: float) -> tuple[list[tuple[int, float, Any]], float]:  # fmt: skip
+                    timeout_s: float, client_field: str | None
+                    ) -> tuple[list[tuple[int, float, Any]], float]:  # fmt: skip
     results: list[tuple[int, float, Any]] = [(0, 0.0, None)] * len(bodies)
     queue = list(groups)
     started = time.perf_counter()
 
-    async def worker() -> None:
+    async def worker(client: int) -> None:
         connection = Connection(base, timeout_s)
         while queue:
             for index in queue.pop(0):
+                body = bodies[index] | ({client_field: client} if client_field else {})
                 t = time.perf_counter()
-                status, _, payload = await connection.request("POST", path, orjson.dumps(bodies[index]))
+                status, _, payload = await connection.request("POST", path, orjson.dumps(body))
                 try:
                     results[index] = (status, time.perf_counter() - t, orjson.loads(payload) if status else None)
                 except ValueError:
                     results[index] = (0, time.perf_counter() - t, None)
         connection.close()
 
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(*(worker(client) for client in range(concurrency)))
     return results, time.perf_counter() - started
 
 

@@ -6,8 +6,9 @@ What it measures, each on the bundle's own GGUF and thread count:
   deadline; throughput, latency, LLM goodput (routed candidates answered by the LLM per second)
   and /healthz latency meanwhile;
 - repeat vs cold: the LLM part of one user's request when the user's prefix is cached vs not;
-- the peer: llama-cpp-python's server (one completion per candidate) in its answer-token mode
-  and its log-probability mode, against `corella serve` with mode "llm", at the same concurrency;
+- the peers (benchmarks/peers.py): llama.cpp's llama-server and llama-cpp-python's server, one
+  completion a candidate, against `corella serve` with mode "llm" (cut vocabulary and whole), the
+  same cold users and GGUF everywhere;
 - overload: 256 clients against a server with a small LLM queue, half of them asking for mode
   "llm": answers keep coming, 429s come at once, /healthz stays quick;
 - soak: the issue's own goodput scenario on a fresh server (random users, 20 candidates a request
@@ -16,9 +17,7 @@ What it measures, each on the bundle's own GGUF and thread count:
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,8 +26,9 @@ from typing import Any
 import numpy as np
 
 from benchmarks.load import UserMix, closed_loop, corella_serve_command, free_port, scrape, send_all, server_process
+from benchmarks.peers import peer_comparison
 from runtime.artifacts.bundle import Bundle
-from runtime.engine import CandidateItem, Engine, Request
+from runtime.engine import Engine
 
 __all__ = ["http_suite"]
 
@@ -119,57 +119,6 @@ def _returning_users(base: str, engine: Engine, users: list[str], config: Any,
     return result
 
 
-def _peer_requests(engine: Engine, users: list[str], config: Any) -> list[Request]:
-    items = engine.store.item_ids()
-    rng = np.random.default_rng(config.seed + 4)
-    return [Request([CandidateItem(items[i]) for i in rng.choice(len(items), size=10, replace=False)],
-                    user_id=user, mode="llm") for user in users]  # fmt: skip
-
-
-def _peer(bundle: Bundle, engine: Engine, base: str, users: list[str], out: Path, config: Any,
-          progress: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
-    """Routed candidates scored per second at the same concurrency, each client scoring one user's
-    10 candidates at a time, users the servers have not seen: ours with one mode "llm" request a
-    user, the peer with one completion a candidate, as its API allows."""
-    requests = _peer_requests(engine, users, config)
-    bodies = [{"user_id": r.user_id, "candidates": [{"item_id": c.item_id} for c in r.candidates], "mode": "llm",
-               "deadline_ms": 600_000} for r in requests]  # fmt: skip
-    answers, wall = send_all(base, "/v1/predict", bodies, config.peer_concurrency)
-    scored = sum(sum(p["route"] == "llm" for p in a["predictions"]) for status, _, a in answers if status == 200)
-    ours = {"candidates": scored, "seconds": wall, "per_second": scored / wall}
-    result: dict[str, Any] = {"concurrency": config.peer_concurrency, "requests": len(bodies), "corella": ours}
-    progress(f"peer: corella serve {scored / wall:.2f} candidates/s at concurrency {config.peer_concurrency}")
-    if importlib.util.find_spec("llama_cpp.server") is None or importlib.util.find_spec("sse_starlette") is None:
-        result["peer_skipped"] = "llama_cpp.server does not import here (pip install 'llama-cpp-python[server]')"
-        return result
-    prompts, sequences = [], []
-    for request in requests:  # one client sends one user's candidates, one completion after another
-        prepared = engine.prepare(request)
-        prefix, suffixes = engine.prompt_texts(prepared.history, prepared.items)
-        sequences.append(list(range(len(prompts), len(prompts) + len(suffixes))))
-        prompts += [prefix + suffix for suffix in suffixes]
-    threads = str(config.threads or engine.scheduler.settings.threads)
-    modes = (("answer_token", "False", len(requests), {}),
-             ("logprobs", "True", config.peer_logprob_users, {"logprobs": 2}))  # fmt: skip
-    for mode, logits_all, users, extra in modes:
-        port = free_port()
-        command = [sys.executable, "-m", "llama_cpp.server", "--model", str(bundle.llm_file), "--host", "127.0.0.1",
-                   "--port", str(port), "--n_threads", threads, "--n_threads_batch", threads, "--n_ctx", "4096",
-                   "--logits_all", logits_all]  # fmt: skip
-        peer_base = f"http://127.0.0.1:{port}"
-        bodies = [{"prompt": p, "max_tokens": 1, "temperature": 0.0, **extra} for p in prompts]
-        with server_process(command, f"{peer_base}/v1/models", out / f"peer-{mode}.log"):
-            peer_answers, peer_wall = send_all(peer_base, "/v1/completions", bodies, config.peer_concurrency,
-                                               sequences=sequences[:users])  # fmt: skip
-        done = sum(status == 200 for status, _, _ in peer_answers)
-        result[f"peer_{mode}"] = {"users": users, "candidates": done, "seconds": peer_wall,
-                                  "per_second": done / peer_wall}  # fmt: skip
-        result[f"corella_over_peer_{mode}"] = result["corella"]["per_second"] / max(done / peer_wall, 1e-9)
-        progress(f"peer: llama_cpp.server {mode} {done / peer_wall:.2f} candidates/s "
-                 f"(corella {result[f'corella_over_peer_{mode}']:.1f}x)")  # fmt: skip
-    return result
-
-
 def _overload(bundle: Bundle, engine: Engine, out: Path, config: Any,
               progress: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
     """256 clients against a small LLM queue; half ask for mode "llm" (10 candidates)."""
@@ -255,7 +204,7 @@ def http_suite(bundle: Bundle, engine: Engine, samples: list[Any], config: Any,
             if returning:
                 result["returning_users"] = _returning_users(base, engine, returning, config, progress)
             if config.peer_users:
-                result["peer"] = _peer(bundle, engine, base, peer, out, config, progress)
+                result["peer"] = peer_comparison(bundle, engine, peer, cold[0], out, config, progress)
         result["levels"] = _levels(base, engine, config, progress)
         _goodput(result["levels"])
         result["server_counters"] = {k: v for k, v in scrape(base).items() if k.startswith("corella_llm")}

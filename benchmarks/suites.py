@@ -53,9 +53,10 @@ class BenchConfig:
     http_repeat_share: float = 0.7  # of requests from users seen in the last minute
     cold_users: int = 8  # repeat vs cold user (each: a new request, the same again, another)
     returning_users: int = 40  # each asks twice, the round between: more prefixes than the KV cache holds (0: skip)
-    peer_users: int = 16  # users x 10 candidates for the peer comparison (0: skip it)
+    peer_users: int = 16  # cold users for the peer comparison (0: skip it), the same on every server
+    peer_candidates: int = 10  # a user's candidates there
     peer_concurrency: int = 8
-    peer_logprob_users: int = 2  # of them, scored by the peer in its (slow) log-probability mode
+    peers: tuple[str, ...] = ("llama-server", "llama-cpp-python")  # measured beside corella
     overload_concurrency: int = 256
     overload_seconds: float = 20.0  # 0: skip the overload run
     overload_queue: int = 32  # the overloaded server's LLM queue, in candidates

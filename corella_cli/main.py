@@ -756,9 +756,16 @@ def bench(
     hybrid_requests: Annotated[int, typer.Option(help="100-candidate requests timed per fraction")] = 24,
     http_seconds: Annotated[float, typer.Option(help="seconds of load at each concurrency level (http suite)")] = 30.0,
     http_levels: Annotated[str, typer.Option(help="client counts of the http suite's levels")] = "1,8,32,64",
+    peer: Annotated[
+        str,
+        typer.Option(
+            help="the peers the http suite measures corella against: llama-server (built once from "
+            "the installed llama-cpp-python's sdist), llama-cpp-python, all or none"
+        ),
+    ] = "all",  # fmt: skip
     peer_users: Annotated[
-        int, typer.Option(help="users (x 10 candidates) for the comparison with llama-cpp-python's server; 0 skips it")
-    ] = 6,  # fmt: skip
+        int, typer.Option(help="cold users (x 10 candidates) for the peer comparison, the same on every server")
+    ] = 16,  # fmt: skip
     returning_users: Annotated[
         int,
         typer.Option(
@@ -774,6 +781,7 @@ def bench(
 ) -> None:
     """Latency and quality side by side: CRM backends, llama.cpp modes and quantizations, the hybrid's
     accuracy-latency curve, and HTTP under load. Writes results.json, results.md and PNG plots."""
+    from benchmarks.peers import PEERS
     from benchmarks.report import goal_text, run_bench
     from benchmarks.suites import BenchConfig
 
@@ -781,10 +789,13 @@ def bench(
         levels = tuple(int(c) for c in http_levels.split(",") if c.strip())
     except ValueError as exc:
         raise _fail(CorellaError(f"--http-levels takes client counts like 1,8,32 (got {http_levels!r})")) from exc
+    peers = {"all": PEERS, "none": ()}.get(peer, (peer,))
+    if any(p not in PEERS for p in peers):
+        raise _fail(CorellaError(f"--peer takes {', '.join(PEERS)}, all or none (got {peer!r})"))
     config = BenchConfig(
         suites=tuple(s.strip() for s in suites.split(",") if s.strip()), ggufs=list(gguf or []),
         quality_samples=quality_samples, hybrid_requests=hybrid_requests, http_seconds=http_seconds,
-        http_concurrency=levels, peer_users=peer_users, returning_users=returning_users,
+        http_concurrency=levels, peer_users=peer_users, peers=peers, returning_users=returning_users,
         overload_seconds=overload_seconds, soak_seconds=soak_seconds, llm_requests=llm_requests, threads=threads,
     )  # fmt: skip
     try:

@@ -9,16 +9,13 @@ installs a top-level `gguf` module over gguf-py's.
 
 from __future__ import annotations
 
-import importlib.metadata
 import shutil
-import subprocess
-import sys
 import tarfile
-import tempfile
 from pathlib import Path
 
 from export.crm import ExportError
 from runtime.paths import corella_home
+from runtime.sdist import SdistError, installed_llama_cpp_version, llama_cpp_sdist, pip_download_command
 
 __all__ = ["CONVERTER", "fetch_converter", "extract_converter"]
 
@@ -26,31 +23,23 @@ CONVERTER = "convert_hf_to_gguf.py"
 _KEPT = (CONVERTER, "conversion/", "gguf-py/")
 
 
-def _installed_version() -> str:
-    try:
-        return importlib.metadata.version("llama-cpp-python")
-    except importlib.metadata.PackageNotFoundError as exc:
-        raise ExportError("llama-cpp-python is not installed: pip install -e '.[serve]'") from exc
-
-
 def fetch_converter(version: str | None = None, home: Path | None = None) -> Path:
     """The converter of llama-cpp-python `version` (default: the installed one), downloaded once."""
-    version = version or _installed_version()
+    try:
+        version = version or installed_llama_cpp_version()
+    except SdistError as exc:
+        raise ExportError(str(exc)) from exc
     target = (home or corella_home()) / "tools" / f"llama.cpp-{version}"
     if (target / CONVERTER).is_file():
         return target / CONVERTER
-    command = [sys.executable, "-m", "pip", "download", f"llama-cpp-python=={version}", "--no-deps",
-               "--no-binary", ":all:", "--quiet"]  # fmt: skip
-    with tempfile.TemporaryDirectory() as folder:
-        result = subprocess.run([*command, "-d", folder], capture_output=True, text=True)
-        sdists = sorted(Path(folder).glob("*.tar.gz"))
-        if result.returncode != 0 or not sdists:
-            said = (result.stderr.strip().splitlines() or ["no sdist was saved"])[-1]
-            raise ExportError(
-                f"could not download llama-cpp-python {version}'s sdist ({said}); run `{' '.join(command)} -d DIR` "
-                f"yourself, unpack it and pass --converter DIR/.../vendor/llama.cpp/{CONVERTER}"
-            )
-        return extract_converter(sdists[0], target)
+    try:
+        sdist = llama_cpp_sdist(version, home)
+    except SdistError as exc:
+        raise ExportError(
+            f"{exc}; run `{' '.join(pip_download_command(version))} -d DIR` yourself, unpack it and pass "
+            f"--converter DIR/.../vendor/llama.cpp/{CONVERTER}"
+        ) from exc
+    return extract_converter(sdist, target)
 
 
 def extract_converter(sdist: Path, target: Path) -> Path:

@@ -27,8 +27,8 @@ def test_all_suites_on_tiny_models(bundle, tmp_path):
     config = BenchConfig(
         crm_batches=(1, 32), crm_iterations=10, llm_requests=2, llm_candidates=4, quality_samples=60,
         hybrid_requests=2, hybrid_candidates=10, http_concurrency=(1, 4), http_seconds=2, http_candidates=5,
-        http_fraction=0.4, cold_users=2, returning_users=3, peer_users=2, peer_logprob_users=1, overload_concurrency=16,
-        overload_seconds=2, overload_queue=4, soak_seconds=2, soak_candidates=5, soak_concurrency=(1, 4), ggufs=[],
+        http_fraction=0.4, cold_users=2, returning_users=3, peer_users=2, peers=("llama-cpp-python",),
+        overload_concurrency=16, overload_seconds=2, overload_queue=4, soak_seconds=2, soak_candidates=5, soak_concurrency=(1, 4), ggufs=[],
     )  # fmt: skip
     results = run_bench(bundle, out, config)
     suites = results["suites"]
@@ -55,9 +55,14 @@ def test_all_suites_on_tiny_models(bundle, tmp_path):
     assert repeat["recalled_of_routed"]["cold"] == [0, 4] and repeat["recalled_of_routed"]["same_request"] == [4, 4]
     back = http["returning_users"]  # three new users, then the same three: every prefix found again
     assert back["first"]["prefix_hits"] == 0 and back["second"]["prefix_hits"] == 3 == back["second"]["requests"]
-    peer = http["peer"]
-    assert peer["corella"]["candidates"] == 20 and peer["peer_answer_token"]["candidates"] == 20
-    assert peer["peer_logprobs"]["candidates"] == 10
+    peer = http["peer"]  # the same 2 users x 10 candidates on every server
+    assert [(r["server"], r["clients"], r["candidates"]) for r in peer["rows"]] == [
+        ("corella", 8, 20),
+        ("corella --llm-vocab 0", 8, 20),
+        ("llama-cpp-python", 1, 20),
+        ("llama-cpp-python", 8, 20),
+    ]
+    assert peer["rows"][0]["tokens_per_candidate"] > 0 and peer["rows"][0]["corella_over_this"] == 1.0
     assert http["overload"]["requests"] > 0 and http["overload"]["server_errors"] == 0
     assert set(http["overload"]["statuses"]) <= {"200", "429"}
     soak = http["soak"]["levels"]

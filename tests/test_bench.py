@@ -28,7 +28,8 @@ def test_all_suites_on_tiny_models(bundle, tmp_path):
         crm_batches=(1, 32), crm_iterations=10, llm_requests=2, llm_candidates=4, quality_samples=60,
         hybrid_requests=2, hybrid_candidates=10, http_concurrency=(1, 4), http_seconds=2, http_candidates=5,
         http_fraction=0.4, cold_users=2, returning_users=3, peer_users=2, peers=("llama-cpp-python",),
-        overload_concurrency=16, overload_seconds=2, overload_queue=4, soak_seconds=2, soak_candidates=5, soak_concurrency=(1, 4), ggufs=[],
+        overload_concurrency=16, overload_seconds=2, overload_queue=4, soak_seconds=2, soak_candidates=5,
+        soak_concurrency=(1, 4), ggufs=[],
     )  # fmt: skip
     results = run_bench(bundle, out, config)
     suites = results["suites"]

@@ -71,6 +71,31 @@ def server_process(command: list[str], ready_url: str, log_path: Path, env: dict
         log.close()
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a process has used so far, from /proc; NaN where it cannot be read."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
+def llm_process(server_pid: int) -> int | None:
+    """The LLM process `corella serve` started (a spawned child), or None."""
+    for task in Path(f"/proc/{server_pid}/task").glob("*"):
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for child in children:
+            try:
+                if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                    return int(child)
+            except OSError:
+                continue
+    return None
+
+
 def corella_serve_command(bundle: Path, port: int, state: Path, **options: Any) -> list[str]:
     """`corella serve` on a fresh state folder of the bench's own (never the bundle's live store)."""
     shutil.rmtree(state, ignore_errors=True)

@@ -281,18 +281,37 @@ def _peer_table(peer: dict[str, Any]) -> list[str]:
 
 
 def _levels_table(levels: list[dict[str, Any]]) -> list[str]:
-    lines = ["| clients | requests | req/s | p50 ms | p99 ms | LLM answers/s | of them recalled/s | vs unloaded | "
-             "decoded vs unloaded | fallbacks | CRM-only p50 ms | 5xx | /healthz p99 ms |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]  # fmt: skip
+    nan = float("nan")
+    lines = ["| clients | requests | req/s | candidates/s | p50 ms | p99 ms | LLM answers/s | of them recalled/s | "
+             "vs unloaded | decoded vs unloaded | LLM tokens/s | LLM process CPU | front end CPU | fallbacks | "
+             "CRM-only p50 ms | 5xx | /healthz p99 ms |",
+             "|" + " ---: |" * 13 + " --- |" + " ---: |" * 3]  # fmt: skip
     for r in levels:
         fallbacks = ", ".join(f"{k} {v}" for k, v in sorted(r["fallbacks"].items())) or "none"
         recalled = r.get("llm_recalled", 0) / r["seconds"]
-        lines.append(f"| {r['concurrency']} | {r['requests']} | {r['requests_per_second']:.1f} | {r['p50_ms']:.0f} | "
+        lines.append(f"| {r['concurrency']} | {r['requests']} | {r['requests_per_second']:.1f} | "
+                     f"{_f(r.get('candidates_per_second', nan), 0)} | {r['p50_ms']:.0f} | "
                      f"{r['p99_ms']:.0f} | {r['llm_answers_per_second']:.2f} | {recalled:.2f} | "
-                     f"{_f(r['llm_goodput_vs_unloaded'])} | {_f(r.get('llm_decoded_vs_unloaded', float('nan')))} | "
-                     f"{fallbacks} | {_f(r['crm_only_p50_ms'], 0)} | {r['server_errors']} | "
-                     f"{_f(r['healthz_p99_ms'], 1)} |")  # fmt: skip
+                     f"{_f(r['llm_goodput_vs_unloaded'])} | {_f(r.get('llm_decoded_vs_unloaded', nan))} | "
+                     f"{_f(r.get('llm_tokens_per_second', nan), 0)} | {_percent(r.get('llm_cpu_share', nan))} | "
+                     f"{_percent(r.get('front_cpu_share', nan))} | {fallbacks} | {_f(r['crm_only_p50_ms'], 0)} | "
+                     f"{r['server_errors']} | {_f(r['healthz_p99_ms'], 1)} |")  # fmt: skip
+    shares = [r for r in levels if "front_cpu_share" in r and r["llm_cpu_share"] == r["llm_cpu_share"]]
+    if len(shares) > 1:
+        first, last = shares[0], shares[-1]
+        lines += ["", f"The LLM process and the front end share this box's cores: unloaded ({first['concurrency']} "
+                      f"client) the LLM process used {_percent(first['llm_cpu_share'])} of the CPU and decoded "
+                      f"{first['llm_tokens_per_second']:.0f} tokens/s; at {last['concurrency']} clients the front end "
+                      f"took {_percent(last['front_cpu_share'])}, the LLM process "
+                      f"{_percent(last['llm_cpu_share'])}, and it decoded {last['llm_tokens_per_second']:.0f} "
+                      f"tokens/s ({last['llm_tokens_per_second'] / max(first['llm_tokens_per_second'], 1e-9):.2f}x "
+                      "unloaded). The LLM's goodput under load cannot pass what the cores the front end leaves it "
+                      "allow."]  # fmt: skip
     return [*lines, ""]
+
+
+def _percent(share: float) -> str:
+    return "n/a" if share != share else f"{share:.0%}"
 
 
 def plot(out: Path, results: dict[str, Any]) -> list[Path]:

@@ -18,6 +18,7 @@ What it measures, each on the bundle's own GGUF and thread count:
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +26,17 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.load import UserMix, closed_loop, corella_serve_command, free_port, scrape, send_all, server_process
+from benchmarks.load import (
+    UserMix,
+    closed_loop,
+    corella_serve_command,
+    cpu_seconds,
+    free_port,
+    llm_process,
+    scrape,
+    send_all,
+    server_process,
+)
 from benchmarks.peers import peer_comparison
 from runtime.artifacts.bundle import Bundle
 from runtime.engine import Engine
@@ -39,21 +50,35 @@ def _llm_answers(base: str) -> float:
     return scrape(base).get('corella_candidates_total{route="llm"}', 0.0)
 
 
-def _levels(base: str, engine: Engine, config: Any, progress: Callable[[str], None]) -> list[dict[str, Any]]:
+def _levels(base: str, engine: Engine, config: Any, server_pid: int,
+            progress: Callable[[str], None]) -> list[dict[str, Any]]:  # fmt: skip
+    """Each level: requests, candidates and LLM answers a second, fallbacks by reason, and what the
+    LLM process did meanwhile (tokens decoded a second, its share of the box's CPU time)."""
     mix = UserMix(engine.store.user_ids(), engine.store.item_ids(), config.http_candidates,
                   repeat_share=config.http_repeat_share, seed=config.seed + 2,
                   llm_fraction=config.http_fraction)  # fmt: skip
+    llm_pid = llm_process(server_pid)
+    cores = os.cpu_count() or 1
     levels = []
     for concurrency in config.http_concurrency:
-        before = _llm_answers(base)
+        before, tokens = _llm_answers(base), scrape(base).get("corella_llm_batch_tokens_sum", 0.0)
+        cpu = (cpu_seconds(server_pid), cpu_seconds(llm_pid) if llm_pid else float("nan"))
         run = closed_loop(base, concurrency, config.http_seconds, lambda: ("hybrid", mix.body()))
         level = run.summary(config.http_deadline_ms)
         level["server_llm_answers"] = _llm_answers(base) - before
+        level["candidates_per_second"] = level["statuses"].get("200", 0) * config.http_candidates / level["seconds"]
+        decoded = scrape(base).get("corella_llm_batch_tokens_sum", 0.0) - tokens
+        level["llm_tokens_per_second"] = decoded / level["seconds"]
+        level["front_cpu_share"] = (cpu_seconds(server_pid) - cpu[0]) / level["seconds"] / cores
+        level["llm_cpu_share"] = ((cpu_seconds(llm_pid) - cpu[1]) / level["seconds"] / cores if llm_pid
+                                  else float("nan"))  # fmt: skip
         levels.append(level)
-        progress(f"http c={concurrency}: {level['requests_per_second']:.1f} req/s, p50 {level['p50_ms']:.0f} ms, "
+        progress(f"http c={concurrency}: {level['requests_per_second']:.1f} req/s, "
+                 f"{level['candidates_per_second']:.0f} candidates/s, p50 {level['p50_ms']:.0f} ms, "
                  f"p99 {level['p99_ms']:.0f} ms, LLM answers {level['llm_answers_per_second']:.1f}/s "
-                 f"({level['llm_decoded_per_second']:.1f} decoded), fallbacks {level['fallbacks']}, "
-                 f"5xx {level['server_errors']}")  # fmt: skip
+                 f"({level['llm_decoded_per_second']:.1f} decoded, {level['llm_tokens_per_second']:.0f} tokens/s, "
+                 f"LLM process {level['llm_cpu_share']:.0%} of the CPU, front end {level['front_cpu_share']:.0%}), "
+                 f"fallbacks {level['fallbacks']}, 5xx {level['server_errors']}")  # fmt: skip
     return levels
 
 
@@ -198,16 +223,16 @@ def http_suite(bundle: Bundle, engine: Engine, samples: list[Any], config: Any,
     users = list(np.random.default_rng(config.seed + 8).permutation(engine.store.user_ids()))
     cold, peer = users[: config.cold_users], users[config.cold_users : config.cold_users + config.peer_users]
     returning = users[len(cold) + len(peer) :][: config.returning_users]
-    with server_process(command, f"{base}/readyz", out / "http-server.log"):
+    with server_process(command, f"{base}/readyz", out / "http-server.log") as server:
         if engine.llm is not None:
             result["repeat_vs_cold"] = _repeat_vs_cold(base, engine, cold, config, progress)
             if returning:
                 result["returning_users"] = _returning_users(base, engine, returning, config, progress)
-            if config.peer_users:
-                result["peer"] = peer_comparison(bundle, engine, peer, cold[0], out, config, progress)
-        result["levels"] = _levels(base, engine, config, progress)
+        result["levels"] = _levels(base, engine, config, server.pid, progress)
         _goodput(result["levels"])
         result["server_counters"] = {k: v for k, v in scrape(base).items() if k.startswith("corella_llm")}
+    if config.peer_users and engine.llm is not None:  # each server alone on the box
+        result["peer"] = peer_comparison(bundle, engine, peer, cold[0], out, config, progress)
     if config.overload_seconds and engine.llm is not None:
         result["overload"] = _overload(bundle, engine, out, config, progress)
     if config.soak_seconds and engine.llm is not None:

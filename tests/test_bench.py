@@ -50,6 +50,9 @@ def test_all_suites_on_tiny_models(bundle, tmp_path):
     assert [level["concurrency"] for level in http["levels"]] == [1, 4]
     assert all(level["server_errors"] == 0 and level["requests"] > 0 for level in http["levels"])
     assert http["levels"][0]["llm_answers"] > 0  # 5 candidates at f = 0.4: two routed a request
+    for level in http["levels"]:  # the same work counted on both sides of the process boundary
+        assert level["candidates_per_second"] == pytest.approx(5 * level["statuses"]["200"] / level["seconds"])
+        assert level["llm_tokens_per_second"] > 0 and 0 < level["llm_cpu_share"] <= 1 and level["front_cpu_share"] > 0
     repeat = http["repeat_vs_cold"]
     assert repeat["users"] == 2 and repeat["cold_llm_ms"] > 0
     # the same request again: both users' 2 routed candidates each come from the answer memo

@@ -498,3 +498,36 @@ def test_the_child_process_exits_when_its_loop_dies_and_comes_back(gguf):
         assert (state == ItemState.DONE).all() and 0 < p[0] < 1
     finally:
         scheduler.close()
+
+
+def test_new_users_start_from_the_shared_head_decoded_once(model, reference):
+    """The instruction every prefix starts with is learned from the first three new prefixes,
+    decoded once, and copied into each later new prefix: a new user decodes only the history, with
+    the answers of prompts decoded whole and alone."""
+    instruction = ("Please predict whether the user will like the target movie based on the rating history. "
+                   "You should ONLY answer no or yes.\nThe user's rating history, oldest first:\n")  # fmt: skip
+
+    def prompt(user: int) -> tuple[list[int], list[list[int]]]:
+        prefix, suffixes = _prompt(model, user, 3)
+        return [1] + model.tokenize(instruction) + prefix[1:], suffixes
+
+    recorder = Recorder()
+    scheduler = LLMScheduler(model, SchedulerSettings(threads=1, batch_tokens=512, max_sequences=8, contexts=1),
+                             observer=recorder)  # fmt: skip
+    try:
+        for user in range(6):
+            prefix, suffixes = prompt(user)
+            p, state = _answers(scheduler, scheduler.submit(prefix, suffixes, None, user=str(user)).job)
+            assert (state == ItemState.DONE).all()
+            assert np.abs(p - reference(prefix, suffixes)).max() <= PARITY, user
+        cache = scheduler.workers[0].cache
+        head = cache.head
+        assert head is not None and len(head.key) >= len(model.tokenize(instruction)) and head.ready
+        # learned from users 0-2, decoded in user 3's batch (beside user 3's whole prefix), used by 4 and 5
+        assert cache.head_reuses == 2
+        decoded = [tokens for tokens, _ in recorder.batches]
+        # the last user's batch: its prefix after the head, and its three suffixes
+        prefix, suffixes = prompt(5)
+        assert decoded[-1] == len(prefix) - len(head.key) + sum(len(s) for s in suffixes)
+    finally:
+        scheduler.close()

@@ -54,6 +54,8 @@ def execute(context: LlamaContext, plan: Plan) -> tuple[list[float], str | None,
     try:
         for entry in plan.restores:
             context.restore_sequence(entry.saved, entry.seq)
+        for head, target in plan.copies:
+            context.copy_sequence(head, target)
         for work, _, seq in plan.suffixes:
             context.copy_sequence(work.entry.seq, seq)
         if tokens:  # none when a restored prefix's candidates could not fit in time after all

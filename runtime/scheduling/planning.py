@@ -18,6 +18,7 @@ def plan_batch(worker: Worker, settings: SchedulerSettings, ledger: Ledger, now:
     cache = worker.cache
     plan = Plan(removals=cache.removals, parkings=cache.take_parking())
     cache.removals = []
+    _plan_head(worker, settings, plan)
     for work in list(worker.queue):
         if plan.tokens >= settings.batch_tokens or not worker.suffix_seqs:
             break
@@ -49,6 +50,23 @@ def _ends_in_time(worker: Worker, plan: Plan, work: WorkItem, tokens: int, now: 
     return end <= plan.deadline and (deadline is None or end <= deadline)
 
 
+def _plan_head(worker: Worker, settings: SchedulerSettings, plan: Plan) -> None:
+    """Decode the shared head once it is learned (a few dozen tokens, once a context)."""
+    head, cache = worker.cache.head, worker.cache
+    if head is None or head.decoded or head.busy or not worker.queue:
+        return
+    if head.seq is None and not cache.allocate(head):
+        return
+    plan.removals += cache.removals
+    cache.removals = []
+    take = min(len(head.key) - head.planned, settings.batch_tokens - plan.tokens)
+    if take > 0:
+        plan.prefixes.append((head, head.key[head.planned : head.planned + take], head.planned))
+        head.planned += take
+        head.busy = True
+        plan.tokens += take
+
+
 def _plan_prefix(worker: Worker, settings: SchedulerSettings, work: WorkItem, plan: Plan, now: float) -> bool:
     """Put (the next part of) the job's prefix into the batch; True when the batch completes it."""
     entry = work.entry
@@ -62,6 +80,13 @@ def _plan_prefix(worker: Worker, settings: SchedulerSettings, work: WorkItem, pl
         plan.restores.append(entry)
         entry.busy = True
         return True
+    if entry.planned == 0:  # a new prefix: its start may be the shared head, already decoded
+        worker.cache.learn_head(entry.key)
+        head = worker.cache.head_for(entry)
+        if head is not None:
+            plan.copies.append((head.seq, entry.seq))
+            entry.planned = entry.filled = len(head.key)
+            worker.cache.head_reuses += 1
     take = min(len(entry.key) - entry.planned, settings.batch_tokens - plan.tokens)
     if take <= 0 or not _ends_in_time(worker, plan, work, take, now):
         return False

@@ -5,7 +5,11 @@ from __future__ import annotations
 import ctypes
 from collections import OrderedDict
 
-__all__ = ["PrefixCache", "PrefixEntry"]
+__all__ = ["PrefixCache", "PrefixEntry", "HEAD_SAMPLES", "HEAD_MIN_TOKENS"]
+
+#: new prefixes whose common start becomes the shared head, and the fewest tokens worth sharing
+HEAD_SAMPLES = 3
+HEAD_MIN_TOKENS = 16
 
 
 class PrefixEntry:
@@ -55,6 +59,12 @@ class PrefixCache:
         self.host_used = 0  # bytes of saved copies
         self.parking: list[PrefixEntry] = []  # idle prefixes to move out of the KV cache before the next decode
         self.restores = 0
+        #: the tokens every user's prefix starts with (the prompt's instruction), learned from the first
+        #: new prefixes, decoded once into a sequence of its own and copied (shared cells) into each new
+        #: prefix that starts with them: a new user decodes only the history. Never evicted.
+        self.head: PrefixEntry | None = None
+        self._seen: list[tuple[int, ...]] = []
+        self.head_reuses = 0
 
     def acquire(self, key: tuple[int, ...], user: str | None) -> tuple[PrefixEntry, bool]:
         entry = self.entries.get(key)
@@ -150,6 +160,28 @@ class PrefixCache:
             else:
                 entry.error = error
             self.after_batch(entry)
+
+    def learn_head(self, key: tuple[int, ...]) -> None:
+        """Note a new prefix; the first `HEAD_SAMPLES` give the head (their common start)."""
+        if self.head is not None or len(self._seen) >= HEAD_SAMPLES or key in self._seen:
+            return
+        self._seen.append(key)
+        if len(self._seen) < HEAD_SAMPLES:
+            return
+        common = min(len(k) for k in self._seen)
+        for k in self._seen[1:]:
+            common = min(common, next((i for i, (a, b) in enumerate(zip(self._seen[0], k, strict=False)) if a != b),
+                                      common))  # fmt: skip
+        if common >= HEAD_MIN_TOKENS:
+            self.head = PrefixEntry(self._seen[0][:common])
+            self.head.refs = 1  # pinned: never evicted, never parked
+
+    def head_for(self, entry: PrefixEntry) -> PrefixEntry | None:
+        """The decoded head to start `entry` from (a copy instead of a decode), or None."""
+        head = self.head
+        if head is None or not head.ready or head.busy or entry.planned or len(entry.key) <= len(head.key):
+            return None
+        return head if entry.key[: len(head.key)] == head.key else None
 
     def _drop(self, entry: PrefixEntry) -> None:
         if self.entries.get(entry.key) is entry:

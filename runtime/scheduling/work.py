@@ -121,6 +121,7 @@ class Plan:
     parkings: list[PrefixEntry] = field(default_factory=list)  # idle prefixes to move to host memory first
     saved: list[Any] = field(default_factory=list)  # their copies, once made (None: failed)
     restores: list[PrefixEntry] = field(default_factory=list)  # parked prefixes to put back first
+    copies: list[tuple[int, int]] = field(default_factory=list)  # (the head's sequence, a new prefix's) first
 
 
 class Ledger:

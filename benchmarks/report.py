@@ -355,15 +355,45 @@ def plot(out: Path, results: dict[str, Any]) -> list[Path]:
         fig.savefig(written[-1])
         plt.close(fig)
         written.append(_plot_levels(plt, out, http["levels"]))
+    if http and http.get("peer", {}).get("rows"):
+        written.append(_plot_peers(plt, out, http["peer"]))
     return written
 
 
+def _plot_peers(plt: Any, out: Path, peer: dict[str, Any]) -> Path:
+    """Routed candidates scored a second by each server on the same work, and the tokens each decoded."""
+    rows = peer["rows"]
+    names = [f"{r['server']}\n{r['clients']} client{'s' if r['clients'] != 1 else ''}" for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 3.4), dpi=90)
+    colors = ["tab:blue" if r["server"].startswith("corella") else "tab:gray" for r in rows]
+    bars = ax.bar(range(len(rows)), [r["per_second"] for r in rows], color=colors)
+    for bar, r in zip(bars, rows, strict=True):
+        tokens = r.get("tokens_per_candidate")
+        label = f"{r['per_second']:.1f}" + (f"\n{tokens:.0f} tok/cand" if tokens else "")
+        ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                    fontsize=8)  # fmt: skip
+    ax.set_xticks(range(len(rows)), names, fontsize=8)
+    ax.set_ylabel("routed candidates / s")
+    ax.set_title(f"{peer['users']} cold users x {peer['candidates'] // max(peer['users'], 1)} candidates, "
+                 f"{peer['threads']} threads, {peer['gguf']}", fontsize=9)  # fmt: skip
+    ax.margins(y=0.2)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    path = out / "peers.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def _plot_levels(plt: Any, out: Path, levels: list[dict[str, Any]]) -> Path:
-    """Requests a second and LLM answers a second at each client count."""
+    """Latency, and LLM answers a second, at each client count."""
     x = list(range(len(levels)))
     fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3.4), dpi=90)
-    left.bar(x, [level["requests_per_second"] for level in levels], color="tab:blue")
-    left.set_ylabel("requests / s")
+    left.plot(x, [level["p50_ms"] for level in levels], marker="o", label="p50")
+    left.plot(x, [level["p99_ms"] for level in levels], marker="x", linestyle="--", label="p99")
+    left.set_yscale("log")
+    left.set_ylabel("request latency (ms)")
+    left.legend(fontsize=8)
     decoded = [level.get("llm_decoded_per_second", level["llm_answers_per_second"]) for level in levels]
     recalled = [level["llm_answers_per_second"] - d for level, d in zip(levels, decoded, strict=True)]
     right.bar(x, decoded, color="tab:orange", label="decoded")

@@ -378,8 +378,11 @@ def _plot_peers(plt: Any, out: Path, peer: dict[str, Any]) -> Path:
                  f"{peer['threads']} threads, {peer['gguf']}", fontsize=9)  # fmt: skip
     ax.margins(y=0.2)
     ax.grid(alpha=0.3, axis="y")
+    return _saved(plt, fig, out / "peers.png")
+
+
+def _saved(plt: Any, fig: Any, path: Path) -> Path:
     fig.tight_layout()
-    path = out / "peers.png"
     fig.savefig(path)
     plt.close(fig)
     return path
@@ -405,8 +408,4 @@ def _plot_levels(plt: Any, out: Path, levels: list[dict[str, Any]]) -> Path:
         ax.set_xticks(x, [str(level["concurrency"]) for level in levels])
         ax.set_xlabel("clients")
         ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    path = out / "http_levels.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _saved(plt, fig, out / "http_levels.png")

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -246,34 +246,22 @@ def _llama_cpp_python_rate(bundle: Any, work: PeerWork, out: Path, config: Any, 
     return _rate("llama-cpp-python", answers, wall, clients=concurrency)
 
 
-def peer_comparison(bundle: Any, engine: Any, users: Sequence[str], warm_user: str, out: Path, config: Any,
-                    progress: Any) -> dict[str, Any]:  # fmt: skip
-    """Routed candidates scored a second, the same users and candidates on every server, each
-    warmed first, the bundle's whole GGUF and the same threads everywhere: corella (cut vocabulary
-    and whole), llama-server (a slot a client, prompt cache, --swa-full) and llama-cpp-python's
-    server (at 1 client, its best, and at the same concurrency)."""
+def _servers(bundle: Any, engine: Any, work: PeerWork, warm: PeerWork, out: Path, config: Any, threads: int,
+             result: dict[str, Any], progress: Any) -> list[Callable[[], dict[str, Any]]]:  # fmt: skip
+    """Each server's measurement, ready to run (a fresh process each time: its users are cold)."""
     import importlib.util
 
-    threads = int(config.threads or engine.scheduler.settings.threads)
-    work = peer_work(engine, bundle, users, config.peer_candidates, config.seed + 4)
-    warm = peer_work(engine, bundle, [warm_user], 2, config.seed + 5)
-    result: dict[str, Any] = {"users": len(users), "candidates": work.candidates, "threads": threads,
-                              "concurrency": config.peer_concurrency, "gguf": bundle.llm_file.name,
-                              "rows": []}  # fmt: skip
-    rows = result["rows"]
+    runs: list[Callable[[], dict[str, Any]]] = []
     for name, options in (("corella", {}), ("corella --llm-vocab 0", {"llm_vocab": 0})):
-        rows.append(_corella_rate(name.replace(" ", "_"), bundle, work, warm.bodies[0], out, config, **options)
-                    | {"server": name, "clients": config.peer_concurrency})  # fmt: skip
-        progress(f"peer: {name} {rows[-1]['per_second']:.2f} candidates/s ({rows[-1]['tokens_per_candidate']:.1f} "
-                 "tokens decoded a candidate)")  # fmt: skip
+        runs.append(lambda name=name, options=options: _corella_rate(
+            name.replace(" ", "_"), bundle, work, warm.bodies[0], out, config, **options)
+            | {"server": name, "clients": config.peer_concurrency})  # fmt: skip
     if "llama-server" in config.peers:
         try:
             binary, build = llama_server(progress=progress)
             result["llama_server_build"] = build
-            rows.append(_llama_server_rate(binary, bundle, work, warm.ids[0], out, config, threads)
+            runs.append(lambda: _llama_server_rate(binary, bundle, work, warm.ids[0], out, config, threads)
                         | {"clients": config.peer_concurrency})  # fmt: skip
-            progress(f"peer: llama-server {rows[-1]['per_second']:.2f} candidates/s "
-                     f"({rows[-1]['tokens_per_candidate']:.1f} tokens decoded a candidate)")  # fmt: skip
         except (PeerUnavailable, SdistError) as exc:
             result["llama_server_skipped"] = str(exc)
             progress(f"peer: llama-server skipped: {exc}")
@@ -284,8 +272,37 @@ def peer_comparison(bundle: Any, engine: Any, users: Sequence[str], warm_user: s
             )
         else:
             for clients in dict.fromkeys((1, config.peer_concurrency)):
-                rows.append(_llama_cpp_python_rate(bundle, work, out, config, threads, clients))
-                progress(f"peer: llama-cpp-python, {clients} client(s) {rows[-1]['per_second']:.2f} candidates/s")
+                runs.append(lambda clients=clients: _llama_cpp_python_rate(bundle, work, out, config, threads, clients))
+    return runs
+
+
+def peer_comparison(bundle: Any, engine: Any, users: Sequence[str], warm_user: str, out: Path, config: Any,
+                    progress: Any) -> dict[str, Any]:  # fmt: skip
+    """Routed candidates scored a second, the same users and candidates on every server, each
+    warmed first, the bundle's whole GGUF and the same threads everywhere: corella (cut vocabulary
+    and whole), llama-server (a slot a client, prompt cache, --swa-full) and llama-cpp-python's
+    server (at 1 client, its best, and at the same concurrency). The servers take turns for
+    `config.peer_rounds` rounds, each time a fresh process; a row is a server's median round (a
+    shared box drifts by 10-20% from minute to minute: turns spread the drift over every server)."""
+    threads = int(config.threads or engine.scheduler.settings.threads)
+    work = peer_work(engine, bundle, users, config.peer_candidates, config.seed + 4)
+    warm = peer_work(engine, bundle, [warm_user], 2, config.seed + 5)
+    result: dict[str, Any] = {"users": len(users), "candidates": work.candidates, "threads": threads,
+                              "concurrency": config.peer_concurrency, "gguf": bundle.llm_file.name,
+                              "rounds": config.peer_rounds, "rows": []}  # fmt: skip
+    runs = _servers(bundle, engine, work, warm, out, config, threads, result, progress)
+    measured: list[list[dict[str, Any]]] = [[] for _ in runs]
+    for round_ in range(config.peer_rounds):
+        for taken, run in zip(measured, runs, strict=True):
+            taken.append(run())
+            row = taken[-1]
+            tokens = f" ({row['tokens_per_candidate']:.1f} tokens a candidate)" if "tokens_per_candidate" in row else ""
+            progress(f"peer round {round_ + 1}: {row['server']}, {row['clients']} client(s) "
+                     f"{row['per_second']:.2f} candidates/s{tokens}")  # fmt: skip
+    for taken in measured:
+        ordered = sorted(taken, key=lambda r: r["per_second"])
+        result["rows"].append(ordered[(len(ordered) - 1) // 2] | {"rounds": [round(r["per_second"], 2) for r in taken]})
+    rows = result["rows"]
     ours = rows[0]["per_second"]
     for row in rows:
         row["corella_over_this"] = ours / row["per_second"] if row["per_second"] else float("nan")

@@ -263,14 +263,16 @@ def _http_markdown(http: dict[str, Any]) -> list[str]:
 
 def _peer_table(peer: dict[str, Any]) -> list[str]:
     lines = [f"Peers: the same {peer['users']} cold users x {peer['candidates'] // max(peer['users'], 1)} candidates "
-             f"on every server, {peer['gguf']}, {peer['threads']} threads, each server warmed first; corella gets "
+             f"on every server, {peer['gguf']}, {peer['threads']} threads, each server warmed first, the servers "
+             f"taking turns {peer.get('rounds', 1)} times (a fresh process each time); corella gets "
              "one mode llm request a user, a peer one completion a candidate (its API), a client sending one "
              "user's candidates in order.", "",
-             "| server | clients | candidates/s | tokens decoded a candidate | corella over it |",
-             "| --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
+             "| server | clients | candidates/s (median) | each round | tokens decoded a candidate | corella over it |",
+             "| --- | ---: | ---: | --- | ---: | ---: |"]  # fmt: skip
     for r in peer["rows"]:
         tokens = _f(r["tokens_per_candidate"], 1) if "tokens_per_candidate" in r else "n/a"
-        lines.append(f"| {r['server']} | {r['clients']} | {r['per_second']:.2f} | {tokens} | "
+        rounds = ", ".join(f"{x:.2f}" for x in r.get("rounds", []))
+        lines.append(f"| {r['server']} | {r['clients']} | {r['per_second']:.2f} | {rounds} | {tokens} | "
                      f"{_f(r['corella_over_this'])}x |")  # fmt: skip
     build = peer.get("llama_server_build")
     if build:

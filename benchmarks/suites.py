@@ -56,6 +56,7 @@ class BenchConfig:
     peer_users: int = 16  # cold users for the peer comparison (0: skip it), the same on every server
     peer_candidates: int = 10  # a user's candidates there
     peer_concurrency: int = 8
+    peer_rounds: int = 3  # the servers take turns this many times; each row is a server's median round
     peers: tuple[str, ...] = ("llama-server", "llama-cpp-python")  # measured beside corella
     overload_concurrency: int = 256
     overload_seconds: float = 20.0  # 0: skip the overload run

@@ -766,6 +766,9 @@ def bench(
     peer_users: Annotated[
         int, typer.Option(help="cold users (x 10 candidates) for the peer comparison, the same on every server")
     ] = 16,  # fmt: skip
+    peer_rounds: Annotated[
+        int, typer.Option(min=1, help="turns the peer servers take, each a fresh process; each row is the median")
+    ] = 3,  # fmt: skip
     returning_users: Annotated[
         int,
         typer.Option(
@@ -795,7 +798,8 @@ def bench(
     config = BenchConfig(
         suites=tuple(s.strip() for s in suites.split(",") if s.strip()), ggufs=list(gguf or []),
         quality_samples=quality_samples, hybrid_requests=hybrid_requests, http_seconds=http_seconds,
-        http_concurrency=levels, peer_users=peer_users, peers=peers, returning_users=returning_users,
+        http_concurrency=levels, peer_users=peer_users, peers=peers, peer_rounds=peer_rounds,
+        returning_users=returning_users,
         overload_seconds=overload_seconds, soak_seconds=soak_seconds, llm_requests=llm_requests, threads=threads,
     )  # fmt: skip
     try:

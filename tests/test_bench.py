@@ -27,7 +27,7 @@ def test_all_suites_on_tiny_models(bundle, tmp_path):
     config = BenchConfig(
         crm_batches=(1, 32), crm_iterations=10, llm_requests=2, llm_candidates=4, quality_samples=60,
         hybrid_requests=2, hybrid_candidates=10, http_concurrency=(1, 4), http_seconds=2, http_candidates=5,
-        http_fraction=0.4, cold_users=2, returning_users=3, peer_users=2, peers=("llama-cpp-python",),
+        http_fraction=0.4, cold_users=2, returning_users=3, peer_users=2, peers=("llama-cpp-python",), peer_rounds=2,
         overload_concurrency=16, overload_seconds=2, overload_queue=4, soak_seconds=2, soak_candidates=5,
         soak_concurrency=(1, 4), ggufs=[],
     )  # fmt: skip
@@ -67,6 +67,7 @@ def test_all_suites_on_tiny_models(bundle, tmp_path):
         ("llama-cpp-python", 8, 20),
     ]
     assert peer["rows"][0]["tokens_per_candidate"] > 0 and peer["rows"][0]["corella_over_this"] == 1.0
+    assert all(len(r["rounds"]) == 2 and round(r["per_second"], 2) in r["rounds"] for r in peer["rows"])
     assert http["overload"]["requests"] > 0 and http["overload"]["server_errors"] == 0
     assert set(http["overload"]["statuses"]) <= {"200", "429"}
     soak = http["soak"]["levels"]

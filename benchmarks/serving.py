@@ -50,6 +50,26 @@ def _llm_answers(base: str) -> float:
     return scrape(base).get('corella_candidates_total{route="llm"}', 0.0)
 
 
+def _level(base: str, pids: tuple[int, int | None], concurrency: int, seconds: float,
+           make_body: Callable[[], tuple[str, dict[str, Any]]], candidates: int,
+           deadline_ms: float) -> dict[str, Any]:  # fmt: skip
+    """One level of closed-loop load: the clients' figures, and what the server did meanwhile:
+    candidates answered a second, the tokens its LLM process decoded a second, and the CPU shares
+    of the front end and of the LLM process (`pids`: the server's and its LLM process's)."""
+    server_pid, llm_pid = pids
+    cores = os.cpu_count() or 1
+    before, tokens = _llm_answers(base), scrape(base).get("corella_llm_batch_tokens_sum", 0.0)
+    cpu = (cpu_seconds(server_pid), cpu_seconds(llm_pid) if llm_pid else float("nan"))
+    level = closed_loop(base, concurrency, seconds, make_body).summary(deadline_ms)
+    wall = level["seconds"]
+    level["server_llm_answers"] = _llm_answers(base) - before
+    level["candidates_per_second"] = level["statuses"].get("200", 0) * candidates / wall
+    level["llm_tokens_per_second"] = (scrape(base).get("corella_llm_batch_tokens_sum", 0.0) - tokens) / wall
+    level["front_cpu_share"] = (cpu_seconds(server_pid) - cpu[0]) / wall / cores
+    level["llm_cpu_share"] = (cpu_seconds(llm_pid) - cpu[1]) / wall / cores if llm_pid else float("nan")
+    return level
+
+
 def _levels(base: str, engine: Engine, config: Any, server_pid: int,
             progress: Callable[[str], None]) -> list[dict[str, Any]]:  # fmt: skip
     """Each level: requests, candidates and LLM answers a second, fallbacks by reason, and what the
@@ -57,21 +77,11 @@ def _levels(base: str, engine: Engine, config: Any, server_pid: int,
     mix = UserMix(engine.store.user_ids(), engine.store.item_ids(), config.http_candidates,
                   repeat_share=config.http_repeat_share, seed=config.seed + 2,
                   llm_fraction=config.http_fraction)  # fmt: skip
-    llm_pid = llm_process(server_pid)
-    cores = os.cpu_count() or 1
+    pids = (server_pid, llm_process(server_pid))
     levels = []
     for concurrency in config.http_concurrency:
-        before, tokens = _llm_answers(base), scrape(base).get("corella_llm_batch_tokens_sum", 0.0)
-        cpu = (cpu_seconds(server_pid), cpu_seconds(llm_pid) if llm_pid else float("nan"))
-        run = closed_loop(base, concurrency, config.http_seconds, lambda: ("hybrid", mix.body()))
-        level = run.summary(config.http_deadline_ms)
-        level["server_llm_answers"] = _llm_answers(base) - before
-        level["candidates_per_second"] = level["statuses"].get("200", 0) * config.http_candidates / level["seconds"]
-        decoded = scrape(base).get("corella_llm_batch_tokens_sum", 0.0) - tokens
-        level["llm_tokens_per_second"] = decoded / level["seconds"]
-        level["front_cpu_share"] = (cpu_seconds(server_pid) - cpu[0]) / level["seconds"] / cores
-        level["llm_cpu_share"] = ((cpu_seconds(llm_pid) - cpu[1]) / level["seconds"] / cores if llm_pid
-                                  else float("nan"))  # fmt: skip
+        level = _level(base, pids, concurrency, config.http_seconds, lambda: ("hybrid", mix.body()),
+                       config.http_candidates, config.http_deadline_ms)  # fmt: skip
         levels.append(level)
         progress(f"http c={concurrency}: {level['requests_per_second']:.1f} req/s, "
                  f"{level['candidates_per_second']:.0f} candidates/s, p50 {level['p50_ms']:.0f} ms, "
@@ -180,14 +190,12 @@ def _soak(bundle: Bundle, engine: Engine, out: Path, config: Any, progress: Call
     mix = UserMix(engine.store.user_ids(), engine.store.item_ids(), config.soak_candidates, repeat_share=0.0,
                   seed=config.seed + 9)  # fmt: skip
     levels = []
-    with server_process(command, f"{base}/readyz", out / "soak-server.log"):
+    with server_process(command, f"{base}/readyz", out / "soak-server.log") as server:
+        pids = (server.pid, llm_process(server.pid))
         for concurrency in config.soak_concurrency:
             seconds = config.soak_seconds / 2 if concurrency == 1 else config.soak_seconds
-            before = _llm_answers(base)
-            run = closed_loop(base, concurrency, seconds, lambda: ("hybrid", mix.body()))
-            level = run.summary(config.http_deadline_ms)
-            level["server_llm_answers"] = _llm_answers(base) - before
-            levels.append(level)
+            levels.append(_level(base, pids, concurrency, seconds, lambda: ("hybrid", mix.body()),
+                                 config.soak_candidates, config.http_deadline_ms))  # fmt: skip
     _goodput(levels)
     for level in levels:
         progress(f"soak c={level['concurrency']}: {level['requests_per_second']:.1f} req/s, LLM answers "

@@ -376,3 +376,27 @@ def test_training_and_serving_produce_identical_feature_rows(tmp_path):
     assert np.allclose(spec.stats(served), spec.stats(Statistics(sample.user[row : row + 1], sample.item[row : row + 1],
                                                                  sample.genre[row : row + 1])), atol=1e-6)  # fmt: skip
     store.close()
+
+
+def test_a_schema_3_store_is_read_as_it_is_and_upgraded_when_opened_to_write(tmp_path):
+    """A bundle exported before items had texts (schema 3): read-only it is read as it is (no texts);
+    a live store copied from it is upgraded in place when opened to write."""
+    import sqlite3
+
+    from runtime.artifacts.store import SCHEMA_VERSION, FeatureStore
+    from runtime.prompt import ItemText
+
+    path = tmp_path / "v3.sqlite"
+    FeatureStore.create(path, [("i1", ItemText("One", "1999", ("Drama",)))], [], [], like_threshold=4.0).close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("ALTER TABLE items DROP COLUMN text")
+        conn.execute("ALTER TABLE items DROP COLUMN posted")
+        conn.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+    old = FeatureStore(path, readonly=True)
+    assert old.items(["i1"])["i1"] == ItemText("One", "1999", ("Drama",)) and old.posted_items() == []
+    old.close()
+    live = FeatureStore(path)
+    assert live.meta("schema_version") == str(SCHEMA_VERSION)
+    assert live.upsert_items([("i2", ItemText("Two", text="a new one"))]) == (1, 0)
+    assert live.items(["i2"])["i2"].text == "a new one" and [i for i, _ in live.posted_items()] == ["i2"]
+    live.close()

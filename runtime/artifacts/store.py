@@ -113,12 +113,15 @@ class FeatureStore:
         if rows and not readonly and int(rows[0][0]) in _UPGRADES:
             self._upgrade(int(rows[0][0]))
             rows = [(str(SCHEMA_VERSION),)]
-        if rows and rows[0][0] != str(SCHEMA_VERSION):
+        readable = readonly and rows and int(rows[0][0]) in _UPGRADES  # an older bundle's snapshot, only read
+        if rows and rows[0][0] != str(SCHEMA_VERSION) and not readable:
             self._conn.close()
             raise StoreError(
                 f"{self.path}: feature store schema {rows[0][0]}, this corella reads {SCHEMA_VERSION}; "
                 "re-export the bundle; a live store of an older corella can be set aside with `corella store reset`"
             )
+        #: the items' columns as `Interaction`-like reads want them (an older snapshot read as it is: no texts)
+        self._item_columns = _ITEM_COLUMNS if not readable else _ITEM_COLUMNS.replace(", text", ", NULL")
         #: ratings at or above it are likes in the running totals (set by `create`)
         self.like_threshold = float(like[0][0]) if like else math.inf
         if not readonly:
@@ -260,7 +263,7 @@ class FeatureStore:
 
     def _fetch_items(self, chunk: list[str]) -> dict[str, ItemText]:
         marks = ",".join("?" * len(chunk))
-        rows = self._conn.execute(f"SELECT {_ITEM_COLUMNS} FROM items WHERE item_id IN ({marks})", chunk)
+        rows = self._conn.execute(f"SELECT {self._item_columns} FROM items WHERE item_id IN ({marks})", chunk)
         return {item_id: ItemText(title, year, tuple(json.loads(tags)), mean, count, liked, text)
                 for item_id, title, year, tags, mean, count, liked, text in rows}  # fmt: skip
 
@@ -299,6 +302,8 @@ class FeatureStore:
 
     def posted_items(self) -> list[tuple[str, ItemText]]:
         """The items added or changed while serving (not by the export), oldest first."""
+        if self._item_columns != _ITEM_COLUMNS:
+            return []  # an older snapshot: nothing was posted to it
         rows = self._query(f"SELECT {_ITEM_COLUMNS} FROM items WHERE posted IS NOT NULL ORDER BY posted, item_id")
         return [(item_id, ItemText(title, year, tuple(json.loads(tags)), mean, count, liked, text))
                 for item_id, title, year, tags, mean, count, liked, text in rows]  # fmt: skip

@@ -74,3 +74,15 @@ def test_item_statistics_come_from_the_training_split(samples):
     liked_in_history = sum(h.rating >= samples.raw.like_threshold for h in history)
     assert prefix.endswith(f"The user liked {liked_in_history} of these {len(history)} movies.\n"
                            "Will the user like the target movie?\nTarget movie:")  # fmt: skip
+
+
+def test_histories_windowed_a_run_of_users_at_a_time_equal_the_whole_tables(ml100k_dir, monkeypatch):
+    """Windowing bounded runs of whole users (what keeps 25M rows' temporaries small) changes nothing."""
+    import training.data.samples as samples_module
+
+    raw = load_dataset("movielens-100k", ml100k_dir)
+    whole = build_samples(raw, history_length=10).history
+    monkeypatch.setattr(samples_module, "HISTORY_CHUNK", 997)
+    chunked = build_samples(raw, history_length=10).history
+    assert whole.dtype == np.int32 and (whole >= 0).sum() > 900_000
+    np.testing.assert_array_equal(whole, chunked)

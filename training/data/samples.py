@@ -16,13 +16,15 @@ __all__ = ["SPLITS", "SampleTable", "build_samples"]
 SPLITS = ("train", "valid", "test")
 #: words of an item's text the target's suffix says, where the catalog has texts
 TEXT_WORDS = 16
+#: rows whose histories are windowed at once (whole users): bounds the temporaries at ~10 of [chunk, K]
+HISTORY_CHUNK = 1 << 20
 
 
 @dataclass
 class SampleTable:
     """Every interaction as a sample, in global temporal order.
 
-    history: int64 [N, K], positions (into this table) of the user's last K interactions with a
+    history: int32 [N, K] (int64 past 2^31 rows), positions (into this table) of the user's last K interactions with a
     strictly earlier timestamp, oldest first, -1 for padding.
     item_totals: float64 [N, 3], the item's running totals (count, rating sum, likes) over every
     interaction with a strictly earlier timestamp, any split (the store keeps them per interaction).
@@ -175,11 +177,7 @@ def build_samples(
     split[train_end:valid_end] = 1
     split[valid_end:] = 2
 
-    # histories: group by user in time order; positions refer to the global order
-    by_user = np.lexsort((np.arange(n), timestamp, user_code))
-    windows = history_windows(user_code[by_user], timestamp[by_user], history_length)
-    history = np.full((n, history_length), -1, dtype=np.int64)
-    history[by_user] = np.where(windows >= 0, by_user[np.maximum(windows, 0)], -1)
+    history = _histories(user_code, timestamp, history_length)
     train = split == 0
     item_stats = _item_stats(item_code[train], item_keys, rating[train], raw.like_threshold)
     return SampleTable(
@@ -211,6 +209,23 @@ def _item_stats(codes: np.ndarray, keys: np.ndarray, ratings: np.ndarray, like_t
         for k, total, n, liked in zip(keys, sums, counts, likes, strict=True)
         if n
     }
+
+
+def _histories(user_code: np.ndarray, timestamp: np.ndarray, length: int) -> np.ndarray:
+    """Every row's history (positions in the global order, -1 for none): rows grouped by user in
+    time order, windowed a run of whole users at a time (~`HISTORY_CHUNK` rows), so that the
+    temporaries stay small whatever the table's size; int32 positions where they fit."""
+    n = len(user_code)
+    by_user = np.lexsort((np.arange(n), timestamp, user_code))
+    users, moments = user_code[by_user], timestamp[by_user]
+    history = np.full((n, length), -1, dtype=np.int32 if n < 2**31 else np.int64)
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]]) if n else np.zeros(0, dtype=np.int64)
+    first = np.searchsorted(starts, np.arange(0, n, HISTORY_CHUNK))  # the first user to start past each mark
+    cuts = np.unique(starts[first[first < len(starts)]])
+    for a, b in zip(cuts, [*cuts[1:], n], strict=True):
+        windows = history_windows(users[a:b], moments[a:b], length)
+        history[by_user[a:b]] = np.where(windows >= 0, by_user[a + np.maximum(windows, 0)], -1)
+    return history
 
 
 def _sorted_codes(ids: pd.Series) -> tuple[np.ndarray, np.ndarray]:

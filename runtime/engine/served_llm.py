@@ -202,18 +202,6 @@ class ServedLLM:
         self._close_llm()
 
     @property
-    def llm_status(self) -> str:
-        """One of "serving", "disabled" (no LLM asked for, or none in the bundle), "unavailable" (failed to load)."""
-        if self.scheduler is not None:
-            return "serving" if self.scheduler.alive else "unavailable"
-        return "unavailable" if self.llm_load_error else "disabled"
-
-    @property
-    def llm_failure(self) -> str | None:
-        """Why the LLM does not serve: it failed to load, or its process died."""
-        return self.llm_load_error or (self.scheduler.failure if self.scheduler is not None else None)
-
-    @property
     def status(self) -> str:
         """One of "serving", "disabled" (no LLM asked for, or none in the bundle), "unavailable" (failed to load)."""
         if self.scheduler is not None:

@@ -3,6 +3,7 @@ fetched into the cache) and the ones imported with `corella data import`; one pa
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from importlib import resources
@@ -90,9 +91,8 @@ def resolve_spec(spec: str | Path, name: str | None = None) -> DatasetSpec:
     if path.suffix == ".toml" or path.exists():
         return DatasetSpec.load(path, name=name)
     if str(spec) in DATASETS:
-        spec_ = builtin_spec(str(spec), _cached(str(spec)))
-        return spec_ if name is None else DatasetSpec(name, spec_.path, spec_.interactions, spec_.items,
-                                                      spec_.users, spec_.words, spec_.description)  # fmt: skip
+        builtin = builtin_spec(str(spec), _cached(str(spec)))
+        return builtin if name is None else dataclasses.replace(builtin, name=name)
     raise DataError(f"{spec}: no such spec file (and not a built-in data set: {', '.join(DATASETS)})")
 
 

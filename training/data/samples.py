@@ -139,7 +139,6 @@ class SampleTable:
     def prompt_template(self, max_prompt_tokens: int = 320, item_stats: bool = True,
                         version: int = PROMPT_VERSION) -> PromptTemplate:  # fmt: skip
         words = self.raw.words
-        assert words is not None
         has_text = version >= 5 and bool(self.raw.items["text"].notna().any())
         return PromptTemplate(
             item_noun=words.noun,

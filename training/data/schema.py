@@ -13,7 +13,7 @@ from runtime.features import USER_ATTRIBUTES
 from runtime.prompt import ItemText
 from training.data.spec import Words
 
-__all__ = ["RawDataset", "LineErrors"]
+__all__ = ["RawDataset", "LineErrors", "clean_text"]
 
 
 @dataclass
@@ -47,15 +47,16 @@ class RawDataset:
     items: pd.DataFrame
     rating_max: float
     like_threshold: float
-    item_noun: str = "movie"
-    words: Words | None = None  # the prompt's words (default: the noun, "liked")
+    words: Words = field(default_factory=lambda: Words(noun="movie"))  # what the prompt calls things
     implicit: bool = False
     errors: LineErrors = field(default_factory=LineErrors)
 
     def __post_init__(self) -> None:
         self.items = normalize_catalog(self.items)
-        if self.words is None:
-            self.words = Words(noun=self.item_noun)
+
+    @property
+    def item_noun(self) -> str:
+        return self.words.noun
 
     def unlisted_items(self) -> int:
         """Interactions whose item the catalog does not list (kept: they are served as "item <id>")."""
@@ -76,7 +77,7 @@ class RawDataset:
         return ItemText(title=row["title"], year=row["year"], tags=row["tags"], text=row["text"])
 
 
-def _text(value: Any) -> str | None:
+def clean_text(value: Any) -> str | None:
     """A catalog value as stripped text; None for a missing one (None, NaN, empty)."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
@@ -96,10 +97,10 @@ def normalize_catalog(items: pd.DataFrame) -> pd.DataFrame:
         if column not in items.columns:
             items[column] = [default] * len(items)
     columns = {
-        "title": [_text(t) or f"item {i}" for i, t in zip(items.index, items["title"], strict=True)],
-        "year": [_text(y) for y in items["year"]],
-        "text": [_text(t) for t in items["text"]],
-        "tags": [tuple(t for t in (_text(x) for x in tags) if t) if isinstance(tags, list | tuple) else ()
+        "title": [clean_text(t) or f"item {i}" for i, t in zip(items.index, items["title"], strict=True)],
+        "year": [clean_text(y) for y in items["year"]],
+        "text": [clean_text(t) for t in items["text"]],
+        "tags": [tuple(t for t in (clean_text(x) for x in tags) if t) if isinstance(tags, list | tuple) else ()
                  for tags in items["tags"]],
     }  # fmt: skip
     for name, values in columns.items():  # object columns: a missing year stays None, never NaN

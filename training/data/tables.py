@@ -13,10 +13,10 @@ source file to the Parquet file batch by batch, so an import's memory does not g
 from __future__ import annotations
 
 import codecs
+import csv
 import gzip
 import io
 import json
-import math
 import os
 import re
 import shutil
@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 from runtime.catalog import attribute_tags
 from runtime.errors import DataError
 from runtime.features import normalize_user_attributes
-from training.data.schema import LineErrors, RawDataset
+from training.data.schema import LineErrors, RawDataset, clean_text
 from training.data.spec import DatasetSpec, InteractionsSpec, ItemsSpec, Source, UsersSpec, Words
 
 __all__ = ["read_batches", "load_spec", "import_dataset", "load_imported", "is_imported", "kcore_filter",
@@ -100,8 +100,6 @@ def _first_line(source: Source) -> str:
 
 def _split(line: str, delimiter: str, quote: bool) -> list[str]:
     if quote and len(delimiter) == 1:
-        import csv
-
         return next(csv.reader([line], delimiter=delimiter), [])
     return line.split(delimiter)
 
@@ -375,20 +373,11 @@ def _whole(source: Source, columns: list[str], errors: LineErrors, skip: bool) -
     return out
 
 
-def _text(value: Any) -> str | None:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    text = str(value).strip()
-    return text or None
-
-
 def _load_items(spec: ItemsSpec, errors: LineErrors, skip: bool) -> pd.DataFrame:
     columns = [c for c in (spec.id, spec.title, spec.year, spec.tags) if c]
     columns += [*spec.text, *spec.tag_flags, *spec.attributes, *spec.numbers]
     data = _whole(spec.source, columns, errors, skip)
-    ids = [_text(v) for v in data[spec.id]]
+    ids = [clean_text(v) for v in data[spec.id]]
     check = _Checker(spec.source.path, errors, skip)
     keep = check.bad(1, spec.id, np.array([i is None for i in ids], dtype=bool), "empty item id", ids)
     counts = pd.Series(ids).value_counts()
@@ -404,28 +393,28 @@ def _load_items(spec: ItemsSpec, errors: LineErrors, skip: bool) -> pd.DataFrame
     for row, item in enumerate(ids):
         if not keep[row]:
             continue
-        title = _text(data[spec.title][row]) if spec.title else None
-        year = _text(data[spec.year][row]) if spec.year else None
+        title = clean_text(data[spec.title][row]) if spec.title else None
+        year = clean_text(data[spec.year][row]) if spec.year else None
         if spec.year_from_title and title and (match := _YEAR_IN_TITLE.match(title)):
             title, year = match.group("title"), year or match.group("year")
         tags: list[str] = []
         if spec.tags:
             value = data[spec.tags][row]
             parts = value if isinstance(value, list) else (str(value).split(spec.tag_separator) if value else [])
-            tags += [t for t in (_text(p) for p in parts) if t]
-        tags += [flag for flag in spec.tag_flags if _text(data[flag][row]) not in (None, "0", "false", "False")]
+            tags += [t for t in (clean_text(p) for p in parts) if t]
+        tags += [flag for flag in spec.tag_flags if clean_text(data[flag][row]) not in (None, "0", "false", "False")]
         tags = [t for t in dict.fromkeys(tags) if t not in skip_tags]
         numbers = {}
         for name in spec.numbers:
-            value = _text(data[name][row])
+            value = clean_text(data[name][row])
             try:
                 numbers[name] = float(value) if value is not None else None
             except ValueError:
                 raise DataError(
                     f"{spec.source.path}: row {row + 1}, column {name!r}: not a number ({value!r})"
                 ) from None
-        tags += attribute_tags({a: _text(data[a][row]) for a in spec.attributes}, numbers)
-        text = " ".join(t for t in (_text(data[c][row]) for c in spec.text) if t) or None
+        tags += attribute_tags({a: clean_text(data[a][row]) for a in spec.attributes}, numbers)
+        text = " ".join(t for t in (clean_text(data[c][row]) for c in spec.text) if t) or None
         records.append((item, title, year, tuple(tags), text))
     frame = pd.DataFrame(records, columns=["item", "title", "year", "tags", "text"])
     frame = frame.drop_duplicates("item", keep="last" if spec.duplicates == "last" else "first")
@@ -436,10 +425,10 @@ def _load_users(spec: UsersSpec, errors: LineErrors, skip: bool) -> pd.DataFrame
     data = _whole(spec.source, [spec.id, *spec.attributes.values()], errors, skip)
     records = []
     for row, user in enumerate(data[spec.id]):
-        user = _text(user)
+        user = clean_text(user)
         if user is None:
             continue
-        raw = {name: _text(data[column][row]) for name, column in spec.attributes.items()}
+        raw = {name: clean_text(data[column][row]) for name, column in spec.attributes.items()}
         records.append({"user": user, **normalize_user_attributes(raw)})
     if not records:
         return pd.DataFrame(index=pd.Index([], name="user"))
@@ -449,20 +438,17 @@ def _load_users(spec: UsersSpec, errors: LineErrors, skip: bool) -> pd.DataFrame
 # ---------------------------------------------------------------------------- data sets
 def _dataset(spec: DatasetSpec, interactions: pd.DataFrame, users: pd.DataFrame, items: pd.DataFrame,
              errors: LineErrors) -> RawDataset:  # fmt: skip
-    if spec.interactions.kcore > 1:
-        interactions = kcore_filter(interactions, spec.interactions.kcore)
-    return RawDataset(
-        name=spec.name,
-        interactions=interactions,
-        users=users,
-        items=items,
-        rating_max=spec.rating_max,
-        like_threshold=spec.like_threshold,
-        item_noun=spec.words.noun,
-        words=spec.words,
-        implicit=spec.interactions.implicit,
-        errors=errors,
-    )
+    inter = spec.interactions
+    return _raw(spec.name, interactions, users, items, errors, spec.rating_max, spec.like_threshold, spec.words,
+                inter.implicit, inter.kcore)  # fmt: skip
+
+
+def _raw(name: str, interactions: pd.DataFrame, users: pd.DataFrame, items: pd.DataFrame, errors: LineErrors,
+         rating_max: float, like_threshold: float, words: Words, implicit: bool, kcore: int) -> RawDataset:  # fmt: skip
+    if kcore > 1:
+        interactions = kcore_filter(interactions, kcore)
+    return RawDataset(name=name, interactions=interactions, users=users, items=items, rating_max=rating_max,
+                      like_threshold=like_threshold, words=words, implicit=implicit, errors=errors)  # fmt: skip
 
 
 def _empty_users() -> pd.DataFrame:
@@ -565,14 +551,9 @@ def load_imported(folder: Path, name: str | None = None) -> RawDataset:
         raise DataError(f"{folder}: a damaged import ({exc}); import it again (`corella data import SPEC`)") from None
     # user and item stay categorical (each id's text once: 25M rows of object ids would take GBs)
     items["tags"] = [tuple(t) if t is not None else () for t in items["tags"]]
-    words = Words(**meta["words"])
-    spec_like = DatasetSpec(name or meta["name"], None, InteractionsSpec(
-        Source(folder / "interactions.parquet", "parquet"), "user", "item", "timestamp",
-        label="rating" if meta["implicit"] else None, rating=None if meta["implicit"] else "rating",
-        like_threshold=meta["like_threshold"], rating_range=(0.0, meta["rating_max"]), kcore=meta["kcore"]),
-        words=words, description=meta.get("description", ""))  # fmt: skip
     errors = LineErrors(dict(meta.get("skipped_rows", {})))
-    return _dataset(spec_like, interactions, users, items, errors)
+    return _raw(name or meta["name"], interactions, users, items, errors, meta["rating_max"], meta["like_threshold"],
+                Words(**meta["words"]), meta["implicit"], meta["kcore"])  # fmt: skip
 
 
 def kcore_filter(interactions: pd.DataFrame, k: int) -> pd.DataFrame:

@@ -116,11 +116,16 @@ def server_command(binary: Path, gguf: Path, port: int, threads: int, slots: int
     return command + (["--swa-full"] if swa_full else [])
 
 
-def completion_body(tokens: Sequence[int], slot: int | None, probabilities: int = 20) -> dict[str, Any]:
+def completion_body(tokens: Sequence[int], slot: int | None, answer: int, probabilities: int = 20) -> dict[str, Any]:
     """One candidate as llama-server's /completion takes it: the prompt as token ids (exactly the
-    tokens corella decodes), one token generated, the top `probabilities` of its distribution."""
+    tokens corella decodes), one token generated, the top `probabilities` of its distribution.
+
+    The generated token is forced to `answer` (the bundle's yes token): llama-server withholds the
+    probabilities of a token that ends in half a UTF-8 character (a byte token, say), and its
+    sampler draws at random unless told otherwise. The probabilities it reports are the model's
+    own (post_sampling_probs off), before the bias."""
     body: dict[str, Any] = {"prompt": list(tokens), "n_predict": 1, "n_probs": probabilities, "cache_prompt": True,
-                            "temperature": 0.0, "samplers": ["top_k"], "top_k": probabilities,
+                            "samplers": ["top_k"], "top_k": 1, "logit_bias": [[int(answer), 100.0]],
                             "post_sampling_probs": False}  # fmt: skip
     if slot is not None:
         body["id_slot"] = slot
@@ -157,6 +162,7 @@ class PeerWork:
     ids: list[list[int]]  # the peers: one prompt a candidate, users one after another
     texts: list[str]
     groups: list[list[int]]  # a user's prompts, sent by one client in order
+    answer: int  # the yes token, the one a peer is made to generate
 
     @property
     def candidates(self) -> int:
@@ -180,7 +186,7 @@ def peer_work(engine: Any, bundle: Any, users: Sequence[str], candidates: int, s
         groups.append(list(range(len(ids), len(ids) + len(suffixes))))
         ids += [head + engine.llm.tokenize(suffix) for suffix in suffixes]
         texts += [prefix + suffix for suffix in suffixes]
-    return PeerWork(bodies, ids, texts, groups)
+    return PeerWork(bodies, ids, texts, groups, int(bundle.llm["yes_token_id"]))
 
 
 def _rate(name: str, answers: list[tuple[int, float, Any]], wall: float, **extra: Any) -> dict[str, Any]:
@@ -217,8 +223,8 @@ def _llama_server_rate(binary: Path, bundle: Any, work: PeerWork, warm_ids: list
     slots = config.peer_concurrency
     command = server_command(binary, bundle.llm_file, port, threads, slots)
     with server_process(command, f"{base}/health", out / "peer-llama-server.log"):
-        send_all(base, "/completion", [completion_body(warm_ids, 0)], 1)
-        bodies = [completion_body(ids, None) for ids in work.ids]
+        send_all(base, "/completion", [completion_body(warm_ids, 0, work.answer)], 1)
+        bodies = [completion_body(ids, None, work.answer) for ids in work.ids]
         answers, wall = send_all(base, "/completion", bodies, config.peer_concurrency, sequences=work.groups,
                                  client_field="id_slot")  # fmt: skip
     tokens = sum(int((a or {}).get("timings", {}).get("prompt_n", 0)) for status, _, a in answers if status == 200)

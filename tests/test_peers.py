@@ -34,9 +34,9 @@ def test_yes_probability_is_read_from_the_top_probabilities():
     assert yes_probability_from({"completion_probabilities": [{"probs": older}]}) == pytest.approx(0.25)
     neither = [{"token": "x", "logprob": 0.0}]
     assert yes_probability_from({"completion_probabilities": [{"top_logprobs": neither}]}) is None
-    body = completion_body([1, 2, 3], 4, probabilities=7)
+    body = completion_body([1, 2, 3], 4, 9, probabilities=7)
     assert body["prompt"] == [1, 2, 3] and body["n_predict"] == 1 and body["id_slot"] == 4 and body["n_probs"] == 7
-    assert body["cache_prompt"] is True
+    assert body["cache_prompt"] is True and body["logit_bias"] == [[9, 100.0]] and body["top_k"] == 1
 
 
 @pytest.fixture(scope="module")
@@ -69,10 +69,18 @@ def test_llama_server_scores_token_ids_as_llama_cpp_does(server_binary, tmp_path
     with server_process(command, f"{base}/health", tmp_path / "llama-server.log"):
         for slot, (prompt, want) in enumerate(zip(prompts, expected, strict=True)):
             # every token's probability: both answers are among them whatever the random model prefers
-            answer = httpx.post(f"{base}/completion", json=completion_body(prompt, slot, probabilities=600),
+            answer = httpx.post(f"{base}/completion", json=completion_body(prompt, slot, yes, probabilities=600),
                                 timeout=60).json()  # fmt: skip
             assert answer["timings"]["prompt_n"] == len(prompt)  # the ids as given, nothing re-tokenized
             assert yes_probability_from(answer) == pytest.approx(want, abs=2e-3)
+            assert answer["content"] == " Yes"  # the forced answer: never half a character, whose probabilities
+            # llama-server would withhold (this random model's first choice is such a byte token)
+        for _ in range(5):  # the same answer each time: nothing drawn at random
+            answer = httpx.post(f"{base}/completion", json=completion_body(prompts[0], 0, yes, probabilities=600),
+                                timeout=60).json()  # fmt: skip
+            assert yes_probability_from(answer) == pytest.approx(expected[0], abs=2e-3)
         # the same prompt again on its slot: the prompt cache leaves one token to decode
-        again = httpx.post(f"{base}/completion", json=completion_body(prompts[1], 1, probabilities=600), timeout=60)
+        again = httpx.post(
+            f"{base}/completion", json=completion_body(prompts[1], 1, yes, probabilities=600), timeout=60
+        )
         assert again.json()["timings"]["prompt_n"] <= 1

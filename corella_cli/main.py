@@ -249,7 +249,10 @@ def train_corella_command(
     ] = None,
     llm_samples: Annotated[
         str | None,
-        typer.Option(help="which samples the LLM trains on: random, or uncertain (weighted toward high CRM entropy)"),
+        typer.Option(
+            help="which samples the LLM trains on: random, or uncertain (the training rows the stage-1 "
+            "CRM is least sure of, as the router picks at serving)"
+        ),
     ] = None,
     whole_prompts: Annotated[
         bool,

@@ -156,8 +156,9 @@ def test_ablations_share_the_evaluation_subset(synthetic_dir, tiny_gguf, tmp_pat
     with pytest.raises(ConfigError, match="different test subsets"):
         compare_runs([tmp_path / "full", tmp_path / "other"])
     # the learning curve: one point per run, by how many samples its LLM saw
-    more = _config(synthetic_dir, tiny_gguf, stage2_samples=16, stage3_samples=8)
+    more = _config(synthetic_dir, tiny_gguf, stage2_samples=16, stage3_samples=8, llm_samples="uncertain")
     train_corella(tmp_path / "more", more, crm_run=tmp_path / "full", show_progress=False)
+    assert "uncertain training interactions" in (tmp_path / "more" / "report.md").read_text().replace("\n", " ")
     curve = ["train", "curve", str(tmp_path / "more"), str(tmp_path / "full"), "--out", str(tmp_path / "curve")]
     shown = CliRunner(env={"COLUMNS": "200"}).invoke(app, curve)
     assert shown.exit_code == 0, shown.output

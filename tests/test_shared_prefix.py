@@ -17,6 +17,7 @@ from training.groups import (
     pack_steps,
     snapshot_groups,
     take_samples,
+    uncertain_rows,
     user_groups,
 )
 from training.joint import AlignmentHeads, llm_forward
@@ -160,6 +161,20 @@ def test_training_groups_are_a_users_next_interactions_after_the_cut(samples):
     assert len(group_rows(taken)) + len(group_rows(rest)) == len(train)
     steps = pack_steps(taken, 8)
     assert all(sum(map(len, s)) >= 8 for s in steps[:-1]) and sum(len(g) for s in steps for g in s) == 25
+
+
+def test_uncertain_rows_are_the_most_uncertain_share_grouped_leak_free(samples):
+    train = samples.indices("train")
+    entropy = np.random.default_rng(3).random(len(samples))
+    kept = uncertain_rows(train, entropy, needed=10, share=0.2)
+    assert len(kept) == int(np.ceil(0.2 * len(train))) and set(kept) <= set(train)
+    assert entropy[kept].min() >= entropy[np.setdiff1d(train, kept)].max()  # the surest left out
+    assert len(uncertain_rows(train, entropy, needed=len(train) // 2, share=0.2)) == len(train) // 2  # widened
+    for group in user_groups(samples, kept, 4, np.random.default_rng(0)):
+        assert set(group.rows) <= set(kept) and len({samples.user[r] for r in group.rows}) == 1
+        times = samples.timestamp[list(group.rows)]
+        history = [h for h in samples.history[group.anchor] if h >= 0]
+        assert all(samples.timestamp[h] < times.min() for h in history)  # still no leak
 
 
 def test_snapshot_groups_share_a_history_only_within_size_interactions(samples):

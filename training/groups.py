@@ -26,7 +26,7 @@ __all__ = [
     "take_samples",
     "pack_steps",
     "group_rows",
-    "uncertain_first",
+    "uncertain_rows",
 ]
 
 
@@ -162,9 +162,12 @@ class GroupPrompts:
         return prefix + suffix
 
 
-def uncertain_first(groups: Sequence[PrefixGroup], entropy: np.ndarray, rng: np.random.Generator) -> list[PrefixGroup]:
-    """`groups` in a seeded order drawn without replacement with probability proportional to the mean
-    CRM entropy of their rows (the samples the router will send the LLM come first, mostly)."""
-    weights = np.array([float(entropy[list(g.rows)].mean()) for g in groups]) + 1e-9
-    keys = np.log(rng.random(len(groups))) / weights  # Efraimidis-Spirakis: the largest keys first
-    return [groups[i] for i in np.argsort(-keys, kind="stable")]
+def uncertain_rows(rows: np.ndarray, entropy: np.ndarray, needed: int, share: float) -> np.ndarray:
+    """The `rows` the stage-1 CRM is least sure of: the most uncertain `share` of them (the router's
+    fraction, say), widened to `needed` rows where that holds fewer. Grouped as usual afterwards, a
+    run of a user's uncertain rows shares the history before its first one (leak-free still: every
+    candidate lies after the cut), so the LLM trains on the kind of sample the router sends it."""
+    rows = np.asarray(rows, dtype=np.int64)
+    keep = min(len(rows), max(int(np.ceil(share * len(rows))), int(needed)))
+    order = np.argsort(-entropy[rows], kind="stable")
+    return np.sort(rows[order[:keep]])

@@ -62,8 +62,9 @@ class JointConfig(BaseModel):
         None, description="LLM block paired with each cross layer (default: evenly spaced)"
     )
     llm_samples: Literal["random", "uncertain"] = Field(
-        "random", description="which training samples the LLM sees: random, or weighted toward high stage-1 CRM "
-        "entropy (the samples the router will send it)",
+        "random", description="which training samples the LLM sees: random, or the stage-1 CRM's most uncertain "
+        "training rows (the router's fraction of them, or twice the stages' samples where that is more: the kind "
+        "of sample the router will send it)",
     )  # fmt: skip
     skip_stage3: bool = Field(False, description="ablation: no LLM-only stage")
     llm_alone: bool = Field(False, description="ablation (TALLRec): train the LLM alone on the same samples, no CRM")

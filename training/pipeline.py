@@ -47,7 +47,7 @@ from training.groups import (
     pack_steps,
     snapshot_groups,
     take_samples,
-    uncertain_first,
+    uncertain_rows,
     user_groups,
 )
 from training.joint import (
@@ -380,13 +380,16 @@ def _llm_stages(out: Path, config: CoReLLaConfig, prepared: PreparedData, models
                 clock: _Clock, show_progress: bool) -> dict[str, Any]:  # fmt: skip
     """Stage 2 (joint, with alignment) and stage 3 (the LLM alone) on seeded training subsets: groups
     of a user's next `group_size` training interactions after a cut (training.groups), drawn at
-    random or, with llm_samples "uncertain", weighted toward what the stage-1 CRM is unsure of."""
+    from all training rows at random or, with llm_samples "uncertain", from the rows the stage-1 CRM is
+    least sure of (training.groups.uncertain_rows)."""
     joint = config.joint
     rng = np.random.default_rng(joint.seed)
-    groups = user_groups(prepared.samples, prepared.rows("train"), joint.group_size, rng)
+    rows = prepared.rows("train")
     if joint.llm_samples == "uncertain":
-        groups = uncertain_first(groups, binary_entropy(predict(models.crm_stage1, prepared.take(np.arange(
-            len(prepared.samples)))).astype(np.float64)), rng)  # fmt: skip
+        entropy = np.zeros(len(prepared.samples))
+        entropy[rows] = binary_entropy(predict(models.crm_stage1, prepared.take(rows)).astype(np.float64))
+        rows = uncertain_rows(rows, entropy, 2 * (joint.stage2_samples + joint.stage3_samples), config.router_fraction)
+    groups = user_groups(prepared.samples, rows, joint.group_size, rng)
     stage2_groups, rest = take_samples(groups, joint.stage2_samples)
     stage3_groups, _ = take_samples(rest, joint.stage3_samples)
     stage2_steps = pack_steps(epoch_order(stage2_groups, joint.stage2_epochs, rng), joint.batch_size)
@@ -573,8 +576,12 @@ def llm_training_summary(config: CoReLLaConfig) -> dict[str, Any]:
     return {
         "group_size": joint.group_size, "shared_prefix": joint.shared_prefix, "llm_samples": joint.llm_samples,
         "batch_size": joint.batch_size,
-        "training_rule": f"groups of a user's next {joint.group_size} training interactions after a cut share the "
-        "history before the cut (leak-free: every candidate lies after it); the CRM keeps each sample's own features",
+        "training_rule": f"groups of a user's next {joint.group_size} "
+        + ("training interactions" if joint.llm_samples == "random" else
+           f"uncertain training interactions (the stage-1 CRM's most uncertain {config.router_fraction:.0%} of "
+           "the training rows, or more where the stages need more)")
+        + " after a cut share the history before the cut (leak-free: every candidate lies after it); the CRM keeps "
+        "each sample's own features",
         "evaluation_rule": "every test sample with its own exact history, for the LLM as for the CRM (samples whose "
         "histories coincide share one prefix pass)",
         "calibration_rule": f"routed validation samples under the snapshot rule: a user's routed samples within "

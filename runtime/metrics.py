@@ -35,6 +35,8 @@ class ServingMetrics(SchedulerObserver):
         self.llm_errors = Counter("corella_llm_errors_total", "Requests whose LLM part failed", registry=registry)
         self.latency = Histogram("corella_latency_seconds", "Time per request in each path", ["path"],
                                  registry=registry, buckets=_SECONDS)  # fmt: skip
+        self.reloads = Counter("corella_reloads_total", "Bundle reloads (SIGHUP, /v1/admin/reload), by outcome: "
+                               "switched, unchanged, failed", ["outcome"], registry=registry)  # fmt: skip
         self.events = Counter("corella_events_total", "Interactions appended", registry=registry)
         self.items_posted = Counter("corella_items_posted_total", "Catalog items added or updated while serving",
                                     ["change"], registry=registry)  # fmt: skip

@@ -103,6 +103,11 @@ class ServerSettings(EngineSettings, BaseSettings):
         None, description="when set, POST /v1/events needs this key instead (a write key apart from the read key)"
     )
     events_api_key_file: Path | None = Field(None, description="file holding the events (write) key")
+    admin_api_key: SecretStr | None = Field(
+        None, description="when set, POST /v1/admin/reload takes a new bundle with 'Authorization: Bearer KEY' "
+        "(without it, only SIGHUP reloads)",
+    )  # fmt: skip
+    admin_api_key_file: Path | None = Field(None, description="file holding the admin key")
     max_body_bytes: int = Field(2_000_000, ge=1024, description="request body limit; more is a 413")
     limit_concurrency: int = Field(2048, ge=1, description="open connections uvicorn serves before answering 503")
     cpu_workers: int = Field(2, ge=1, le=64, description="threads that encode and score requests with the CRM")
@@ -116,7 +121,7 @@ class ServerSettings(EngineSettings, BaseSettings):
 
     @model_validator(mode="after")
     def _read_key_files(self) -> ServerSettings:
-        for name in ("api_key", "events_api_key"):
+        for name in ("api_key", "events_api_key", "admin_api_key"):
             path = getattr(self, f"{name}_file")
             if path is None:
                 continue

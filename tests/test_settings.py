@@ -27,7 +27,7 @@ def test_every_setting_is_a_serve_option_and_a_variable(monkeypatch: pytest.Monk
     # the engine's settings are the server's (declared once, inherited)
     assert set(EngineSettings.model_fields) < set(ServerSettings.model_fields)
     for name, field in ServerSettings.model_fields.items():
-        if name in {"bundle", "api_key_file", "events_api_key_file", "providers"}:
+        if name in {"bundle", "api_key_file", "events_api_key_file", "admin_api_key_file", "providers"}:
             continue
         kind = get_args(_option_type(field.annotation))[0]  # the option's type, None aside
         sample = _sample(kind, field, tmp_path)

@@ -192,6 +192,10 @@ class FeatureStore:
         with self._lock:
             self._conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
+    def delete_meta(self, key: str) -> None:
+        with self._lock:
+            self._conn.execute("DELETE FROM meta WHERE key = ?", (key,))
+
     def close(self) -> None:
         with self._write_lock:
             if self._writer is not None:
@@ -275,7 +279,7 @@ class FeatureStore:
         latest = dict(entries)  # a batch naming an item twice: its last entry
         conn, posted = self._writer, time.time_ns() // 1_000_000
         with self._write_lock:
-            conn.execute("BEGIN")
+            conn.execute("BEGIN IMMEDIATE")  # as `append`: the write lock first, waited for
             try:
                 known: set[str] = set()
                 ids = list(latest)
@@ -366,7 +370,10 @@ class FeatureStore:
             if max_interactions is not None and total + len(events) > max_interactions:
                 raise StoreFull(f"the live store holds {total:,} interactions; {len(events):,} more would pass "
                                 f"its bound of {max_interactions:,} (--max-store-interactions)")  # fmt: skip
-            conn.execute("BEGIN")
+            # IMMEDIATE: the write lock from the start, waited for (busy timeout) where another
+            # connection writes (a reload's migration marks this store); a deferred transaction
+            # that read first would fail at once when it tried to write
+            conn.execute("BEGIN IMMEDIATE")
             try:
                 (last,) = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM interactions").fetchone()
                 # each event sees its item's totals before this batch (a batch is one moment)

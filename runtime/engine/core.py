@@ -302,6 +302,7 @@ class Engine:
             self._take_llm(pending, answers)
             llm_done = time.perf_counter()
         answer = answers.compose(pending, llm_done)
+        answer["bundle_id"] = self.bundle.id  # which bundle made it (a reload switches bundles while serving)
         self.metrics.observe(answer)
         return answer
 

@@ -1,4 +1,5 @@
-"""The HTTP app (FastAPI + uvicorn): POST /v1/predict, POST /v1/events, GET /v1/model, /healthz, /readyz, /metrics.
+"""The HTTP app (FastAPI + uvicorn): POST /v1/predict, POST /v1/events, POST /v1/items, GET /v1/model,
+POST /v1/admin/reload, /healthz, /readyz, /metrics.
 
 `create_app(settings)` builds an app; the bundle and models load in the lifespan and live on
 `app.state`. Nothing happens at import time. A user's mistake is a 4xx with a JSON error envelope,
@@ -8,17 +9,21 @@ Predictions never hold a thread while the LLM works: the handler runs the CRM ha
 on a few CPU workers, then awaits the LLM scheduler's answer on the event loop. Health, readiness
 and metrics are plain coroutines, so they answer however many predictions are waiting. The CPU
 workers run at a lower CPU priority than llama.cpp's threads (`http_nice`), so that a flood of
-cheap requests cannot take the cores the LLM decodes on.
+cheap requests cannot take the cores the LLM decodes on. A new bundle is taken without downtime
+(SIGHUP or /v1/admin/reload: runtime.serving.reload); each answer names the bundle that made it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import hmac
 import logging
 import math
+import signal
 import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Annotated, Any
 
 import orjson
@@ -36,7 +41,15 @@ from runtime.engine import Engine
 from runtime.errors import ConfigError, CorellaError, OverloadedError, RequestTooLarge, StoreFull
 from runtime.llm import LLMError
 from runtime.metrics import ServingMetrics
-from runtime.serving.schemas import EventsBody, ItemsBody, PredictBody, to_catalog_entries, to_engine_request
+from runtime.serving.reload import EngineSlot, ReloadBusy, Reloader, ReloadFailed
+from runtime.serving.schemas import (
+    EventsBody,
+    ItemsBody,
+    PredictBody,
+    ReloadBody,
+    to_catalog_entries,
+    to_engine_request,
+)
 from runtime.serving.workers import CpuWorkers, LoadReporter
 from runtime.settings import ServerSettings
 
@@ -80,15 +93,19 @@ def _documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI entries for the error answers a route gives (all in the envelope)."""
     described = {400: "the body is not JSON (or not UTF-8)", 401: "missing or wrong API key", 413: "request too large",
                  422: "request does not match the schema", 429: "overloaded: retry after Retry-After seconds",
-                 503: "models still loading", 507: "the live store is at its bound"}  # fmt: skip
+                 503: "models still loading", 507: "the live store is at its bound",
+                 403: "no admin key is set", 409: "a reload is under way",
+                 }  # fmt: skip
     return {status: {"model": ErrorBody, "description": described[status]} for status in statuses}
 
 
-_HTTP_KINDS = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+_HTTP_KINDS = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
                413: "payload_too_large", 503: "not_ready"}  # fmt: skip
 #: corella's error types and the answer each gets; the first match in this order wins
 _ERROR_ANSWERS: tuple[tuple[type[CorellaError], int, str], ...] = (
     (RequestTooLarge, 413, "payload_too_large"),
+    (ReloadBusy, 409, "reload_in_progress"),
+    (ReloadFailed, 422, "reload_failed"),
     (StoreFull, 507, "store_full"),
     (OverloadedError, 429, "overloaded"),
     (ConfigError, 400, "bad_request"),
@@ -222,48 +239,68 @@ def _api_router(settings: ServerSettings) -> APIRouter:
         """Score one user's candidates; each answer carries its score, route and CRM entropy. Routed
         candidates the LLM cannot answer in time are answered by the CRM (`crm_fallback` with a
         `fallback_reason`); a mode "llm" request the LLM cannot take at all is a 429 with Retry-After."""
-        engine = _engine(request)
-        arrived = request.scope["state"]["arrived"]
-        engine_request = to_engine_request(body)
-        cpu: CpuWorkers = request.app.state.cpu
-        deadline = engine.deadline(engine_request, arrived)
-        # a 429 at once, before any CPU work, when the CRM or the LLM cannot answer in time; a mode
-        # llm request goes first, so that the LLM's state it was admitted on is still the state
-        urgent = engine_request.mode == "llm"
-        cpu.refuse_if_late(deadline, urgent)
-        # the mode llm requests ahead in the queue will take the LLM's room first
-        engine.refuse_if_saturated(engine_request, arrived, cpu.expected_wait(urgent), ahead=cpu.urgent_candidates)
-        weight = len(engine_request.candidates) if urgent else 0
-        pending = await cpu.run(engine.begin, engine_request, arrived, deadline=deadline, urgent=urgent,
-                                weight=weight)  # fmt: skip
-        await pending.wait_async()
-        # serialized as it is, by orjson: FastAPI's generic encoder would walk every prediction once
-        # more, and the standard library's takes ~10x longer on the event loop (0.3 ms a 100-row answer)
-        return Response(orjson.dumps(engine.finish(pending)), media_type="application/json")
+        _engine(request)
+        with request.app.state.slot.using() as engine:  # a reload closes this engine only after the answer
+            arrived = request.scope["state"]["arrived"]
+            engine_request = to_engine_request(body)
+            cpu: CpuWorkers = request.app.state.cpu
+            deadline = engine.deadline(engine_request, arrived)
+            # a 429 at once, before any CPU work, when the CRM or the LLM cannot answer in time; a mode
+            # llm request goes first, so that the LLM's state it was admitted on is still the state
+            urgent = engine_request.mode == "llm"
+            cpu.refuse_if_late(deadline, urgent)
+            # the mode llm requests ahead in the queue will take the LLM's room first
+            engine.refuse_if_saturated(engine_request, arrived, cpu.expected_wait(urgent),
+                                       ahead=cpu.urgent_candidates)  # fmt: skip
+            weight = len(engine_request.candidates) if urgent else 0
+            pending = await cpu.run(engine.begin, engine_request, arrived, deadline=deadline, urgent=urgent,
+                                    weight=weight)  # fmt: skip
+            await pending.wait_async()
+            # serialized as it is, by orjson: FastAPI's generic encoder would walk every prediction once
+            # more, and the standard library's takes ~10x longer on the event loop (0.3 ms a 100-row answer)
+            return Response(orjson.dumps(engine.finish(pending)), media_type="application/json")
 
     @router.post("/events", dependencies=write, responses=_documented(400, 401, 413, 422, 503, 507))
     async def events(body: EventsBody, request: Request) -> dict[str, Any]:
         """Append interactions; the next prediction for those users reads them."""
-        engine = _engine(request)
+        _engine(request)
         now = int(time.time())
         events = [Interaction(e.user_id, e.item_id, e.rating, e.timestamp if e.timestamp is not None else now,
                               event_id=e.event_id) for e in body.events]  # fmt: skip
-        appended = await request.app.state.cpu.run(engine.append_events, events)
+        async with request.app.state.slot.writing() as engine:
+            appended = await request.app.state.cpu.run(engine.append_events, events)
         return {"appended": appended, "duplicates": len(events) - appended}
 
     @router.post("/items", dependencies=write, responses=_documented(400, 401, 413, 422, 503))
     async def items(body: ItemsBody, request: Request) -> dict[str, Any]:
         """Add items to the catalog, or update them: predictable at once (the CRM reads their
         attributes, the LLM their title and text). Kept in the live store, like events."""
-        engine = _engine(request)
-        return await request.app.state.cpu.run(engine.add_items, to_catalog_entries(body))
+        _engine(request)
+        async with request.app.state.slot.writing() as engine:
+            return await request.app.state.cpu.run(engine.add_items, to_catalog_entries(body))
 
     @router.get("/model", dependencies=read, responses=_documented(401, 503))
     def model(request: Request) -> dict[str, Any]:
         """What is being served: versions, files, router, parity and export-time metrics."""
         return _model_summary(_engine(request), settings)
 
+    admin = _key_check(settings.admin_api_key) if settings.admin_api_key is not None else [Depends(_no_admin_key)]
+
+    @router.post("/admin/reload", dependencies=admin, responses=_documented(401, 403, 409, 422, 503))
+    async def reload(request: Request, body: ReloadBody | None = None) -> dict[str, Any]:
+        """Serve another bundle (`bundle`: its folder; default: the folder served now, read again)
+        without downtime: it loads and warms beside the one serving, the switch is atomic, and the
+        old one is freed once its requests are answered. A bundle that fails to load leaves the old
+        one serving (422). Needs the admin key."""
+        _engine(request)
+        return await request.app.state.reloader.reload(Path(body.bundle) if body and body.bundle else None)
+
     return router
+
+
+async def _no_admin_key() -> None:
+    raise HTTPException(403, "reloading over HTTP needs an admin key (--admin-api-key-file or "
+                             "CORELLA_ADMIN_API_KEY); SIGHUP reloads the served folder without one")  # fmt: skip
 
 
 def _scheduler_summary(scheduler: Any) -> dict[str, Any] | None:
@@ -284,6 +321,7 @@ def _model_summary(engine: Engine, settings: ServerSettings) -> dict[str, Any]:
     return {
         "corella_version": __version__,
         "bundle": str(engine.bundle.path),
+        "bundle_id": engine.bundle.id,
         "format_version": manifest["format_version"],
         "created_at": manifest.get("created_at"),
         "crm": {"file": manifest["crm"]["file"], "providers": engine.crm.providers, "warmup": engine.crm.warmup,
@@ -339,6 +377,24 @@ def _ops_router() -> APIRouter:
 
 
 # ---------------------------------------------------------------------------- the app
+def _on_hangup(reloader: Reloader) -> bool:
+    """SIGHUP reloads the bundle folder served last (where this loop owns the signals: the main thread)."""
+    loop = asyncio.get_running_loop()
+
+    async def reload() -> None:
+        try:
+            outcome = await reloader.reload()
+            log.info("SIGHUP: %s", outcome)
+        except CorellaError as exc:  # counted and logged by the reloader
+            log.error("SIGHUP: %s", exc)
+
+    try:
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload()))
+    except (ValueError, RuntimeError, NotImplementedError, AttributeError):  # not the main thread, or no SIGHUP
+        return False
+    return True
+
+
 def create_app(settings: ServerSettings, bundle: Bundle | None = None) -> FastAPI:
     """The app serving `settings.bundle`; `bundle`: that bundle already loaded and verified (by
     `corella serve`, which checks it before uvicorn starts), so its files are not hashed again."""
@@ -351,8 +407,10 @@ def create_app(settings: ServerSettings, bundle: Bundle | None = None) -> FastAP
         app.state.engine = engine = await run_in_threadpool(Engine, loaded, settings.engine_settings(), metrics)
         # the CPU workers yield the cores to llama.cpp's threads; the event loop, whose work is short
         # (health, answers, reading requests), keeps the default priority so that it stays prompt
+        app.state.slot = slot = EngineSlot(app.state)
+        app.state.reloader = reloader = Reloader(slot, settings, metrics)
         app.state.cpu = CpuWorkers(settings.cpu_workers, settings.http_nice)
-        app.state.load = LoadReporter(app.state.cpu, engine.report_host_load)
+        app.state.load = LoadReporter(app.state.cpu, lambda load: slot.engine.report_host_load(load))
         # what loading made lives as long as the server: out of the collector's full passes, which
         # otherwise walk its ~200k objects under load about once a second for ~100 ms each, the
         # whole process (event loop and workers) waiting (measured at 256 clients on 2 cores)
@@ -360,14 +418,19 @@ def create_app(settings: ServerSettings, bundle: Bundle | None = None) -> FastAP
         gc.freeze()
         gc.set_threshold(10_000, 10, 10)
         app.state.loaded = True
-        log.info("serving %s (CRM on %s; LLM %s)", settings.bundle, engine.crm.providers[0], engine.llm_status)
+        log.info("serving %s (bundle %s; CRM on %s; LLM %s)", settings.bundle, loaded.id, engine.crm.providers[0],
+                 engine.llm_status)  # fmt: skip
+        hangup = _on_hangup(reloader)
         try:
             yield
         finally:
             app.state.loaded = False
+            if hangup:
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             app.state.load.close()
             app.state.cpu.close()
-            await run_in_threadpool(engine.close)
+            await reloader.close()
+            await run_in_threadpool(slot.engine.close)
 
     app = FastAPI(
         title="corella",

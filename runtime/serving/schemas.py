@@ -103,6 +103,13 @@ class ItemsBody(_Strict):
     items: list[ItemBody] = Field(min_length=1, max_length=1_000)
 
 
+class ReloadBody(_Strict):
+    bundle: str | None = Field(
+        None, min_length=1, max_length=4096,
+        description="the bundle folder to serve (default: the folder served now, read again)",
+    )  # fmt: skip
+
+
 def to_catalog_entries(body: ItemsBody) -> list[tuple[str, ItemText]]:
     """Each item as the catalog keeps it: its attributes and numbers become tags, as in training."""
     entries = []

@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # otherwise pull a multi-GB CUDA build. Override with TORCH_SPEC=... elsewhere.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: quickstart test lint format clean install-gpu test-gpu
+.PHONY: quickstart test tools lint format clean install-gpu test-gpu
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,15 @@ $(STAMP): pyproject.toml | $(BIN)/python
 quickstart: $(STAMP)
 	$(BIN)/corella quickstart
 
-test: $(STAMP)
+# tests/test_balancer.py runs Debian's nginx in front of two replicas: installed here where make
+# runs as root with apt-get (seconds); elsewhere that test skips and says why
+tools:
+	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { apt-get install -y -qq --no-install-recommends nginx >/dev/null 2>&1 || \
+	    { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends nginx >/dev/null 2>&1; }; }; } || \
+	  echo "nginx could not be installed: tests/test_balancer.py will skip"
+
+test: $(STAMP) tools
 	$(BIN)/python -m pytest -q
 
 # A GPU box: llama.cpp rebuilt with CUDA for the card that is there, onnxruntime-gpu instead of

@@ -43,6 +43,7 @@ from runtime.llm import LLMError
 from runtime.metrics import ServingMetrics
 from runtime.serving.reload import EngineSlot, ReloadBusy, Reloader, ReloadFailed
 from runtime.serving.schemas import (
+    USER_HEADER,
     EventsBody,
     ItemsBody,
     PredictBody,
@@ -236,13 +237,15 @@ def _api_router(settings: ServerSettings) -> APIRouter:
 
     @router.post("/predict", dependencies=read, responses=_documented(400, 401, 413, 422, 429, 503))
     async def predict(body: PredictBody, request: Request) -> dict[str, Any]:
-        """Score one user's candidates; each answer carries its score, route and CRM entropy. Routed
+        """Score one user's candidates; each answer carries its score, route and CRM entropy. The user
+        may be named by the `X-Corella-User` header instead of the body (the header a load balancer
+        hashes on; where both name one, they must agree: 400 otherwise). Routed
         candidates the LLM cannot answer in time are answered by the CRM (`crm_fallback` with a
         `fallback_reason`); a mode "llm" request the LLM cannot take at all is a 429 with Retry-After."""
         _engine(request)
         with request.app.state.slot.using() as engine:  # a reload closes this engine only after the answer
             arrived = request.scope["state"]["arrived"]
-            engine_request = to_engine_request(body)
+            engine_request = to_engine_request(body, request.headers.get(USER_HEADER))
             cpu: CpuWorkers = request.app.state.cpu
             deadline = engine.deadline(engine_request, arrived)
             # a 429 at once, before any CPU work, when the CRM or the LLM cannot answer in time; a mode

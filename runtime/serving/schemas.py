@@ -10,6 +10,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from runtime.catalog import attribute_tags
 from runtime.engine import CandidateItem, HistoryItem
 from runtime.engine import Request as EngineRequest
+from runtime.errors import ConfigError
 from runtime.prompt import ItemText
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "PredictBody",
     "to_catalog_entries",
     "to_engine_request",
+    "USER_HEADER",
 ]
 
 
@@ -119,13 +121,25 @@ def to_catalog_entries(body: ItemsBody) -> list[tuple[str, ItemText]]:
     return entries
 
 
-def to_engine_request(body: PredictBody) -> EngineRequest:
+#: the header a load balancer hashes users on; it names the user where the body does not
+USER_HEADER = "x-corella-user"
+
+
+def to_engine_request(body: PredictBody, header_user: str | None = None) -> EngineRequest:
+    """The engine's request; `header_user` (X-Corella-User) names the user where the body does not,
+    and must agree with it where both do."""
+    if header_user is not None:
+        if not header_user or len(header_user) > 256:
+            raise ConfigError("X-Corella-User: a user id of 1 to 256 characters")
+        if body.user_id is not None and body.user_id != header_user:
+            raise ConfigError(f"X-Corella-User names user {header_user!r}, the body user {body.user_id!r}: "
+                              "send one, or the same in both")  # fmt: skip
     return EngineRequest(
         candidates=[
             CandidateItem(c.item_id, c.title, c.year, tuple(c.tags) if c.tags is not None else None)
             for c in body.candidates
         ],  # fmt: skip
-        user_id=body.user_id,
+        user_id=body.user_id if body.user_id is not None else header_user,
         user_attributes=body.user_attributes,
         history=[HistoryItem(h.item_id, h.rating, h.timestamp, h.title) for h in body.history]
         if body.history is not None

@@ -534,6 +534,40 @@ StateOption = Annotated[
 ]
 
 
+StoreUrlOption = Annotated[
+    str | None,
+    typer.Option("--store-url", envvar="CORELLA_STORE_URL",
+                 help="a PostgreSQL live store shared by replicas (postgresql://USER@HOST:PORT/DB)"),
+]  # fmt: skip
+
+
+@store_app.command("init")
+def store_init(bundle: Annotated[Path, typer.Argument(help="bundle directory")], state: StateOption = None,
+               store_url: StoreUrlOption = None) -> None:  # fmt: skip
+    """Make the bundle's live store now (the first serve would): the SQLite one in its state folder,
+    or, with --store-url, the PostgreSQL one that replicas share (schema created, snapshot copied)."""
+    from runtime.artifacts.bundle import load_bundle
+    from runtime.artifacts.state import live_store
+    from runtime.artifacts.store import FeatureStore
+
+    try:
+        loaded = load_bundle(bundle)
+        if store_url:
+            from runtime.artifacts.pgstore import postgres_live_store, redacted
+
+            store, where = postgres_live_store(store_url, loaded), redacted(store_url)
+        else:
+            path = live_store(loaded, state)
+            store, where = FeatureStore(path), str(path)
+        try:
+            counts = store.counts()
+        finally:
+            store.close()
+    except CorellaError as exc:
+        raise _fail(exc) from exc
+    console.print(f"live store of bundle {loaded.id} at {where}: " + ", ".join(f"{v:,} {k}" for k, v in counts.items()))
+
+
 @store_app.command("info")
 def store_info(bundle: Annotated[Path, typer.Argument(help="bundle directory")], state: StateOption = None) -> None:
     """Where the bundle's live store is, what it holds and whether a replaced bundle left events."""
@@ -567,14 +601,16 @@ def store_migrate(
         Path | None, typer.Option("--from", help="state folder to take events from (default: the replaced bundle's)")
     ] = None,
     state: StateOption = None,
+    store_url: StoreUrlOption = None,
 ) -> None:
     """Carry the events posted to another live store (by default the one of the bundle this bundle
-    replaced at export) into this bundle's; events of items its catalog lacks are dropped and counted."""
+    replaced at export) into this bundle's (with --store-url, the PostgreSQL one); events of items its
+    catalog lacks are dropped and counted."""
     from runtime.artifacts.bundle import load_bundle
     from runtime.artifacts.state import migrate_store
 
     try:
-        result = migrate_store(load_bundle(bundle), source, state)
+        result = migrate_store(load_bundle(bundle), source, state, store_url)
     except CorellaError as exc:
         raise _fail(exc) from exc
     console.print(

@@ -48,6 +48,12 @@ class StoreFull(StoreError):
     """The live store is at its bound: the batch is refused whole (507), nothing is dropped."""
 
 
+class StoreUnavailable(StoreError):
+    """A shared store (PostgreSQL) does not answer: 503 with Retry-After; nothing was written."""
+
+    retry_after_s = 1.0
+
+
 class RequestTooLarge(CorellaError):
     """A request exceeds a configured limit (candidates per request, body size)."""
 

@@ -82,6 +82,9 @@ class EngineSettings(BaseModel):
     state: Path | None = Field(None, description="state folder: the live feature store and engine caches "
                                "(default: $CORELLA_HOME/state/<bundle id>; never inside the bundle)")  # fmt: skip
     store: Path | None = Field(None, description="live feature store (default: <state>/store.sqlite)")
+    store_url: str | None = Field(None, description="a PostgreSQL live store shared by replicas, "
+                                  "postgresql://USER@HOST:PORT/DB (a password is better in PGPASSWORD or ~/.pgpass "
+                                  "than on a command line); seeded from the bundle by the first replica")  # fmt: skip
 
 
 class ServerSettings(EngineSettings, BaseSettings):

@@ -116,25 +116,32 @@ def live_events(path: Path) -> list[Interaction]:
         store.close()
 
 
-def migrate_store(bundle: Bundle, source: Path | None = None, state: Path | None = None) -> dict[str, Any]:
+def migrate_store(bundle: Bundle, source: Path | None = None, state: Path | None = None,
+                  store_url: str | None = None) -> dict[str, Any]:  # fmt: skip
     """Carry the live events of another state folder (default: the replaced bundle's) into this
-    bundle's live store; events of items this bundle's catalog lacks are dropped and counted."""
+    bundle's live store (SQLite, or the PostgreSQL one at `store_url`); events of items this
+    bundle's catalog lacks are dropped and counted."""
     source = Path(source) if source is not None else replaced_state(bundle)
     if source is None or not (source / STORE).exists():
         raise StoreError(f"{bundle.path}: no live store to migrate from (name one with --from STATE_DIR)")
-    target = state_dir(bundle, state) / STORE
-    if target.exists() and target.resolve() == (source / STORE).resolve():
-        raise StoreError(f"{target}: already the live store of {bundle.path}")
-    if not target.exists():
-        _seed(target, bundle)
-    _check_owner(target, bundle)
+    if store_url:
+        from runtime.artifacts.pgstore import postgres_live_store, redacted
+
+        target, store = redacted(store_url), postgres_live_store(store_url, bundle)
+    else:
+        path = state_dir(bundle, state) / STORE
+        if path.exists() and path.resolve() == (source / STORE).resolve():
+            raise StoreError(f"{path}: already the live store of {bundle.path}")
+        if not path.exists():
+            _seed(path, bundle)
+        _check_owner(path, bundle)
+        target, store = str(path), FeatureStore(path)
     events = live_events(source / STORE)
     old = FeatureStore(source / STORE)
     try:
         posted = old.posted_items()
     finally:
         old.close()
-    store = FeatureStore(target)
     try:
         if posted:
             store.upsert_items(posted)
@@ -146,7 +153,7 @@ def migrate_store(bundle: Bundle, source: Path | None = None, state: Path | None
     finally:
         store.close()
     _mark_moved(source / STORE, bundle.id)
-    return {"from": str(source / STORE), "to": str(target), "items": len(posted), "events": len(events),
+    return {"from": str(source / STORE), "to": target, "items": len(posted), "events": len(events),
             "kept": len(kept), "dropped_unknown_items": len(events) - len(kept)}  # fmt: skip
 
 

@@ -87,6 +87,10 @@ class FeatureStore:
     `append` forgets the totals of the items it moves. The handle that appends is the store's only
     writer while it serves (as the engine's cache of users' pasts assumes too)."""
 
+    #: the dialect's bits: LIMIT with no limit, the rating sum and like count of a group
+    _NO_LIMIT: int | None = -1
+    _SUMS = "TOTAL(rating), TOTAL(rating >= ?)"
+
     def __init__(self, path: str | Path, readonly: bool = False) -> None:
         self.path = Path(path)
         uri = f"file:{self.path}?mode=ro" if readonly else f"file:{self.path}"
@@ -205,7 +209,11 @@ class FeatureStore:
 
     def _query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
-            return self._conn.execute(sql, args).fetchall()
+            return self._read(sql, args)
+
+    def _read(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """A read on the reading connection (the caller holds the lock)."""
+        return self._conn.execute(sql, args).fetchall()
 
     def _remembered(self, cache: dict[str, Any], keys: Sequence[str],
                     fetch: Callable[[list[str]], dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
@@ -248,7 +256,7 @@ class FeatureStore:
         """Interactions in insertion order (the export writes them in global time order)."""
         rows = self._query(
             f"SELECT {_READ} FROM interactions ORDER BY seq LIMIT ? OFFSET ?",
-            (limit, offset),
+            (limit if limit >= 0 else self._NO_LIMIT, offset),
         )
         return [Interaction(*row) for row in rows]
 
@@ -267,7 +275,7 @@ class FeatureStore:
 
     def _fetch_items(self, chunk: list[str]) -> dict[str, ItemText]:
         marks = ",".join("?" * len(chunk))
-        rows = self._conn.execute(f"SELECT {self._item_columns} FROM items WHERE item_id IN ({marks})", chunk)
+        rows = self._read(f"SELECT {self._item_columns} FROM items WHERE item_id IN ({marks})", chunk)
         return {item_id: ItemText(title, year, tuple(json.loads(tags)), mean, count, liked, text)
                 for item_id, title, year, tags, mean, count, liked, text in rows}  # fmt: skip
 
@@ -318,7 +326,7 @@ class FeatureStore:
 
     def _fetch_users(self, chunk: list[str]) -> dict[str, dict[str, str]]:
         marks = ",".join("?" * len(chunk))
-        rows = self._conn.execute(f"SELECT user_id, attributes FROM users WHERE user_id IN ({marks})", chunk)
+        rows = self._read(f"SELECT user_id, attributes FROM users WHERE user_id IN ({marks})", chunk)
         return {user_id: json.loads(attributes) for user_id, attributes in rows}
 
     def history(self, user_id: str, limit: int | None = None, before: int | None = None) -> list[Interaction]:
@@ -329,7 +337,7 @@ class FeatureStore:
             sql += " AND timestamp < ?"
             args.append(int(before))
         sql += " ORDER BY timestamp DESC, seq DESC LIMIT ?"
-        args.append(-1 if limit is None else int(limit))
+        args.append(self._NO_LIMIT if limit is None else int(limit))
         return [Interaction(*row) for row in reversed(self._query(sql, args))]
 
     def user_past(self, user_id: str, before: int | None = None) -> tuple[list[Interaction], UserInteractions]:
@@ -416,7 +424,7 @@ class FeatureStore:
             for start in range(0, len(unique), 500):
                 chunk = unique[start : start + 500]
                 marks = ",".join("?" * len(chunk))
-                sql = ("SELECT item_id, COUNT(*), TOTAL(rating), TOTAL(rating >= ?) FROM interactions "
+                sql = (f"SELECT item_id, COUNT(*), {self._SUMS} FROM interactions "
                        f"WHERE item_id IN ({marks}) AND timestamp < ? GROUP BY item_id")  # fmt: skip
                 rows = self._query(sql, [self.like_threshold, *chunk, int(before)])
                 found |= {item: (float(n), float(total), float(likes)) for item, n, total, likes in rows}
@@ -428,7 +436,7 @@ class FeatureStore:
 
     def _fetch_totals(self, chunk: list[str]) -> dict[str, tuple[float, float, float]]:
         marks = ",".join("?" * len(chunk))
-        rows = self._conn.execute(
+        rows = self._read(
             f"SELECT item_id, count, rating_sum, likes FROM item_totals WHERE item_id IN ({marks})", chunk
         )
         return {item: (float(n), float(total), float(likes)) for item, n, total, likes in rows}

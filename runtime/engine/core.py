@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from runtime.artifacts.bundle import Bundle
+from runtime.artifacts.pgstore import PostgresStore, postgres_live_store
 from runtime.artifacts.state import live_store, state_dir
 from runtime.artifacts.store import FeatureStore, Interaction
 from runtime.crm import CRMSession
@@ -80,7 +81,10 @@ class Engine:
             log.info("the LLM's expected gain (export, routed validation samples): %s", describe_gain(gain))
         # one thread: a request's few hundred rows take ~0.5 ms; a second thread costs more CPU than it saves
         self.state = state_dir(bundle, settings.state)
-        self.store = FeatureStore(live_store(bundle, settings.state, settings.store))
+        if settings.store_url:  # one PostgreSQL store for several replicas
+            self.store: FeatureStore = postgres_live_store(settings.store_url, bundle)
+        else:
+            self.store = FeatureStore(live_store(bundle, settings.state, settings.store))
         self.pasts = UserPasts(self.store, self.spec)
         # users with remembered answers (looked up even when the LLM is saturated)
         self._recallable = RecentUsers()
@@ -93,6 +97,8 @@ class Engine:
         log.info("CRM on %s, warmed up: %s", self.crm.providers[0], self.crm.warm_up()["seconds_by_batch"])
         # the LLM: its tokenizer, the decoding copy, the scheduler, the answer memo (down when it fails to load)
         self.served = ServedLLM(bundle, settings, self.metrics, self.store, self.state)
+        if isinstance(self.store, PostgresStore):  # another replica's events change this one's answers
+            self.store.on_change = self.users_changed
 
     def close(self) -> None:
         self.served.close()
@@ -354,11 +360,15 @@ class Engine:
         except StoreFull:
             self.metrics.events_refused.inc(len(events))
             raise
-        users = {e.user_id for e in events}
+        self.users_changed({e.user_id for e in events})
+        self.metrics.events.inc(count)
+        return count
+
+    def users_changed(self, users: set[str]) -> None:
+        """Forget what is cached of `users`: their pasts, prompt prefixes and remembered answers.
+        Called after an append here, and by a shared store when another replica wrote."""
         self.pasts.appended(users)
         for user in users:
             self._recallable.discard(user)  # their prefix changes: the memo has no answers for it
             if self.scheduler is not None:
                 self.scheduler.invalidate_user(user)
-        self.metrics.events.inc(count)
-        return count

@@ -38,7 +38,14 @@ from runtime import __version__
 from runtime.artifacts.bundle import Bundle, load_bundle
 from runtime.artifacts.store import Interaction
 from runtime.engine import Engine
-from runtime.errors import ConfigError, CorellaError, OverloadedError, RequestTooLarge, StoreFull
+from runtime.errors import (
+    ConfigError,
+    CorellaError,
+    OverloadedError,
+    RequestTooLarge,
+    StoreFull,
+    StoreUnavailable,
+)
 from runtime.llm import LLMError
 from runtime.metrics import ServingMetrics
 from runtime.serving.reload import EngineSlot, ReloadBusy, Reloader, ReloadFailed
@@ -108,6 +115,7 @@ _ERROR_ANSWERS: tuple[tuple[type[CorellaError], int, str], ...] = (
     (ReloadBusy, 409, "reload_in_progress"),
     (ReloadFailed, 422, "reload_failed"),
     (StoreFull, 507, "store_full"),
+    (StoreUnavailable, 503, "store_unavailable"),
     (OverloadedError, 429, "overloaded"),
     (ConfigError, 400, "bad_request"),
     (CorellaError, 500, "internal_error"),
@@ -132,7 +140,7 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def corella_error(request: Request, exc: CorellaError) -> JSONResponse:
         status, kind = next((s, k) for t, s, k in _ERROR_ANSWERS if isinstance(exc, t))
         headers = None
-        if isinstance(exc, OverloadedError):
+        if isinstance(exc, (OverloadedError, StoreUnavailable)):
             headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
         if status >= 500:
             log.error("request failed: %s", exc)

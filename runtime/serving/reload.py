@@ -162,10 +162,10 @@ class Reloader:
         bundle = await run_in_threadpool(load_bundle, target)
         if bundle.id == old.bundle.id:
             return None, {}
-        if self.settings.store is not None or self.settings.state is not None:
+        if self.settings.store is not None or self.settings.state is not None or self.settings.store_url:
             raise ConfigError("a reload needs the default state folders ($CORELLA_HOME/state/<bundle id>): this "
-                              "server was started with --store or --state, which hold one bundle's live store; "
-                              "restart it with the new bundle instead")  # fmt: skip
+                              "server was started with --store, --store-url or --state, which hold one bundle's "
+                              "live store; restart it with the new bundle instead")  # fmt: skip
         source = state_dir(old.bundle)
         store = state_dir(bundle) / STORE
         existed = store.exists()

@@ -1,0 +1,263 @@
+"""One PostgreSQL live store for several replicas, against a real PostgreSQL server that the
+fixture starts (Debian's postgresql package: initdb and pg_ctl) and stops."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runtime.artifacts.bundle import load_bundle
+from runtime.artifacts.store import Interaction
+from runtime.engine import CandidateItem, Engine, EngineSettings, Request
+from runtime.errors import StoreError, StoreUnavailable
+
+
+def _binaries() -> Path | None:
+    for found in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True):
+        if (Path(found) / "initdb").exists() and (Path(found) / "pg_ctl").exists():
+            return Path(found)
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
+
+
+def _as_postgres(command: list[str]) -> list[str]:
+    """PostgreSQL refuses to run as root: as root, commands run as the postgres user."""
+    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
+
+
+class Server:
+    def __init__(self, bin_dir: Path, folder: Path) -> None:
+        self.bin, self.folder = bin_dir, folder
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"postgresql://corella@127.0.0.1:{self.port}/postgres"
+
+    def ctl(self, *args: str) -> None:
+        options = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.folder} -c fsync=on"
+        subprocess.run(_as_postgres([str(self.bin / "pg_ctl"), "-D", str(self.folder / "data"), "-l",
+                                     str(self.folder / "server.log"), "-o", options, "-w", *args]),
+                       check=True, capture_output=True, timeout=120)  # fmt: skip
+
+    def database(self, name: str) -> str:
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name}")
+            conn.execute(f"CREATE DATABASE {name}")
+        return self.url.rsplit("/", 1)[0] + f"/{name}"
+
+
+@pytest.fixture(scope="module")
+def postgres(tmp_path_factory) -> Server:
+    bin_dir = _binaries()
+    if bin_dir is None:
+        pytest.skip("no PostgreSQL server binaries (Debian: apt-get install postgresql)")
+    if os.geteuid() == 0 and shutil.which("runuser") is None:
+        pytest.skip("running as root without runuser: PostgreSQL cannot be started")
+    folder = tmp_path_factory.mktemp("postgres")
+    if os.geteuid() == 0:
+        shutil.chown(folder, "postgres", "postgres")
+        os.chmod(folder, 0o755)
+        parent = folder
+        while parent != parent.parent:  # the postgres user walks down to it
+            os.chmod(parent, os.stat(parent).st_mode | 0o005)
+            parent = parent.parent
+    initdb = [str(bin_dir / "initdb"), "-D", str(folder / "data"), "-U", "corella", "-A", "trust", "--no-sync"]
+    subprocess.run(_as_postgres(initdb), check=True, capture_output=True, timeout=120)
+    server = Server(bin_dir, folder)
+    server.ctl("start")
+    try:
+        yield server
+    finally:
+        server.ctl("stop", "-m", "fast")
+
+
+def _settings(**extra) -> EngineSettings:
+    return EngineSettings(providers=("cpu",), load_llm=False, **extra)
+
+
+def _scores(engine: Engine, user: str) -> np.ndarray:
+    answer = engine.predict(Request([CandidateItem(str(i)) for i in range(1, 21)], user_id=user, mode="crm"))
+    return np.array([p["crm_score"] for p in answer["predictions"]])
+
+
+def _events(tag: str) -> list[Interaction]:
+    rng = np.random.default_rng(3)
+    return [Interaction(str(1 + i % 5), str(1 + int(rng.integers(0, 30))), float(1 + rng.integers(0, 5)),
+                        10**9 + i, event_id=f"{tag}{i}") for i in range(40)]  # fmt: skip
+
+
+def test_postgres_reads_and_appends_as_sqlite_does(bundle, postgres, tmp_path):
+    url = postgres.database("same")
+    loaded = load_bundle(bundle)
+    sqlite = Engine(loaded, _settings(store=tmp_path / "store.sqlite"))
+    shared = Engine(loaded, _settings(store_url=url))
+    try:
+        assert shared.store.counts() == sqlite.store.counts()
+        for engine in (sqlite, shared):
+            assert engine.append_events(_events("a")) == 40
+            assert engine.append_events(_events("a")[:10]) == 0  # a retried batch counts once
+        assert shared.store.counts() == sqlite.store.counts()
+        for user in ("1", "3", "5", "77"):
+            assert shared.store.history(user) == sqlite.store.history(user)  # incl. each item's totals before
+            np.testing.assert_allclose(_scores(shared, user), _scores(sqlite, user), rtol=1e-6)
+        items = [str(i) for i in range(1, 40)]
+        np.testing.assert_array_equal(shared.store.item_totals(items), sqlite.store.item_totals(items))
+        np.testing.assert_array_equal(shared.store.item_totals(items, before=10**9 + 20),
+                                      sqlite.store.item_totals(items, before=10**9 + 20))  # fmt: skip
+        assert shared.store.interactions(offset=100_000) == sqlite.store.interactions(offset=100_000)
+    finally:
+        sqlite.close()
+        shared.close()
+    with pytest.raises(StoreError, match="seeded from bundle"):  # one store, one bundle, as with SQLite
+        other = load_bundle(bundle)
+        object.__setattr__(other, "id", "0123456789abcdef")
+        Engine(other, _settings(store_url=url))
+
+
+def test_an_event_posted_to_one_replica_changes_the_others_next_answer(bundle, postgres):
+    url = postgres.database("replicas")
+    loaded = load_bundle(bundle)
+    a, b = Engine(loaded, _settings(store_url=url)), Engine(loaded, _settings(store_url=url))
+    try:
+        before = _scores(b, "2")  # b has the user's past cached now
+        same = _scores(b, "2")
+        np.testing.assert_array_equal(before, same)
+        a.append_events([Interaction("2", str(i), 5.0, 2 * 10**9 + i, event_id=f"b{i}") for i in range(1, 9)])
+        for _ in range(100):  # the notice arrives within milliseconds; bounded wait
+            after = _scores(b, "2")
+            if not np.allclose(after, before):
+                break
+            time.sleep(0.05)
+        assert not np.allclose(after, before)
+        assert [h.event_id for h in b.store.history("2")[-8:]] == [f"b{i}" for i in range(1, 9)]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_store_that_does_not_answer_is_unavailable_not_a_crash(bundle, postgres):
+    url = postgres.database("restart")
+    engine = Engine(load_bundle(bundle), _settings(store_url=url))
+    try:
+        postgres.ctl("stop", "-m", "fast")
+        try:
+            with pytest.raises(StoreUnavailable):
+                engine.append_events(_events("c"))
+        finally:
+            postgres.ctl("start")
+        for _ in range(100):  # the pool reconnects by itself
+            try:
+                assert engine.append_events(_events("c")) == 40
+                break
+            except StoreUnavailable:
+                time.sleep(0.1)
+        else:
+            pytest.fail("the store did not come back")
+    finally:
+        engine.close()
+    with pytest.raises(StoreUnavailable, match="does not answer"):  # nobody there at all: one clear line
+        Engine(load_bundle(bundle), _settings(store_url="postgresql://corella@127.0.0.1:1/none"))
+
+
+def _serve(bundle: Path, port: int, home: Path, url: str) -> subprocess.Popen:
+    import sys
+
+    import httpx
+
+    from .conftest import REPO
+
+    log = home.with_suffix(".log")
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "corella_cli", "serve", str(bundle), "--port", str(port), "--no-llm"],
+            cwd=REPO, env=os.environ | {"CORELLA_HOME": str(home), "CORELLA_STORE_URL": url},
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    for _ in range(600):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None:
+            pytest.fail(log.read_text())
+        time.sleep(0.1)
+    process.kill()
+    pytest.fail("replica did not become ready in 60 s")
+
+
+def test_two_replicas_over_http_share_events_survive_kill_9_and_a_postgres_restart(bundle, postgres, tmp_path):
+    import httpx
+    from typer.testing import CliRunner
+
+    from corella_cli.main import app
+    from runtime.artifacts.pgstore import PostgresStore
+
+    url = postgres.database("http")
+    made = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["store", "init", str(bundle), "--store-url", url])
+    assert made.exit_code == 0 and "interactions" in made.output, made.output
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    a, b = (_serve(bundle, port, tmp_path / f"home{i}", url) for i, port in enumerate(ports))
+    replica_a, replica_b = (f"http://127.0.0.1:{p}" for p in ports)
+    body = {"user_id": "4", "candidates": [{"item_id": str(i)} for i in range(1, 11)], "mode": "crm"}
+    acknowledged: list[str] = []
+    try:
+        before = httpx.post(f"{replica_b}/v1/predict", json=body, timeout=30).json()["predictions"]
+        events = [{"user_id": "4", "item_id": str(i), "rating": 5, "event_id": f"h{i}"} for i in range(1, 9)]
+        assert httpx.post(f"{replica_a}/v1/events", json={"events": events}, timeout=30).status_code == 200
+        acknowledged += [e["event_id"] for e in events]
+        for _ in range(100):
+            after = httpx.post(f"{replica_b}/v1/predict", json=body, timeout=30).json()["predictions"]
+            if [p["score"] for p in after] != [p["score"] for p in before]:
+                break
+            time.sleep(0.05)
+        assert [p["score"] for p in after] != [p["score"] for p in before]  # A's event moved B's answer
+        # PostgreSQL away: events are refused with 503 and Retry-After, nothing half-written; back by themselves
+        postgres.ctl("stop", "-m", "fast")
+        try:
+            down = httpx.post(f"{replica_a}/v1/events", json={"events": [{"user_id": "4", "item_id": "9",
+                              "rating": 1, "event_id": "lost"}]}, timeout=30)  # fmt: skip
+            assert down.status_code == 503 and down.headers["Retry-After"] == "1", down.text
+            assert down.json()["error"]["type"] == "store_unavailable"
+            assert httpx.post(f"{replica_b}/v1/predict", json=body, timeout=30).status_code in (200, 503)
+        finally:
+            postgres.ctl("start")
+        for i in range(200):
+            event = {"user_id": "5", "item_id": "3", "rating": 4, "event_id": f"k{i}"}
+            answer = httpx.post(f"{replica_a}/v1/events", json={"events": [event]}, timeout=30)
+            if answer.status_code == 200:
+                acknowledged.append(event["event_id"])
+            elif answer.status_code != 503:
+                pytest.fail(answer.text)
+            if len(acknowledged) >= 20:
+                break
+            time.sleep(0.05)
+        assert len(acknowledged) >= 20
+        a.kill()  # kill -9: what was acknowledged is in the store
+        a.wait(timeout=30)
+        assert httpx.post(f"{replica_b}/v1/predict", json=body, timeout=30).status_code == 200
+    finally:
+        for process in (a, b):
+            if process.poll() is None:
+                process.terminate()
+                process.wait(timeout=60)
+    store = PostgresStore(url)
+    try:
+        stored = {e.event_id for e in store.interactions(offset=0)}
+    finally:
+        store.close()
+    assert set(acknowledged) <= stored and "lost" not in stored

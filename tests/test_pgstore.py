@@ -3,9 +3,7 @@ fixture starts (Debian's postgresql package: initdb and pg_ctl) and stops."""
 
 from __future__ import annotations
 
-import glob
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -14,71 +12,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks.postgres import LocalPostgres, postgres_missing
 from runtime.artifacts.bundle import load_bundle
 from runtime.artifacts.store import Interaction
 from runtime.engine import CandidateItem, Engine, EngineSettings, Request
 from runtime.errors import StoreError, StoreUnavailable
 
 
-def _binaries() -> Path | None:
-    for found in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True):
-        if (Path(found) / "initdb").exists() and (Path(found) / "pg_ctl").exists():
-            return Path(found)
-    initdb = shutil.which("initdb")
-    return Path(initdb).parent if initdb else None
-
-
-def _as_postgres(command: list[str]) -> list[str]:
-    """PostgreSQL refuses to run as root: as root, commands run as the postgres user."""
-    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
-
-
-class Server:
-    def __init__(self, bin_dir: Path, folder: Path) -> None:
-        self.bin, self.folder = bin_dir, folder
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"postgresql://corella@127.0.0.1:{self.port}/postgres"
-
-    def ctl(self, *args: str) -> None:
-        options = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.folder} -c fsync=on"
-        subprocess.run(_as_postgres([str(self.bin / "pg_ctl"), "-D", str(self.folder / "data"), "-l",
-                                     str(self.folder / "server.log"), "-o", options, "-w", *args]),
-                       check=True, capture_output=True, timeout=120)  # fmt: skip
-
-    def database(self, name: str) -> str:
-        import psycopg
-
-        with psycopg.connect(self.url, autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {name}")
-            conn.execute(f"CREATE DATABASE {name}")
-        return self.url.rsplit("/", 1)[0] + f"/{name}"
-
-
 @pytest.fixture(scope="module")
-def postgres(tmp_path_factory) -> Server:
-    bin_dir = _binaries()
-    if bin_dir is None:
-        pytest.skip("no PostgreSQL server binaries (Debian: apt-get install postgresql)")
-    if os.geteuid() == 0 and shutil.which("runuser") is None:
-        pytest.skip("running as root without runuser: PostgreSQL cannot be started")
-    folder = tmp_path_factory.mktemp("postgres")
-    if os.geteuid() == 0:
-        shutil.chown(folder, "postgres", "postgres")
-        os.chmod(folder, 0o755)
-        parent = folder
-        while parent != parent.parent:  # the postgres user walks down to it
-            os.chmod(parent, os.stat(parent).st_mode | 0o005)
-            parent = parent.parent
-    initdb = [str(bin_dir / "initdb"), "-D", str(folder / "data"), "-U", "corella", "-A", "trust", "--no-sync"]
-    subprocess.run(_as_postgres(initdb), check=True, capture_output=True, timeout=120)
-    server = Server(bin_dir, folder)
-    server.ctl("start")
+def postgres(tmp_path_factory) -> LocalPostgres:
+    missing = postgres_missing()
+    if missing:
+        pytest.skip(missing)
+    server = LocalPostgres(tmp_path_factory.mktemp("postgres")).start()
     try:
         yield server
     finally:
-        server.ctl("stop", "-m", "fast")
+        server.stop()
 
 
 def _settings(**extra) -> EngineSettings:

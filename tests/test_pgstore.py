@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +91,25 @@ def test_an_event_posted_to_one_replica_changes_the_others_next_answer(bundle, p
             time.sleep(0.05)
         assert not np.allclose(after, before)
         assert [h.event_id for h in b.store.history("2")[-8:]] == [f"b{i}" for i in range(1, 9)]
+        # both replicas writing at once: the totals stay those of the rows, every event counted once
+        rng = np.random.default_rng(5)
+        batches = [[Interaction(str(1 + int(rng.integers(0, 50))), str(1 + int(rng.integers(0, 20))),
+                                float(rng.integers(1, 6)), 3 * 10**9 + k, event_id=f"w{k}")
+                    for k in range(start, start + 25)] for start in range(0, 400, 25)]  # fmt: skip
+        with ThreadPoolExecutor(4) as pool:
+            added = sum(pool.map(lambda j: (a, b)[j % 2].append_events(batches[j] + batches[j - 1][:5]),
+                                 range(len(batches))))  # fmt: skip
+        assert added == 400
+        rows = a.store.interactions(offset=0)
+        items = sorted({r.item_id for r in rows})
+        expected = np.array([[sum(1 for r in rows if r.item_id == i), sum(r.rating for r in rows if r.item_id == i),
+                              sum(1 for r in rows if r.item_id == i and r.rating >= a.store.like_threshold)]
+                             for i in items])  # fmt: skip
+        for _ in range(100):  # b's cached totals follow the notices (bounded wait)
+            if np.allclose(b.store.item_totals(items), expected):
+                break
+            time.sleep(0.05)
+        np.testing.assert_allclose(b.store.item_totals(items), expected)
     finally:
         a.close()
         b.close()

@@ -297,7 +297,7 @@ def _api_router(settings: ServerSettings) -> APIRouter:
 
     admin = _key_check(settings.admin_api_key) if settings.admin_api_key is not None else [Depends(_no_admin_key)]
 
-    @router.post("/admin/reload", dependencies=admin, responses=_documented(401, 403, 409, 422, 503))
+    @router.post("/admin/reload", dependencies=admin, responses=_documented(400, 401, 403, 409, 422, 503))
     async def reload(request: Request, body: ReloadBody | None = None) -> dict[str, Any]:
         """Serve another bundle (`bundle`: its folder; default: the folder served now, read again)
         without downtime: it loads and warms beside the one serving, the switch is atomic, and the

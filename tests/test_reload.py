@@ -172,7 +172,7 @@ def test_a_bundle_that_fails_to_load_leaves_the_old_one_serving(bundle, tmp_path
     with TestClient(create_app(ServerSettings(bundle=bundle, **settings))) as client:
         admin = {"Authorization": "Bearer a"}
         failed = client.post("/v1/admin/reload", json={"bundle": str(broken)}, headers=admin)
-        assert failed.status_code == 422 and failed.json()["error"]["type"] == "reload_failed"
+        assert failed.status_code == 409 and failed.json()["error"]["type"] == "reload_failed"
         assert crm.name in failed.json()["error"]["message"] and bundle_id(bundle) in failed.json()["error"]["message"]
         assert not (corella_home / "state" / bundle_id(broken)).exists()
         predicted = client.post("/v1/predict", json={"user_id": "7", "candidates": [{"item_id": "1"}]})

@@ -109,12 +109,14 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     """Read and verify a bundle; any problem is a BundleError naming the file."""
     path = Path(path)
     manifest_path = path / MANIFEST
-    if not path.is_dir():
-        raise BundleError(f"{path}: not a bundle directory")
     try:
+        if not path.is_dir():
+            raise BundleError(f"{str(path)[:200]}: not a bundle directory")
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise BundleError(f"{manifest_path}: missing; is this a corella bundle?") from exc
+    except OSError as exc:  # a name too long, no permission, ...
+        raise BundleError(f"{str(path)[:200]}: cannot be read ({exc.strerror})") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{manifest_path}: not valid JSON ({exc})") from exc
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):

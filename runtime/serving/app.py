@@ -102,7 +102,7 @@ def _documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
     described = {400: "the body is not JSON (or not UTF-8)", 401: "missing or wrong API key", 413: "request too large",
                  422: "request does not match the schema", 429: "overloaded: retry after Retry-After seconds",
                  503: "models still loading", 507: "the live store is at its bound",
-                 403: "no admin key is set", 409: "a reload is under way",
+                 403: "no admin key is set", 409: "the bundle did not load: the old one serves on",
                  }  # fmt: skip
     return {status: {"model": ErrorBody, "description": described[status]} for status in statuses}
 
@@ -112,8 +112,8 @@ _HTTP_KINDS = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "
 #: corella's error types and the answer each gets; the first match in this order wins
 _ERROR_ANSWERS: tuple[tuple[type[CorellaError], int, str], ...] = (
     (RequestTooLarge, 413, "payload_too_large"),
-    (ReloadBusy, 409, "reload_in_progress"),
-    (ReloadFailed, 422, "reload_failed"),
+    (ReloadBusy, 429, "reload_in_progress"),
+    (ReloadFailed, 409, "reload_failed"),
     (StoreFull, 507, "store_full"),
     (StoreUnavailable, 503, "store_unavailable"),
     (OverloadedError, 429, "overloaded"),
@@ -140,7 +140,7 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def corella_error(request: Request, exc: CorellaError) -> JSONResponse:
         status, kind = next((s, k) for t, s, k in _ERROR_ANSWERS if isinstance(exc, t))
         headers = None
-        if isinstance(exc, (OverloadedError, StoreUnavailable)):
+        if isinstance(exc, (OverloadedError, StoreUnavailable, ReloadBusy)):
             headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
         if status >= 500:
             log.error("request failed: %s", exc)
@@ -297,12 +297,12 @@ def _api_router(settings: ServerSettings) -> APIRouter:
 
     admin = _key_check(settings.admin_api_key) if settings.admin_api_key is not None else [Depends(_no_admin_key)]
 
-    @router.post("/admin/reload", dependencies=admin, responses=_documented(400, 401, 403, 409, 422, 503))
+    @router.post("/admin/reload", dependencies=admin, responses=_documented(400, 401, 403, 409, 422, 429, 503))
     async def reload(request: Request, body: ReloadBody | None = None) -> dict[str, Any]:
         """Serve another bundle (`bundle`: its folder; default: the folder served now, read again)
         without downtime: it loads and warms beside the one serving, the switch is atomic, and the
         old one is freed once its requests are answered. A bundle that fails to load leaves the old
-        one serving (422). Needs the admin key."""
+        one serving (409 reload_failed); a reload while another runs is a 429. Needs the admin key."""
         _engine(request)
         return await request.app.state.reloader.reload(Path(body.bundle) if body and body.bundle else None)
 

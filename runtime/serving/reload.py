@@ -44,7 +44,9 @@ RETIRE_WAIT_S = 60.0
 
 
 class ReloadBusy(CorellaError):
-    """A reload is already under way."""
+    """A reload is already under way (429 with Retry-After)."""
+
+    retry_after_s = 1.0
 
 
 class ReloadFailed(CorellaError):
@@ -131,7 +133,7 @@ class Reloader:
             target = Path(path) if path is not None else self.path
             try:
                 new, carried = await self._load(target, old)
-            except CorellaError as exc:
+            except Exception as exc:  # whatever failed, the old bundle serves on; said and counted
                 self.metrics.reloads.labels("failed").inc()
                 log.error("reload of %s failed, bundle %s serves on: %s", target, old.bundle.id, exc)
                 raise ReloadFailed(f"{target}: {exc} (bundle {old.bundle.id} serves on)") from exc

@@ -22,13 +22,17 @@ $(STAMP): pyproject.toml | $(BIN)/python
 quickstart: $(STAMP)
 	$(BIN)/corella quickstart
 
-# tests/test_balancer.py runs Debian's nginx in front of two replicas: installed here where make
-# runs as root with apt-get (seconds); elsewhere that test skips and says why
+# tests/test_balancer.py runs Debian's nginx in front of two replicas, tests/test_pgstore.py a
+# PostgreSQL server (Debian's binaries): installed here where make runs as root with apt-get;
+# elsewhere those tests skip and say why
+APT_INSTALL := apt-get install -y -qq --no-install-recommends
 tools:
 	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
-	  { apt-get install -y -qq --no-install-recommends nginx >/dev/null 2>&1 || \
-	    { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends nginx >/dev/null 2>&1; }; }; } || \
+	  { $(APT_INSTALL) nginx >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && $(APT_INSTALL) nginx >/dev/null 2>&1; }; }; } || \
 	  echo "nginx could not be installed: tests/test_balancer.py will skip"
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || { [ "$$(id -u)" = 0 ] && \
+	  command -v apt-get >/dev/null && { $(APT_INSTALL) postgresql >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && \
+	  $(APT_INSTALL) postgresql >/dev/null 2>&1; }; }; } || echo "PostgreSQL could not be installed: tests/test_pgstore.py will skip"
 
 test: $(STAMP) tools
 	$(BIN)/python -m pytest -q

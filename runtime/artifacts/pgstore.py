@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 _CHANNEL = "corella_store"
 _APPEND_LOCK, _SEED_LOCK = 0x636F72656C6C61, 0x636F72656C6C62  # advisory lock keys ("corella", "corellb")
 _NOTICE_BYTES = 7000  # a NOTIFY payload holds at most 8000 bytes
+READ_WAIT_S = 1.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -156,7 +157,9 @@ class PostgresStore(FeatureStore):
 
     def _read(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         try:
-            with self._pool.connection() as conn:
+            # a read waits at most READ_WAIT_S for a connection: with PostgreSQL away, a prediction
+            # is answered (503) rather than holding a CPU worker through the pool's whole timeout
+            with self._pool.connection(timeout=READ_WAIT_S) as conn:
                 return conn.execute(sql.replace("?", "%s"), list(args)).fetchall()
         except self._errors as exc:
             raise self._failed(exc) from exc

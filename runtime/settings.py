@@ -10,6 +10,7 @@ settings (`runtime.scheduling.SchedulerSettings`) take their defaults from these
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, get_args, get_origin
@@ -81,10 +82,24 @@ class EngineSettings(BaseModel):
                                                "nothing is dropped")  # fmt: skip
     state: Path | None = Field(None, description="state folder: the live feature store and engine caches "
                                "(default: $CORELLA_HOME/state/<bundle id>; never inside the bundle)")  # fmt: skip
-    store: Path | None = Field(None, description="live feature store (default: <state>/store.sqlite)")
+    store: Path | None = Field(None, description="live feature store (default: <state>/store.sqlite); a "
+                               "postgresql:// URL is taken as --store-url")  # fmt: skip
     store_url: str | None = Field(None, description="a PostgreSQL live store shared by replicas, "
                                   "postgresql://USER@HOST:PORT/DB (a password is better in PGPASSWORD or ~/.pgpass "
                                   "than on a command line); seeded from the bundle by the first replica")  # fmt: skip
+
+    @model_validator(mode="before")
+    @classmethod
+    def _postgres_store(cls, data: Any) -> Any:
+        """`--store postgresql://...` (or CORELLA_STORE) names the shared store, as --store-url does
+        (a path option has folded the URL's '//' into '/' by then: it is put back)."""
+        if isinstance(data, dict) and data.get("store") is not None:
+            text = str(data["store"])
+            match = re.match(r"^(postgres(?:ql)?):/+(.*)$", text)
+            if match:
+                data = {k: v for k, v in data.items() if k != "store"}
+                data["store_url"] = f"{match.group(1)}://{match.group(2)}"
+        return data
 
 
 class ServerSettings(EngineSettings, BaseSettings):

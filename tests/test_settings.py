@@ -75,3 +75,14 @@ def test_serve_refuses_a_bad_option_in_one_line(tmp_path: Path) -> None:
     said = " ".join(result.output.split())  # rich wraps lines at the terminal's width
     assert "--llm-threads (env CORELLA_LLM_THREADS)" in said and "greater than or equal to 1" in said
     assert "Traceback" not in result.output
+
+
+def test_a_postgresql_store_is_named_by_store_or_store_url(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # typer hands --store over as a Path, which folds the URL's '//' into '/': it is put back
+    settings = ServerSettings.from_options(tmp_path, store=Path("postgresql://corella@db:5432/live"))
+    assert settings.store is None and settings.store_url == "postgresql://corella@db:5432/live"
+    monkeypatch.setenv("CORELLA_STORE", "postgres://corella@db/live")
+    assert ServerSettings(bundle=tmp_path).store_url == "postgres://corella@db/live"
+    monkeypatch.setenv("CORELLA_STORE", str(tmp_path / "store.sqlite"))
+    plain = ServerSettings(bundle=tmp_path)
+    assert plain.store == tmp_path / "store.sqlite" and plain.store_url is None

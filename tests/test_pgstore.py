@@ -117,6 +117,34 @@ def test_an_event_posted_to_one_replica_changes_the_others_next_answer(bundle, p
         b.close()
 
 
+def test_notices_missed_while_the_listener_was_away_forget_every_cached_past(bundle, postgres):
+    import psycopg
+
+    from runtime.artifacts.pgstore import PostgresStore
+
+    url = postgres.database("missed")
+    engine = Engine(load_bundle(bundle), _settings(store_url=url))
+    other = PostgresStore(url)  # another replica's store
+    try:
+        before = _scores(engine, "6")
+        assert len(engine.pasts) > 0  # the user's past is cached now
+        with psycopg.connect(url, autocommit=True) as admin:  # the listener's connection drops
+            killed = admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                   "WHERE datname = 'missed' AND query LIKE 'LISTEN%'").fetchall()  # fmt: skip
+        assert killed and all(ok for (ok,) in killed)
+        # written at once, before the listener is back (it waits 1 s): its notice reaches nobody here
+        other.append([Interaction("6", str(i), 5.0, 4 * 10**9 + i, event_id=f"x{i}") for i in range(1, 9)])
+        for _ in range(100):  # bounded: the listener reconnects and forgets every cached past
+            after = _scores(engine, "6")
+            if not np.allclose(after, before):
+                break
+            time.sleep(0.05)
+        assert not np.allclose(after, before)
+    finally:
+        other.close()
+        engine.close()
+
+
 def test_a_store_that_does_not_answer_is_unavailable_not_a_crash(bundle, postgres):
     url = postgres.database("restart")
     engine = Engine(load_bundle(bundle), _settings(store_url=url))

@@ -105,7 +105,8 @@ def _driver() -> tuple[Any, Any]:
 
 class PostgresStore(FeatureStore):
     """The feature store's reads and writes on PostgreSQL; `on_change(users)` is called when any
-    replica (this one too) appended events of `users`."""
+    replica (this one too) appended events of `users`, `on_change(None)` when notices may have been
+    missed (the listener's connection dropped)."""
 
     _NO_LIMIT = None
     _SUMS = "COALESCE(SUM(rating), 0), COALESCE(SUM(CASE WHEN rating >= ? THEN 1 ELSE 0 END), 0)"
@@ -123,7 +124,7 @@ class PostgresStore(FeatureStore):
         self._totals_cache: dict[str, tuple[float, float, float] | None] = {}
         self._user_cache: dict[str, dict[str, str] | None] = {}
         self._item_columns = _ITEM_COLUMNS
-        self.on_change: Callable[[set[str]], None] | None = None
+        self.on_change: Callable[[set[str] | None], None] | None = None
         self._pool = psycopg_pool.ConnectionPool(url, min_size=1, max_size=pool_size, timeout=timeout_s, open=False,
                                                  kwargs={"autocommit": True}, name="corella-store")  # fmt: skip
         try:
@@ -254,13 +255,17 @@ class PostgresStore(FeatureStore):
                 self._item_cache.pop(item, None)
 
     def _listen(self) -> None:
-        """LISTEN for the writes of every replica; reconnects (forgetting every cache) when the
-        connection drops, since notices sent meanwhile are lost."""
+        """LISTEN for the writes of every replica. A dropped connection loses the notices sent until
+        it is back: on reconnecting, every cache is forgotten (and `on_change(None)` says so)."""
         psycopg = self._psycopg
+        connected = False
         while not self._closing.is_set():
             try:
                 with psycopg.connect(self.url, autocommit=True) as conn:
                     conn.execute(f"LISTEN {_CHANNEL}")
+                    if connected:
+                        self._missed()
+                    connected = True
                     self._listening.set()
                     while not self._closing.is_set():
                         for notice in conn.notifies(timeout=0.5):
@@ -269,10 +274,21 @@ class PostgresStore(FeatureStore):
                 if self._closing.is_set():
                     return
                 log.warning("%s: listening for other replicas' writes failed (%s); again in 1 s", self.path, exc)
-                with self._lock:
-                    self._totals_cache.clear()
-                    self._item_cache.clear()
+                self._missed()
                 self._closing.wait(1.0)
+
+    def _missed(self) -> None:
+        with self._lock:
+            self._totals_cache.clear()
+            self._item_cache.clear()
+        self._tell(None)
+
+    def _tell(self, users: set[str] | None) -> None:
+        if self.on_change is not None:
+            try:
+                self.on_change(users)
+            except Exception:  # pragma: no cover - a callback's failure must not end the listener
+                log.exception("forgetting changed users failed")
 
     def _notified(self, payload: str) -> None:
         try:
@@ -281,11 +297,8 @@ class PostgresStore(FeatureStore):
             return
         users, items = set(notice.get("u", [])), notice.get("i", [])
         self._forget(items)
-        if users and self.on_change is not None:
-            try:
-                self.on_change(users)
-            except Exception:  # pragma: no cover - a callback's failure must not end the listener
-                log.exception("forgetting changed users failed")
+        if users:
+            self._tell(users)
 
 
 def _now_ms() -> int:

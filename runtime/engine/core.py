@@ -364,9 +364,15 @@ class Engine:
         self.metrics.events.inc(count)
         return count
 
-    def users_changed(self, users: set[str]) -> None:
-        """Forget what is cached of `users`: their pasts, prompt prefixes and remembered answers.
-        Called after an append here, and by a shared store when another replica wrote."""
+    def users_changed(self, users: set[str] | None) -> None:
+        """Forget what is cached of `users` (None: of every user): their pasts, prompt prefixes and
+        remembered answers. Called after an append here, and by a shared store when another replica
+        wrote (None when it may have missed which users: prefixes and answers are keyed by their
+        prompts, so the users' pasts are what could be stale)."""
+        if users is None:
+            self.pasts.clear()
+            self._recallable.clear()
+            return
         self.pasts.appended(users)
         for user in users:
             self._recallable.discard(user)  # their prefix changes: the memo has no answers for it

@@ -61,6 +61,7 @@ class UserPasts:
 
     def clear(self) -> None:
         with self._users_lock:
+            self._appends += 1  # a read in flight now is not remembered either
             self._users.clear()
 
     def appended(self, users: set[str]) -> None:

@@ -26,13 +26,15 @@ quickstart: $(STAMP)
 # PostgreSQL server (Debian's binaries): installed here where make runs as root with apt-get;
 # elsewhere those tests skip and say why
 APT_INSTALL := apt-get install -y -qq --no-install-recommends
+# $(1): a shell test that the tool is there; $(2): its Debian package; $(3): the tests that need it
+define install_missing
+	@$(1) || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && { $(APT_INSTALL) $(2) >/dev/null 2>&1 || \
+	  { apt-get update -qq >/dev/null 2>&1 && $(APT_INSTALL) $(2) >/dev/null 2>&1; }; }; } || \
+	  echo "$(2) could not be installed: $(3) will skip"
+endef
 tools:
-	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
-	  { $(APT_INSTALL) nginx >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && $(APT_INSTALL) nginx >/dev/null 2>&1; }; }; } || \
-	  echo "nginx could not be installed: tests/test_balancer.py will skip"
-	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || { [ "$$(id -u)" = 0 ] && \
-	  command -v apt-get >/dev/null && { $(APT_INSTALL) postgresql >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && \
-	  $(APT_INSTALL) postgresql >/dev/null 2>&1; }; }; } || echo "PostgreSQL could not be installed: tests/test_pgstore.py will skip"
+	$(call install_missing,command -v nginx >/dev/null || [ -x /usr/sbin/nginx ],nginx,tests/test_balancer.py)
+	$(call install_missing,ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null,postgresql,tests/test_pgstore.py)
 
 test: $(STAMP) tools
 	$(BIN)/python -m pytest -q

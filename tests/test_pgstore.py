@@ -3,7 +3,6 @@ fixture starts (Debian's postgresql package: initdb and pg_ctl) and stops."""
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import threading
@@ -41,6 +40,16 @@ def _settings(**extra) -> EngineSettings:
 def _scores(engine: Engine, user: str) -> np.ndarray:
     answer = engine.predict(Request([CandidateItem(str(i)) for i in range(1, 21)], user_id=user, mode="crm"))
     return np.array([p["crm_score"] for p in answer["predictions"]])
+
+
+def _changed(read, before, seconds: float = 5.0):
+    """`read()` once it differs from `before` (polled: a notice takes milliseconds), or its last value."""
+    for _ in range(int(seconds / 0.05)):
+        value = read()
+        if not np.allclose(value, before):
+            return value
+        time.sleep(0.05)
+    return read()
 
 
 def _events(tag: str) -> list[Interaction]:
@@ -86,12 +95,7 @@ def test_an_event_posted_to_one_replica_changes_the_others_next_answer(bundle, p
         same = _scores(b, "2")
         np.testing.assert_array_equal(before, same)
         a.append_events([Interaction("2", str(i), 5.0, 2 * 10**9 + i, event_id=f"b{i}") for i in range(1, 9)])
-        for _ in range(100):  # the notice arrives within milliseconds; bounded wait
-            after = _scores(b, "2")
-            if not np.allclose(after, before):
-                break
-            time.sleep(0.05)
-        assert not np.allclose(after, before)
+        assert not np.allclose(_changed(lambda: _scores(b, "2"), before), before)
         assert [h.event_id for h in b.store.history("2")[-8:]] == [f"b{i}" for i in range(1, 9)]
         # both replicas writing at once: the totals stay those of the rows, every event counted once
         rng = np.random.default_rng(5)
@@ -134,12 +138,8 @@ def test_notices_missed_while_the_listener_was_away_forget_every_cached_past(bun
         assert killed and all(ok for (ok,) in killed)
         # written at once, before the listener is back (it waits 1 s): its notice reaches nobody here
         other.append([Interaction("6", str(i), 5.0, 4 * 10**9 + i, event_id=f"x{i}") for i in range(1, 9)])
-        for _ in range(100):  # bounded: the listener reconnects and forgets every cached past
-            after = _scores(engine, "6")
-            if not np.allclose(after, before):
-                break
-            time.sleep(0.05)
-        assert not np.allclose(after, before)
+        # the listener reconnects and forgets every cached past
+        assert not np.allclose(_changed(lambda: _scores(engine, "6"), before), before)
     finally:
         other.close()
         engine.close()
@@ -170,30 +170,10 @@ def test_a_store_that_does_not_answer_is_unavailable_not_a_crash(bundle, postgre
 
 
 def _serve(bundle: Path, port: int, home: Path, url: str) -> subprocess.Popen:
-    import sys
+    from .test_server import _start_server
 
-    import httpx
-
-    from .conftest import REPO
-
-    log = home.with_suffix(".log")
-    with open(log, "w") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "corella_cli", "serve", str(bundle), "--port", str(port), "--no-llm"],
-            cwd=REPO, env=os.environ | {"CORELLA_HOME": str(home), "CORELLA_STORE_URL": url},
-            stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    for _ in range(600):
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            pass
-        if process.poll() is not None:
-            pytest.fail(log.read_text())
-        time.sleep(0.1)
-    process.kill()
-    pytest.fail("replica did not become ready in 60 s")
+    return _start_server(bundle, port, "--no-llm", env={"CORELLA_HOME": str(home), "CORELLA_STORE_URL": url},
+                         log=home.with_suffix(".log"), ready_s=60)  # fmt: skip
 
 
 def test_two_replicas_over_http_share_events_survive_kill_9_and_a_postgres_restart(bundle, postgres, tmp_path):
@@ -220,12 +200,14 @@ def test_two_replicas_over_http_share_events_survive_kill_9_and_a_postgres_resta
         events = [{"user_id": "4", "item_id": str(i), "rating": 5, "event_id": f"h{i}"} for i in range(1, 9)]
         assert httpx.post(f"{replica_a}/v1/events", json={"events": events}, timeout=30).status_code == 200
         acknowledged += [e["event_id"] for e in events]
-        for _ in range(100):
-            after = httpx.post(f"{replica_b}/v1/predict", json=body, timeout=30).json()["predictions"]
-            if [p["score"] for p in after] != [p["score"] for p in before]:
-                break
-            time.sleep(0.05)
-        assert [p["score"] for p in after] != [p["score"] for p in before]  # A's event moved B's answer
+
+        def b_scores() -> list[float]:
+            return [
+                p["score"] for p in httpx.post(f"{replica_b}/v1/predict", json=body, timeout=30).json()["predictions"]
+            ]
+
+        scores = [p["score"] for p in before]
+        assert not np.allclose(_changed(b_scores, scores), scores)  # A's event moved B's answer
         # under load (4 clients predicting on B, 4 posting events to A): PostgreSQL restarts, then A is killed
         stop, answers, lock = threading.Event(), [], threading.Lock()
 

@@ -4,24 +4,21 @@ clients, and a bundle that fails to load leaving the old one serving."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import httpx
-import pytest
 from fastapi.testclient import TestClient
 
 from runtime.artifacts.bundle import MANIFEST, bundle_id
 from runtime.artifacts.store import FeatureStore
 from runtime.serving import ServerSettings, create_app
 
-from .conftest import REPO
+from .test_server import _free_port, _start_server
 
 
 def _successor(bundle: Path, folder: Path) -> Path:
@@ -34,33 +31,9 @@ def _successor(bundle: Path, folder: Path) -> Path:
     return folder
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _serve(bundle: Path, port: int, home: Path, log: Path, *args: str) -> subprocess.Popen:
-    env = os.environ | {"CORELLA_HOME": str(home)}
-    with open(log, "w") as out:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "corella_cli", "serve", str(bundle), "--port", str(port), "--llm-threads", "1",
-             "--llm-decode-without-signal", *args],
-            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
-    for _ in range(600):
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        if server.poll() is not None:
-            pytest.fail(log.read_text())
-        time.sleep(0.1)
-    server.kill()
-    pytest.fail("server did not become ready in 60 s")
+    return _start_server(bundle, port, "--llm-threads", "1", "--llm-decode-without-signal", *args,
+                         env={"CORELLA_HOME": str(home)}, log=log, ready_s=60)  # fmt: skip
 
 
 def _model_id(base: str) -> str:

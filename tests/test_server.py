@@ -288,16 +288,17 @@ def test_real_server_under_32_concurrent_clients(bundle):
         server.wait(timeout=30)
 
 
-def _start_server(bundle: Path, port: int, *args: str) -> subprocess.Popen:
-    """`corella serve` in its own process, its log in a file (a pipe nobody reads would fill and
-    stall the server after a few hundred access-log lines)."""
-    log = bundle.parent / f"serve-{port}.log"
+def _start_server(bundle: Path, port: int, *args: str, env: dict[str, str] | None = None,
+                  log: Path | None = None, ready_s: float = 30) -> subprocess.Popen:  # fmt: skip
+    """`corella serve` in its own process (`env` added to this one's), ready on `port`; its log in a
+    file (a pipe nobody reads would fill and stall the server after a few hundred access-log lines)."""
+    log = log or bundle.parent / f"serve-{port}.log"
     with open(log, "w") as out:
         server = subprocess.Popen(
             [sys.executable, "-m", "corella_cli", "serve", str(bundle), "--port", str(port), *args],
-            cwd=REPO, stdout=out, stderr=subprocess.STDOUT, text=True,
+            cwd=REPO, env=os.environ | (env or {}), stdout=out, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
-    for _ in range(300):
+    for _ in range(int(ready_s * 10)):
         try:
             if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
                 return server
@@ -307,7 +308,7 @@ def _start_server(bundle: Path, port: int, *args: str) -> subprocess.Popen:
             pytest.fail(log.read_text())
         time.sleep(0.1)
     server.kill()
-    pytest.fail("server did not become ready in 30 s")
+    pytest.fail(f"server did not become ready in {ready_s:.0f} s")
 
 
 def test_acknowledged_events_survive_a_kill_9_and_retries_count_once(bundle, tmp_path):

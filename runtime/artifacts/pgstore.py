@@ -23,6 +23,7 @@ import logging
 import math
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -116,13 +117,7 @@ class PostgresStore(FeatureStore):
         self._psycopg, self._psycopg_pool = psycopg, psycopg_pool
         self._errors = (psycopg.Error, psycopg_pool.PoolTimeout)
         self.url, self.path = url, redacted(url)  # type: ignore[assignment]
-        self._lock = threading.Lock()  # the caches
-        self._write_lock = threading.Lock()
-        self._writer = None
-        self._interaction_count: int | None = None
-        self._item_cache: dict[str, ItemText | None] = {}
-        self._totals_cache: dict[str, tuple[float, float, float] | None] = {}
-        self._user_cache: dict[str, dict[str, str] | None] = {}
+        self._start_caches()
         self._item_columns = _ITEM_COLUMNS
         self.on_change: Callable[[set[str] | None], None] | None = None
         self._pool = psycopg_pool.ConnectionPool(url, min_size=1, max_size=pool_size, timeout=timeout_s, open=False,
@@ -231,7 +226,7 @@ class PostgresStore(FeatureStore):
 
     def upsert_items(self, entries: Sequence[tuple[str, ItemText]]) -> tuple[int, int]:
         latest = dict(entries)
-        posted = _now_ms()
+        posted = time.time_ns() // 1_000_000
         ids = list(latest)
         try:
             with self._pool.connection() as conn, conn.transaction():
@@ -299,12 +294,6 @@ class PostgresStore(FeatureStore):
         self._forget(items)
         if users:
             self._tell(users)
-
-
-def _now_ms() -> int:
-    import time
-
-    return time.time_ns() // 1_000_000
 
 
 def _notices(users: Sequence[str], items: Sequence[str]) -> list[str]:

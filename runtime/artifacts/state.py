@@ -25,8 +25,9 @@ from runtime.artifacts.bundle import Bundle
 from runtime.artifacts.store import FeatureStore, Interaction
 from runtime.errors import StoreError
 from runtime.paths import corella_home
+from runtime.prompt import ItemText
 
-__all__ = ["state_dir", "live_store", "live_events", "migrate_store", "reset_store", "replaced_state"]
+__all__ = ["state_dir", "live_store", "live_events", "migrate_store", "carry_events", "reset_store", "replaced_state"]
 
 log = logging.getLogger(__name__)
 
@@ -143,18 +144,26 @@ def migrate_store(bundle: Bundle, source: Path | None = None, state: Path | None
     finally:
         old.close()
     try:
-        if posted:
-            store.upsert_items(posted)
-        catalog = set(store.items([e.item_id for e in events]))
-        kept = [Interaction(e.user_id, e.item_id, e.rating, e.timestamp, event_id=e.event_id)
-                for e in events if e.item_id in catalog]  # fmt: skip
-        if kept:
-            store.append(kept)
+        kept = carry_events(store, events, posted)
     finally:
         store.close()
     _mark_moved(source / STORE, bundle.id)
     return {"from": str(source / STORE), "to": target, "items": len(posted), "events": len(events),
             "kept": len(kept), "dropped_unknown_items": len(events) - len(kept)}  # fmt: skip
+
+
+def carry_events(store: FeatureStore, events: list[Interaction], posted: list[tuple[str, ItemText]]
+                 ) -> list[Interaction]:  # fmt: skip
+    """Another store's posted items, then its events of items `store`'s catalog holds (appended;
+    event ids seen already count once); returns the events kept. The rule of `corella store migrate`."""
+    if posted:
+        store.upsert_items(posted)
+    catalog = set(store.items([e.item_id for e in events]))
+    kept = [Interaction(e.user_id, e.item_id, e.rating, e.timestamp, event_id=e.event_id)
+            for e in events if e.item_id in catalog]  # fmt: skip
+    if kept:
+        store.append(kept)
+    return kept
 
 
 def reset_store(bundle: Bundle, state: Path | None = None) -> dict[str, Any]:

@@ -95,13 +95,7 @@ class FeatureStore:
         self.path = Path(path)
         uri = f"file:{self.path}?mode=ro" if readonly else f"file:{self.path}"
         self._conn = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
-        self._lock = threading.Lock()  # the reading connection and the caches
-        self._write_lock = threading.Lock()
-        self._writer: sqlite3.Connection | None = None
-        self._interaction_count: int | None = None  # counted once, then kept by the appends
-        self._item_cache: dict[str, ItemText | None] = {}
-        self._totals_cache: dict[str, tuple[float, float, float] | None] = {}
-        self._user_cache: dict[str, dict[str, str] | None] = {}
+        self._start_caches()
         try:
             if not readonly:
                 self._conn.execute("PRAGMA journal_mode=WAL")
@@ -131,6 +125,16 @@ class FeatureStore:
         if not readonly:
             self._writer = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
             self._writer.execute("PRAGMA synchronous=FULL")  # per connection: every append is on disk
+
+    def _start_caches(self) -> None:
+        """The locks, the writer slot and the empty caches (every backend starts with these)."""
+        self._lock = threading.Lock()  # the reading connection and the caches
+        self._write_lock = threading.Lock()
+        self._writer: sqlite3.Connection | None = None
+        self._interaction_count: int | None = None  # counted once, then kept by the appends
+        self._item_cache: dict[str, ItemText | None] = {}
+        self._totals_cache: dict[str, tuple[float, float, float] | None] = {}
+        self._user_cache: dict[str, dict[str, str] | None] = {}
 
     def _upgrade(self, version: int) -> None:
         """Bring a live store of an older schema to this one, in one transaction."""

@@ -28,8 +28,8 @@ from typing import Any
 from fastapi.concurrency import run_in_threadpool
 
 from runtime.artifacts.bundle import load_bundle
-from runtime.artifacts.state import STORE, live_events, migrate_store, state_dir
-from runtime.artifacts.store import FeatureStore, Interaction
+from runtime.artifacts.state import STORE, carry_events, live_events, migrate_store, state_dir
+from runtime.artifacts.store import FeatureStore
 from runtime.engine import Engine
 from runtime.errors import ConfigError, CorellaError
 from runtime.metrics import ServingMetrics
@@ -198,14 +198,8 @@ class Reloader:
 def _carry(old: Engine, new: Engine, carried: dict[str, Any]) -> int:
     """The events and items the old store took after the migration, into the new one (writes held)."""
     events = live_events(old.store.path)[int(carried.get("events", 0)) :]
-    posted = old.store.posted_items()
-    if posted:
-        new.store.upsert_items(posted)
-    catalog = set(new.store.items([e.item_id for e in events]))
-    kept = [Interaction(e.user_id, e.item_id, e.rating, e.timestamp, event_id=e.event_id)
-            for e in events if e.item_id in catalog]  # fmt: skip
-    if kept:
-        new.append_events(kept)
+    kept = carry_events(new.store, events, old.store.posted_items())
+    new.users_changed({e.user_id for e in kept})
     return len(events)
 
 

@@ -254,6 +254,14 @@ def train_corella_command(
             "CRM is least sure of, as the router picks at serving)"
         ),
     ] = None,
+    crm_token: Annotated[
+        bool,
+        typer.Option(
+            "--crm-token",
+            help="experiment: the LLM also reads the CRM's representation of each candidate, projected into its "
+            "input space (CoLLM-style); such a run is evaluated but not exported",
+        ),
+    ] = False,
     whole_prompts: Annotated[
         bool,
         typer.Option(
@@ -336,7 +344,7 @@ def train_corella_command(
 #: `corella train` options -> where they go in CoReLLaConfig (the joint stages, or the top level)
 _JOINT_OPTIONS = ("stage2_samples", "stage3_samples", "batch_size", "stage2_epochs", "stage3_epochs",
                   "llm_learning_rate", "alignment_weight", "seed", "grad_accumulation",
-                  "gradient_checkpointing", "group_size", "llm_samples")  # fmt: skip
+                  "gradient_checkpointing", "group_size", "llm_samples", "crm_token")  # fmt: skip
 _TOP_OPTIONS = ("dataset", "llm", "device", "dtype", "max_prompt_tokens", "prompt_version", "eval_samples",
                 "router_fraction", "threads", "calibration_samples")  # fmt: skip
 

@@ -159,6 +159,11 @@ def export_bundle(run: Path, out: Path, config: ExportConfig | None = None,
     resolve_compute(config.device, "float32")  # an unusable --device is refused before any work
     final = run / "final"
     crm_dir = final / "crm" if (final / "crm").exists() else run / "crm"
+    if (final / "llm" / "llm.json").exists() and read_json(final / "llm" / "llm.json").get("crm_token"):
+        raise ExportError(
+            f"{final / 'llm' / 'llm.json'}: this run's LLM reads a CRM token (`corella train --crm-token`, an "
+            "experiment); the runtime does not serve one yet: export a run trained without it"
+        )
     if not (crm_dir / "model.safetensors").exists():
         raise ConfigError(f"{run}: no trained CRM (run `corella train crm` or `corella train` first)")
     if config.threads:

@@ -52,12 +52,12 @@ def _groups(scorer: LLMScorer) -> list[tuple[list[int], list[list[int]]]]:
     return out
 
 
-def _loss_and_gradients(scorer, groups, shared: bool, heads: AlignmentHeads | None, blocks=(1, 3)):
+def _loss_and_gradients(scorer, groups, shared: bool, heads: AlignmentHeads | None, blocks=(1, 3), rows=None):
     scorer.zero_grad(set_to_none=True)
     if heads is not None:
         heads.zero_grad(set_to_none=True)
     labels = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 0.0, 1.0])[: sum(len(s) for _, s in groups)]
-    logit, hidden = llm_forward(scorer, groups, shared, blocks if heads is not None else ())
+    logit, hidden = llm_forward(scorer, groups, shared, blocks if heads is not None else (), rows)
     loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, labels)
     if heads is not None:
         crm_layers = [torch.linspace(-1, 1, len(labels) * 6).reshape(len(labels), 6) * (j + 1) for j in range(2)]
@@ -67,14 +67,14 @@ def _loss_and_gradients(scorer, groups, shared: bool, heads: AlignmentHeads | No
     return logit.detach(), [h.detach() for h in hidden], loss.item(), grads
 
 
-def _assert_same_path(scorer: LLMScorer, groups) -> None:
+def _assert_same_path(scorer: LLMScorer, groups, rows=None) -> None:
     _randomize_adapters(scorer)
     scorer.train()  # LoRA dropout is 0 here: train mode must not change the answers
     for with_alignment in (False, True):
         torch.manual_seed(3)
         heads = AlignmentHeads(6, scorer.hidden_size, 2, 8) if with_alignment else None
-        whole = _loss_and_gradients(scorer, groups, False, heads)
-        shared = _loss_and_gradients(scorer, groups, True, heads)
+        whole = _loss_and_gradients(scorer, groups, False, heads, rows=rows)
+        shared = _loss_and_gradients(scorer, groups, True, heads, rows=rows)
         assert torch.allclose(whole[0], shared[0], atol=1e-4), (whole[0], shared[0])
         for a, b in zip(whole[1], shared[1], strict=True):  # hidden states at each candidate's last token
             assert torch.allclose(a, b, atol=1e-4 * max(1.0, float(a.abs().max())))
@@ -83,6 +83,9 @@ def _assert_same_path(scorer: LLMScorer, groups) -> None:
         assert largest > 1e-4  # the adapters do get a gradient
         for name, g in whole[3].items():
             assert torch.allclose(g, shared[3][name], atol=1e-4 * largest), name
+        projector = [g for name, g in whole[3].items() if "crm_projector" in name]
+        assert bool(projector) == (rows is not None)
+        assert all(float(g.abs().max()) > 0 for g in projector)  # the CRM token is trained too
 
 
 def test_shared_prefix_gives_the_answers_and_gradients_of_whole_prompts(tiny_gguf):
@@ -126,6 +129,36 @@ def test_shared_prefix_on_gemma3_layers_within_and_beyond_the_sliding_window(tin
         whole, _ = llm_forward(narrow, groups, False)
         shared, _ = llm_forward(narrow, groups, True)
     assert torch.allclose(whole, shared, atol=1e-4)
+
+
+def _assert_crm_token_path(scorer: LLMScorer, groups) -> None:
+    """The CRM token: zero at first (the text-only answers), then the same answers and gradients shared or
+    whole; each candidate reads its own row's vector; without rows the forward refuses."""
+    from runtime.errors import ConfigError
+
+    rows = np.arange(sum(len(s) for _, s in groups))
+    table = torch.randn(len(rows), 6, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        plain, _ = llm_forward(scorer, groups, True)
+        scorer.enable_crm_token(6, lambda r: table[torch.as_tensor(r)])
+        first, _ = llm_forward(scorer, groups, True, rows=rows)
+    assert torch.allclose(plain, first, atol=1e-5)
+    _assert_same_path(scorer, groups, rows)
+    with torch.no_grad():
+        read, _ = llm_forward(scorer, groups, True, rows=rows)
+        swapped, _ = llm_forward(scorer, groups, True, rows=rows[::-1].copy())
+    assert not torch.allclose(read, swapped, atol=1e-4)
+    with pytest.raises(ConfigError, match="rows"):
+        llm_forward(scorer, groups, True)
+
+
+def test_crm_token_keeps_shared_prefix_equal_to_whole_prompts(tiny_gguf):
+    torch.manual_seed(0)
+    scorer = LLMScorer.load(resolve_base_llm(str(tiny_gguf)), PromptTemplate(), LoRAConfig(dropout=0.0))
+    _assert_crm_token_path(scorer, _groups(scorer))
+    # Gemma 3 scales its input embeddings inside the embedding module: the token is added after that
+    gemma = _tiny_gemma3(tiny_gguf, sliding_window=512)
+    _assert_crm_token_path(gemma, _groups(gemma))
 
 
 @pytest.fixture(scope="module")

@@ -66,6 +66,10 @@ class JointConfig(BaseModel):
         "training rows (the router's fraction of them, or twice the stages' samples where that is more: the kind "
         "of sample the router will send it)",
     )  # fmt: skip
+    crm_token: bool = Field(
+        False, description="experiment (lever e): the LLM also reads the CRM's representation of each candidate, "
+        "projected into its input space and added at the answer position; export does not serve it yet",
+    )  # fmt: skip
     skip_stage3: bool = Field(False, description="ablation: no LLM-only stage")
     llm_alone: bool = Field(False, description="ablation (TALLRec): train the LLM alone on the same samples, no CRM")
     grad_accumulation: int = Field(
@@ -146,7 +150,7 @@ class _LossWeights:
         batch_rows = group_rows(groups)
         target = torch.from_numpy(labels[batch_rows].astype(np.float32)).to(scorer.device)
         llm_logit, llm_hidden = llm_forward(scorer, [prompts(g) for g in groups], config.shared_prefix,
-                                            blocks if self.use_alignment else ())  # fmt: skip
+                                            blocks if self.use_alignment else (), batch_rows)  # fmt: skip
         loss_llm = self.bce(llm_logit, target)
         parts = {"llm": loss_llm.item()}
         loss = config.llm_weight * loss_llm
@@ -163,13 +167,16 @@ class _LossWeights:
 
 
 def llm_forward(scorer: LLMScorer, groups: Sequence[tuple[list[int], list[list[int]]]], shared_prefix: bool,
-                layers: Sequence[int] = ()) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
+                layers: Sequence[int] = (), rows: np.ndarray | None = None,
+                ) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
     """The LLM on (prefix, suffixes) groups: each prefix once (shared) or each whole prompt on its own
-    in one left-padded batch (per prompt). The two give the same answers and gradients."""
+    in one left-padded batch (per prompt). The two give the same answers and gradients. `rows`: the
+    candidates' samples in order (read where the LLM reads a CRM token)."""
+    soft = scorer.crm_token(rows)
     if shared_prefix:
-        return scorer.forward_groups(groups, layers)
+        return scorer.forward_groups(groups, layers, soft)
     prompts = [prefix + suffix for prefix, suffixes in groups for suffix in suffixes]
-    return scorer(**scorer.collate(prompts), layers=layers)
+    return scorer(**scorer.collate(prompts), layers=layers, soft=soft)
 
 
 class _Trained:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
@@ -111,6 +112,28 @@ class LLMScorer(nn.Module):
         self.hidden_size = int(config.hidden_size)
         self.softcap = getattr(config, "final_logit_softcapping", None)
         self.sliding_window = getattr(config, "sliding_window", None) or None
+        #: the CRM token (an experiment, `JointConfig.crm_token`): the CRM's representation of a candidate,
+        #: projected into the LLM's input space and added to the input at the candidate's answer position
+        self.crm_projector: nn.Module | None = None
+        self.crm_vectors: Callable[[np.ndarray], torch.Tensor] | None = None
+
+    def enable_crm_token(self, crm_dim: int, crm_vectors: Callable[[np.ndarray], torch.Tensor]) -> None:
+        """Read a CRM token at every answer position: `crm_vectors(rows)` [B, crm_dim] -> LayerNorm ->
+        Linear into the LLM's width (zero at first, so training starts from the text-only model; trained
+        with the adapters and saved with them)."""
+        linear = nn.Linear(crm_dim, self.hidden_size)
+        nn.init.zeros_(linear.weight)
+        nn.init.zeros_(linear.bias)
+        self.crm_projector = nn.Sequential(nn.LayerNorm(crm_dim), linear).to(self.device)
+        self.crm_vectors = crm_vectors
+
+    def crm_token(self, rows: Sequence[int] | np.ndarray | None) -> torch.Tensor | None:
+        """The CRM token of each row [B, hidden] (None where the LLM reads none)."""
+        if self.crm_projector is None:
+            return None
+        if rows is None:
+            raise ConfigError("this LLM reads a CRM token: its forward needs the samples' rows")
+        return self.crm_projector(self.crm_vectors(np.asarray(rows, dtype=np.int64)).float())
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -226,12 +249,15 @@ class LLMScorer(nn.Module):
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor,
         layers: Sequence[int] = (),
+        soft: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Returns (yes-minus-no logit [B], hidden states [B, H] at the last token of each
-        requested block). sigmoid of the first is P(" Yes") under the two-token softmax."""
+        requested block). sigmoid of the first is P(" Yes") under the two-token softmax. `soft` [B, H]
+        is added to each (left-padded) prompt's last input embedding (the CRM token)."""
         decoder = self._causal_lm().get_decoder()
         out = decoder(
-            input_ids=input_ids,
+            **self._inputs(decoder, input_ids, torch.arange(len(input_ids)),
+                           torch.full((len(input_ids),), input_ids.shape[1] - 1), soft),
             attention_mask=attention_mask,
             position_ids=position_ids,
             output_hidden_states=bool(layers),
@@ -242,9 +268,22 @@ class LLMScorer(nn.Module):
         hidden = [out.hidden_states[layer][:, -1] for layer in layers]
         return logits[:, 0] - logits[:, 1], hidden
 
+    def _inputs(self, decoder: nn.Module, input_ids: torch.Tensor, rows: torch.Tensor, at: torch.Tensor,
+                soft: torch.Tensor | None) -> dict[str, torch.Tensor]:  # fmt: skip
+        """The decoder's inputs: token ids, or with `soft` their embeddings with soft[i] added at
+        (rows[i], at[i])."""
+        if soft is None:
+            return {"input_ids": input_ids}
+        embeds = decoder.get_input_embeddings()(input_ids)  # Gemma's scaling is inside the embedding module
+        index = (rows.to(embeds.device), at.to(embeds.device))
+        return {"inputs_embeds": embeds.index_put(index, soft.to(embeds.dtype), accumulate=True)}
+
     # ------------------------------------------------------------------ shared prefixes
     def forward_groups(
-        self, groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]], layers: Sequence[int] = ()
+        self,
+        groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],
+        layers: Sequence[int] = (),
+        soft: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """`forward` for candidates that share a prefix, the way serving decodes them: each group's
         prefix (BOS, instruction, the user's history) runs once, its KV cache is expanded over the
@@ -252,11 +291,15 @@ class LLMScorer(nn.Module):
         Gradients reach the LoRA adapters through the cache exactly as when each prompt runs alone.
 
         `groups`: (prefix ids, [suffix ids of each candidate]). Returns the yes-minus-no logit of
-        every candidate in order [sum K] and hidden states at each candidate's last token."""
+        every candidate in order [sum K] and hidden states at each candidate's last token. `soft`
+        [sum K, H]: each candidate's CRM token, added at its last suffix token."""
         if self.checkpointing:  # transformers turns the KV cache off under gradient checkpointing
             prompts = [list(prefix) + list(suffix) for prefix, suffixes in groups for suffix in suffixes]
-            return self(**self.collate(prompts), layers=layers)
-        parts = [self._forward_group(prefix, suffixes, layers) for prefix, suffixes in groups]
+            return self(**self.collate(prompts), layers=layers, soft=soft)
+        sizes = [len(suffixes) for _, suffixes in groups]
+        softs = soft.split(sizes) if soft is not None else [None] * len(groups)
+        parts = [self._forward_group(prefix, suffixes, layers, part)
+                 for (prefix, suffixes), part in zip(groups, softs, strict=True)]  # fmt: skip
         logits = torch.cat([logit for logit, _ in parts])
         return logits, [torch.cat([hidden[i] for _, hidden in parts]) for i in range(len(layers))]
 
@@ -268,8 +311,9 @@ class LLMScorer(nn.Module):
         return bool(on) and self.training
 
     def _forward_group(
-        self, prefix: Sequence[int], suffixes: Sequence[Sequence[int]], layers: Sequence[int]
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        self, prefix: Sequence[int], suffixes: Sequence[Sequence[int]], layers: Sequence[int],
+        soft: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
         if not suffixes or not all(suffixes):
             raise ConfigError("a shared-prefix group needs at least one candidate, each with a non-empty suffix")
         decoder, device = self._causal_lm().get_decoder(), self.device
@@ -277,7 +321,7 @@ class LLMScorer(nn.Module):
         if self.sliding_window and length + width > self.sliding_window:
             # sliding-window layers (Gemma 3: 512 tokens) would drop the prefix's oldest keys from the
             # cache; prompts that long run whole (a prompt budget of 320 tokens never gets here)
-            return self(**self.collate([list(prefix) + list(s) for s in suffixes]), layers=layers)
+            return self(**self.collate([list(prefix) + list(s) for s in suffixes]), layers=layers, soft=soft)
         # transformers 5.2x names the KV cache `cache` (argument and output), earlier ones `past_key_values`
         name = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
         cache = getattr(decoder(input_ids=torch.tensor([list(prefix)], device=device), use_cache=True), name)
@@ -289,16 +333,16 @@ class LLMScorer(nn.Module):
             input_ids[i, : len(suffix)] = torch.tensor(list(suffix), dtype=torch.long)
             attention_mask[i, length : length + len(suffix)] = 1
         position_ids = torch.arange(length, length + width).expand(count, width)
+        rows = torch.arange(count, device=device)
+        last = torch.tensor([len(s) - 1 for s in suffixes], device=device)
         out = decoder(
-            input_ids=input_ids.to(device),
+            **self._inputs(decoder, input_ids.to(device), rows, last, soft),
             attention_mask=attention_mask.to(device),
             position_ids=position_ids.to(device),
             use_cache=True,
             **{name: cache},
             output_hidden_states=bool(layers),
         )
-        rows = torch.arange(count, device=device)
-        last = torch.tensor([len(s) - 1 for s in suffixes], device=device)
         logits = self.answer_logits(out.last_hidden_state[rows, last])
         return logits[:, 0] - logits[:, 1], [out.hidden_states[layer][rows, last] for layer in layers]
 

@@ -160,7 +160,8 @@ def score_groups(
     with Progress() as progress:
         task = progress.add_task(description, total=len(out))
         for shared, chosen in passes:
-            logit, _ = llm_forward(scorer, [prompts(groups[i]) for i in chosen], shared)
+            logit, _ = llm_forward(scorer, [prompts(groups[i]) for i in chosen], shared,
+                                   rows=group_rows([groups[i] for i in chosen]))  # fmt: skip
             p = torch.sigmoid(logit.double()).cpu().numpy()
             at = 0
             for i in chosen:
@@ -370,6 +371,12 @@ def _load_models(config: CoReLLaConfig, prepared: PreparedData, crm_stage1: DCNv
             f"alignment blocks {blocks} must name one LLM block in 1..{scorer.num_layers} per cross layer "
             f"({len(crm.cross)})"
         )
+    if joint.crm_token:
+        def crm_vectors(rows: np.ndarray) -> torch.Tensor:  # gradients reach the CRM only while it trains
+            with torch.set_grad_enabled(torch.is_grad_enabled() and crm.training):
+                return crm.representation(**to_tensors(prepared.inputs, rows, compute.device))
+
+        scorer.enable_crm_token(crm.representation_dim, crm_vectors)
     heads = None
     if not joint.llm_alone and joint.alignment_weight > 0:
         heads = AlignmentHeads(crm.input_dim, scorer.hidden_size, len(blocks), joint.alignment_dim).to(compute.device)
@@ -446,7 +453,7 @@ def _save_final(out: Path, config: CoReLLaConfig, prepared: PreparedData, crm: D
     write_json(final / "llm" / "llm.json", {
         "base": config.llm, "base_path": str(base.path), "base_is_gguf": base.is_gguf,
         "lora": config.lora.model_dump(), "yes_token_id": scorer.yes_id, "no_token_id": scorer.no_id,
-        "bos_token_id": scorer.bos_id, "num_layers": scorer.num_layers,
+        "bos_token_id": scorer.bos_id, "num_layers": scorer.num_layers, "crm_token": config.joint.crm_token,
     })  # fmt: skip
     scorer.template.save(final / "prompt.json")
 
@@ -575,6 +582,7 @@ def llm_training_summary(config: CoReLLaConfig) -> dict[str, Any]:
     joint = config.joint
     return {
         "group_size": joint.group_size, "shared_prefix": joint.shared_prefix, "llm_samples": joint.llm_samples,
+        "crm_token": joint.crm_token,
         "batch_size": joint.batch_size,
         "training_rule": f"groups of a user's next {joint.group_size} "
         + ("training interactions" if joint.llm_samples == "random" else

@@ -190,8 +190,14 @@ class DCNv2(nn.Module):
     def representation_dim(self) -> int:
         return self.head.in_features
 
-    def _states(self, categorical: torch.Tensor, tags: torch.Tensor, history_items: torch.Tensor,
-                history_ratings: torch.Tensor, stats: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
+    def _states(
+        self,
+        categorical: torch.Tensor,
+        tags: torch.Tensor,
+        history_items: torch.Tensor,
+        history_ratings: torch.Tensor,
+        stats: torch.Tensor,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         x0 = self.embed(categorical, tags, history_items, history_ratings, stats)
         x, layers = x0, []
         for layer in self.cross:

@@ -256,8 +256,13 @@ class LLMScorer(nn.Module):
         is added to each (left-padded) prompt's last input embedding (the CRM token)."""
         decoder = self._causal_lm().get_decoder()
         out = decoder(
-            **self._inputs(decoder, input_ids, torch.arange(len(input_ids)),
-                           torch.full((len(input_ids),), input_ids.shape[1] - 1), soft),
+            **self._inputs(
+                decoder,
+                input_ids,
+                torch.arange(len(input_ids)),
+                torch.full((len(input_ids),), input_ids.shape[1] - 1),
+                soft,
+            ),
             attention_mask=attention_mask,
             position_ids=position_ids,
             output_hidden_states=bool(layers),

@@ -372,6 +372,7 @@ def _load_models(config: CoReLLaConfig, prepared: PreparedData, crm_stage1: DCNv
             f"({len(crm.cross)})"
         )
     if joint.crm_token:
+
         def crm_vectors(rows: np.ndarray) -> torch.Tensor:  # gradients reach the CRM only while it trains
             with torch.set_grad_enabled(torch.is_grad_enabled() and crm.training):
                 return crm.representation(**to_tensors(prepared.inputs, rows, compute.device))

@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 
 from benchmarks.postgres import LocalPostgres, postgres_missing
-from runtime.artifacts.bundle import load_bundle
+from runtime.artifacts.bundle import bundle_id, load_bundle
+from runtime.artifacts.pgstore import bundle_schema
 from runtime.artifacts.store import Interaction
 from runtime.engine import CandidateItem, Engine, EngineSettings, Request
-from runtime.errors import StoreError, StoreUnavailable
+from runtime.errors import StoreUnavailable
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +66,7 @@ def test_postgres_reads_and_appends_as_sqlite_does(bundle, postgres, tmp_path):
     shared = Engine(loaded, _settings(store_url=url))
     try:
         assert shared.store.counts() == sqlite.store.counts()
+        seeded = shared.store.counts()
         for engine in (sqlite, shared):
             assert engine.append_events(_events("a")) == 40
             assert engine.append_events(_events("a")[:10]) == 0  # a retried batch counts once
@@ -80,10 +82,14 @@ def test_postgres_reads_and_appends_as_sqlite_does(bundle, postgres, tmp_path):
     finally:
         sqlite.close()
         shared.close()
-    with pytest.raises(StoreError, match="seeded from bundle"):  # one store, one bundle, as with SQLite
-        other = load_bundle(bundle)
-        object.__setattr__(other, "id", "0123456789abcdef")
-        Engine(other, _settings(store_url=url))
+    # another bundle (one that replaced none) gets a schema of its own, seeded from its own snapshot
+    other = load_bundle(bundle)
+    object.__setattr__(other, "id", "0123456789ABCDEF")
+    fresh = Engine(other, _settings(store_url=url))
+    try:
+        assert fresh.store.schema == "corella_0123456789abcdef" and fresh.store.counts() == seeded
+    finally:
+        fresh.close()
 
 
 def test_an_event_posted_to_one_replica_changes_the_others_next_answer(bundle, postgres):
@@ -124,17 +130,17 @@ def test_an_event_posted_to_one_replica_changes_the_others_next_answer(bundle, p
 def test_notices_missed_while_the_listener_was_away_forget_every_cached_past(bundle, postgres):
     import psycopg
 
-    from runtime.artifacts.pgstore import PostgresStore
+    from runtime.artifacts.pgstore import LISTENER, PostgresStore
 
     url = postgres.database("missed")
     engine = Engine(load_bundle(bundle), _settings(store_url=url))
-    other = PostgresStore(url)  # another replica's store
+    other = PostgresStore(url, bundle_schema(engine.bundle.id))  # another replica's store
     try:
         before = _scores(engine, "6")
         assert len(engine.pasts) > 0  # the user's past is cached now
         with psycopg.connect(url, autocommit=True) as admin:  # the listener's connection drops
-            killed = admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                                   "WHERE datname = 'missed' AND query LIKE 'LISTEN%'").fetchall()  # fmt: skip
+            killed = admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = 'missed' "
+                                   "AND application_name = %s", (LISTENER,)).fetchall()  # fmt: skip
         assert killed and all(ok for (ok,) in killed)
         # written at once, before the listener is back (it waits 1 s): its notice reaches nobody here
         other.append([Interaction("6", str(i), 5.0, 4 * 10**9 + i, event_id=f"x{i}") for i in range(1, 9)])
@@ -270,7 +276,7 @@ def test_two_replicas_over_http_share_events_survive_kill_9_and_a_postgres_resta
             if process.poll() is None:
                 process.terminate()
                 process.wait(timeout=60)
-    store = PostgresStore(url)
+    store = PostgresStore(url, bundle_schema(bundle_id(bundle)))
     try:
         stored = {e.event_id for e in store.interactions(offset=0)}
     finally:
@@ -297,9 +303,101 @@ def test_store_migrate_carries_a_sqlite_stores_events_into_postgres(bundle, post
     assert moved.exit_code == 0, moved.output
     assert "migrated 40 of 41 events" in moved.output and "1 of items not in the catalog dropped" in moved.output
     assert "@" in moved.output and ":***@" not in moved.output  # the URL named (no password here to hide)
-    store = PostgresStore(url)
+    store = PostgresStore(url, bundle_schema(bundle_id(bundle)))
     try:
         ids = {e.event_id for e in store.interactions(offset=0)}
     finally:
         store.close()
     assert {f"m{i}" for i in range(40)} <= ids and "gone" not in ids
+
+
+def test_a_deploy_rolls_over_two_replicas_on_one_postgresql_store_and_every_event_arrives_once(
+    bundle, postgres, tmp_path
+):
+    """Replica A reloads onto the new bundle while replica B still serves the old one: B's writes
+    reach A's next answers (carried from the old schema as they are announced), and once B reloads
+    too, every event is in the new bundle's store exactly once, with or without an event id."""
+    from fastapi.testclient import TestClient
+
+    from runtime.artifacts.pgstore import PostgresStore
+    from runtime.serving import ServerSettings, create_app
+
+    from .test_reload import _successor
+
+    url = postgres.database("rolling")
+    new = _successor(bundle, tmp_path / "next")
+    old_id, new_id = bundle_id(bundle), bundle_id(new)
+    settings = {"store_url": url, "admin_api_key": "a", "llm_decode_without_signal": True}
+    admin = {"Authorization": "Bearer a"}
+
+    def post(client, user: str, tag: str, count: int, ids: bool = True) -> None:
+        events = [{"user_id": user, "item_id": str(1 + i % 30), "rating": 5, "timestamp": 2 * 10**9 + i}
+                  | ({"event_id": f"{tag}{i}"} if ids else {}) for i in range(count)]  # fmt: skip
+        answer = client.post("/v1/events", json={"events": events})
+        assert answer.status_code == 200, answer.text
+
+    def scores(client, user: str) -> np.ndarray:
+        body = {"user_id": user, "candidates": [{"item_id": str(i)} for i in range(1, 21)], "mode": "crm"}
+        answer = client.post("/v1/predict", json=body).json()
+        return np.array([p["crm_score"] for p in answer["predictions"]] + [answer["bundle_id"] == new_id])
+
+    with TestClient(create_app(ServerSettings(bundle=bundle, **settings))) as a, \
+            TestClient(create_app(ServerSettings(bundle=bundle, **settings))) as b:  # fmt: skip
+        post(a, "6", "before", 10)
+        moved = a.post("/v1/admin/reload", json={"bundle": str(new)}, headers=admin)
+        assert moved.status_code == 200, moved.text
+        assert moved.json()["bundle_id"] == new_id and moved.json()["store"]["kept"] == 10
+        before = scores(a, "7")
+        assert before[-1] == 1.0 and scores(b, "7")[-1] == 0.0  # A on the new bundle, B on the old
+        post(b, "7", "during", 12)  # to the old bundle's schema
+        post(b, "8", "", 6, ids=False)  # events without ids: carried once all the same
+        assert not np.allclose(_changed(lambda: scores(a, "7"), before), before)
+        moved = b.post("/v1/admin/reload", json={"bundle": str(new)}, headers=admin)
+        assert moved.status_code == 200 and moved.json()["bundle_id"] == new_id, moved.text
+        post(b, "7", "after", 5)
+        np.testing.assert_allclose(scores(a, "7"), scores(b, "7"), rtol=1e-6)  # one store, the same answers
+    store = PostgresStore(url, bundle_schema(new_id))
+    try:
+        live = store.interactions(offset=int(store.meta("seed_interactions")))
+        assert int(store.meta("interactions")) == int(store.meta("seed_interactions")) + len(live)
+    finally:
+        store.close()
+    ids = Counter(e.event_id for e in live if e.event_id is not None)
+    assert set(ids) == {f"before{i}" for i in range(10)} | {f"during{i}" for i in range(12)} | {
+        f"after{i}" for i in range(5)} and max(ids.values()) == 1  # fmt: skip
+    assert len([e for e in live if e.event_id is None and e.user_id == "8"]) == 6
+    assert old_id != new_id
+
+
+def test_a_bundle_that_replaced_another_takes_its_postgresql_events_by_migrate_or_on_its_first_start(
+    bundle, postgres, tmp_path
+):
+    import json
+
+    from typer.testing import CliRunner
+
+    from corella_cli.main import app
+    from runtime.artifacts.bundle import MANIFEST
+
+    from .test_reload import _successor
+
+    url = postgres.database("restarted")
+    old = Engine(load_bundle(bundle), _settings(store_url=url))
+    try:
+        assert old.append_events(_events("r") + [Interaction("3", "no-such-item", 4.0, 10**9, event_id="gone")]) == 41
+    finally:
+        old.close()
+    by_hand = _successor(bundle, tmp_path / "by-hand")
+    moved = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["store", "migrate", str(by_hand), "--store-url", url])
+    assert moved.exit_code == 0, moved.output
+    assert "migrated 40 of 41 events" in moved.output and f"schema {bundle_schema(bundle_id(bundle))}" in moved.output
+    on_start = _successor(bundle, tmp_path / "on-start")  # another export replacing the same bundle
+    manifest = json.loads((on_start / MANIFEST).read_text())
+    (on_start / MANIFEST).write_text(json.dumps(manifest | {"created_at": "2031-01-01T00:00:00+00:00"}))
+    for folder in (by_hand, on_start):  # the first start after migrate carries nothing twice; without, it carries
+        engine = Engine(load_bundle(folder), _settings(store_url=url))
+        try:
+            live = engine.store.interactions(offset=int(engine.store.meta("seed_interactions")))
+        finally:
+            engine.close()
+        assert sorted(e.event_id for e in live) == sorted(f"r{i}" for i in range(40)), folder

@@ -14,6 +14,14 @@ snapshot's copy, notifications) lives in this module only.
   and remembered answers), so an event posted to one replica changes the next prediction of all.
 - Reads go through a connection pool; a store that does not answer is a StoreError, which the
   HTTP layer answers with 503 and Retry-After.
+- Each bundle's store is a schema of its own in the one database (`corella_<bundle id>`), so that
+  replicas can move from one bundle to the next one at a time (a reload, or a restart with the new
+  bundle). The new schema is seeded from the new bundle's snapshot and then carries the old one's
+  live events and posted items (`PostgresStore.carry_from`: the rule of `corella store migrate`,
+  exactly once whichever replicas carry, by a watermark kept in the same transaction). Replicas
+  still on the old bundle write to its schema; every replica on the new one listens to the old
+  schema's notices too and carries what they announce, so no acknowledged event is left behind
+  while a deploy rolls.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ from runtime.artifacts.store import _ITEM_COLUMNS, SCHEMA_VERSION, FeatureStore,
 from runtime.errors import StoreError, StoreFull, StoreUnavailable
 from runtime.prompt import ItemText
 
-__all__ = ["PostgresStore", "postgres_live_store", "is_postgres_url", "redacted"]
+__all__ = ["PostgresStore", "postgres_live_store", "bundle_schema", "is_postgres_url", "redacted"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +49,7 @@ _CHANNEL = "corella_store"
 _APPEND_LOCK, _SEED_LOCK = 0x636F72656C6C61, 0x636F72656C6C62  # advisory lock keys ("corella", "corellb")
 _NOTICE_BYTES = 7000  # a NOTIFY payload holds at most 8000 bytes
 READ_WAIT_S = 1.0
+LISTENER = "corella-store-listen"  # the listener connection's application_name
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -82,6 +91,13 @@ ON CONFLICT (item_id) DO UPDATE SET title = excluded.title, year = excluded.year
 """
 
 
+def bundle_schema(bundle_id: str) -> str:
+    """The schema of a bundle's live store (bundle ids are 16 hex digits: a plain identifier)."""
+    if not (isinstance(bundle_id, str) and bundle_id.isalnum()):
+        raise StoreError(f"bundle id {bundle_id!r} cannot name a PostgreSQL schema")
+    return f"corella_{bundle_id.lower()}"
+
+
 def is_postgres_url(value: Any) -> bool:
     return isinstance(value, str) and value.split("://", 1)[0] in ("postgresql", "postgres")
 
@@ -112,20 +128,26 @@ class PostgresStore(FeatureStore):
     _NO_LIMIT = None
     _SUMS = "COALESCE(SUM(rating), 0), COALESCE(SUM(CASE WHEN rating >= ? THEN 1 ELSE 0 END), 0)"
 
-    def __init__(self, url: str, pool_size: int = 8, timeout_s: float = 5.0) -> None:
+    def __init__(self, url: str, schema: str = "public", pool_size: int = 8, timeout_s: float = 5.0) -> None:
         psycopg, psycopg_pool = _driver()
         self._psycopg, self._psycopg_pool = psycopg, psycopg_pool
         self._errors = (psycopg.Error, psycopg_pool.PoolTimeout)
-        self.url, self.path = url, redacted(url)  # type: ignore[assignment]
+        if not schema.replace("_", "").isalnum():
+            raise StoreError(f"{schema!r} is not a schema name corella makes")
+        self.url, self.schema = url, schema
+        self.path = f"{redacted(url)} (schema {schema})"  # type: ignore[assignment]
+        self.channel = _CHANNEL if schema == "public" else schema  # what its appends are announced on
+        self._connect = {"autocommit": True, "options": f"-c search_path={schema}"}
         self._start_caches()
         self._item_columns = _ITEM_COLUMNS
         self.on_change: Callable[[set[str] | None], None] | None = None
         self._pool = psycopg_pool.ConnectionPool(url, min_size=1, max_size=pool_size, timeout=timeout_s, open=False,
-                                                 kwargs={"autocommit": True}, name="corella-store")  # fmt: skip
+                                                 kwargs=self._connect, name="corella-store")  # fmt: skip
         try:
             self._pool.open(wait=True, timeout=timeout_s)
             with self._pool.connection() as conn, conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SEED_LOCK,))
+                conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
                 conn.execute(_SCHEMA)
         except self._errors as exc:
             self._pool.close()
@@ -181,6 +203,9 @@ class PostgresStore(FeatureStore):
         except self._errors as exc:
             raise self._failed(exc) from exc
 
+    def schema_exists(self, schema: str) -> bool:
+        return bool(self._read("SELECT 1 FROM information_schema.schemata WHERE schema_name = %s", (schema,)))
+
     def counts(self) -> dict[str, int]:
         rows = self._read("SELECT (SELECT COUNT(*) FROM items), (SELECT COUNT(*) FROM users), "
                           "(SELECT value FROM meta WHERE key = 'interactions')")  # fmt: skip
@@ -200,46 +225,100 @@ class PostgresStore(FeatureStore):
         try:
             with self._pool.connection() as conn, conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (_APPEND_LOCK,))
-                total = int(conn.execute("SELECT value FROM meta WHERE key = 'interactions'").fetchone()[0])
-                if max_interactions is not None and total + len(events) > max_interactions:
-                    raise StoreFull(f"the live store holds {total:,} interactions; {len(events):,} more would pass "
-                                    f"its bound of {max_interactions:,} (--max-store-interactions)")  # fmt: skip
-                items = sorted({e.item_id for e in events})
-                before = {item: (0, 0.0) for item in items} | {
-                    item: (int(n), float(s)) for item, n, s in conn.execute(
-                        "SELECT item_id, count, rating_sum FROM item_totals WHERE item_id = ANY(%s)", (items,))
-                }  # fmt: skip
-                columns = [
-                    [e.user_id for e in events], [e.item_id for e in events], [float(e.rating) for e in events],
-                    [int(e.timestamp) for e in events], [before[e.item_id][0] for e in events],
-                    [before[e.item_id][1] for e in events], [e.event_id for e in events],
-                ]  # fmt: skip
-                added = conn.execute(_APPEND, (*columns, self.like_threshold)).fetchall()
-                conn.execute("UPDATE meta SET value = (value::bigint + %s)::text WHERE key = 'interactions'",
-                             (len(added),))  # fmt: skip
-                for payload in _notices(sorted({u for u, _ in added}), sorted({i for _, i in added})):
-                    conn.execute("SELECT pg_notify(%s, %s)", (_CHANNEL, payload))
+                added = self._append(conn, events, max_interactions)
         except self._errors as exc:
             raise self._failed(exc) from exc
-        self._forget(items)
+        self._forget({e.item_id for e in events})
         return len(added)
 
+    def _append(self, conn: Any, events: Sequence[Interaction], max_interactions: int | None = None) -> list[Any]:
+        """The events' rows, totals and count in `conn`'s transaction (the append lock held); announced."""
+        total = int(conn.execute("SELECT value FROM meta WHERE key = 'interactions'").fetchone()[0])
+        if max_interactions is not None and total + len(events) > max_interactions:
+            raise StoreFull(f"the live store holds {total:,} interactions; {len(events):,} more would pass "
+                            f"its bound of {max_interactions:,} (--max-store-interactions)")  # fmt: skip
+        items = sorted({e.item_id for e in events})
+        before = {item: (0, 0.0) for item in items} | {
+            item: (int(n), float(s)) for item, n, s in conn.execute(
+                "SELECT item_id, count, rating_sum FROM item_totals WHERE item_id = ANY(%s)", (items,))
+        }  # fmt: skip
+        columns = [
+            [e.user_id for e in events], [e.item_id for e in events], [float(e.rating) for e in events],
+            [int(e.timestamp) for e in events], [before[e.item_id][0] for e in events],
+            [before[e.item_id][1] for e in events], [e.event_id for e in events],
+        ]  # fmt: skip
+        added = conn.execute(_APPEND, (*columns, self.like_threshold)).fetchall()
+        conn.execute("UPDATE meta SET value = (value::bigint + %s)::text WHERE key = 'interactions'",
+                     (len(added),))  # fmt: skip
+        self._announce(conn, sorted({u for u, _ in added}), sorted({i for _, i in added}))
+        return added
+
+    def _announce(self, conn: Any, users: Sequence[str], items: Sequence[str]) -> None:
+        for payload in _notices(users, items):
+            conn.execute("SELECT pg_notify(%s, %s)", (self.channel, payload))
+
     def upsert_items(self, entries: Sequence[tuple[str, ItemText]]) -> tuple[int, int]:
-        latest = dict(entries)
         posted = time.time_ns() // 1_000_000
-        ids = list(latest)
+        latest = {i: (t, posted) for i, t in entries}
         try:
             with self._pool.connection() as conn, conn.transaction():
-                known = {i for (i,) in conn.execute("SELECT item_id FROM items WHERE item_id = ANY(%s)", (ids,))}
-                with conn.cursor() as cursor:
-                    cursor.executemany(_UPSERT_ITEM, [(i, t.title, t.year, json.dumps(list(t.tags)), t.text, posted)
-                                                      for i, t in latest.items()])  # fmt: skip
-                for payload in _notices([], ids):
-                    conn.execute("SELECT pg_notify(%s, %s)", (_CHANNEL, payload))
+                known = self._upsert(conn, latest)
         except self._errors as exc:
             raise self._failed(exc) from exc
-        self._forget(ids)
-        return len(latest) - len(known), len(known)
+        self._forget(latest)
+        return len(latest) - known, known
+
+    def _upsert(self, conn: Any, latest: dict[str, tuple[ItemText, int]]) -> int:
+        """Items (each with its posting time) into the catalog in `conn`'s transaction; announced.
+        Returns how many were known already."""
+        ids = list(latest)
+        known = len(conn.execute("SELECT item_id FROM items WHERE item_id = ANY(%s)", (ids,)).fetchall())
+        with conn.cursor() as cursor:
+            cursor.executemany(_UPSERT_ITEM, [(i, t.title, t.year, json.dumps(list(t.tags)), t.text, posted)
+                                              for i, (t, posted) in latest.items()])  # fmt: skip
+        self._announce(conn, [], ids)
+        return known
+
+    # ---------------------------------------------------------------- another bundle's store
+    def carry_from(self, source: str) -> dict[str, int]:
+        """What the live store in schema `source` (another bundle's, in this database) took since it
+        was last carried from: its posted items, then its events of items this catalog holds (the rule
+        of `corella store migrate`). Exactly once, whichever replicas carry at the same time: the
+        append lock is held and the watermark (the source's last sequence number and posting time
+        carried) moves in the same transaction. From then on this store's listeners follow `source`'s
+        notices too (meta `carries_from`), carrying what the replicas still on it write."""
+        from psycopg import sql
+
+        key, src = f"carried_from:{source}", sql.Identifier(source)
+        try:
+            with self._pool.connection() as conn, conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_APPEND_LOCK,))
+                if conn.execute("SELECT to_regclass(%s)", (f"{source}.interactions",)).fetchone()[0] is None:
+                    raise StoreError(f"{self.path}: no live store in schema {source} to carry from")
+                mark = conn.execute("SELECT value FROM meta WHERE key = %s", (key,)).fetchone()
+                last_seq, last_posted = (int(v) for v in mark[0].split(",")) if mark else (self._seed_end(conn, src), 0)
+                items = conn.execute(sql.SQL("SELECT item_id, title, year, tags, text, posted FROM {}.items "
+                                             "WHERE posted > %s ORDER BY posted").format(src),
+                                     (last_posted,)).fetchall()  # fmt: skip
+                rows = conn.execute(sql.SQL("SELECT seq, user_id, item_id, rating, timestamp, event_id FROM "
+                                            "{}.interactions WHERE seq > %s ORDER BY seq").format(src),
+                                    (last_seq,)).fetchall()  # fmt: skip
+                if items:
+                    self._upsert(conn, {i: (ItemText(title, year, tuple(json.loads(tags or "[]")), text=text), posted)
+                                        for i, title, year, tags, text, posted in items})  # fmt: skip
+                catalog = {i for (i,) in conn.execute("SELECT item_id FROM items WHERE item_id = ANY(%s)",
+                                                      (sorted({r[2] for r in rows}),))}  # fmt: skip
+                kept = [Interaction(u, i, float(r), int(t), event_id=e) for _, u, i, r, t, e in rows if i in catalog]
+                added = self._append(conn, kept) if kept else []
+                mark_to = f"{rows[-1][0] if rows else last_seq},{items[-1][5] if items else last_posted}"
+                conn.execute("INSERT INTO meta VALUES (%s, %s), ('carries_from', %s) ON CONFLICT (key) DO UPDATE "
+                             "SET value = excluded.value", (key, mark_to, source))  # fmt: skip
+        except self._errors as exc:
+            raise self._failed(exc) from exc
+        self._forget({r[2] for r in rows} | {i[0] for i in items})
+        if added:
+            self._tell({u for u, _ in added})
+        return {"items": len(items), "events": len(rows), "kept": len(kept), "added": len(added)}
 
     # ---------------------------------------------------------------- other replicas' writes
     def _forget(self, items: Iterable[str]) -> None:
@@ -256,21 +335,50 @@ class PostgresStore(FeatureStore):
         connected = False
         while not self._closing.is_set():
             try:
-                with psycopg.connect(self.url, autocommit=True) as conn:
-                    conn.execute(f"LISTEN {_CHANNEL}")
+                with psycopg.connect(self.url, application_name=LISTENER, **self._connect) as conn:
+                    conn.execute(f"LISTEN {self.channel}")
+                    # another bundle's store this one carries from (a deploy rolling over replicas):
+                    # listened to as well, and caught up with now (its notices before this were missed)
+                    row = conn.execute("SELECT value FROM meta WHERE key = 'carries_from'").fetchone()
+                    source = row[0] if row and row[0].replace("_", "").isalnum() else None
+                    if source is not None:
+                        conn.execute(f"LISTEN {source}")
+                        self._carry_quietly(source)
                     if connected:
                         self._missed()
                     connected = True
                     self._listening.set()
                     while not self._closing.is_set():
                         for notice in conn.notifies(timeout=0.5):
-                            self._notified(notice.payload)
+                            if notice.channel == self.channel:
+                                self._notified(notice.payload)
+                            elif notice.channel == source:
+                                self._carry_quietly(source)
             except psycopg.Error as exc:
                 if self._closing.is_set():
                     return
                 log.warning("%s: listening for other replicas' writes failed (%s); again in 1 s", self.path, exc)
                 self._missed()
                 self._closing.wait(1.0)
+
+    @staticmethod
+    def _seed_end(conn: Any, src: Any) -> int:
+        """The sequence number of the last interaction of the source's snapshot (0: it had none)."""
+        from psycopg import sql
+
+        seeded = conn.execute(sql.SQL("SELECT value FROM {}.meta WHERE key = %s").format(src),
+                              ("seed_interactions",)).fetchone()  # fmt: skip
+        if not seeded or not int(seeded[0]):
+            return 0
+        last = conn.execute(sql.SQL("SELECT seq FROM {}.interactions ORDER BY seq OFFSET %s LIMIT 1").format(src),
+                            (int(seeded[0]) - 1,)).fetchone()  # fmt: skip
+        return int(last[0]) if last else 0
+
+    def _carry_quietly(self, source: str) -> None:
+        try:
+            self.carry_from(source)
+        except StoreError as exc:  # PostgreSQL away: the next notice, or reconnecting, carries it
+            log.warning("%s: carrying the events of %s failed (%s)", self.path, source, exc)
 
     def _missed(self) -> None:
         with self._lock:
@@ -313,25 +421,35 @@ def _notices(users: Sequence[str], items: Sequence[str]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- seeding
-def postgres_live_store(url: str, bundle: Any) -> PostgresStore:
-    """The PostgreSQL live store of `bundle`: seeded from its snapshot by the first replica to
-    start, checked to belong to it by every later one."""
-    store = PostgresStore(url)
+def postgres_live_store(url: str, bundle: Any, carry: bool = True) -> PostgresStore:
+    """The PostgreSQL live store of `bundle` (its schema, `bundle_schema`): seeded from its snapshot by
+    the first replica to start, checked to belong to it by every later one. A new store of a bundle
+    that replaced another at export carries that bundle's live store, where the database holds one
+    (`carry_from`): replicas can restart onto the new bundle one at a time."""
+    store = PostgresStore(url, bundle_schema(bundle.id))
     try:
-        _seed(store, bundle)
+        seeded = _seed(store, bundle)
+        old = bundle.manifest.get("replaces")
+        if carry and seeded and isinstance(old, str) and old.isalnum() and store.schema_exists(bundle_schema(old)):
+            carried = store.carry_from(bundle_schema(old))
+            log.info("carried %d of %d events of bundle %s's live store into bundle %s's", carried["kept"],
+                     carried["events"], old, bundle.id)  # fmt: skip
     except BaseException:
         store.close()
         raise
     return store
 
 
-def _seed(store: PostgresStore, bundle: Any) -> None:
+def _seed(store: PostgresStore, bundle: Any) -> bool:
+    """Copy the bundle's snapshot into an empty store (True), or check that it is the bundle's."""
+    seeded = False
     try:
         with store._pool.connection() as conn, conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SEED_LOCK,))
             owner = conn.execute("SELECT value FROM meta WHERE key = 'bundle_id'").fetchone()
             if owner is None:
                 _copy_snapshot(conn, Path(bundle.store_file), bundle.id)
+                seeded = True
                 log.info("live feature store for bundle %s seeded in %s", bundle.id, store.path)
             elif owner[0] != bundle.id:
                 raise StoreError(f"{store.path}: this live store was seeded from bundle {owner[0]}, not from "
@@ -340,6 +458,7 @@ def _seed(store: PostgresStore, bundle: Any) -> None:
     except store._errors as exc:
         raise store._failed(exc) from exc
     store._read_meta()
+    return seeded
 
 
 def _copy_snapshot(conn: Any, snapshot: Path, bundle_id: str) -> None:

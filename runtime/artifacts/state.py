@@ -122,6 +122,8 @@ def migrate_store(bundle: Bundle, source: Path | None = None, state: Path | None
     """Carry the live events of another state folder (default: the replaced bundle's) into this
     bundle's live store (SQLite, or the PostgreSQL one at `store_url`); events of items this
     bundle's catalog lacks are dropped and counted."""
+    if store_url and source is None:
+        return _migrate_postgres(bundle, store_url)
     source = Path(source) if source is not None else replaced_state(bundle)
     if source is None or not (source / STORE).exists():
         raise StoreError(f"{bundle.path}: no live store to migrate from (name one with --from STATE_DIR)")
@@ -150,6 +152,25 @@ def migrate_store(bundle: Bundle, source: Path | None = None, state: Path | None
     _mark_moved(source / STORE, bundle.id)
     return {"from": str(source / STORE), "to": target, "items": len(posted), "events": len(events),
             "kept": len(kept), "dropped_unknown_items": len(events) - len(kept)}  # fmt: skip
+
+
+def _migrate_postgres(bundle: Bundle, store_url: str) -> dict[str, Any]:
+    """The replaced bundle's PostgreSQL live store (its schema in the same database) into this one's."""
+    from runtime.artifacts.pgstore import bundle_schema, postgres_live_store
+
+    old = bundle.manifest.get("replaces")
+    store = postgres_live_store(store_url, bundle, carry=False)
+    try:
+        source = bundle_schema(old) if isinstance(old, str) and old.isalnum() else None
+        if source is None or not store.schema_exists(source):
+            raise StoreError(f"{bundle.path}: {store.path} holds no live store of a bundle this one replaced (name a "
+                             "SQLite state folder with --from)")  # fmt: skip
+        carried = store.carry_from(source)
+    finally:
+        store.close()
+    return {"from": f"{store.path.rsplit(' (schema', 1)[0]} (schema {source})", "to": store.path,
+            "items": carried["items"], "events": carried["events"], "kept": carried["kept"],
+            "dropped_unknown_items": carried["events"] - carried["kept"]}  # fmt: skip
 
 
 def carry_events(store: FeatureStore, events: list[Interaction], posted: list[tuple[str, ItemText]]

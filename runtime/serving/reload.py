@@ -11,7 +11,10 @@ are carried into the new bundle's store (events of items the new catalog lacks a
 counted). Writes that arrive while the new engine loads go to the old store; for the switch itself
 new writes wait (milliseconds) while those are carried over too, so an acknowledged event is never
 lost. Explicit --store or --state folders are one bundle's: a reload needs the default state
-folders (one per bundle id under $CORELLA_HOME/state).
+folders (one per bundle id under $CORELLA_HOME/state), or a PostgreSQL store: there the new bundle
+gets a schema of its own, seeded and carrying the old schema's live events by one watermark, and
+every replica on the new bundle goes on carrying what the replicas still on the old one write
+(runtime.artifacts.pgstore), so a deploy can roll over replicas one at a time.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Any
 from fastapi.concurrency import run_in_threadpool
 
 from runtime.artifacts.bundle import load_bundle
+from runtime.artifacts.pgstore import PostgresStore, postgres_live_store
 from runtime.artifacts.state import STORE, carry_events, live_events, migrate_store, state_dir
 from runtime.artifacts.store import FeatureStore
 from runtime.engine import Engine
@@ -164,10 +168,15 @@ class Reloader:
         bundle = await run_in_threadpool(load_bundle, target)
         if bundle.id == old.bundle.id:
             return None, {}
-        if self.settings.store is not None or self.settings.state is not None or self.settings.store_url:
-            raise ConfigError("a reload needs the default state folders ($CORELLA_HOME/state/<bundle id>): this "
-                              "server was started with --store, --store-url or --state, which hold one bundle's "
-                              "live store; restart it with the new bundle instead")  # fmt: skip
+        if self.settings.store is not None or self.settings.state is not None:
+            raise ConfigError("a reload needs the default state folders ($CORELLA_HOME/state/<bundle id>) or a "
+                              "PostgreSQL store: this server was started with --store or --state, which hold one "
+                              "bundle's live store; restart it with the new bundle instead")  # fmt: skip
+        if isinstance(old.store, PostgresStore):
+            # the new bundle's schema, seeded and carrying the old one's live store (a failure after this leaves
+            # a schema no replica serves: a later reload onto that bundle resumes from its watermark)
+            carried = await run_in_threadpool(_migrate_postgres, old.store, bundle)
+            return await run_in_threadpool(Engine, bundle, self.settings.engine_settings(), self.metrics), carried
         source = state_dir(old.bundle)
         store = state_dir(bundle) / STORE
         existed = store.exists()
@@ -197,10 +206,20 @@ class Reloader:
 
 def _carry(old: Engine, new: Engine, carried: dict[str, Any]) -> int:
     """The events and items the old store took after the migration, into the new one (writes held)."""
+    if isinstance(new.store, PostgresStore):  # (replicas still on the old bundle are carried from as they write)
+        return new.store.carry_from(old.store.schema)["events"]
     events = live_events(old.store.path)[int(carried.get("events", 0)) :]
     kept = carry_events(new.store, events, old.store.posted_items())
     new.users_changed({e.user_id for e in kept})
     return len(events)
+
+
+def _migrate_postgres(old: PostgresStore, bundle: Any) -> dict[str, Any]:
+    store = postgres_live_store(old.url, bundle, carry=False)
+    try:
+        return {"from": old.path, "to": store.path, **store.carry_from(old.schema)}
+    finally:
+        store.close()
 
 
 def _migrate(bundle: Any, source: Path) -> dict[str, Any]:

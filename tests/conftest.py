@@ -111,3 +111,19 @@ def bundle(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "tiny"
     export_bundle(trained_run, out, ExportConfig(quant="q8_0", parity_prompts=16, routed_samples=20))
     return out
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory):
+    """A real PostgreSQL server (Debian's binaries: initdb, pg_ctl) for the session, stopped at its end;
+    where none can be started, the tests that need it skip, saying why."""
+    from benchmarks.postgres import LocalPostgres, postgres_missing
+
+    missing = postgres_missing()
+    if missing:
+        pytest.skip(missing)
+    server = LocalPostgres(tmp_path_factory.mktemp("postgres")).start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -14,24 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.postgres import LocalPostgres, postgres_missing
 from runtime.artifacts.bundle import bundle_id, load_bundle
 from runtime.artifacts.pgstore import bundle_schema
 from runtime.artifacts.store import Interaction
 from runtime.engine import CandidateItem, Engine, EngineSettings, Request
 from runtime.errors import StoreUnavailable
-
-
-@pytest.fixture(scope="module")
-def postgres(tmp_path_factory) -> LocalPostgres:
-    missing = postgres_missing()
-    if missing:
-        pytest.skip(missing)
-    server = LocalPostgres(tmp_path_factory.mktemp("postgres")).start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def _settings(**extra) -> EngineSettings:

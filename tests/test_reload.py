@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from fastapi.testclient import TestClient
 
 from runtime.artifacts.bundle import MANIFEST, bundle_id
@@ -40,7 +41,10 @@ def _model_id(base: str) -> str:
     return httpx.get(f"{base}/v1/model", timeout=10).json()["bundle_id"]
 
 
-def test_reload_under_32_clients_switches_bundles_with_no_5xx_and_loses_no_event(bundle, tmp_path):
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+def test_reload_under_32_clients_switches_bundles_with_no_5xx_and_loses_no_event(bundle, tmp_path, store, request):
+    # on PostgreSQL each bundle's store is a schema of the one database (runtime.artifacts.pgstore)
+    url = request.getfixturevalue("postgres").database("reload") if store == "postgresql" else None
     old_id = bundle_id(bundle)
     new = _successor(bundle, tmp_path / "next")
     new_id = bundle_id(new)
@@ -50,7 +54,8 @@ def test_reload_under_32_clients_switches_bundles_with_no_5xx_and_loses_no_event
     home = tmp_path / "home"
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
-    server = _serve(served, port, home, tmp_path / "serve.log", "--admin-api-key-file", str(tmp_path / "admin.key"))
+    server = _serve(served, port, home, tmp_path / "serve.log", "--admin-api-key-file", str(tmp_path / "admin.key"),
+                    *(["--store-url", url] if url else []))  # fmt: skip
     stop = threading.Event()
     seen: list[list[tuple[int, str | None]]] = [[] for _ in range(32)]
     acknowledged: list[str] = []
@@ -129,7 +134,12 @@ def test_reload_under_32_clients_switches_bundles_with_no_5xx_and_loses_no_event
     assert any(i == old_id for w in seen for _, i in w) and seen[0][-1][1] == new_id
     assert 'corella_reloads_total{outcome="switched"} 3.0' in metrics
     # every acknowledged event is in the live store that serves now (carried over twice, back and forth)
-    store = FeatureStore(home / "state" / new_id / "store.sqlite", readonly=True)
+    if url:
+        from runtime.artifacts.pgstore import PostgresStore, bundle_schema
+
+        store = PostgresStore(url, bundle_schema(new_id))
+    else:
+        store = FeatureStore(home / "state" / new_id / "store.sqlite", readonly=True)
     try:
         stored = {e.event_id for e in store.interactions(offset=0)}
     finally:

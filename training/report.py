@@ -137,7 +137,11 @@ def markdown(metrics: dict[str, Any]) -> str:
         lines.append(f"- {stage}: {info['samples']} samples, {info['steps']} steps{rate}; loss {losses}")
     if training := metrics.get("llm_training"):
         shared = "each prefix run once" if training["shared_prefix"] else "every prompt run whole"
-        lines += ["", f"The LLM's samples ({training['llm_samples']}, {shared}): {training['training_rule']}. "
+        token = ""
+        if training.get("crm_token"):
+            token = ("; the LLM also reads a CRM token (the CRM's representation of each candidate, projected into "
+                     "its input space at the answer position; an experiment, not exported)")  # fmt: skip
+        lines += ["", f"The LLM's samples ({training['llm_samples']}, {shared}): {training['training_rule']}{token}. "
                   f"Evaluation: {training['evaluation_rule']}. "
                   f"Calibration: {training['calibration_rule']}."]  # fmt: skip
     return "\n".join(lines) + "\n"

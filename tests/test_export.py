@@ -294,3 +294,13 @@ def test_quant_auto_keeps_the_smallest_quantization_within_the_bar(trained_run, 
     assert manifest["llm"]["quant"] == expected and (out / f"llm-{expected}.gguf").exists()
     assert manifest["llm"]["quant_choice"]["rule"] == "auto" and manifest["llm"]["quant_choice"]["kept"] == expected
     assert load_bundle(out).manifest["llm"]["file"] == f"llm-{expected}.gguf"
+
+
+def test_a_run_whose_llm_reads_a_crm_token_is_refused_naming_the_file(trained_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    info = run / "final" / "llm" / "llm.json"
+    info.write_text(json.dumps(json.loads(info.read_text()) | {"crm_token": True}))
+    with pytest.raises(ExportError, match="CRM token") as refused:
+        export_bundle(run, tmp_path / "bundle")
+    assert str(info) in str(refused.value) and not (tmp_path / "bundle").exists()

@@ -388,3 +388,23 @@ def test_a_bundle_that_replaced_another_takes_its_postgresql_events_by_migrate_o
         finally:
             engine.close()
         assert sorted(e.event_id for e in live) == sorted(f"r{i}" for i in range(40)), folder
+
+
+def test_a_store_kept_in_public_by_an_earlier_corella_is_carried_into_the_bundles_schema(bundle, postgres):
+    from runtime.artifacts.pgstore import PostgresStore, _seed
+
+    url = postgres.database("legacy")
+    loaded = load_bundle(bundle)
+    legacy = PostgresStore(url)  # the layout before schemas: one bundle's store in `public`
+    try:
+        assert _seed(legacy, loaded)
+        assert legacy.append(_events("p")) == 40
+    finally:
+        legacy.close()
+    engine = Engine(loaded, _settings(store_url=url))
+    try:
+        assert engine.store.schema == bundle_schema(loaded.id)
+        live = engine.store.interactions(offset=int(engine.store.meta("seed_interactions")))
+    finally:
+        engine.close()
+    assert sorted(e.event_id for e in live) == sorted(f"p{i}" for i in range(40))

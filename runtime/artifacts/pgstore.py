@@ -91,6 +91,11 @@ ON CONFLICT (item_id) DO UPDATE SET title = excluded.title, year = excluded.year
 """
 
 
+def _channel(schema: str) -> str:
+    """The LISTEN/NOTIFY channel of a schema's store (`public`'s is the one corella used before schemas)."""
+    return _CHANNEL if schema == "public" else schema
+
+
 def bundle_schema(bundle_id: str) -> str:
     """The schema of a bundle's live store (bundle ids are 16 hex digits: a plain identifier)."""
     if not (isinstance(bundle_id, str) and bundle_id.isalnum()):
@@ -136,7 +141,7 @@ class PostgresStore(FeatureStore):
             raise StoreError(f"{schema!r} is not a schema name corella makes")
         self.url, self.schema = url, schema
         self.path = f"{redacted(url)} (schema {schema})"  # type: ignore[assignment]
-        self.channel = _CHANNEL if schema == "public" else schema  # what its appends are announced on
+        self.channel = _channel(schema)  # what its appends are announced on
         self._connect = {"autocommit": True, "options": f"-c search_path={schema}"}
         self._start_caches()
         self._item_columns = _ITEM_COLUMNS
@@ -202,6 +207,13 @@ class PostgresStore(FeatureStore):
                 conn.execute(sql, list(args))
         except self._errors as exc:
             raise self._failed(exc) from exc
+
+    def public_owner(self) -> str | None:
+        """The bundle whose store a corella before schemas seeded in `public`, where there is one."""
+        if self._read("SELECT to_regclass('public.meta')")[0][0] is None:
+            return None
+        rows = self._read("SELECT value FROM public.meta WHERE key = 'bundle_id'")
+        return rows[0][0] if rows else None
 
     def schema_exists(self, schema: str) -> bool:
         return bool(self._read("SELECT 1 FROM information_schema.schemata WHERE schema_name = %s", (schema,)))
@@ -342,7 +354,7 @@ class PostgresStore(FeatureStore):
                     row = conn.execute("SELECT value FROM meta WHERE key = 'carries_from'").fetchone()
                     source = row[0] if row and row[0].replace("_", "").isalnum() else None
                     if source is not None:
-                        conn.execute(f"LISTEN {source}")
+                        conn.execute(f"LISTEN {_channel(source)}")
                         self._carry_quietly(source)
                     if connected:
                         self._missed()
@@ -352,7 +364,7 @@ class PostgresStore(FeatureStore):
                         for notice in conn.notifies(timeout=0.5):
                             if notice.channel == self.channel:
                                 self._notified(notice.payload)
-                            elif notice.channel == source:
+                            elif source is not None and notice.channel == _channel(source):
                                 self._carry_quietly(source)
             except psycopg.Error as exc:
                 if self._closing.is_set():
@@ -430,10 +442,14 @@ def postgres_live_store(url: str, bundle: Any, carry: bool = True) -> PostgresSt
     try:
         seeded = _seed(store, bundle)
         old = bundle.manifest.get("replaces")
-        if carry and seeded and isinstance(old, str) and old.isalnum() and store.schema_exists(bundle_schema(old)):
-            carried = store.carry_from(bundle_schema(old))
-            log.info("carried %d of %d events of bundle %s's live store into bundle %s's", carried["kept"],
-                     carried["events"], old, bundle.id)  # fmt: skip
+        source = bundle_schema(old) if isinstance(old, str) and old.isalnum() else None
+        if source is None or not store.schema_exists(source):
+            # corella before schemas kept one bundle's store in `public`: this bundle's is carried from there
+            source = "public" if store.public_owner() == bundle.id else None
+        if carry and seeded and source is not None:
+            carried = store.carry_from(source)
+            log.info("carried %d of %d events of the live store in schema %s into bundle %s's", carried["kept"],
+                     carried["events"], source, bundle.id)  # fmt: skip
     except BaseException:
         store.close()
         raise

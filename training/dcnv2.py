@@ -174,31 +174,18 @@ class DCNv2(nn.Module):
         state, layers = self._states(categorical, tags, history_items, history_ratings, stats)
         return self.head(state).squeeze(-1), layers
 
-    def representation(
-        self,
-        categorical: torch.Tensor,
-        tags: torch.Tensor,
-        history_items: torch.Tensor,
-        history_ratings: torch.Tensor,
-        stats: torch.Tensor,
-    ) -> torch.Tensor:
-        """What the head reads [B, representation_dim]: the last cross layer's output beside the deep
-        network's. The click logit is one linear read of it; the LLM's CRM token (`crm_token`) reads it all."""
-        return self._states(categorical, tags, history_items, history_ratings, stats)[0]
+    def representation(self, *inputs: torch.Tensor, **named: torch.Tensor) -> torch.Tensor:
+        """What the head reads [B, representation_dim], from `embed`'s five inputs: the last cross
+        layer's output beside the deep network's. The click logit is one linear read of it; the LLM's
+        CRM token (`crm_token`) reads it all."""
+        return self._states(*inputs, **named)[0]
 
     @property
     def representation_dim(self) -> int:
         return self.head.in_features
 
-    def _states(
-        self,
-        categorical: torch.Tensor,
-        tags: torch.Tensor,
-        history_items: torch.Tensor,
-        history_ratings: torch.Tensor,
-        stats: torch.Tensor,
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        x0 = self.embed(categorical, tags, history_items, history_ratings, stats)
+    def _states(self, *inputs: torch.Tensor, **named: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        x0 = self.embed(*inputs, **named)
         x, layers = x0, []
         for layer in self.cross:
             x = layer(x0, x)

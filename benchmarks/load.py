@@ -101,8 +101,11 @@ def corella_serve_command(bundle: Path, port: int, state: Path, **options: Any) 
     shutil.rmtree(state, ignore_errors=True)
     command = [sys.executable, "-m", "corella_cli", "serve", str(bundle), "--port", str(port), "--state", str(state)]
     for name, value in options.items():
-        if value is not None:
-            command += [f"--{name.replace('_', '-')}", str(value)]
+        flag = name.replace("_", "-")
+        if isinstance(value, bool):
+            command.append(f"--{flag}" if value else f"--no-{flag}")
+        elif value is not None:
+            command += [f"--{flag}", str(value)]
     return command
 
 

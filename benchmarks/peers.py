@@ -252,16 +252,57 @@ def _llama_cpp_python_rate(bundle: Any, work: PeerWork, out: Path, config: Any, 
     return _rate("llama-cpp-python", answers, wall, clients=concurrency)
 
 
+def _alone_rate(name: str, gguf: Path, work: PeerWork, warm: PeerWork, yes: int, no: int, threads: int,
+                mapped: Callable[[Sequence[int]], Sequence[int]] = tuple) -> dict[str, Any]:  # fmt: skip
+    """llama.cpp in this process, no server: each user's prefix decoded once, then its candidates'
+    suffixes in one batch (runtime.llm's LlamaScorer), one user after another. What any server of
+    this GGUF on these threads could reach at best on the same tokens."""
+    from runtime.llm import LlamaScorer, LlamaSettings
+
+    def users(of: PeerWork) -> tuple[int, int]:
+        done = tokens = 0
+        for group in of.groups:
+            prompts = [list(mapped(of.ids[i])) for i in group]
+            shared = len(os.path.commonprefix(prompts))
+            shared -= any(len(p) == shared for p in prompts)  # every suffix keeps its last token
+            answers = scorer.score_shared(prompts[0][:shared], [p[shared:] for p in prompts])
+            done += int(np.isfinite(answers).sum())
+            tokens += shared + sum(len(p) - shared for p in prompts)
+        return done, tokens
+
+    with LlamaScorer(gguf, yes, no, LlamaSettings(n_threads=threads)) as scorer:
+        users(warm)
+        start = time.perf_counter()
+        done, tokens = users(work)
+        wall = time.perf_counter() - start
+    return {"server": name, "clients": 1, "candidates": done, "seconds": round(wall, 2), "per_second": done / wall,
+            "errors": work.candidates - done, "tokens_decoded": tokens,
+            "tokens_per_candidate": tokens / max(done, 1)}  # fmt: skip
+
+
 def _servers(bundle: Any, engine: Any, work: PeerWork, warm: PeerWork, out: Path, config: Any, threads: int,
              result: dict[str, Any], progress: Any) -> list[Callable[[], dict[str, Any]]]:  # fmt: skip
-    """Each server's measurement, ready to run (a fresh process each time: its users are cold)."""
+    """Each server's measurement, ready to run (a fresh process each time: its users are cold), and
+    llama.cpp alone on the bundle's GGUF and on the copy corella decodes."""
     import importlib.util
 
+    from runtime.vocab import widenable
+
     runs: list[Callable[[], dict[str, Any]]] = []
-    for name, options in (("corella", {}), ("corella --llm-vocab 0", {"llm_vocab": 0})):
+    corellas: list[tuple[str, dict[str, Any]]] = [("corella", {}), ("corella --llm-vocab 0", {"llm_vocab": 0})]
+    if widenable(bundle.llm_file):
+        corellas.append(("corella --no-llm-widen", {"llm_widen": False}))
+    for name, options in corellas:
         runs.append(lambda name=name, options=options: _corella_rate(
             name.replace(" ", "_"), bundle, work, warm.bodies[0], out, config, **options)
             | {"server": name, "clients": config.peer_concurrency})  # fmt: skip
+    yes, no = int(bundle.llm["yes_token_id"]), int(bundle.llm["no_token_id"])
+    runs.append(lambda: _alone_rate("llama.cpp alone", bundle.llm_file, work, warm, yes, no, threads))
+    copy, cut = engine.served.copy_file, engine.vocab_cut
+    if copy is not None:
+        mapped_yes, mapped_no = (cut.id(yes), cut.id(no)) if cut is not None else (yes, no)
+        runs.append(lambda: _alone_rate("llama.cpp alone, corella's copy", copy, work, warm, mapped_yes, mapped_no,
+                                        threads, cut.ids if cut is not None else tuple))  # fmt: skip
     if "llama-server" in config.peers:
         try:
             binary, build = llama_server(progress=progress)

@@ -131,6 +131,15 @@ def _http_headline(http: dict[str, Any]) -> dict[str, Any]:
             "value": llama_server[0]["corella_over_this"], "goal": ">= 1.5x",
             "how": f"same GGUF, threads and cold users; {llama_server[0]['slots']} slots, {llama_server[0]['clients']} "
                    "clients"}  # fmt: skip
+    alone = {r["server"]: r["per_second"] for r in rows if r["server"].startswith("llama.cpp alone")}
+    ceiling = alone.get("llama.cpp alone, corella's copy", alone.get("llama.cpp alone"))
+    if ceiling and llama_server:
+        out["llama_cpp_alone_over_llama_server"] = {
+            "value": ceiling / llama_server[0]["per_second"], "goal": "the most any server of that file could reach",
+            "how": "llama.cpp in-process on the copy corella decodes, one user at a time, the same tokens"}  # fmt: skip
+    if ceiling and rows:
+        out["corella_share_of_llama_cpp_alone"] = {"value": rows[0]["per_second"] / ceiling, "goal": "<= 1",
+                                                   "how": "the same GGUF copy and tokens"}  # fmt: skip
     python_server = [r for r in rows if r["server"] == "llama-cpp-python"]
     if python_server:
         best = max(python_server, key=lambda r: r["per_second"])
@@ -266,7 +275,9 @@ def _peer_table(peer: dict[str, Any]) -> list[str]:
              f"on every server, {peer['gguf']}, {peer['threads']} threads, each server warmed first, the servers "
              f"taking turns {peer.get('rounds', 1)} times (a fresh process each time); corella gets "
              "one mode llm request a user, a peer one completion a candidate (its API), a client sending one "
-             "user's candidates in order.", "",
+             "user's candidates in order. llama.cpp alone: no server, in the bench's process, each user's "
+             "prefix decoded once and its suffixes in one batch, one user after another (what a server of "
+             "that file on these threads could reach at best).", "",
              "| server | clients | candidates/s (median) | each round | tokens decoded a candidate | corella over it |",
              "| --- | ---: | ---: | --- | ---: | ---: |"]  # fmt: skip
     for r in peer["rows"]:

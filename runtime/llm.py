@@ -105,16 +105,18 @@ def gpu_offload_supported() -> bool:
         return False
 
 
-def quantize(source: str | Path, target: str | Path, ftype: int, threads: int = 0) -> int:
-    """llama.cpp's own quantizer (llama_model_quantize) on a GGUF file: 0 on success.
+def quantize(source: str | Path, target: str | Path, ftype: int, threads: int = 0, requantize: bool = False) -> int:
+    """llama.cpp's own quantizer (llama_model_quantize) on a GGUF file: 0 on success. `requantize`:
+    a source already quantized is quantized again (off: llama.cpp refuses it).
 
     Export runs this in a child process of its own (`python -m runtime.llm SOURCE TARGET FTYPE
-    THREADS`): whatever global state the quantizer leaves behind (its thread pool, backend
-    registrations) never meets the model the parent then loads, nor the parent's torch."""
+    THREADS [requantize]`): whatever global state the quantizer leaves behind (its thread pool,
+    backend registrations) never meets the model the parent then loads, nor the parent's torch."""
     lib = _llama()
     params = lib.llama_model_quantize_default_params()
     params.ftype = int(ftype)
     params.nthread = int(threads)
+    params.allow_requantize = requantize
     return int(lib.llama_model_quantize(str(source).encode(), str(target).encode(), params))
 
 
@@ -412,4 +414,4 @@ class LlamaScorer:
 if __name__ == "__main__":  # the quantizer in a process of its own; see `quantize`
     import sys
 
-    sys.exit(quantize(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
+    sys.exit(quantize(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5:6] == ["requantize"]))

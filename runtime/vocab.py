@@ -14,9 +14,13 @@ A token the copy lacks (from a title a request brings, say) is spelled with the 
 has, longest first, down to byte tokens, as a tokenizer spells a word its vocabulary lacks, and
 counted (`spelled_tokens`).
 
+Where the LLM runs on the CPU, the copy also holds its Q5_0 weights as Q8_0 blocks of the same
+numbers (runtime/layout.py: ~10% faster on x86, the same answers); with the whole vocabulary that
+is a copy of its own.
+
 The copy is written once (~10 s for Gemma 3 270M, most of it reading the tokenizer's arrays) into
-corella's model cache, named by digests of the model and of the kept tokens, and reused by every
-server of that model and catalog.
+corella's model cache, named by digests of the model, of the kept tokens and of the layout, and
+reused by every server of that model and catalog.
 """
 
 from __future__ import annotations
@@ -30,14 +34,15 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.layout import WIDER, widened
 from runtime.llm import LlamaModel, LLMError
 
-__all__ = ["VocabularyCut", "cut_gguf"]
+__all__ = ["VocabularyCut", "copy_gguf", "serving_copy", "widenable"]
 
 log = logging.getLogger("corella.vocab")
 
 #: bumped whenever what a cut file holds changes (its name carries it)
-CUT_FORMAT = 1
+CUT_FORMAT = 2
 # llama_token_attr flags
 _NORMAL, _BYTE = 1 << 2, 1 << 5
 
@@ -110,31 +115,41 @@ class VocabularyCut:
 
     @classmethod
     def prepare(cls, tokenizer: LlamaModel, source: Path, source_digest: str, folder: Path, texts: Iterable[str],
-                common: int, tokens: Iterable[int] = ()) -> VocabularyCut | None:  # fmt: skip
+                common: int, tokens: Iterable[int] = (), widen: bool = False) -> VocabularyCut | None:  # fmt: skip
         """The cut that keeps `tokens` (the answers'), those of `texts` and the `common` most common
-        others, its copy of `source` written into `folder` unless there already; None when it
-        keeps 90% of the tokens or more (too little to gain for a copy of the model)."""
+        others, its copy of `source` written into `folder` unless there already (its Q5_0 weights
+        widened to Q8_0 where `widen`, runtime/layout.py); None when it keeps 90% of the tokens or
+        more (too little to gain for a copy of the model)."""
         kept = kept_tokens(tokenizer, texts, common, tokens)
         if len(kept) >= 0.9 * tokenizer.n_vocab:
             return None
-        digest = hashlib.sha256(f"{CUT_FORMAT}:{source_digest}:".encode() + kept.tobytes()).hexdigest()[:16]
-        model = source_digest[:16]
-        path = folder / f"{model}.cut-{digest}.gguf"
-        if not path.is_file():
-            folder.mkdir(parents=True, exist_ok=True)
-            partial = path.with_name(f"{path.name}.{os.getpid()}.partial")  # servers starting together
-            try:
-                cut_gguf(source, partial, kept)
-                partial.replace(path)
-            finally:
-                partial.unlink(missing_ok=True)
-            log.info("LLM vocabulary cut to %d of %d tokens: %s", len(kept), tokenizer.n_vocab, path)
-            # the same model's other cuts (another catalog, another setting); a server still
-            # decoding one keeps its mapping of the file
-            for old in folder.glob(f"{model}.cut-*.gguf"):
-                if old != path:
-                    old.unlink(missing_ok=True)
-        return cls(tokenizer, kept, path)
+        return cls(tokenizer, kept, serving_copy(source, source_digest, folder, kept, widen))
+
+
+def serving_copy(source: Path, source_digest: str, folder: Path, kept: np.ndarray | None, widen: bool) -> Path:
+    """The copy of `source` that llama.cpp decodes, written into `folder` unless there already:
+    its vocabulary cut to `kept` (None: whole) and, where `widen`, its Q5_0 weights as Q8_0."""
+    kind = "cut" if kept is not None else "whole"
+    chosen = kept.tobytes() if kept is not None else b""
+    digest = hashlib.sha256(f"{CUT_FORMAT}:{source_digest}:{widen}:".encode() + chosen).hexdigest()[:16]
+    model = source_digest[:16]
+    path = folder / f"{model}.{kind}-{digest}.gguf"
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")  # servers starting together
+        try:
+            widened = copy_gguf(source, partial, kept, widen)
+            partial.replace(path)
+        finally:
+            partial.unlink(missing_ok=True)
+        log.info("LLM copy for decoding written (%s vocabulary, %d Q5_0 tensors as Q8_0): %s",
+                 f"{len(kept)} tokens of the" if kept is not None else "the whole", widened, path)  # fmt: skip
+        # the same model's other copies of this kind (another catalog, another setting); a server
+        # still decoding one keeps its mapping of the file
+        for old in folder.glob(f"{model}.{kind}-*.gguf"):
+            if old != path:
+                old.unlink(missing_ok=True)
+    return path
 
 
 def kept_tokens(tokenizer: LlamaModel, texts: Iterable[str], common: int, tokens: Iterable[int] = ()) -> np.ndarray:
@@ -158,42 +173,66 @@ def kept_tokens(tokenizer: LlamaModel, texts: Iterable[str], common: int, tokens
     return np.array(sorted(keep), dtype=np.int64)
 
 
-def cut_gguf(source: Path, target: Path, kept: np.ndarray) -> None:
-    """A copy of the GGUF `source` whose vocabulary-sized tensors keep the rows of `kept`, with no
-    tokenizer (`tokenizer.ggml.model` "no_vocab": llama.cpp then takes the vocabulary's size from
-    `<arch>.vocab_size`), the kept ids in `corella.kept_token_ids`."""
+def copy_gguf(source: Path, target: Path, kept: np.ndarray | None, widen: bool) -> int:
+    """A copy of the GGUF `source`. Where `kept` is given, its vocabulary-sized tensors keep those
+    rows and it has no tokenizer (`tokenizer.ggml.model` "no_vocab": llama.cpp then takes the
+    vocabulary's size from `<arch>.vocab_size`), the kept ids in `corella.kept_token_ids`. Where
+    `widen`, each tensor with a faster layout of the same weights is written in it
+    (runtime/layout.py). Returns how many tensors were widened."""
     try:
         import gguf
     except ImportError as exc:
-        raise LLMError("cutting the LLM's vocabulary needs gguf-py (pip install gguf); or serve with "
-                       "--llm-vocab 0") from exc  # fmt: skip
+        raise LLMError("copying the LLM for decoding needs gguf-py (pip install gguf); or serve with "
+                       "--llm-vocab 0 --no-llm-widen") from exc  # fmt: skip
     reader = gguf.GGUFReader(source)
     arch = str(reader.fields["general.architecture"].contents())
-    rows = {"token_embd.weight", "output.weight"}
-    embedding = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
-    if embedding is None:
-        raise LLMError(f"{source}: no token_embd.weight tensor; its vocabulary is not cut")
-    n_vocab = int(embedding.shape[-1])
-    for tensor in reader.tensors:
-        if tensor.name not in rows and n_vocab in tensor.shape.tolist():
-            raise LLMError(f"{source}: tensor {tensor.name} is vocabulary-sized too; its vocabulary is not cut")
+    rows = {"token_embd.weight", "output.weight"} if kept is not None else set()
+    if kept is not None:
+        embedding = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+        if embedding is None:
+            raise LLMError(f"{source}: no token_embd.weight tensor; its vocabulary is not cut")
+        n_vocab = int(embedding.shape[-1])
+        for tensor in reader.tensors:
+            if tensor.name not in rows and n_vocab in tensor.shape.tolist():
+                raise LLMError(f"{source}: tensor {tensor.name} is vocabulary-sized too; its vocabulary is not cut")
     writer = gguf.GGUFWriter(target, arch, endianess=reader.endianess)
     try:
         for key, field in reader.fields.items():
-            if key.startswith(("GGUF.", "tokenizer.")) or key in ("general.architecture", f"{arch}.vocab_size"):
+            if key.startswith("GGUF.") or key == "general.architecture":
+                continue
+            if kept is not None and (key.startswith("tokenizer.") or key == f"{arch}.vocab_size"):
                 continue
             array = field.types[0] == gguf.GGUFValueType.ARRAY
             writer.add_key_value(key, field.contents(), field.types[0], sub_type=field.types[-1] if array else None)
-        writer.add_string("tokenizer.ggml.model", "no_vocab")
-        writer.add_uint32(f"{arch}.vocab_size", len(kept))
-        writer.add_array("corella.kept_token_ids", kept.tolist())
-        tensors = [(t, np.ascontiguousarray(t.data[kept]) if t.name in rows else t.data) for t in reader.tensors]
-        for tensor, data in tensors:
-            writer.add_tensor_info(tensor.name, data.shape, data.dtype, data.nbytes, tensor.tensor_type)
+        if kept is not None:
+            writer.add_string("tokenizer.ggml.model", "no_vocab")
+            writer.add_uint32(f"{arch}.vocab_size", len(kept))
+            writer.add_array("corella.kept_token_ids", kept.tolist())
+        tensors, count = [], 0
+        for tensor in reader.tensors:
+            kind, data = tensor.tensor_type, tensor.data
+            if tensor.name in rows:
+                data = np.ascontiguousarray(data[kept])
+            if widen and (faster := widened(kind, data)) is not None:
+                kind, data = gguf.GGMLQuantizationType(faster[0]), faster[1]
+                count += 1
+            tensors.append((tensor.name, kind, data))
+        for name, kind, data in tensors:
+            writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes, kind)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for _, data in tensors:
+        for _, _, data in tensors:
             writer.write_tensor_data(data)
     finally:
         writer.close()
+    return count
+
+
+def widenable(source: Path) -> bool:
+    """Whether the GGUF `source` holds a tensor that runtime/layout.py widens (its header alone)."""
+    try:
+        import gguf
+    except ImportError:
+        return False
+    return any(int(t.tensor_type) in WIDER for t in gguf.GGUFReader(source).tensors)

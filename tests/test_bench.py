@@ -63,10 +63,17 @@ def test_all_suites_on_tiny_models(bundle, tmp_path):
     assert [(r["server"], r["clients"], r["candidates"]) for r in peer["rows"]] == [
         ("corella", 8, 20),
         ("corella --llm-vocab 0", 8, 20),
+        ("llama.cpp alone", 1, 20),  # the tiny q8_0 GGUF: nothing to cut or widen, no copy of corella's
         ("llama-cpp-python", 1, 20),
         ("llama-cpp-python", 8, 20),
     ]
     assert peer["rows"][0]["tokens_per_candidate"] > 0 and peer["rows"][0]["corella_over_this"] == 1.0
+    alone = peer["rows"][2]  # every candidate answered, each user's prefix decoded once
+    assert (
+        alone["errors"] == 0
+        and 0 < alone["tokens_per_candidate"]
+        and "llama_cpp_alone_over_llama_server" not in (json.loads((out / "results.json").read_text())["headline"])
+    )  # no llama-server in this run: no ratio to it
     assert all(len(r["rounds"]) == 2 and round(r["per_second"], 2) in r["rounds"] for r in peer["rows"])
     assert http["overload"]["requests"] > 0 and http["overload"]["server_errors"] == 0
     assert set(http["overload"]["statuses"]) <= {"200", "429"}

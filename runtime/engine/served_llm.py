@@ -22,7 +22,7 @@ from runtime.paths import model_cache
 from runtime.prompt import HistoryEntry, ItemText
 from runtime.scheduling import LLMScheduler, RemoteScheduler, Scheduler, SchedulerSettings
 from runtime.settings import EngineSettings
-from runtime.vocab import VocabularyCut
+from runtime.vocab import VocabularyCut, serving_copy, widenable
 
 __all__ = ["ServedLLM", "TOKEN_CACHE_TEXTS"]
 
@@ -45,6 +45,7 @@ class ServedLLM:
         tokens = functools.lru_cache(maxsize=TOKEN_CACHE_TEXTS)
         self.tokens = tokens(lambda text: self._decoded(self.llm.tokenize(text)))
         self.vocab_cut: VocabularyCut | None = None
+        self.copy_file: Path | None = None  # the copy decoded (cut and/or widened), where there is one
         self.llm: LlamaModel | None = None  # the tokenizer
         self._decoder: LlamaModel | None = None  # the model decoded in this process (llm_process False)
         self.scheduler: Scheduler | None = None
@@ -74,17 +75,17 @@ class ServedLLM:
             scheduler_settings = SchedulerSettings.resolve(settings, gpu)
             # this process tokenizes with the whole vocabulary (no weights); a model decodes
             self.llm = LlamaModel(path, yes, no, vocab_only=True)
-            decode = self._cut_vocabulary(path, yes, no)
+            decode = self._decoded_copy(path, yes, no, widen=settings.llm_widen and not gpu)
             try:
                 self._start_scheduler(decode, scheduler_settings)
             except LLMError as exc:
-                if self.vocab_cut is None:
+                if decode[0] == path:
                     raise
                 # a copy that does not load (damaged in the cache, say) is made again next start
-                log.warning("the LLM decodes with its whole vocabulary: the cut copy %s failed (%s) and is removed",
-                            self.vocab_cut.path, exc)  # fmt: skip
-                self.vocab_cut.path.unlink(missing_ok=True)
-                self.vocab_cut = None
+                log.warning("the LLM decodes the bundle's own GGUF: the copy %s failed (%s) and is removed",
+                            decode[0], exc)  # fmt: skip
+                decode[0].unlink(missing_ok=True)
+                self.vocab_cut = self.copy_file = None
                 if self._decoder is not None:
                     self._decoder.close()
                     self._decoder = None
@@ -118,24 +119,28 @@ class ServedLLM:
             self._decoder = LlamaModel(*decode, self.settings.llm_gpu_layers)
             self.scheduler = LLMScheduler(self._decoder, settings, observer=self.metrics)
 
-    def _cut_vocabulary(self, path: Path, yes: int, no: int) -> tuple[Path, int, int]:
-        """The GGUF llama.cpp decodes and its answer tokens: a copy with the vocabulary cut to the
-        catalog's prompts (runtime.vocab, in the model cache), or the bundle's own where nothing is
-        cut or cutting fails."""
-        if self.settings.llm_vocab <= 0:
-            return path, yes, no
+    def _decoded_copy(self, path: Path, yes: int, no: int, widen: bool) -> tuple[Path, int, int]:
+        """The GGUF llama.cpp decodes and its answer tokens: a copy in the model cache with the
+        vocabulary cut to the catalog's prompts and, where `widen`, its Q5_0 weights as Q8_0
+        (runtime.vocab); or the bundle's own where there is nothing to do or the copy fails."""
+        folder = model_cache() / "cuts"
         try:
-            bos = self.bundle.llm.get("bos_token_id")
-            self.vocab_cut = VocabularyCut.prepare(self.llm, path, self._model_digest(), model_cache() / "cuts",
-                                                   self._catalog_texts(), self.settings.llm_vocab,
-                                                   [t for t in (yes, no, bos) if t is not None])  # fmt: skip
-        except Exception as exc:  # noqa: BLE001 - a saving, not a need: any failure serves the whole model
-            log.warning("the LLM decodes with its whole vocabulary (cutting it failed: %s: %s)",
-                        type(exc).__name__, exc)  # fmt: skip
+            widen = widen and widenable(path)
+            if self.settings.llm_vocab > 0:
+                bos = self.bundle.llm.get("bos_token_id")
+                self.vocab_cut = VocabularyCut.prepare(self.llm, path, self._model_digest(), folder,
+                                                       self._catalog_texts(), self.settings.llm_vocab,
+                                                       [t for t in (yes, no, bos) if t is not None], widen)  # fmt: skip
+            if self.vocab_cut is None and widen:
+                self.copy_file = serving_copy(path, self._model_digest(), folder, None, widen)
+        except Exception as exc:  # noqa: BLE001 - a saving, not a need: any failure serves the bundle's file
+            log.warning("the LLM decodes the bundle's own GGUF (its copy failed: %s: %s)", type(exc).__name__, exc)
+            self.vocab_cut = self.copy_file = None
             return path, yes, no
-        if self.vocab_cut is None:
-            return path, yes, no
-        return self.vocab_cut.path, self.vocab_cut.id(yes), self.vocab_cut.id(no)
+        if self.vocab_cut is not None:
+            self.copy_file = self.vocab_cut.path
+            return self.vocab_cut.path, self.vocab_cut.id(yes), self.vocab_cut.id(no)
+        return self.copy_file or path, yes, no
 
     def _catalog_texts(self) -> Iterator[str]:
         """What prompts say: the template, around no history and around one of every rating (by half
@@ -156,6 +161,7 @@ class ServedLLM:
         cut = self.vocab_cut
         return {"tokens": cut.size if cut else self.llm.n_vocab, "of": self.llm.n_vocab,
                 "cut_file": str(cut.path) if cut else None,
+                "decoded_file": str(self.copy_file or self.bundle.llm_file),
                 "spelled_tokens": cut.spelled_tokens if cut else 0}  # fmt: skip
 
     def _decoded(self, tokens: Sequence[int]) -> tuple[int, ...]:

@@ -254,27 +254,56 @@ def _llama_cpp_python_rate(bundle: Any, work: PeerWork, out: Path, config: Any, 
 
 def _alone_rate(name: str, gguf: Path, work: PeerWork, warm: PeerWork, yes: int, no: int, threads: int,
                 mapped: Callable[[Sequence[int]], Sequence[int]] = tuple) -> dict[str, Any]:  # fmt: skip
-    """llama.cpp in this process, no server: each user's prefix decoded once, then its candidates'
-    suffixes in one batch (runtime.llm's LlamaScorer), one user after another. What any server of
-    this GGUF on these threads could reach at best on the same tokens."""
-    from runtime.llm import LlamaScorer, LlamaSettings
+    """llama.cpp in this process, no server, decoding the fewest tokens: what every prompt shares
+    (the instruction) once before the clock starts, then for each user, one after another, the rest
+    of its prefix and its candidates' suffixes in one batch. The most a server of this GGUF on these
+    threads could reach on the same prompts, short of batching users together."""
+    from runtime.llm import LlamaContext, LlamaModel
 
-    def users(of: PeerWork) -> tuple[int, int]:
+    def prompts(of: PeerWork) -> list[list[list[int]]]:
+        return [[list(mapped(of.ids[i])) for i in group] for group in of.groups]
+
+    measured, warmed = prompts(work), prompts(warm)
+    everyone = [p for group in measured + warmed for p in group]
+    head = len(os.path.commonprefix(everyone)) - 1  # every prompt keeps a token of its own
+    model = LlamaModel(gguf, yes, no)
+    context = LlamaContext(model, 4096, 1024, max(map(len, work.groups + warm.groups)) + 2, threads)
+
+    def fill(tokens: list[int], start: int, seq: int) -> None:
+        for at in range(0, len(tokens), context.n_batch):
+            chunk = tokens[at : at + context.n_batch]
+            context.decode(chunk, range(start + at, start + at + len(chunk)), [seq] * len(chunk), [False] * len(chunk))
+
+    def users(groups: list[list[list[int]]]) -> tuple[int, int]:
         done = tokens = 0
-        for group in of.groups:
-            prompts = [list(mapped(of.ids[i])) for i in group]
-            shared = len(os.path.commonprefix(prompts))
-            shared -= any(len(p) == shared for p in prompts)  # every suffix keeps its last token
-            answers = scorer.score_shared(prompts[0][:shared], [p[shared:] for p in prompts])
-            done += int(np.isfinite(answers).sum())
-            tokens += shared + sum(len(p) - shared for p in prompts)
+        for group in groups:
+            shared = min(len(os.path.commonprefix(group)), min(map(len, group)) - 1)
+            context.copy_sequence(0, 1)
+            fill(group[0][head:shared], head, 1)
+            ids, positions, seqs, flags, rows = [], [], [], [], []
+            for k, prompt in enumerate(group, start=2):
+                context.copy_sequence(1, k)
+                ids += prompt[shared:]
+                positions += range(shared, len(prompt))
+                seqs += [k] * (len(prompt) - shared)
+                flags += [False] * (len(prompt) - shared - 1) + [True]
+                rows.append(len(ids) - 1)
+            context.decode(ids, positions, seqs, flags)
+            done += sum(math.isfinite(context.answer(row)) for row in rows)
+            tokens += shared - head + len(ids)
+            for k in range(1, len(group) + 2):
+                context.remove_sequence(k)
         return done, tokens
 
-    with LlamaScorer(gguf, yes, no, LlamaSettings(n_threads=threads)) as scorer:
-        users(warm)
+    try:
+        fill(everyone[0][:head], 0, 0)
+        users(warmed)
         start = time.perf_counter()
-        done, tokens = users(work)
+        done, tokens = users(measured)
         wall = time.perf_counter() - start
+    finally:
+        context.close()
+        model.close()
     return {"server": name, "clients": 1, "candidates": done, "seconds": round(wall, 2), "per_second": done / wall,
             "errors": work.candidates - done, "tokens_decoded": tokens,
             "tokens_per_candidate": tokens / max(done, 1)}  # fmt: skip

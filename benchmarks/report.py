@@ -375,10 +375,14 @@ def plot(out: Path, results: dict[str, Any]) -> list[Path]:
 
 def _plot_peers(plt: Any, out: Path, peer: dict[str, Any]) -> Path:
     """Routed candidates scored a second by each server on the same work, and the tokens each decoded."""
+    import textwrap
+
     rows = peer["rows"]
-    names = [f"{r['server']}\n{r['clients']} client{'s' if r['clients'] != 1 else ''}" for r in rows]
-    fig, ax = plt.subplots(figsize=(8, 3.4), dpi=90)
-    colors = ["tab:blue" if r["server"].startswith("corella") else "tab:gray" for r in rows]
+    names = [textwrap.fill(r["server"], 13) + f"\n{r['clients']} client{'s' if r['clients'] != 1 else ''}"
+             for r in rows]  # fmt: skip
+    fig, ax = plt.subplots(figsize=(max(8.0, 1.15 * len(rows)), 3.8), dpi=90)
+    colors = ["tab:blue" if r["server"].startswith("corella") else
+              "tab:olive" if r["server"].startswith("llama.cpp alone") else "tab:gray" for r in rows]  # fmt: skip
     bars = ax.bar(range(len(rows)), [r["per_second"] for r in rows], color=colors)
     for bar, r in zip(bars, rows, strict=True):
         tokens = r.get("tokens_per_candidate")

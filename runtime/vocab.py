@@ -129,7 +129,8 @@ class VocabularyCut:
 def serving_copy(source: Path, source_digest: str, folder: Path, kept: np.ndarray | None, widen: bool) -> Path:
     """The copy of `source` that llama.cpp decodes, written into `folder` unless there already:
     its vocabulary cut to `kept` (None: whole) and, where `widen`, its Q5_0 weights as Q8_0."""
-    kind = "cut" if kept is not None else "whole"
+    # copies of one kind replace each other; a cut and a widened cut (two servers' settings) both stay
+    kind = ("cut" if kept is not None else "whole") + ("8" if widen else "")
     chosen = kept.tobytes() if kept is not None else b""
     digest = hashlib.sha256(f"{CUT_FORMAT}:{source_digest}:{widen}:".encode() + chosen).hexdigest()[:16]
     model = source_digest[:16]

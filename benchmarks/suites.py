@@ -203,6 +203,8 @@ def llm_suite(bundle: Bundle, engine: Engine, samples: list[TestSample], config:
     paths = {_quant_name(bundle.llm_file): bundle.llm_file}
     for extra in map(Path, config.ggufs):
         paths.setdefault(_quant_name(extra), extra)  # the shipped model is measured once, from the bundle
+    if engine.served.widens:  # as serving decodes them here
+        paths |= _widened_copies(paths, bundle)
     settings = LlamaSettings(n_ctx=engine.settings.llm_context, n_threads=config.threads)
     results: dict[str, Any] = {"requests": len(requests), "candidates": sum(len(s) for _, s in prompts),
                                "routed_test_samples": len(routed), "models": {}}  # fmt: skip
@@ -218,6 +220,21 @@ def llm_suite(bundle: Bundle, engine: Engine, samples: list[TestSample], config:
 
 
 Prompts = list[tuple[list[int], list[list[int]]]]  # (prefix, suffixes) per request
+
+
+def _widened_copies(paths: dict[str, Path], bundle: Bundle) -> dict[str, Path]:
+    """ "NAME widened": each file with Q5_0 weights as the CPU server decodes it (runtime/layout.py),
+    the whole vocabulary kept; written once to the model cache."""
+    from runtime.artifacts.bundle import file_digest
+    from runtime.paths import model_cache
+    from runtime.vocab import serving_copy, widenable
+
+    copies = {}
+    for name, path in paths.items():
+        if widenable(path):
+            digest = bundle.manifest["files"][path.name]["sha256"] if path == bundle.llm_file else file_digest(path)
+            copies[f"{name} widened"] = serving_copy(path, digest, model_cache() / "cuts", None, widen=True)
+    return copies
 
 
 def _measure_llm(scorer: LlamaScorer, path: Path, prompts: Prompts, routed_prompts: Prompts,

@@ -1,6 +1,8 @@
 """The bench's statistics on known inputs, and every suite for a few iterations on tiny models."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -24,20 +26,29 @@ def test_percentiles_on_known_inputs():
 
 def test_all_suites_on_tiny_models(bundle, tmp_path):
     out = tmp_path / "bench"
+    # a second GGUF for the llm suite, in Q5_0: measured as it is and as the CPU server decodes it
+    q5_0 = tmp_path / "llm-q5_0.gguf"
+    done = subprocess.run([sys.executable, "-m", "runtime.llm", str(bundle / "llm-q8_0.gguf"), str(q5_0), "8", "1",
+                           "requantize"], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
     config = BenchConfig(
         crm_batches=(1, 32), crm_iterations=10, llm_requests=2, llm_candidates=4, quality_samples=60,
         hybrid_requests=2, hybrid_candidates=10, http_concurrency=(1, 4), http_seconds=2, http_candidates=5,
         http_fraction=0.4, cold_users=2, returning_users=3, peer_users=2, peers=("llama-cpp-python",), peer_rounds=2,
         overload_concurrency=16, overload_seconds=2, overload_queue=4, soak_seconds=2, soak_candidates=5,
-        soak_concurrency=(1, 4), ggufs=[],
+        soak_concurrency=(1, 4), ggufs=[q5_0],
     )  # fmt: skip
     results = run_bench(bundle, out, config)
     suites = results["suites"]
     assert set(suites) == {"crm", "llm", "hybrid", "http"}
     assert {"onnxruntime-cpu", "pytorch-eager"} <= set(suites["crm"]["backends"])
     assert suites["crm"]["backends"]["onnxruntime-cpu"]["32"]["calls"] >= 3
-    model = suites["llm"]["models"]["q8_0"]
+    models = suites["llm"]["models"]
+    model = models["q8_0"]
     assert model["max_abs_dp_full_vs_batched"] < 1e-3  # the cache changes speed, not answers
+    # the q8_0 bundle has nothing to widen; the Q5_0 file is measured widened too, with its answers
+    assert set(models) == {"q8_0", "q5_0", "q5_0 widened"} and ".whole8-" in models["q5_0 widened"]["file"]
+    assert models["q5_0 widened"]["routed_auc"] == pytest.approx(models["q5_0"]["routed_auc"], abs=1e-9)
     assert model["cache_speedup"] > 0
     fractions = [q["fraction"] for q in suites["hybrid"]["quality"]]
     assert fractions == [0.0, 0.05, 0.1, 0.2, 1.0]

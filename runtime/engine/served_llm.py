@@ -46,6 +46,7 @@ class ServedLLM:
         self.tokens = tokens(lambda text: self._decoded(self.llm.tokenize(text)))
         self.vocab_cut: VocabularyCut | None = None
         self.copy_file: Path | None = None  # the copy decoded (cut and/or widened), where there is one
+        self.widens = False  # whether Q5_0 weights are decoded as Q8_0 (on the CPU; runtime/layout.py)
         self.llm: LlamaModel | None = None  # the tokenizer
         self._decoder: LlamaModel | None = None  # the model decoded in this process (llm_process False)
         self.scheduler: Scheduler | None = None
@@ -75,7 +76,8 @@ class ServedLLM:
             scheduler_settings = SchedulerSettings.resolve(settings, gpu)
             # this process tokenizes with the whole vocabulary (no weights); a model decodes
             self.llm = LlamaModel(path, yes, no, vocab_only=True)
-            decode = self._decoded_copy(path, yes, no, widen=settings.llm_widen and not gpu)
+            self.widens = settings.llm_widen and not gpu
+            decode = self._decoded_copy(path, yes, no, widen=self.widens)
             try:
                 self._start_scheduler(decode, scheduler_settings)
             except LLMError as exc:

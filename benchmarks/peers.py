@@ -269,17 +269,12 @@ def _alone_rate(name: str, gguf: Path, work: PeerWork, warm: PeerWork, yes: int,
     model = LlamaModel(gguf, yes, no)
     context = LlamaContext(model, 4096, 1024, max(map(len, work.groups + warm.groups)) + 2, threads)
 
-    def fill(tokens: list[int], start: int, seq: int) -> None:
-        for at in range(0, len(tokens), context.n_batch):
-            chunk = tokens[at : at + context.n_batch]
-            context.decode(chunk, range(start + at, start + at + len(chunk)), [seq] * len(chunk), [False] * len(chunk))
-
     def users(groups: list[list[list[int]]]) -> tuple[int, int]:
         done = tokens = 0
         for group in groups:
             shared = min(len(os.path.commonprefix(group)), min(map(len, group)) - 1)
             context.copy_sequence(0, 1)
-            fill(group[0][head:shared], head, 1)
+            context.prefill(group[0][head:shared], 1, start=head)
             ids, positions, seqs, flags, rows = [], [], [], [], []
             for k, prompt in enumerate(group, start=2):
                 context.copy_sequence(1, k)
@@ -296,7 +291,7 @@ def _alone_rate(name: str, gguf: Path, work: PeerWork, warm: PeerWork, yes: int,
         return done, tokens
 
     try:
-        fill(everyone[0][:head], 0, 0)
+        context.prefill(everyone[0][:head], 0)
         users(warmed)
         start = time.perf_counter()
         done, tokens = users(measured)

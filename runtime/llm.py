@@ -258,6 +258,19 @@ class LlamaContext:
         if status != 0:
             raise LLMError(f"llama_decode failed with status {status} ({n} tokens){_native_error()}")
 
+    def prefill(self, tokens: Sequence[int], seq: int, start: int = 0, want_last: bool = False) -> int | None:
+        """Decode tokens into `seq` from position `start`, in n_batch chunks; the batch index of the
+        last token's logits where `want_last`."""
+        last = None
+        for at in range(0, len(tokens), self.n_batch):
+            chunk = tokens[at : at + self.n_batch]
+            flags = [False] * len(chunk)
+            if want_last and at + self.n_batch >= len(tokens):
+                flags[-1] = True
+                last = len(chunk) - 1
+            self.decode(chunk, range(start + at, start + at + len(chunk)), [seq] * len(chunk), flags)
+        return last
+
     def answer(self, index: int) -> float:
         """P(yes) from the logits of batch row `index` (a row decoded with its logits flag set)."""
         row = self._quick.llama_get_logits_ith(self._ctx, index)
@@ -338,20 +351,6 @@ class LlamaScorer:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _prefill(self, tokens: Sequence[int], seq: int, want_last: bool) -> int | None:
-        """Decode tokens into `seq` in n_batch chunks; the batch index of the last token's logits."""
-        step = self.n_batch
-        last = None
-        for start in range(0, len(tokens), step):
-            chunk = tokens[start : start + step]
-            final = start + step >= len(tokens)
-            flags = [False] * len(chunk)
-            if final and want_last:
-                flags[-1] = True
-                last = len(chunk) - 1
-            self.context.decode(chunk, range(start, start + len(chunk)), [seq] * len(chunk), flags)
-        return last
-
     def score_shared(
         self, prefix: Sequence[int], suffixes: Sequence[Sequence[int]], max_chunk: int | None = None
     ) -> np.ndarray:
@@ -373,7 +372,7 @@ class LlamaScorer:
         context = self.context
         with self._lock:
             context.clear()
-            self._prefill(prefix, 0, want_last=False)
+            self.context.prefill(prefix, 0)
             start, capacity = len(prefix), self.n_ctx - len(prefix)
             i = 0
             while i < len(suffixes):
@@ -407,7 +406,7 @@ class LlamaScorer:
             raise LLMError(f"prompt of {len(prompt)} tokens exceeds the context of {self.n_ctx}")
         with self._lock:
             self.context.clear()
-            last = self._prefill(prompt, 0, want_last=True)
+            last = self.context.prefill(prompt, 0, want_last=True)
             return self.context.answer(last)
 
 

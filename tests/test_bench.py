@@ -1,8 +1,6 @@
 """The bench's statistics on known inputs, and every suite for a few iterations on tiny models."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,6 +9,8 @@ from benchmarks.report import run_bench
 from benchmarks.stats import latency_summary, percentile
 from benchmarks.suites import BenchConfig
 from runtime.errors import ConfigError
+
+from .tiny_llm import quantize_q5_0
 
 
 def test_percentiles_on_known_inputs():
@@ -27,10 +27,7 @@ def test_percentiles_on_known_inputs():
 def test_all_suites_on_tiny_models(bundle, tmp_path):
     out = tmp_path / "bench"
     # a second GGUF for the llm suite, in Q5_0: measured as it is and as the CPU server decodes it
-    q5_0 = tmp_path / "llm-q5_0.gguf"
-    done = subprocess.run([sys.executable, "-m", "runtime.llm", str(bundle / "llm-q8_0.gguf"), str(q5_0), "8", "1",
-                           "requantize"], capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
+    q5_0 = quantize_q5_0(bundle / "llm-q8_0.gguf", tmp_path / "llm-q5_0.gguf")
     config = BenchConfig(
         crm_batches=(1, 32), crm_iterations=10, llm_requests=2, llm_candidates=4, quality_samples=60,
         hybrid_requests=2, hybrid_candidates=10, http_concurrency=(1, 4), http_seconds=2, http_candidates=5,
@@ -70,7 +67,26 @@ def test_all_suites_on_tiny_models(bundle, tmp_path):
     assert repeat["recalled_of_routed"]["cold"] == [0, 4] and repeat["recalled_of_routed"]["same_request"] == [4, 4]
     back = http["returning_users"]  # three new users, then the same three: every prefix found again
     assert back["first"]["prefix_hits"] == 0 and back["second"]["prefix_hits"] == 3 == back["second"]["requests"]
-    peer = http["peer"]  # the same 2 users x 10 candidates on every server
+    saved = json.loads((out / "results.json").read_text())
+    _check_peers(http["peer"], saved["headline"])
+    assert http["overload"]["requests"] > 0 and http["overload"]["server_errors"] == 0
+    assert set(http["overload"]["statuses"]) <= {"200", "429"}
+    soak = http["soak"]["levels"]
+    assert [level["concurrency"] for level in soak] == [1, 4] and soak[0]["llm_goodput_vs_unloaded"] == 1.0
+    assert soak[0]["llm_decoded_vs_unloaded"] == 1.0 and soak[0]["llm_tokens_per_second"] > 0
+    assert all(level["server_errors"] == 0 and level["requests"] > 0 for level in soak)
+    assert saved["machine"]["cores"] >= 1 and "cached_batched_vs_full_prompt" in saved["headline"]
+    assert "llm_goodput_c32_vs_unloaded" not in saved["headline"] and "overload_healthz_p99_ms" in saved["headline"]
+    assert saved["headline"]["repeat_user_new_candidates_llm_part_vs_cold"]["how"] == "prefix cache"
+    for name in ("results.md", "auc_vs_fraction.png", "latency_vs_fraction.png", "latency_cdf.png"):
+        assert (out / name).exists(), name
+    assert (out / "store.sqlite").exists()  # the bench's own copy of the store, not the bundle's
+    with pytest.raises(ConfigError, match="unknown suites"):
+        run_bench(bundle, out, BenchConfig(suites=("gpu-magic",)))
+
+
+def _check_peers(peer: dict, headline: dict) -> None:
+    """The same 2 users x 10 candidates on every server of the tiny run, and llama.cpp alone."""
     assert [(r["server"], r["clients"], r["candidates"]) for r in peer["rows"]] == [
         ("corella", 8, 20),
         ("corella --llm-vocab 0", 8, 20),
@@ -81,25 +97,9 @@ def test_all_suites_on_tiny_models(bundle, tmp_path):
     assert peer["rows"][0]["tokens_per_candidate"] > 0 and peer["rows"][0]["corella_over_this"] == 1.0
     alone = peer["rows"][2]  # every candidate answered, each user's prefix decoded once
     assert alone["errors"] == 0 and alone["tokens_per_candidate"] > 0
-    headline = json.loads((out / "results.json").read_text())["headline"]
     assert "llama_cpp_alone_over_llama_server" not in headline  # no llama-server in this run: no ratio to it
     assert headline["corella_share_of_llama_cpp_alone"]["value"] > 0
     assert all(len(r["rounds"]) == 2 and round(r["per_second"], 2) in r["rounds"] for r in peer["rows"])
-    assert http["overload"]["requests"] > 0 and http["overload"]["server_errors"] == 0
-    assert set(http["overload"]["statuses"]) <= {"200", "429"}
-    soak = http["soak"]["levels"]
-    assert [level["concurrency"] for level in soak] == [1, 4] and soak[0]["llm_goodput_vs_unloaded"] == 1.0
-    assert soak[0]["llm_decoded_vs_unloaded"] == 1.0 and soak[0]["llm_tokens_per_second"] > 0
-    assert all(level["server_errors"] == 0 and level["requests"] > 0 for level in soak)
-    saved = json.loads((out / "results.json").read_text())
-    assert saved["machine"]["cores"] >= 1 and "cached_batched_vs_full_prompt" in saved["headline"]
-    assert "llm_goodput_c32_vs_unloaded" not in saved["headline"] and "overload_healthz_p99_ms" in saved["headline"]
-    assert saved["headline"]["repeat_user_new_candidates_llm_part_vs_cold"]["how"] == "prefix cache"
-    for name in ("results.md", "auc_vs_fraction.png", "latency_vs_fraction.png", "latency_cdf.png"):
-        assert (out / name).exists(), name
-    assert (out / "store.sqlite").exists()  # the bench's own copy of the store, not the bundle's
-    with pytest.raises(ConfigError, match="unknown suites"):
-        run_bench(bundle, out, BenchConfig(suites=("gpu-magic",)))
 
 
 def test_a_bench_folder_of_an_earlier_bundle_is_benched_afresh(bundle, tmp_path):

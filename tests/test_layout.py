@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,23 +17,15 @@ from runtime.layout import Q5_0, Q8_0, q5_0_as_q8_0
 from runtime.llm import LlamaScorer, LlamaSettings
 from runtime.vocab import copy_gguf, widenable
 
-from .tiny_llm import write_tiny_llama_gguf
+from .tiny_llm import quantize_q5_0, write_tiny_llama_gguf
 
 gguf = pytest.importorskip("gguf", reason="gguf-py is a dependency of the project")
-
-
-def _q5_0(source: Path, target: Path) -> Path:
-    """`source` quantized to Q5_0 (llama.cpp's ftype 8) in a process of its own, as export does."""
-    done = subprocess.run([sys.executable, "-m", "runtime.llm", str(source), str(target), "8", "1", "requantize"],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-    return target
 
 
 @pytest.fixture(scope="module")
 def q5_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("layout")
-    return _q5_0(write_tiny_llama_gguf(folder / "tiny-f32.gguf"), folder / "tiny-q5_0.gguf")
+    return quantize_q5_0(write_tiny_llama_gguf(folder / "tiny-f32.gguf"), folder / "tiny-q5_0.gguf")
 
 
 def _types(path: Path) -> dict[str, int]:
@@ -89,7 +79,7 @@ def _q5_bundle(bundle: Path, tmp_path: Path) -> Path:
     name = manifest["llm"]["file"]
     source = tmp_path / "source.gguf"
     (folder / name).rename(source)
-    _q5_0(source, folder / name)
+    quantize_q5_0(source, folder / name)
     manifest["files"][name] = {"sha256": file_digest(folder / name), "size": (folder / name).stat().st_size}
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return folder

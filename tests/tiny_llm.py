@@ -4,6 +4,8 @@ llama.cpp read it, so tests exercise the real code paths in seconds."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -152,3 +154,12 @@ def write_tiny_hf_directory(folder: Path, gguf_path: Path) -> Path:
     model.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
     return folder
+
+
+def quantize_q5_0(source: Path, target: Path) -> Path:
+    """`source` (already quantized or not) quantized to Q5_0, llama.cpp's ftype 8, in a process of
+    its own as export quantizes: most of its matrices then hold what runtime/layout.py widens."""
+    done = subprocess.run([sys.executable, "-m", "runtime.llm", str(source), str(target), "8", "1", "requantize"],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    return target

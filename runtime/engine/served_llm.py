@@ -77,7 +77,7 @@ class ServedLLM:
             # this process tokenizes with the whole vocabulary (no weights); a model decodes
             self.llm = LlamaModel(path, yes, no, vocab_only=True)
             self.widens = settings.llm_widen and not gpu
-            decode = self._decoded_copy(path, yes, no, widen=self.widens)
+            decode = self._decoded_copy(path, yes, no)
             try:
                 self._start_scheduler(decode, scheduler_settings)
             except LLMError as exc:
@@ -121,13 +121,13 @@ class ServedLLM:
             self._decoder = LlamaModel(*decode, self.settings.llm_gpu_layers)
             self.scheduler = LLMScheduler(self._decoder, settings, observer=self.metrics)
 
-    def _decoded_copy(self, path: Path, yes: int, no: int, widen: bool) -> tuple[Path, int, int]:
+    def _decoded_copy(self, path: Path, yes: int, no: int) -> tuple[Path, int, int]:
         """The GGUF llama.cpp decodes and its answer tokens: a copy in the model cache with the
-        vocabulary cut to the catalog's prompts and, where `widen`, its Q5_0 weights as Q8_0
+        vocabulary cut to the catalog's prompts and, where `self.widens`, its Q5_0 weights as Q8_0
         (runtime.vocab); or the bundle's own where there is nothing to do or the copy fails."""
         folder = model_cache() / "cuts"
         try:
-            widen = widen and widenable(path)
+            widen = self.widens and widenable(path)
             if self.settings.llm_vocab > 0:
                 bos = self.bundle.llm.get("bos_token_id")
                 self.vocab_cut = VocabularyCut.prepare(self.llm, path, self._model_digest(), folder,
